@@ -1,0 +1,38 @@
+# Every target creates .venv on first use and installs the package into it, so a fresh
+# machine needs only python3 (and a C++ compiler for the fused CPU kernel).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Local datasets first: ../shared/data when it exists, else L2L_DATA from the environment.
+L2L_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export L2L_DATA
+
+.PHONY: venv demo test test-slow bench reproduce clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,examples]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m l2l_optim bench
+
+reproduce: $(STAMP)
+	$(PY) -m l2l_optim.reproduce all
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

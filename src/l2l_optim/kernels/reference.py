@@ -1,0 +1,68 @@
+"""The plain SimpleOptimizer update: the oracle every fused path is tested against.
+
+Readable first, fast never. It loops over tensors with ordinary torch ops and computes in
+float64 for float64 parameters and float32 otherwise (a bf16 hidden state is read and
+written in bf16 but computed in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nets import SimpleWeights
+
+__all__ = ["simple_update_reference"]
+
+
+def _compute_dtype(param: Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def simple_update_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hiddens: list[Tensor],
+    lrs: list[float],
+    weights: SimpleWeights,
+    skip: Tensor | None = None,
+) -> None:
+    """Apply one SimpleOptimizer step in place to ``params`` and ``hiddens``.
+
+    Args:
+        params: parameter tensors of any shape and floating dtype (updated in place).
+        grads: their gradients, same shapes (dense, finite unless ``skip`` is set).
+        hiddens: hidden states, one ``(H, p.numel())`` contiguous tensor per parameter
+            (updated in place).
+        lrs: one learning rate per parameter; the update applied is ``lr * u``.
+        weights: the folded net weights (``SimpleOptimizerNet.fused_weights``).
+        skip: optional 0-dim bool tensor; when true nothing is changed (the non-finite
+            gradient policy).
+
+    The aggregate is the mean of ``h'`` over every coordinate of every tensor in the call.
+    """
+    if skip is not None and bool(skip):
+        return
+    H = weights.w_ih.numel()
+    new_hiddens = []
+    total = torch.zeros(H, dtype=torch.float64)
+    count = 0
+    for p, g, h in zip(params, grads, hiddens):
+        cd = _compute_dtype(p)
+        w = SimpleWeights(*(t.to(device=p.device, dtype=cd) for t in weights))
+        g_flat = g.reshape(-1).to(cd)
+        h_old = h.to(cd)
+        pre = w.w_ih.unsqueeze(1) * g_flat.unsqueeze(0) + w.w_hh @ h_old + w.b_h.unsqueeze(1)
+        h_new = torch.tanh(pre)
+        new_hiddens.append(h_new)
+        total += h_new.sum(dim=1).to(device="cpu", dtype=torch.float64)
+        count += g_flat.numel()
+    mean = total / max(count, 1)
+    for p, h, h_new, lr in zip(params, hiddens, new_hiddens, lrs):
+        cd = h_new.dtype
+        w = SimpleWeights(*(t.to(device=p.device, dtype=cd) for t in weights))
+        shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
+        update = w.w_a @ h_new + shared + w.b_out
+        p_new = p.to(cd) + lr * update.reshape(p.shape)
+        p.copy_(p_new)
+        h.copy_(h_new)

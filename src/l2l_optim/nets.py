@@ -1,0 +1,317 @@
+"""The three coordinate-wise meta-optimizer networks, as plain differentiable torch modules.
+
+Every net shares one interface so that the optimizer wrapper, ``meta_fit`` and ``finetune``
+treat them alike:
+
+* ``net.init_state(n, device=..., dtype=...)`` returns the per-coordinate state for ``n``
+  coordinates as a ``dict[str, Tensor]``. **The coordinate is always the last dimension** of
+  every state tensor, so states of several parameter tensors concatenate and split along
+  ``dim=-1`` without knowing what they hold. (For SimpleOptimizer this is also the layout the
+  fused kernels want: hidden unit k of all coordinates is contiguous.)
+* ``net(grad, state)`` maps a flat gradient of shape ``(n,)`` and a state to
+  ``(update, new_state)``; the optimizee then does ``theta <- theta + lr * update``.
+  Everything is differentiable with respect to the net's parameters, which is what
+  meta-training needs; the nets never modify their inputs in place.
+* ``net.config`` is the JSON-able dict of constructor arguments, and
+  ``build_net(arch, config)`` rebuilds a net from it (used by the weight files).
+
+SimpleOptimizerNet's update, per coordinate i (method.md):
+
+    h_i' = tanh(W_ih g_i + W_hh h_i)            (+ b_h with bias=True)
+    m    = mean_j h_j'                          (over all n coordinates given)
+    u_i  = w_out . [alpha h_i', beta m]         (+ b_out with bias=True)
+
+Because the output is linear, u_i = w_a . h_i' + w_b . m with w_a = alpha w_out[:10] and
+w_b = beta w_out[10:]; :meth:`SimpleOptimizerNet.fused_weights` returns exactly these
+folded values for the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CoordinatewiseNet",
+    "SimpleOptimizerNet",
+    "DMOptimizerNet",
+    "RNNPropNet",
+    "SimpleWeights",
+    "NETS",
+    "build_net",
+]
+
+State = dict[str, Tensor]
+
+
+class CoordinatewiseNet(nn.Module):
+    """Base class: a network applied to every coordinate of the optimizee with shared weights."""
+
+    #: the registry name of the architecture, stored in weight files
+    arch: str = ""
+
+    @property
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
+        raise NotImplementedError
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class SimpleWeights(NamedTuple):
+    """SimpleOptimizerNet's weights folded for the fused kernels (all fp32 or fp64, detached).
+
+    The update is ``h' = tanh(w_ih * g + w_hh @ h + b_h)``,
+    ``u = w_a . h' + w_b . mean(h') + b_out``. Without bias, ``b_h`` is zeros and ``b_out`` 0;
+    without aggregation, ``w_b`` is zeros. Adding those zeros is exact, so one kernel serves
+    every variant.
+    """
+
+    w_ih: Tensor  # (H,)
+    w_hh: Tensor  # (H, H)
+    b_h: Tensor  # (H,)
+    w_a: Tensor  # (H,)
+    w_b: Tensor  # (H,)
+    b_out: Tensor  # () scalar
+
+
+class SimpleOptimizerNet(CoordinatewiseNet):
+    """The paper's SimpleOptimizer: a bias-free vanilla RNN with mean-aggregated hidden state.
+
+    Args:
+        hidden_size: hidden units per coordinate (the paper: 10).
+        bias: put the RNN and output biases back (the "bias" ablation).
+        aggregate: use the mean hidden state across coordinates in the output
+            (False is the "no aggregation" ablation: ``u = w_out . (alpha h')``).
+
+    With the defaults the net has exactly 132 parameters:
+    ``w_ih`` 10, ``w_hh`` 100, ``alpha`` 1, ``beta`` 1, ``w_out`` 20.
+
+    Example:
+        >>> net = SimpleOptimizerNet()
+        >>> state = net.init_state(5)
+        >>> update, state = net(torch.randn(5), state)
+        >>> update.shape, state["h"].shape
+        (torch.Size([5]), torch.Size([10, 5]))
+    """
+
+    arch = "simple"
+
+    def __init__(self, hidden_size: int = 10, bias: bool = False, aggregate: bool = True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.aggregate = aggregate
+        H = hidden_size
+        self.w_ih = nn.Parameter(torch.empty(H, 1))
+        self.w_hh = nn.Parameter(torch.empty(H, H))
+        self.alpha = nn.Parameter(torch.ones(()))
+        if aggregate:
+            self.beta = nn.Parameter(torch.ones(()))
+        self.w_out = nn.Parameter(torch.empty(2 * H if aggregate else H))
+        if bias:
+            self.b_h = nn.Parameter(torch.zeros(H))
+            self.b_out = nn.Parameter(torch.zeros(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.RNN's default: uniform(-1/sqrt(H), 1/sqrt(H)); meta_fit offers a better-conditioned
+        # SGD-like starting point on top of this (meta.init_simple_sgd_like).
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() > 0:
+                    p.uniform_(-bound, bound)
+            self.alpha.fill_(1.0)
+            if self.aggregate:
+                self.beta.fill_(1.0)
+            if self.bias:
+                self.b_h.zero_()
+                self.b_out.zero_()
+
+    @property
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "bias": self.bias, "aggregate": self.aggregate}
+
+    def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
+        return {"h": torch.zeros(self.hidden_size, n, device=device, dtype=dtype)}
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        h = state["h"]
+        pre = self.w_ih * grad.unsqueeze(0) + self.w_hh @ h  # (H, n)
+        if self.bias:
+            pre = pre + self.b_h.unsqueeze(1)
+        h_new = torch.tanh(pre)
+        H = self.hidden_size
+        update = (self.alpha * self.w_out[:H]) @ h_new
+        if self.aggregate:
+            update = update + (self.beta * self.w_out[H:]) @ h_new.mean(dim=1)
+        if self.bias:
+            update = update + self.b_out
+        return update, {"h": h_new}
+
+    def fused_weights(self, dtype=torch.float32, device=None) -> SimpleWeights:
+        """The folded weights the kernels use (detached copies in ``dtype`` on ``device``)."""
+        H = self.hidden_size
+        with torch.no_grad():
+            zeros = torch.zeros(H, dtype=dtype, device=device)
+            w_a = self.alpha * self.w_out[:H]
+            w_b = self.beta * self.w_out[H:] if self.aggregate else zeros
+            b_h = self.b_h if self.bias else zeros
+            b_out = self.b_out if self.bias else torch.zeros((), dtype=dtype)
+
+            def cast(t: Tensor) -> Tensor:
+                return t.detach().to(device=device, dtype=dtype).clone().contiguous()
+
+            return SimpleWeights(
+                w_ih=cast(self.w_ih.reshape(H)),
+                w_hh=cast(self.w_hh),
+                b_h=cast(b_h),
+                w_a=cast(w_a),
+                w_b=cast(w_b),
+                b_out=cast(b_out),
+            )
+
+
+def _lstm_step(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    # state is stored coordinate-last (hidden, n); LSTMCell wants (n, hidden). The transposes
+    # are views: the GEMMs inside read them strided, no copy.
+    h_new, c_new = cell(x, (h.t(), c.t()))
+    return h_new.t(), c_new.t()
+
+
+class DMOptimizerNet(CoordinatewiseNet):
+    """Andrychowicz et al. (2016): a 2-layer coordinate-wise LSTM with log/sign preprocessing.
+
+    Input preprocessing with ``p = 10``: ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else
+    ``(-1, e^p g)``. Output: ``0.1 * Linear(20 -> 1)``. 5301 parameters with the defaults.
+    """
+
+    arch = "dm"
+
+    def __init__(self, hidden_size: int = 20, preproc_p: float = 10.0, output_scale: float = 0.1):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.preproc_p = preproc_p
+        self.output_scale = output_scale
+        self.cell1 = nn.LSTMCell(2, hidden_size)
+        self.cell2 = nn.LSTMCell(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, 1)
+
+    @property
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "preproc_p": self.preproc_p,
+            "output_scale": self.output_scale,
+        }
+
+    def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
+        z = lambda: torch.zeros(self.hidden_size, n, device=device, dtype=dtype)  # noqa: E731
+        return {"h1": z(), "c1": z(), "h2": z(), "c2": z()}
+
+    def preprocess(self, grad: Tensor) -> Tensor:
+        p = self.preproc_p
+        big = grad.abs() >= math.exp(-p)
+        # clamp keeps log finite on the branch torch.where discards (its grad would be NaN)
+        log_part = torch.log(grad.abs().clamp_min(math.exp(-p))) / p
+        x1 = torch.where(big, log_part, torch.full_like(grad, -1.0))
+        x2 = torch.where(big, torch.sign(grad), grad * math.exp(p))
+        return torch.stack([x1, x2], dim=1)  # (n, 2)
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        x = self.preprocess(grad).to(state["h1"].dtype)
+        h1, c1 = _lstm_step(self.cell1, x, state["h1"], state["c1"])
+        h2, c2 = _lstm_step(self.cell2, h1.t(), state["h2"], state["c2"])
+        update = self.output_scale * self.out(h2.t()).squeeze(1)
+        return update, {"h1": h1, "c1": c1, "h2": h2, "c2": c2}
+
+
+class RNNPropNet(CoordinatewiseNet):
+    """Lv et al. (2017): Adam-like inputs, ELU embedding, 2-layer LSTM, tanh output.
+
+    Inputs ``g / (sqrt(v_hat) + eps)`` and ``m_hat / (sqrt(v_hat) + eps)`` with
+    ``beta1 = beta2 = 0.95``; ``Linear(2 -> 20)`` + ELU, two ``LSTMCell(20, 20)``,
+    ``Linear(20 -> 1)``, ``0.1 * tanh``. 6801 parameters with the defaults. The moment
+    estimates and the per-coordinate step count live in the state.
+    """
+
+    arch = "rnnprop"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        beta1: float = 0.95,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        output_scale: float = 0.1,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.output_scale = output_scale
+        self.embed = nn.Linear(2, hidden_size)
+        self.cell1 = nn.LSTMCell(hidden_size, hidden_size)
+        self.cell2 = nn.LSTMCell(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, 1)
+
+    @property
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "output_scale": self.output_scale,
+        }
+
+    def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
+        z = lambda *s: torch.zeros(*s, n, device=device, dtype=dtype)  # noqa: E731
+        H = self.hidden_size
+        return {"h1": z(H), "c1": z(H), "h2": z(H), "c2": z(H), "m": z(), "v": z(), "t": z()}
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        g = grad.to(state["m"].dtype)
+        t = state["t"] + 1
+        m = self.beta1 * state["m"] + (1 - self.beta1) * g
+        v = self.beta2 * state["v"] + (1 - self.beta2) * g * g
+        m_hat = m / (1 - self.beta1**t)
+        v_hat = v / (1 - self.beta2**t)
+        denom = v_hat.sqrt() + self.eps
+        x = torch.stack([g / denom, m_hat / denom], dim=1)  # (n, 2)
+        x = F.elu(self.embed(x))
+        h1, c1 = _lstm_step(self.cell1, x, state["h1"], state["c1"])
+        h2, c2 = _lstm_step(self.cell2, h1.t(), state["h2"], state["c2"])
+        update = self.output_scale * torch.tanh(self.out(h2.t()).squeeze(1))
+        return update, {"h1": h1, "c1": c1, "h2": h2, "c2": c2, "m": m, "v": v, "t": t}
+
+
+NETS: dict[str, type[CoordinatewiseNet]] = {
+    SimpleOptimizerNet.arch: SimpleOptimizerNet,
+    DMOptimizerNet.arch: DMOptimizerNet,
+    RNNPropNet.arch: RNNPropNet,
+}
+
+
+def build_net(arch: str, config: dict | None = None) -> CoordinatewiseNet:
+    """Build a net from its registry name and config.
+
+    Raises:
+        ValueError: unknown ``arch``, or a config the constructor does not accept.
+    """
+    if arch not in NETS:
+        raise ValueError(f"unknown meta-optimizer architecture {arch!r}; known: {sorted(NETS)}")
+    try:
+        return NETS[arch](**(config or {}))
+    except TypeError as e:
+        raise ValueError(f"bad config for architecture {arch!r}: {config!r} ({e})") from None
