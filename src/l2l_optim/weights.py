@@ -1,0 +1,476 @@
+"""Meta-weight files: safetensors I/O with metadata and validation, fingerprints, the registry.
+
+A weight file is a ``.safetensors`` file holding one coordinate-wise net's ``state_dict`` in
+float32 plus string metadata:
+
+* ``format``: ``"l2l-optim-weights/1"``
+* ``arch``: the net's registry name (``"simple"``, ``"dm"``, ``"rnnprop"``)
+* ``config``: the net's constructor arguments, as JSON
+* ``package_version``: the l2l-optim version that wrote the file
+* ``fingerprint``: :func:`fingerprint` of the net, checked on every load
+* anything the writer adds (recipe, command, seed, final_meta_loss, ...), JSON-encoded
+  unless it already is a string
+
+Shipped weights are the ``<name>.safetensors`` files in the package's ``_weights/`` directory
+(the wheel puts the repository's ``weights/`` there) or, for an editable install, in the
+repository's ``weights/`` directory. The registry is whatever files are there.
+
+Example:
+    >>> from l2l_optim.nets import SimpleOptimizerNet
+    >>> path = save_weights(SimpleOptimizerNet(), "/tmp/mine.safetensors", metadata={"seed": 0})
+    >>> loaded = load_weights(path, arch="simple")
+    >>> loaded.metadata["seed"], loaded.fingerprint == fingerprint(loaded.net)
+    ('0', True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .nets import NETS, CoordinatewiseNet, build_net
+
+__all__ = [
+    "FORMAT",
+    "WeightsError",
+    "LoadedWeights",
+    "fingerprint",
+    "save_weights",
+    "load_weights",
+    "list_weights",
+    "weights_dirs",
+    "main",
+]
+
+FORMAT = "l2l-optim-weights/1"
+#: file a run directory holds (what meta_fit writes), used when ``source`` is a directory
+DIR_FILENAME = "weights.safetensors"
+_SUFFIX = ".safetensors"
+_HF_PREFIX = "hf://"
+_RESERVED = ("format", "arch", "config", "package_version", "fingerprint")
+# safetensors itself refuses headers above 100 MB; a larger length means a corrupt file
+_MAX_HEADER = 100_000_000
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, unreadable, corrupted, or does not match what was asked for."""
+
+
+class LoadedWeights(NamedTuple):
+    """What :func:`load_weights` returns.
+
+    Attributes:
+        net: the rebuilt net (float32, CPU, eval mode).
+        metadata: the file's metadata, as stored (``str -> str``).
+        fingerprint: the verified :func:`fingerprint` of ``net``.
+        path: the local file the weights were read from.
+    """
+
+    net: CoordinatewiseNet
+    metadata: dict[str, str]
+    fingerprint: str
+    path: Path
+
+
+def _config_json(config: dict) -> str:
+    # one canonical spelling, so the same config always hashes the same
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if sys.byteorder != "little":
+        t = t.view(torch.uint8).reshape(-1, 4).flip(1).contiguous()
+    # read the buffer directly: no numpy dependency, no per-element Python loop
+    return ctypes.string_at(t.data_ptr(), t.numel() * 4) if t.numel() else b""
+
+
+def fingerprint(net: CoordinatewiseNet) -> str:
+    """A short, stable hash of a net's architecture, config and weights.
+
+    sha256 over the arch name, the canonical config JSON and, for every ``state_dict`` entry
+    in sorted key order, its key, its shape and its values as float32 little-endian bytes.
+    Two nets with the same fingerprint compute the same updates.
+
+    Args:
+        net: any :class:`~l2l_optim.nets.CoordinatewiseNet`.
+
+    Returns:
+        The first 16 hex characters of the digest.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> len(fingerprint(SimpleOptimizerNet()))
+        16
+    """
+    h = hashlib.sha256()
+    h.update(net.arch.encode())
+    h.update(b"\0")
+    h.update(_config_json(net.config).encode())
+    sd = net.state_dict()
+    for key in sorted(sd):
+        t = sd[key]
+        h.update(b"\0" + key.encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()[:16]
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_weights(
+    net: CoordinatewiseNet, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a net's weights and metadata to a safetensors file, atomically.
+
+    The file is written next to its destination and then renamed over it, so a reader never
+    sees half a file, even if the writer is killed.
+
+    Args:
+        net: the net to save; its ``state_dict`` is stored as float32.
+        path: destination file. An existing directory means ``<path>/weights.safetensors``.
+            Missing parent directories are created.
+        metadata: extra metadata (recipe, command, seed, final_meta_loss, ...). Keys must be
+            strings; values that are not strings are stored as JSON.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``net`` is not a CoordinatewiseNet, or a metadata value is not JSON-able.
+        ValueError: a metadata key is not a string or is one of the reserved keys
+            (format, arch, config, package_version, fingerprint).
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> save_weights(SimpleOptimizerNet(), "/tmp/w.safetensors", metadata={"seed": 1}).name
+        'w.safetensors'
+    """
+    from safetensors.torch import save as st_save
+
+    if not isinstance(net, CoordinatewiseNet):
+        raise TypeError(f"save_weights needs a CoordinatewiseNet, got {type(net).__name__}")
+    if net.arch not in NETS:
+        raise ValueError(f"net architecture {net.arch!r} is not one of {sorted(NETS)}")
+    meta = {
+        "format": FORMAT,
+        "arch": net.arch,
+        "config": _config_json(net.config),
+        "package_version": _package_version(),
+        "fingerprint": fingerprint(net),
+    }
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str):
+            raise ValueError(f"metadata keys must be strings, got {key!r}")
+        if key in _RESERVED:
+            raise ValueError(f"metadata key {key!r} is reserved (written by save_weights)")
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    tensors = {
+        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+        for k, v in net.state_dict().items()
+    }
+    data = st_save(tensors, metadata=meta)
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIR_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, str], dict[str, dict]]:
+    """Parse a safetensors header: (metadata, tensor entries). Reads only the header bytes."""
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER:
+                    raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
+                raw = f.read(n)
+        else:
+            if len(data) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (only {len(data)} bytes)")
+            (n,) = struct.unpack("<Q", data[:8])
+            if n > _MAX_HEADER:
+                raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
+            raw = data[8 : 8 + n]
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
+    if len(raw) < n:
+        raise WeightsError(f"{path}: truncated header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: corrupted header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupted header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise WeightsError(f"{path}: corrupted header (metadata must map strings to strings)")
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise WeightsError(f"{path}: corrupted header (bad entry for tensor {key!r})")
+    return meta, header
+
+
+def _check_metadata(path: Path, meta: dict[str, str]) -> None:
+    missing = [k for k in ("format", "arch", "config", "fingerprint") if k not in meta]
+    if missing:
+        raise WeightsError(
+            f"{path}: not an l2l-optim weight file (metadata lacks {', '.join(missing)})"
+        )
+    if meta["format"] != FORMAT:
+        raise WeightsError(
+            f"{path}: unsupported weight format {meta['format']!r} (this version reads {FORMAT!r})"
+        )
+
+
+def _load_file(path: Path, arch: str | None) -> LoadedWeights:
+    from safetensors.torch import load as st_load
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weight file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
+    meta, entries = _read_header(path, data)
+    _check_metadata(path, meta)
+    file_arch = meta["arch"]
+    if file_arch not in NETS:
+        raise WeightsError(f"{path}: unknown architecture {file_arch!r} (known: {sorted(NETS)})")
+    if arch is not None and file_arch != arch:
+        raise WeightsError(f"{path}: holds {file_arch!r} weights, but {arch!r} was requested")
+    try:
+        config = json.loads(meta["config"])
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        net = build_net(file_arch, config)
+    except ValueError as e:
+        raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
+
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing or extra:
+        raise WeightsError(
+            f"{path}: tensors do not match a {file_arch!r} net with config {config}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {extra}" if extra else "")
+        )
+    for key, entry in entries.items():
+        if entry["dtype"] != "F32":
+            raise WeightsError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, expected F32")
+        if list(entry["shape"]) != list(expected[key].shape):
+            raise WeightsError(
+                f"{path}: tensor {key!r} has shape {list(entry['shape'])}, "
+                f"expected {list(expected[key].shape)}"
+            )
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own untyped error on corrupt bodies
+        raise WeightsError(f"{path}: corrupted weight file ({e})") from None
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise WeightsError(f"{path}: tensor {key!r} holds NaN or Inf")
+    net.load_state_dict(tensors, strict=True)
+    net.eval()
+    fp = fingerprint(net)
+    if fp != meta["fingerprint"]:
+        raise WeightsError(
+            f"{path}: fingerprint mismatch (metadata says {meta['fingerprint']}, tensors give "
+            f"{fp}); the file was modified or corrupted after it was written"
+        )
+    return LoadedWeights(net=net, metadata=dict(meta), fingerprint=fp, path=path)
+
+
+def weights_dirs() -> list[Path]:
+    """The directories searched for shipped weights, highest priority first (existing only)."""
+    pkg = Path(__file__).resolve().parent
+    candidates = [pkg / "_weights", pkg.parent.parent / "weights"]
+    return [d for d in candidates if d.is_dir()]
+
+
+def _shipped() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in weights_dirs():
+        for f in sorted(d.glob(f"*{_SUFFIX}")):
+            # an installed copy shadows the repository one of the same name
+            found.setdefault(f.name[: -len(_SUFFIX)], f)
+    return found
+
+
+def list_weights() -> dict[str, dict[str, str]]:
+    """The shipped weights: name -> metadata, reading only each file's header.
+
+    Returns:
+        A dict sorted by name; empty when no weights are shipped.
+
+    Raises:
+        WeightsError: a shipped file's header is unreadable.
+
+    Example:
+        >>> sorted(list_weights())  # doctest: +SKIP
+        ['dm', 'rnnprop', 'simple', 'simple-bias', 'simple-noagg', 'simple-uniform']
+    """
+    return {name: _read_header(path)[0] for name, path in sorted(_shipped().items())}
+
+
+def _looks_like_name(source: str) -> bool:
+    return os.sep not in source and "/" not in source and not source.endswith(_SUFFIX)
+
+
+def _download(source: str) -> Path:
+    rest = source[len(_HF_PREFIX) :]
+    parts = rest.split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise WeightsError(
+            f"{source}: expected hf://<owner>/<repo>[@revision]/<filename>"
+        )
+    repo, revision = parts[1], None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    repo_id = f"{parts[0]}/{repo}"
+    filename = "/".join(parts[2:]) or DIR_FILENAME
+    hint = "use a shipped name (see `python -m l2l_optim weights`) or a local path instead"
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"{source}: huggingface_hub is not installed; {hint}") from None
+    # read the variable at call time (the hub library reads it once, at import), so that
+    # offline mode set later is still honoured and never waits on the network
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        local = hf_hub_download(
+            repo_id, filename, revision=revision, local_files_only=offline, etag_timeout=10
+        )
+    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
+        why = "not in the local cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
+        raise WeightsError(
+            f"{source}: cannot get {filename!r} from the Hugging Face Hub repo {repo_id!r} "
+            f"({why}: {e}); {hint}"
+        ) from None
+    return Path(local)
+
+
+def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> LoadedWeights:
+    """Load and verify a net from shipped weights, a file, a run directory or the Hub.
+
+    Args:
+        source: one of
+            * a shipped name such as ``"simple"`` (see :func:`list_weights`); a shipped
+              name wins over a local path spelled the same (write ``"./simple"`` for that);
+            * a path to a ``.safetensors`` file;
+            * a directory, meaning ``<dir>/weights.safetensors`` (what ``meta_fit`` writes);
+            * ``"hf://<owner>/<repo>[@revision]/<filename>"``, downloaded with
+              ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` uses the local cache only).
+        arch: if given, the architecture the file must hold.
+
+    Returns:
+        A :class:`LoadedWeights` ``(net, metadata, fingerprint, path)``.
+
+    Raises:
+        WeightsError: unknown name, missing or unreadable file, truncated or corrupted
+            content, unexpected tensors, shapes or dtypes, unknown or unexpected
+            architecture, a fingerprint that does not match the tensors, or a Hub download
+            that failed. The message names the file and the problem.
+
+    Example:
+        >>> loaded = load_weights("simple")  # doctest: +SKIP
+        >>> loaded.net.num_parameters()  # doctest: +SKIP
+        132
+    """
+    if isinstance(source, str) and source.startswith(_HF_PREFIX):
+        return _load_file(_download(source), arch)
+    if isinstance(source, str) and _looks_like_name(source):
+        shipped = _shipped()
+        if source in shipped:
+            return _load_file(shipped[source], arch)
+        if not Path(source).exists():
+            available = ", ".join(sorted(shipped)) or "none are installed"
+            raise WeightsError(f"unknown weights {source!r}; shipped weights: {available}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"weights source must be a str or path, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        path = path / DIR_FILENAME
+    return _load_file(path, arch)
+
+
+def _num_params(entries: dict[str, dict]) -> int:
+    total = 0
+    for entry in entries.values():
+        n = 1
+        for s in entry["shape"]:
+            n *= int(s)
+        total += n
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m l2l_optim weights``: print a table of the shipped weights."""
+    parser = argparse.ArgumentParser(
+        prog="l2l-optim weights", description="List the shipped meta-optimizer weights."
+    )
+    parser.add_argument("--json", action="store_true", help="print name -> metadata as JSON")
+    args = parser.parse_args(argv)
+    shipped = _shipped()
+    if args.json:
+        print(json.dumps(list_weights(), indent=2, sort_keys=True))
+        return 0
+    if not shipped:
+        dirs = [str(d) for d in weights_dirs()] or ["(no weights directory found)"]
+        print(f"no shipped weights in {', '.join(dirs)}")
+        return 0
+    rows = [("name", "arch", "params", "fingerprint", "recipe")]
+    for name, path in sorted(shipped.items()):
+        try:
+            meta, entries = _read_header(path)
+            recipe = meta.get("recipe", "")
+            if len(recipe) > 60:
+                recipe = recipe[:57] + "..."
+            rows.append(
+                (name, meta.get("arch", "?"), str(_num_params(entries)),
+                 meta.get("fingerprint", "?"), recipe)
+            )
+        except WeightsError as e:
+            rows.append((name, "?", "?", "?", f"error: {e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

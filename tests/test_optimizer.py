@@ -1,0 +1,745 @@
+"""Tests for l2l_optim.optimizer: the torch.optim contract around the learned update."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from l2l_optim import weights as W
+from l2l_optim.nets import CoordinatewiseNet, DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
+from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
+from l2l_optim.weights import WeightsError, fingerprint, load_weights, save_weights
+
+SETTINGS = settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def random_simple(seed: int = 0, **config) -> SimpleOptimizerNet:
+    """A SimpleOptimizerNet with every weight random (alpha and beta too)."""
+    torch.manual_seed(seed)
+    net = SimpleOptimizerNet(**config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return net
+
+
+def leaf(*shape, dtype=torch.float32, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return torch.randn(shape, dtype=dtype).requires_grad_()
+
+
+def twin(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone().to(p.dtype)
+
+
+def snapshot(opt):
+    """Copies of every parameter and state tensor, to check that nothing changed."""
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, snap):
+    params, state = snap
+    now = [p.detach() for g in opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(params, now))
+    assert set(state) == {id(p) for p in opt.state}
+    for p, s in opt.state.items():
+        assert all(torch.equal(s[k], state[id(p)][k]) for k in s)
+
+
+def net_step_reference(net, params, grads, hiddens, lrs, dtype=torch.float32):
+    """theta + lr * u computed directly with the net's forward over all coordinates."""
+    net = copy.deepcopy(net).to(dtype)
+    sizes = [p.numel() for p in params]
+    g = torch.cat([x.reshape(-1).to(dtype) for x in grads])
+    h = torch.cat([x.to(dtype) for x in hiddens], dim=-1)
+    with torch.no_grad():
+        u, new = net(g, {"h": h})
+    out = [
+        (p.detach().to(dtype) + lr * ui.view(p.shape)).to(p.dtype)
+        for p, ui, lr in zip(params, u.split(sizes), lrs)
+    ]
+    return out, list(new["h"].split(sizes, dim=-1))
+
+
+class ScaledSignNet(CoordinatewiseNet):
+    """A custom net outside the registry: u = -scale * sign(g), state counts steps."""
+
+    arch = "scaled-sign-test"
+
+    def __init__(self, scale: float = 0.1):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    @property
+    def config(self):
+        return {}
+
+    def init_state(self, n, *, device=None, dtype=torch.float32):
+        return {"n": torch.zeros(n, device=device, dtype=dtype)}
+
+    def forward(self, grad, state):
+        return -self.scale * torch.sign(grad), {"n": state["n"] + 1}
+
+
+# ------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
+@pytest.mark.parametrize("lr", [-1.0, -1e-9, float("nan"), float("inf")])
+def test_invalid_lr(cls, lr):
+    with pytest.raises(ValueError, match=f"^Invalid learning rate: {lr}$"):
+        cls([leaf(2)], lr=lr, weights=random_simple())
+
+
+def test_invalid_options():
+    net = random_simple()
+    with pytest.raises(ValueError, match="^Invalid nonfinite policy: 'ignore'"):
+        SimpleOptimizer([leaf(2)], weights=net, nonfinite="ignore")
+    with pytest.raises(ValueError, match="^Invalid state_dtype: torch.float16"):
+        SimpleOptimizer([leaf(2)], weights=net, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="^Invalid impl: 'cuda'"):
+        SimpleOptimizer([leaf(2)], weights=net, impl="cuda")
+    with pytest.raises(ValueError, match="^optimizer got an empty parameter list$"):
+        SimpleOptimizer([], weights=net)
+    with pytest.raises(TypeError, match="weights must be"):
+        SimpleOptimizer([leaf(2)], weights=42)
+    with pytest.raises(TypeError, match="state_dtype"):
+        DMOptimizer([leaf(2)], weights=DMOptimizerNet(), state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        SimpleOptimizer([leaf(2)], lr=torch.ones(2), weights=net)
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="SimpleOptimizer needs SimpleOptimizerNet weights"):
+        SimpleOptimizer([leaf(2)], weights=DMOptimizerNet())
+    with pytest.raises(ValueError, match="DMOptimizer needs DMOptimizerNet weights"):
+        DMOptimizer([leaf(2)], weights=random_simple())
+    with pytest.raises(ValueError, match="RNNProp needs RNNPropNet weights"):
+        RNNProp([leaf(2)], weights=DMOptimizerNet())
+    path = save_weights(DMOptimizerNet(hidden_size=3), tmp_path / "dm.safetensors")
+    with pytest.raises(WeightsError, match="holds 'dm' weights, but 'simple' was requested"):
+        SimpleOptimizer([leaf(2)], weights=path)
+
+
+def test_complex_and_integer_params_are_refused():
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        SimpleOptimizer([torch.zeros(2, dtype=torch.cfloat, requires_grad=True)],
+                        weights=random_simple())
+    with pytest.raises(ValueError, match="only floating-point parameters"):
+        SimpleOptimizer([torch.zeros(2, dtype=torch.int64)], weights=random_simple())
+
+
+def test_complex_grad_at_step_is_refused():
+    p = leaf(3)
+    opt = SimpleOptimizer([p], weights=random_simple())
+    p.data = torch.randn(3, dtype=torch.cfloat)  # turned complex after construction
+    p.grad = torch.randn(3, dtype=torch.cfloat)
+    with pytest.raises(ValueError, match="does not support complex gradients"):
+        opt.step()
+
+
+def test_params_on_several_devices_are_refused():
+    with pytest.raises(ValueError, match="all parameters on one device"):
+        SimpleOptimizer([leaf(2), torch.empty(2, device="meta", requires_grad=True)],
+                        weights=random_simple())
+
+
+def test_bad_group_is_refused_and_not_added():
+    opt = SimpleOptimizer([leaf(2)], weights=random_simple())
+    with pytest.raises(ValueError, match="^Invalid learning rate: -0.5$"):
+        opt.add_param_group({"params": [leaf(3)], "lr": -0.5})
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [torch.empty(2, device="meta", requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls, net", [(SimpleOptimizer, random_simple()),
+                                      (DMOptimizer, DMOptimizerNet(hidden_size=3))])
+def test_sparse_gradients_are_refused(cls, net):
+    emb = nn.Embedding(5, 2, sparse=True)
+    opt = cls(emb.parameters(), weights=net)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=f"^{cls.__name__} does not support sparse gradients$"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------- weights forms
+
+
+def test_weights_forms(tmp_path, monkeypatch):
+    net = random_simple(1)
+    path = save_weights(net, tmp_path / "run")  # a run directory
+    fp = fingerprint(net)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    save_weights(net, shipped / "simple.safetensors")
+    monkeypatch.setattr(W, "weights_dirs", lambda: [shipped])
+    forms = [net, load_weights(path), path, str(path), tmp_path / "run", "simple"]
+    for form in forms:
+        opt = SimpleOptimizer([leaf(2)], weights=form)
+        assert opt.meta_fingerprint == fp
+        assert not opt.net.training
+        assert not any(p.requires_grad for p in opt.net.parameters())
+    SimpleOptimizer([leaf(2)])  # the default is the shipped "simple"
+
+
+def test_missing_default_weights_say_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(W, "weights_dirs", lambda: [])
+    with pytest.raises(WeightsError, match="unknown weights 'simple'"):
+        SimpleOptimizer([leaf(2)])
+    with pytest.raises(WeightsError, match="unknown weights 'dm'"):
+        DMOptimizer([leaf(2)])
+    with pytest.raises(WeightsError, match="unknown weights 'rnnprop'"):
+        RNNProp([leaf(2)])
+
+
+def test_user_net_is_copied_not_touched():
+    net = random_simple(2)
+    net.train()
+    before = copy.deepcopy(net.state_dict())
+    p = leaf(4, seed=0)
+    opt = SimpleOptimizer([p], weights=net)
+    assert opt.net is not net
+    assert net.training and all(q.requires_grad for q in net.parameters())
+    with torch.no_grad():
+        net.w_hh.zero_()  # later edits of the user's net do not reach the optimizer
+    p.grad = torch.ones(4)
+    opt.step()
+    assert not torch.equal(opt.net.w_hh, net.w_hh)
+    assert torch.equal(before["w_ih"], net.w_ih)
+
+
+def test_in_place_edits_of_opt_net_are_picked_up():
+    p = leaf(5, seed=0)
+    q = twin([p])[0]
+    a = SimpleOptimizer([p], weights=random_simple(3))
+    b = SimpleOptimizer([q], weights=random_simple(4))
+    set_grads([p], [torch.ones(5)])
+    a.step()  # fills the folded-weight cache
+    with torch.no_grad():
+        for x, y in zip(a.net.parameters(), b.net.parameters()):
+            x.copy_(y)
+    for s in a.state.values():
+        s["h"].zero_()
+    p.data.copy_(q.data)
+    set_grads([p, q], [torch.ones(5), torch.ones(5)])
+    a.step()
+    b.step()
+    assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------- step contract
+
+
+def test_step_closure_and_return_value():
+    model = nn.Linear(3, 1)
+    opt = SimpleOptimizer(model.parameters(), weights=random_simple())
+    x = torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()  # needs grad mode even when step runs under no_grad
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert opt.step() is None
+    assert opt.state[model.weight]["step"].item() == 2
+    assert opt.state[model.weight]["h"].shape == (10, 3)
+    assert opt.state[model.bias]["h"].shape == (10, 1)
+    assert opt.state[model.weight]["step"].dtype == torch.int64
+
+
+def test_params_without_grad_are_skipped_and_not_in_the_mean():
+    net = random_simple(5)
+    a, b, c = leaf(4, seed=1), leaf(3, seed=2), leaf(2, seed=3)
+    a2, c2 = twin([a, c])
+    opt = SimpleOptimizer([a, b, c], weights=net)
+    solo = SimpleOptimizer([a2, c2], weights=net)
+    b_before = b.detach().clone()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        g = [torch.randn(4), None, torch.randn(2)]
+        set_grads([a, b, c], g)
+        set_grads([a2, c2], [g[0], g[2]])
+        opt.step()
+        solo.step()
+    assert torch.equal(b, b_before) and b not in opt.state
+    assert torch.equal(a, a2) and torch.equal(c, c2)
+    set_grads([a, b, c], [None, None, None])
+    snap = snapshot(opt)
+    opt.step()  # nothing has a gradient: a no-op
+    assert_unchanged(opt, snap)
+
+
+def test_the_mean_runs_over_all_groups_and_lr_zero_still_counts():
+    net = random_simple(6)
+    p1, p2 = leaf(6, seed=1), leaf(5, seed=2)
+    q1, q2 = twin([p1, p2])
+    grouped = SimpleOptimizer([{"params": [p1]}, {"params": [p2], "lr": 0.0}], weights=net)
+    single = SimpleOptimizer([q1, q2], weights=net)
+    p2_before = p2.detach().clone()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        g = [torch.randn(6), torch.randn(5)]
+        set_grads([p1, p2], g)
+        set_grads([q1, q2], g)
+        grouped.step()
+        single.step()
+    assert torch.equal(p2, p2_before)  # lr = 0: does not move ...
+    assert torch.equal(p1, q1)  # ... but its coordinates count in the mean
+    assert torch.equal(grouped.state[p2]["h"], single.state[q2]["h"])
+
+
+def test_lr_multiplies_the_update_and_schedulers_work():
+    net = random_simple(7)
+    p = leaf(8, seed=0)
+    q, r = twin([p]), twin([p])
+    full = SimpleOptimizer([p], lr=1.0, weights=net)
+    half = SimpleOptimizer(q, lr=0.5, weights=net)
+    sched_opt = SimpleOptimizer(r, lr=1.0, weights=net)
+    sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, lambda epoch: 0.5)
+    start = p.detach().clone()
+    g = torch.randn(8)
+    set_grads([p, q[0], r[0]], [g, g, g])
+    full.step()
+    half.step()
+    sched_opt.step()
+    sched.step()
+    assert torch.allclose(q[0] - start, 0.5 * (p - start), atol=1e-6)
+    assert torch.equal(q[0], r[0])  # the scheduler's lr is the one used
+    lr_t = SimpleOptimizer(twin([start]), lr=torch.tensor(0.5), weights=net)
+    set_grads(lr_t.param_groups[0]["params"], [g])
+    lr_t.step()
+    assert torch.equal(lr_t.param_groups[0]["params"][0], q[0])
+
+
+def test_new_param_group_joins_later():
+    opt = SimpleOptimizer([leaf(2, seed=0)], weights=random_simple())
+    p = leaf(3, seed=1)
+    opt.add_param_group({"params": [p], "lr": 0.1})
+    p.grad = torch.randn(3)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p, before) and opt.state[p]["h"].shape == (10, 3)
+
+
+# ------------------------------------------------------- update maths and the two paths
+
+
+@pytest.mark.parametrize("config", [{}, {"aggregate": False}, {"hidden_size": 4}])
+@pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
+def test_zero_grad_zero_state_gives_exactly_zero_update(cls, config):
+    for seed in range(3):
+        params = [leaf(3, 4, seed=seed), leaf(seed=seed + 9), leaf(7, dtype=torch.float64)]
+        before = [p.detach().clone() for p in params]
+        opt = cls(params, weights=random_simple(seed, **config))
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        for _ in range(3):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert all(not s["h"].any() for s in opt.state.values())
+
+
+def test_bias_variant_moves_on_zero_gradient():
+    net = random_simple(8, bias=True)
+    p = leaf(4, seed=0)
+    before = p.detach().clone()
+    opt = SimpleOptimizer([p], weights=net)
+    p.grad = torch.zeros(4)
+    opt.step()
+    assert not torch.equal(p, before)
+
+
+@SETTINGS
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4
+    ),
+    log_scale=st.floats(-6, 3),
+    seed=st.integers(0, 2**16),
+    aggregate=st.booleans(),
+    lr=st.sampled_from([1.0, 0.3, 0.0]),
+)
+def test_generic_path_matches_kernel_path(shapes, log_scale, seed, aggregate, lr):
+    net = random_simple(seed, aggregate=aggregate)
+    params = [leaf(*s, seed=seed + i) for i, s in enumerate(shapes)]
+    twins = twin(params)
+    groups = [{"params": params[:1]}, {"params": params[1:], "lr": lr}]
+    twin_groups = [{"params": twins[:1]}, {"params": twins[1:], "lr": lr}]
+    if not params[1:]:
+        groups, twin_groups = groups[:1], twin_groups[:1]
+    kernel = SimpleOptimizer(groups, weights=net, impl="reference")
+    generic = LearnedOptimizer(twin_groups, weights=net)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=gen) * 10**log_scale for p in params]
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        kernel.step()
+        generic.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            kernel.state[p]["h"], generic.state[q]["h"], rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
+def test_update_matches_the_net_forward(cls):
+    """One step equals theta + lr * u with u from the net's own forward (method.md)."""
+    net = random_simple(9)
+    params = [leaf(4, 3, seed=1), leaf(seed=2), leaf(6, seed=3)]
+    lrs = [1.0, 1.0, 0.25]
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.25}], weights=net)
+    h = [torch.zeros(10, p.numel()) for p in params]
+    for step in range(3):
+        grads = [torch.randn(p.shape) for p in params]
+        want, h = net_step_reference(net, params, grads, h, lrs)
+        set_grads(params, grads)
+        opt.step()
+        for p, w, hh in zip(params, want, h):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(opt.state[p]["h"], hh, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_param_dtypes(cls, dtype):
+    net = random_simple(10)
+    params = [leaf(3, 4, dtype=dtype, seed=0), leaf(dtype=dtype, seed=1)]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    opt = cls(params, weights=net)
+    h = [torch.zeros(10, p.numel(), dtype=compute) for p in params]
+    for _ in range(2):
+        grads = [torch.randn(p.shape, dtype=compute).to(dtype) for p in params]
+        want, h = net_step_reference(net, params, grads, h, [1.0, 1.0], dtype=compute)
+        set_grads(params, grads)
+        opt.step()
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+        for p, w in zip(params, want):
+            assert p.dtype == dtype
+            torch.testing.assert_close(p.detach(), w, rtol=tol, atol=tol)
+    for p in params:
+        assert opt.state[p]["h"].dtype == compute
+
+
+def test_bf16_state():
+    net = random_simple(11)
+    p32, p64 = leaf(5, seed=0), leaf(3, dtype=torch.float64, seed=1)
+    q32, q64 = twin([p32, p64])
+    opt = SimpleOptimizer([p32, p64], weights=net, state_dtype=torch.bfloat16)
+    ref = SimpleOptimizer([q32, q64], weights=net)
+    g = [torch.randn(5), torch.randn(3, dtype=torch.float64)]
+    set_grads([p32, p64, q32, q64], g + g)
+    opt.step()
+    ref.step()
+    assert opt.state[p32]["h"].dtype == torch.bfloat16
+    assert opt.state[p64]["h"].dtype == torch.float64  # float64 params keep float64 state
+    torch.testing.assert_close(p32, q32)  # first step: the stored h does not matter yet
+    torch.testing.assert_close(opt.state[p32]["h"], ref.state[q32]["h"].bfloat16())
+
+
+@pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
+def test_non_contiguous_and_zero_dim_params(cls):
+    net = random_simple(12)
+    nc = torch.randn(4, 3).t().requires_grad_()  # a non-contiguous leaf
+    zero_dim = leaf(seed=5)
+    assert not nc.is_contiguous()
+    c, z = (t.detach().contiguous().requires_grad_() for t in (nc, zero_dim))
+    opt, ref = cls([nc, zero_dim], weights=net), cls([c, z], weights=net)
+    for _ in range(2):
+        g = [torch.randn(4, 3).t(), torch.randn(())]
+        set_grads([nc, zero_dim], g)
+        set_grads([c, z], [g[0].contiguous(), g[1]])
+        opt.step()
+        ref.step()
+    assert not nc.is_contiguous() and zero_dim.shape == ()
+    assert torch.equal(nc, c) and torch.equal(zero_dim, z)
+
+
+@pytest.mark.parametrize("cls, net", [(DMOptimizer, DMOptimizerNet()), (RNNProp, RNNPropNet())])
+def test_baselines_train_least_squares_without_nan(cls, net):
+    torch.manual_seed(0)
+    A, b = torch.randn(20, 5), torch.randn(20)
+    x = torch.zeros(5, requires_grad=True)
+    opt = cls([x], weights=net)
+    losses = []
+    for _ in range(40):
+        def closure():
+            opt.zero_grad()
+            loss = (A @ x - b).pow(2).mean()
+            loss.backward()
+            return loss
+        losses.append(opt.step(closure).item())
+    assert all(math.isfinite(v) for v in losses)
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+    assert all(torch.isfinite(t).all() for t in opt.state[x].values())
+    assert set(opt.state[x]) == set(net.init_state(1)) | {"step"}
+    assert opt.skipped_steps == 0
+
+
+def test_custom_net_runs_on_the_generic_path():
+    p = leaf(4, seed=0)
+    before = p.detach().clone()
+    opt = LearnedOptimizer([p], lr=2.0, weights=ScaledSignNet(0.1))
+    p.grad = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.2 * torch.sign(p.grad))
+    assert torch.equal(opt.state[p]["n"], torch.ones(4))
+
+
+# ------------------------------------------------------------------- non-finite policy
+
+
+def _nan_setup(cls, net):
+    params = [leaf(3, 2, seed=0), leaf(4, seed=1)]
+    opt = cls(params, weights=net)
+    for _ in range(2):
+        set_grads(params, [torch.randn(p.shape) for p in params])
+        opt.step()
+    return params, opt
+
+
+NETS_FOR_NAN = [
+    (SimpleOptimizer, lambda: random_simple(13)),
+    (LearnedOptimizer, lambda: random_simple(13)),
+    (DMOptimizer, lambda: DMOptimizerNet(hidden_size=4)),
+    (RNNProp, lambda: RNNPropNet(hidden_size=4)),
+]
+
+
+@pytest.mark.parametrize("device_flag", [False, True], ids=["host-check", "device-flag"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+def test_nonfinite_skip_changes_nothing(cls, make, bad, device_flag, monkeypatch):
+    params, opt = _nan_setup(cls, make())
+    ref = copy.deepcopy(opt)  # the same optimizer, on copies of the params, minus the bad step
+    twins = ref.param_groups[0]["params"]
+    if device_flag:  # exercise the accelerator path, which never reads the flag on the host
+        monkeypatch.setattr(opt, "_sync_on", lambda device: False)
+    snap = snapshot(opt)
+    grads = [torch.randn(p.shape) for p in params]
+    grads[1][2] = bad
+    set_grads(params, grads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert_unchanged(opt, snap)
+    assert opt.skipped_steps == 1
+    if not device_flag:
+        assert [w.category for w in caught] == [RuntimeWarning]
+        assert "non-finite gradient" in str(caught[0].message)
+        assert caught[0].filename == __file__  # points at the caller's step()
+    # and training goes on exactly as if the bad step had never happened
+    good = [torch.randn(p.shape) for p in params]
+    set_grads(params, good)
+    set_grads(twins, good)
+    opt.step()
+    ref.step()
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t)
+        assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+        assert opt.state[p]["step"].item() == 3
+
+
+def test_nonfinite_on_the_first_step_creates_no_state():
+    p = leaf(3, seed=0)
+    opt = SimpleOptimizer([p], weights=random_simple())
+    p.grad = torch.tensor([0.0, float("nan"), 1.0])
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert len(opt.state) == 0 and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+def test_nonfinite_raise(cls, make):
+    params = [leaf(3, seed=0), leaf(2, seed=1), leaf(4, seed=2)]
+    opt = cls([{"params": params[:1]}, {"params": params[1:]}], weights=make(),
+              nonfinite="raise")
+    set_grads(params, [torch.randn(p.shape) for p in params])
+    opt.step()
+    snap = snapshot(opt)
+    grads = [torch.randn(p.shape) for p in params]
+    grads[2][0] = float("nan")
+    set_grads(params, grads)
+    with pytest.raises(FloatingPointError, match=r"parameter 2 \(group 1, shape \(4,\)\)"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    assert opt.skipped_steps == 0
+
+
+# ------------------------------------------------------------- state_dict and resuming
+
+
+def _train(opt, model, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(16, 4, generator=gen).to(dtype)
+    y = torch.randn(16, 2, generator=gen).to(dtype)
+    for i in range(steps):
+        idx = torch.randint(0, 16, (8,), generator=gen)
+
+        def closure():
+            opt.zero_grad()
+            loss = (model(x[idx]) - y[idx]).pow(2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(dtype)
+
+
+RESUME_CASES = [
+    ("simple", lambda m, **kw: SimpleOptimizer(m, weights=random_simple(14), **kw), {}),
+    ("simple-bf16-state", lambda m, **kw: SimpleOptimizer(
+        m, weights=random_simple(14), state_dtype=torch.bfloat16, **kw), {}),
+    ("simple-bf16-params", lambda m, **kw: SimpleOptimizer(m, weights=random_simple(14), **kw),
+     {"dtype": torch.bfloat16}),
+    ("generic-f64", lambda m, **kw: LearnedOptimizer(m, weights=random_simple(14), **kw),
+     {"dtype": torch.float64}),
+    ("dm", lambda m, **kw: DMOptimizer(m, weights=DMOptimizerNet(hidden_size=4), **kw), {}),
+    ("rnnprop", lambda m, **kw: RNNProp(m, weights=RNNPropNet(hidden_size=4), **kw), {}),
+]
+
+
+@pytest.mark.parametrize("make, model_kw", [c[1:] for c in RESUME_CASES],
+                         ids=[c[0] for c in RESUME_CASES])
+def test_resume_is_bit_identical(make, model_kw):
+    straight_model = _model(**model_kw)
+    straight = make(straight_model.parameters(), lr=0.5)
+    _train(straight, straight_model, 10, seed=0)
+    _train(straight, straight_model, 10, seed=1)
+
+    first_model = _model(**model_kw)
+    first = make(first_model.parameters(), lr=0.5)
+    _train(first, first_model, 10, seed=0)
+    buf = io.BytesIO()
+    torch.save({"model": first_model.state_dict(), "opt": first.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed_model = _model(**model_kw)
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed = make(resumed_model.parameters(), lr=123.0)  # lr comes back from the state
+    resumed.net.load_state_dict(first.net.state_dict())
+    resumed.load_state_dict(ckpt["opt"])
+    for p, q in zip(first_model.parameters(), resumed_model.parameters()):
+        for k, v in first.state[p].items():
+            assert resumed.state[q][k].dtype == v.dtype and torch.equal(resumed.state[q][k], v)
+    _train(resumed, resumed_model, 10, seed=1)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.param_groups[0]["lr"] == 0.5
+
+
+def test_state_dict_carries_the_fingerprint_and_load_checks_it():
+    net = random_simple(15)
+    p = leaf(3, seed=0)
+    opt = SimpleOptimizer([p], weights=net)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["meta_fingerprint"] == fingerprint(net) == opt.meta_fingerprint
+    other = SimpleOptimizer([leaf(3)], weights=random_simple(16))
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=f"saved with meta-weights {fingerprint(net)}"):
+        other.load_state_dict(sd)
+    assert_unchanged(other, snap)
+    plain = {k: v for k, v in sd.items() if k != "meta_fingerprint"}
+    with pytest.raises(ValueError, match="no 'meta_fingerprint'"):
+        SimpleOptimizer([leaf(3)], weights=net).load_state_dict(plain)
+    assert "meta_fingerprint" in sd  # the caller's dict is not modified
+
+
+def test_load_state_dict_rejects_a_state_that_does_not_fit():
+    net = random_simple(17)
+    p = leaf(3, seed=0)
+    opt = SimpleOptimizer([p], weights=net)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    target = SimpleOptimizer([leaf(5)], weights=net)  # same weights, other shape
+    with pytest.raises(ValueError, match=r"state 'h' has shape .*expected \(10, 5\)"):
+        target.load_state_dict(sd)
+    assert len(target.state) == 0
+    sd["state"][0]["extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="state keys"):
+        SimpleOptimizer([leaf(3)], weights=net).load_state_dict(sd)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        SimpleOptimizer([{"params": [leaf(3)]}, {"params": [leaf(1)]}],
+                        weights=net).load_state_dict(opt.state_dict())
+
+
+# -------------------------------------------------------------------- copy and pickle
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: SimpleOptimizer(ps, weights=random_simple(18), impl="reference",
+                                   state_dtype=torch.bfloat16, nonfinite="raise"),
+        lambda ps: DMOptimizer(ps, weights=DMOptimizerNet(hidden_size=3)),
+        lambda ps: LearnedOptimizer(ps, weights=ScaledSignNet(0.3)),
+    ],
+    ids=["simple", "dm", "custom-net"],
+)
+def test_copies_keep_the_meta_weights_and_options(make, how):
+    model = _model()
+    opt = make(model.parameters())
+    _train(opt, model, 3, seed=0)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert type(opt2) is type(opt) and type(opt2.net) is type(opt.net)
+    assert opt2.meta_fingerprint == opt.meta_fingerprint
+    assert opt2.net is not opt.net and not opt2.net.training
+    for name in ("nonfinite", "state_dtype", "impl"):
+        assert getattr(opt2, name, None) == getattr(opt, name, None)
+    _train(opt, model, 3, seed=1)
+    _train(opt2, model2, 3, seed=1)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_repr_names_the_meta_weights():
+    opt = SimpleOptimizer([leaf(2)], weights=random_simple(19))
+    text = repr(opt)
+    assert text.startswith("SimpleOptimizer (meta-weights: simple ")
+    assert opt.meta_fingerprint in text and "lr: 1.0" in text
+
+
+def test_public_api_exports():
+    import l2l_optim
+
+    assert l2l_optim.SimpleOptimizer is SimpleOptimizer
+    assert l2l_optim.DMOptimizer is DMOptimizer and l2l_optim.RNNProp is RNNProp
+    assert l2l_optim.LearnedOptimizer is LearnedOptimizer
+    assert l2l_optim.load_weights is load_weights
