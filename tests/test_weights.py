@@ -353,6 +353,10 @@ def test_cli_table(registry, capsys):
     pkg, repo = registry
     save_weights(random_simple(16), pkg / "simple.safetensors", metadata={"recipe": "x" * 100})
     save_weights(DMOptimizerNet(), repo / "dm.safetensors", metadata={"recipe": "dm recipe"})
+    recipe = {"arch": "simple", "net_config": {"bias": True}, "task": "mnist-mlp",
+              "loss": "uniform", "trajectories": 20, "batch_size": 128}
+    save_weights(random_simple(bias=True), repo / "simple-bias.safetensors",
+                 metadata={"recipe": recipe})  # a dict, as meta_fit writes it
     (repo / "broken.safetensors").write_bytes(b"\x01")
     assert W.main([]) == 0
     out = capsys.readouterr().out
@@ -363,6 +367,8 @@ def test_cli_table(registry, capsys):
     assert row["dm"][1:3] == ["dm", "5301"] and "dm recipe" in out
     assert "..." in row["simple"][-1]  # long recipes are shortened
     assert "error" in " ".join(row["broken"])
+    assert row["simple-bias"][4:] == ['{"bias":true}', "task=mnist-mlp", "loss=uniform",
+                                      "trajectories=20"]
     from l2l_optim.__main__ import main as cli
 
     assert cli(["weights"]) == 0

@@ -438,6 +438,23 @@ def _num_params(entries: dict[str, dict]) -> int:
     return total
 
 
+# the recipe fields worth a glance in the table, in order (meta_fit's MetaFitConfig names)
+_RECIPE_FIELDS = ("task", "loss", "trajectories", "steps", "unroll", "meta_lr", "init", "seed")
+
+
+def _recipe_summary(recipe: str, width: int = 60) -> str:
+    try:
+        parsed = json.loads(recipe)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        picked = [f"{k}={parsed[k]}" for k in _RECIPE_FIELDS if k in parsed]
+        if parsed.get("net_config"):
+            picked.insert(0, _config_json(parsed["net_config"]))
+        recipe = " ".join(picked) if picked else recipe
+    return recipe if len(recipe) <= width else recipe[: width - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m l2l_optim weights``: print a table of the shipped weights."""
     parser = argparse.ArgumentParser(
@@ -457,9 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in sorted(shipped.items()):
         try:
             meta, entries = _read_header(path)
-            recipe = meta.get("recipe", "")
-            if len(recipe) > 60:
-                recipe = recipe[:57] + "..."
+            recipe = _recipe_summary(meta.get("recipe", ""))
             rows.append(
                 (name, meta.get("arch", "?"), str(_num_params(entries)),
                  meta.get("fingerprint", "?"), recipe)
