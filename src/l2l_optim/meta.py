@@ -39,10 +39,10 @@ from torch import Tensor
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, build_net
 from .tasks import Task, make_task
 
-__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "init_simple_sgd_like", "run_trajectory", "main"]
+__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "main"]
 
 META_LOSSES = ("weighted", "uniform", "last")
-INITS = ("default", "sgd", "small-output")
+INITS = ("default", "sign", "sgd", "small-output")
 
 
 @dataclass
@@ -60,8 +60,10 @@ class MetaFitConfig:
         meta_lr: Adam learning rate on the net's parameters.
         grad_clip: max norm of the meta-gradient (None: no clipping). Guards the rare
             exploding unroll; Adam's own normalisation does the rest.
-        init: ``"default"`` (the net's own init), ``"sgd"`` (SimpleOptimizerNet only: start
-            as SGD with momentum, lr ``init_lr``; see :func:`init_simple_sgd_like`) or
+        init: ``"default"`` (the net's own init), ``"sign"`` (SimpleOptimizerNet only: start
+            as a soft sign-momentum rule with step ``init_lr``; see
+            :func:`init_simple_sign_momentum`), ``"sgd"`` (SimpleOptimizerNet only: start as
+            SGD with momentum, lr ``init_lr``; see :func:`init_simple_sgd_like`) or
             ``"small-output"`` (the LSTM nets: output layer scaled by 0.01, bias zero, so the
             first updates are ~1e-3 per coordinate instead of ~0.05, which blows up a
             397k-parameter MLP in a few steps).
@@ -83,8 +85,8 @@ class MetaFitConfig:
     unroll: int = 20
     meta_lr: float = 1e-3
     grad_clip: float | None = 1.0
-    init: str = "sgd"
-    init_lr: float = 0.1
+    init: str = "sign"
+    init_lr: float = 1e-3
     batch_size: int = 128
     seed: int = 0
     eval_every: int = 0
@@ -145,6 +147,35 @@ def init_simple_sgd_like(net: SimpleOptimizerNet, lr: float) -> None:
         if net.aggregate:
             net.beta.fill_(1.0)
             net.w_out[H:].zero_()
+
+
+def init_simple_sign_momentum(
+    net: SimpleOptimizerNet, lr: float, momentum: float = 0.9, gain_range: tuple[float, float] = (10.0, 1e4)
+) -> None:
+    """Start a SimpleOptimizerNet as a soft sign-momentum rule (Lion-like) with step ``lr``.
+
+    Unit k gets input gain k_k, log-spaced over ``gain_range``, and W_hh = ``momentum`` * I, so
+    h_k' = tanh(k_k g + momentum h_k): units with a large gain saturate to the sign of a running
+    gradient average, units with a small gain stay linear in g. The output averages them with
+    weight -lr/H, so a consistent gradient moves each coordinate by about ``lr`` per step
+    whatever its scale, and a vanishing gradient (the linear units) gives a vanishing update:
+    no bias is needed to stop at a minimum. Raw gradients of the base MLP are 1e-5..1e-1, which
+    this range of gains covers; the default random init (gains ~0.3) leaves the tanh linear
+    there and starts meta-training from plain SGD.
+    """
+    H = net.hidden_size
+    with torch.no_grad():
+        gains = torch.logspace(math.log10(gain_range[0]), math.log10(gain_range[1]), H)
+        net.w_ih.copy_(gains.view(H, 1))
+        net.w_hh.copy_(momentum * torch.eye(H))
+        net.alpha.fill_(1.0)
+        net.w_out[:H].fill_(-lr / H)
+        if net.aggregate:
+            net.beta.fill_(1.0)
+            net.w_out[H:].zero_()
+        if net.bias:
+            net.b_h.zero_()
+            net.b_out.zero_()
 
 
 def _flat(tensors) -> Tensor:
@@ -223,7 +254,7 @@ def run_trajectory(
                 f_prev = f.detach()
         if diverged:
             break
-        meta_total += float(meta_loss)
+        meta_total += meta_loss.item()
         if train and meta_loss.requires_grad:
             meta_opt.zero_grad(set_to_none=True)
             meta_loss.backward()
@@ -303,10 +334,13 @@ def meta_fit(
     torch.manual_seed(cfg.seed)
     if isinstance(net, str):
         net = build_net(cfg.arch, cfg.net_config)
-        if cfg.init == "sgd":
+        if cfg.init in ("sgd", "sign"):
             if not isinstance(net, SimpleOptimizerNet):
-                raise ValueError("init='sgd' applies to SimpleOptimizerNet only; use 'small-output' or 'default'")
-            init_simple_sgd_like(net, cfg.init_lr)
+                raise ValueError(f"init={cfg.init!r} applies to SimpleOptimizerNet only; use 'small-output' or 'default'")
+            if cfg.init == "sgd":
+                init_simple_sgd_like(net, cfg.init_lr)
+            else:
+                init_simple_sign_momentum(net, cfg.init_lr)
         elif cfg.init == "small-output":
             if not hasattr(net, "out"):
                 raise ValueError("init='small-output' applies to the LSTM nets only; use 'sgd' or 'default'")
@@ -339,6 +373,14 @@ def meta_fit(
                initial=start, total=cfg.trajectories)
     # held-out evaluation init: a seed no training trajectory uses
     eval_seed = 10_000_019 + cfg.seed
+    if cfg.eval_every and start == 0:
+        ev = run_trajectory(net, task, seed=eval_seed, steps=cfg.eval_steps, loss=cfg.loss)
+        entry = {"trajectory": -1, "eval_loss": _tail_mean(ev["losses"]) if not ev["diverged"] else float("inf"),
+                 "note": "the initialisation, before meta-training (not selectable)"}
+        log.append(entry)
+        if out:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
     for k in bar:
         t0 = time.perf_counter()
         r = run_trajectory(net, task, seed=cfg.seed * 1_000_003 + k, steps=cfg.steps, unroll=cfg.unroll,
@@ -373,12 +415,13 @@ def meta_fit(
     if out:
         from .weights import save_weights
 
-        final = [e["final_loss"] for e in log[-5:]]
+        final = [e["final_loss"] for e in log[-5:] if "final_loss" in e]
         meta = {
             "recipe": asdict(cfg),
             "command": command or "",
             "seed": cfg.seed,
-            "final_meta_loss": log[-1]["meta_loss"] if log else None,
+            "final_meta_loss": log[-1].get("meta_loss") if log else None,
+            "init_eval_loss": next((e["eval_loss"] for e in log if e["trajectory"] == -1), None),
             "final_optimizee_loss_last5": sum(final) / len(final) if final else None,
             "selected_trajectory": best["trajectory"] if cfg.eval_every else (len(log) - 1),
             "selected_eval_loss": best["score"] if cfg.eval_every else None,
@@ -402,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--init", default=None, choices=INITS,
-                   help="default: 'sgd' for simple, 'small-output' for the LSTM nets")
+                   help="default: 'sign' for simple, 'small-output' for the LSTM nets")
     p.add_argument("--init-lr", type=float, default=d.init_lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -421,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MetaFitConfig(
         arch=args.arch, net_config=net_config, task=args.task, loss=args.loss, trajectories=args.trajectories,
         steps=args.steps, unroll=args.unroll, meta_lr=args.meta_lr, grad_clip=args.grad_clip,
-        init=args.init or ("sgd" if args.arch == "simple" else "small-output"), init_lr=args.init_lr,
+        init=args.init or ("sign" if args.arch == "simple" else "small-output"), init_lr=args.init_lr,
         batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every, eval_steps=args.eval_steps,
     )
     command = "python -m l2l_optim meta-fit " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

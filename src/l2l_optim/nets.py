@@ -163,23 +163,21 @@ class SimpleOptimizerNet(CoordinatewiseNet):
     def fused_weights(self, dtype=torch.float32, device=None) -> SimpleWeights:
         """The folded weights the kernels use (detached copies in ``dtype`` on ``device``)."""
         H = self.hidden_size
+
+        def cast(t: Tensor) -> Tensor:
+            # cast before folding, so float64 kernels fold in float64 too
+            return t.detach().to(device=device, dtype=dtype).clone().contiguous()
+
         with torch.no_grad():
             zeros = torch.zeros(H, dtype=dtype, device=device)
-            w_a = self.alpha * self.w_out[:H]
-            w_b = self.beta * self.w_out[H:] if self.aggregate else zeros
-            b_h = self.b_h if self.bias else zeros
-            b_out = self.b_out if self.bias else torch.zeros((), dtype=dtype)
-
-            def cast(t: Tensor) -> Tensor:
-                return t.detach().to(device=device, dtype=dtype).clone().contiguous()
-
+            w_out = cast(self.w_out)
             return SimpleWeights(
                 w_ih=cast(self.w_ih.reshape(H)),
                 w_hh=cast(self.w_hh),
-                b_h=cast(b_h),
-                w_a=cast(w_a),
-                w_b=cast(w_b),
-                b_out=cast(b_out),
+                b_h=cast(self.b_h) if self.bias else zeros,
+                w_a=cast(self.alpha) * w_out[:H],
+                w_b=cast(self.beta) * w_out[H:] if self.aggregate else zeros.clone(),
+                b_out=cast(self.b_out) if self.bias else torch.zeros((), dtype=dtype, device=device),
             )
 
 
