@@ -1,0 +1,540 @@
+// Fused SimpleOptimizer update for CPU tensors (C++ / OpenMP), loaded by kernels/cpu.py.
+//
+// The update, per coordinate i (see nets.py / kernels/reference.py):
+//
+//     h_i' = tanh(w_ih * g_i + w_hh @ h_i + b_h)
+//     u_i  = w_a . h_i' + b_out + w_b . mean_j(h_j')      (mean over every coordinate of the call)
+//     theta_i += lr * u_i
+//
+// Because the aggregate enters linearly, w_b . mean(h') = (1/N) sum_j (w_b . h_j') is ONE scalar
+// shared by every coordinate, so the step is two passes:
+//
+//   pass 1 (one sweep over all coordinates, all tensors): read g, h, theta; compute h'; write h';
+//          apply the per-coordinate part lr * (w_a . h' + b_out); store per-block partial sums of
+//          w_b . h'.
+//   reduce: the partial sums, in block order, in double.
+//   pass 2: theta += lr * S / N (one scalar per tensor).
+//
+// Determinism: the coordinates are cut into fixed blocks (kBlock coordinates of one tensor). Every
+// block is computed by exactly one thread, its partial sum is accumulated in a fixed lane order,
+// and the partial sums are reduced sequentially in block order. Which thread runs which block is
+// dynamic (so a loaded core does not stall the step) but cannot change any bit of the result:
+// results are bitwise independent of the thread count.
+//
+// Layout: the hidden state of a tensor with n coordinates is a contiguous (H, n) array, so for a
+// fixed hidden unit k the coordinates are contiguous and the coordinate loop vectorises
+// (`#pragma omp simd`, H fully unrolled for the default H = 10).
+//
+// Precision: fp64 parameters are computed in fp64 (std::tanh), everything else in fp32 with the
+// vectorisable tanh below (max error 1.5 ulp, checked over every fp32 input by
+// tests/test_kernels.py::test_cpu_tanh_accuracy). bf16 / fp16 parameters keep the per-coordinate
+// part in an fp32 scratch buffer between the passes so that theta is rounded once, as in the
+// reference; fp32 / fp64 parameters are updated in place twice (at most one extra rounding).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // coordinates per work item (fixed: part of the result's definition)
+constexpr int kLanes = 16;        // lanes of the fixed-order partial sums
+constexpr int kMaxH = 64;         // largest hidden size of the generic (runtime-H) kernel
+
+// ---------------------------------------------------------------------------------------------
+// scalar conversions (written so that the compiler vectorises them)
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// bfloat16 <-> float. Round to nearest even, NaN -> 0x7FC0: the same as c10::BFloat16.
+inline float bf2f(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+inline uint16_t f2bf(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (f != f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+template <typename S, typename C>
+struct Cvt;  // load S as C, store C as S
+
+template <typename C>
+struct Cvt<float, C> {
+  static inline C load(float v) { return static_cast<C>(v); }
+  static inline float store(C v) { return static_cast<float>(v); }
+};
+template <typename C>
+struct Cvt<double, C> {
+  static inline C load(double v) { return static_cast<C>(v); }
+  static inline double store(C v) { return static_cast<double>(v); }
+};
+// bf16 hidden state: computed in fp32 (C = float) or fp64 (C = double); stored rounded to bf16
+template <>
+struct Cvt<uint16_t, float> {
+  static inline float load(uint16_t v) { return bf2f(v); }
+  static inline uint16_t store(float v) { return f2bf(v); }
+};
+template <>
+struct Cvt<uint16_t, double> {
+  static inline double load(uint16_t v) { return static_cast<double>(bf2f(v)); }
+  // double -> float -> bf16, the same two roundings as torch's tensor.to(torch.bfloat16)
+  static inline uint16_t store(double v) { return f2bf(static_cast<float>(v)); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// tanh
+
+// fp32 tanh, vectorisable (no calls, no tables, selects instead of branches):
+//   |x| < 0.55 : x + x^3 P(x^2), P a degree-4 minimax fit of (tanh(x) - x) / x^3
+//   otherwise  : sign(x) (1 - 2 / (1 + exp(2|x|))), exp by Cody-Waite reduction and the Cephes
+//                expf polynomial, 2^n built in the exponent bits; 2|x| is clamped to 20, where
+//                the result is 1.0f.
+// Max error 1.46 ulp (relative 1.7e-7) over all fp32 inputs; tanh(+-inf) = +-1; NaN propagates.
+inline float tanh_f32(float x) {
+  const float a = std::fabs(x);
+  const float t = x * x;
+  float p = -0.0062823668122291565f;
+  p = p * t + 0.021077677607536316f;
+  p = p * t + -0.0538538359105587f;
+  p = p * t + 0.13332600891590118f;
+  p = p * t + -0.33333319425582886f;
+  const float small = x + (x * t) * p;
+
+  float y = 2.0f * a;
+  y = (20.0f < y) ? 20.0f : y;  // min that keeps NaN
+  const float n = std::nearbyint(y * 1.44269504088896341f);
+  float r = y - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float q = 1.9875691500E-4f;
+  q = q * r + 1.3981999507E-3f;
+  q = q * r + 8.3334519073E-3f;
+  q = q * r + 4.1665795894E-2f;
+  q = q * r + 1.6666665459E-1f;
+  q = q * r + 5.0000001201E-1f;
+  const float er = (q * (r * r) + r) + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);  // 0 <= n <= 29 (garbage only for NaN, harmless)
+  const float scale = u2f(static_cast<uint32_t>(ni + 127) << 23);
+  const float e = er * scale;
+  const float big = std::copysign(1.0f - 2.0f / (1.0f + e), x);
+  return (a < 0.55f) ? small : big;
+}
+
+inline double tanh_c(double x) { return std::tanh(x); }
+inline float tanh_c(float x) { return tanh_f32(x); }
+
+// ---------------------------------------------------------------------------------------------
+// weights
+
+template <typename C>
+struct Weights {
+  int H;
+  C ih[kMaxH];
+  C bh[kMaxH];
+  C a[kMaxH];
+  C b[kMaxH];
+  C hh[kMaxH * kMaxH];  // row-major (H, H), row stride H
+  C b_out;
+};
+
+// packed: fp64 [w_ih (H), w_hh (H*H), b_h (H), w_a (H), w_b (H), b_out (1)]. Casting fp64 -> C
+// rounds exactly like tensor.to(C) in the reference.
+template <typename C>
+Weights<C> unpack(const double* w, int H) {
+  Weights<C> out{};
+  out.H = H;
+  for (int j = 0; j < H; ++j) out.ih[j] = static_cast<C>(w[j]);
+  for (int j = 0; j < H * H; ++j) out.hh[j] = static_cast<C>(w[H + j]);
+  for (int j = 0; j < H; ++j) out.bh[j] = static_cast<C>(w[H + H * H + j]);
+  for (int j = 0; j < H; ++j) out.a[j] = static_cast<C>(w[2 * H + H * H + j]);
+  for (int j = 0; j < H; ++j) out.b[j] = static_cast<C>(w[3 * H + H * H + j]);
+  out.b_out = static_cast<C>(w[4 * H + H * H]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 1 on one block
+
+// Partial sum of sbuf[0..len) in a fixed order: kLanes interleaved accumulators (a vector add),
+// then a sequential fold in double.
+template <typename C>
+inline double block_sum(const C* __restrict sbuf, int64_t len) {
+  C acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = C(0);
+  int64_t ii = 0;
+  for (; ii + kLanes <= len; ii += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += sbuf[ii + l];
+  }
+  for (int l = 0; ii < len; ++ii, ++l) acc[l] += sbuf[ii];
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(acc[l]);
+  return total;
+}
+
+// Pass 1 on one block, hidden size H known at compile time (the default 10).
+// theta (type C) is updated in place: out[i] += lr * (w_a . h' + b_out). For bf16 / fp16
+// parameters `out` is a zeroed fp32 scratch buffer and lr = 1, so it receives u exactly.
+// Returns the block's sum of w_b . h'.
+template <int H, typename C, typename S>
+double pass1_fixed(const C* __restrict g,  // block's gradients (already offset)
+                   S* __restrict h,        // hidden state base of the tensor, (H, n)
+                   int64_t n, int64_t i0, int64_t len,
+                   C* __restrict out,  // theta or scratch, offset to the block
+                   C lr, const Weights<C>& w, C* __restrict sbuf) {
+  // local copies of the weights so that the compiler sees loop-invariant broadcast operands
+  C ih[H], bh[H], wa[H], wb[H], hh[H * H];
+  for (int j = 0; j < H; ++j) {
+    ih[j] = w.ih[j];
+    bh[j] = w.bh[j];
+    wa[j] = w.a[j];
+    wb[j] = w.b[j];
+    for (int k = 0; k < H; ++k) hh[j * H + k] = w.hh[j * H + k];
+  }
+  const C b_out = w.b_out;
+  S* __restrict hb = h + i0;
+
+#pragma omp simd
+  for (int64_t ii = 0; ii < len; ++ii) {
+    C hk[H];
+#pragma GCC unroll 16
+    for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hb[k * n + ii]);
+    const C gi = g[ii];
+    C u = b_out;
+    C s = C(0);
+#pragma GCC unroll 16
+    for (int j = 0; j < H; ++j) {
+      C pre = ih[j] * gi + bh[j];
+#pragma GCC unroll 16
+      for (int k = 0; k < H; ++k) pre += hh[j * H + k] * hk[k];
+      const C hn = tanh_c(pre);
+      hb[j * n + ii] = Cvt<S, C>::store(hn);
+      u += wa[j] * hn;
+      s += wb[j] * hn;
+    }
+    out[ii] = out[ii] + lr * u;
+    sbuf[ii] = s;
+  }
+  return block_sum(sbuf, len);
+}
+
+// The same for any hidden size <= kMaxH (runtime loops; slower, used for H != 10).
+template <typename C, typename S>
+double pass1_generic(const C* __restrict g, S* __restrict h, int64_t n, int64_t i0, int64_t len,
+                     C* __restrict out, C lr, const Weights<C>& w, C* __restrict sbuf) {
+  const int H = w.H;
+  S* __restrict hb = h + i0;
+  for (int64_t ii = 0; ii < len; ++ii) {
+    C hk[kMaxH];
+    for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hb[k * n + ii]);
+    const C gi = g[ii];
+    C u = w.b_out;
+    C s = C(0);
+    for (int j = 0; j < H; ++j) {
+      C pre = w.ih[j] * gi + w.bh[j];
+      for (int k = 0; k < H; ++k) pre += w.hh[j * H + k] * hk[k];
+      const C hn = tanh_c(pre);
+      hb[j * n + ii] = Cvt<S, C>::store(hn);
+      u += w.a[j] * hn;
+      s += w.b[j] * hn;
+    }
+    out[ii] = out[ii] + lr * u;
+    sbuf[ii] = s;
+  }
+  return block_sum(sbuf, len);
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-tensor description and dispatch
+
+enum class HKind { F32, F64, BF16 };
+enum class PKind { F32, F64, BF16, F16 };
+
+struct Item {
+  int tensor;
+  int64_t start;
+  int64_t len;
+};
+
+struct TensorJob {
+  at::Tensor param, grad, hidden, scratch;
+  PKind pk;
+  HKind hk;
+  int64_t n;
+  double lr;
+  bool f64;  // compute in fp64
+};
+
+template <typename C>
+inline void load_grad_block(const at::Tensor& grad, int64_t i0, int64_t len, C* buf, const C** gp) {
+  // The gradient in compute precision: a pointer into the tensor when it already is, else a
+  // converted copy of the block (the same values as grad.to(C)).
+  const auto st = grad.scalar_type();
+  if ((std::is_same<C, float>::value && st == at::kFloat) ||
+      (std::is_same<C, double>::value && st == at::kDouble)) {
+    *gp = static_cast<const C*>(grad.data_ptr()) + i0;
+    return;
+  }
+  switch (st) {
+    case at::kFloat: {
+      const float* src = grad.data_ptr<float>() + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(src[i]);
+      break;
+    }
+    case at::kDouble: {
+      const double* src = grad.data_ptr<double>() + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(src[i]);
+      break;
+    }
+    case at::kBFloat16: {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>()) + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(bf2f(src[i]));
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* src = grad.data_ptr<at::Half>() + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(static_cast<float>(src[i]));
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "l2l_optim cpu kernel: unsupported gradient dtype ", st);
+  }
+  *gp = buf;
+}
+
+template <typename C, typename S>
+double run_block_typed(TensorJob& job, const Item& it, const Weights<C>& w) {
+  alignas(64) C gbuf[kBlock];
+  alignas(64) C sbuf[kBlock];
+  const C* g = nullptr;
+  load_grad_block<C>(job.grad, it.start, it.len, gbuf, &g);
+  S* h = static_cast<S*>(job.hidden.data_ptr());
+  C* out;
+  C lr;
+  if (job.scratch.defined()) {  // bf16 / fp16 params (computed in fp32): u into zeroed scratch
+    out = static_cast<C*>(job.scratch.data_ptr()) + it.start;
+    lr = C(1);
+  } else {  // fp32 / fp64 params: theta in place
+    out = static_cast<C*>(job.param.data_ptr()) + it.start;
+    lr = static_cast<C>(job.lr);
+  }
+  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
+  return pass1_generic<C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
+}
+
+template <typename C>
+double run_block(TensorJob& job, const Item& it, const Weights<C>& w) {
+  switch (job.hk) {
+    case HKind::F32:
+      return run_block_typed<C, float>(job, it, w);
+    case HKind::F64:
+      return run_block_typed<C, double>(job, it, w);
+    case HKind::BF16:
+      return run_block_typed<C, uint16_t>(job, it, w);
+  }
+  return 0.0;
+}
+
+// pass 2 on one block
+void pass2_block(TensorJob& job, const Item& it, double shared) {
+  const int64_t i0 = it.start, len = it.len;
+  if (job.pk == PKind::F64) {
+    double* th = job.param.data_ptr<double>() + i0;
+    const double c = job.lr * shared;  // fp64 compute: lr * shared in fp64
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    return;
+  }
+  const float sh = static_cast<float>(shared);
+  const float lr = static_cast<float>(job.lr);
+  if (job.pk == PKind::F32) {
+    float* th = job.param.data_ptr<float>() + i0;
+    const float c = lr * sh;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    return;
+  }
+  const float* u = job.scratch.data_ptr<float>() + i0;
+  if (job.pk == PKind::BF16) {
+    uint16_t* th = reinterpret_cast<uint16_t*>(job.param.data_ptr<at::BFloat16>()) + i0;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = f2bf(bf2f(th[i]) + lr * (u[i] + sh));
+    return;
+  }
+  at::Half* th = job.param.data_ptr<at::Half>() + i0;
+  for (int64_t i = 0; i < len; ++i)
+    th[i] = at::Half(static_cast<float>(th[i]) + lr * (u[i] + sh));
+}
+
+// Run fn(item_index) over all items: dynamically scheduled on torch's intra-op thread pool.
+template <typename F>
+void for_items(int64_t n_items, const F& fn) {
+  if (n_items == 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n_items);
+  if (nt <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int64_t i;
+      while ((i = next.fetch_add(1, std::memory_order_relaxed)) < n_items) fn(i);
+    }
+  });
+}
+
+PKind pkind(const at::Tensor& p) {
+  switch (p.scalar_type()) {
+    case at::kFloat:
+      return PKind::F32;
+    case at::kDouble:
+      return PKind::F64;
+    case at::kBFloat16:
+      return PKind::BF16;
+    case at::kHalf:
+      return PKind::F16;
+    default:
+      TORCH_CHECK(false, "l2l_optim cpu kernel: unsupported parameter dtype ", p.scalar_type());
+  }
+}
+
+HKind hkind(const at::Tensor& h) {
+  switch (h.scalar_type()) {
+    case at::kFloat:
+      return HKind::F32;
+    case at::kDouble:
+      return HKind::F64;
+    case at::kBFloat16:
+      return HKind::BF16;
+    default:
+      TORCH_CHECK(false, "l2l_optim cpu kernel: unsupported hidden-state dtype ", h.scalar_type(),
+                  " (use float32, bfloat16 or float64)");
+  }
+}
+
+}  // namespace
+
+// params / grads: contiguous CPU tensors (grads the same numel as params); hiddens: contiguous
+// (H, numel); lrs: one per tensor; weights: packed fp64 (see unpack); skip: optional bool.
+void simple_update(at::TensorList params, at::TensorList grads, at::TensorList hiddens,
+                   at::ArrayRef<double> lrs, const at::Tensor& weights,
+                   const std::optional<at::Tensor>& skip) {
+  const size_t T = params.size();
+  TORCH_CHECK(grads.size() == T && hiddens.size() == T && lrs.size() == T,
+              "l2l_optim cpu kernel: params, grads, hiddens and lrs differ in length");
+  if (skip.has_value() && skip->defined() && skip->item<bool>()) return;
+  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.is_contiguous() && weights.dim() == 1,
+              "l2l_optim cpu kernel: weights must be a packed contiguous fp64 vector");
+  const int64_t wn = weights.numel();
+  // wn = 4H + H^2 + 1
+  int H = 0;
+  while (4 * H + H * H + 1 < wn) ++H;
+  TORCH_CHECK(4 * H + H * H + 1 == wn, "l2l_optim cpu kernel: bad packed weight length ", wn);
+  TORCH_CHECK(H >= 1 && H <= kMaxH, "l2l_optim cpu kernel: hidden size ", H, " not in [1, ", kMaxH,
+              "]");
+  const double* wp = weights.data_ptr<double>();
+  const Weights<float> w32 = unpack<float>(wp, H);
+  const Weights<double> w64 = unpack<double>(wp, H);
+
+  std::vector<TensorJob> jobs(T);
+  std::vector<Item> items;
+  int64_t N = 0;
+  for (size_t t = 0; t < T; ++t) {
+    const at::Tensor& p = params[t];
+    const at::Tensor& g = grads[t];
+    const at::Tensor& h = hiddens[t];
+    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && h.device().is_cpu(),
+                "l2l_optim cpu kernel: all tensors must be on the CPU");
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && h.is_contiguous(),
+                "l2l_optim cpu kernel: tensors must be contiguous");
+    const int64_t n = p.numel();
+    TORCH_CHECK(g.numel() == n, "l2l_optim cpu kernel: grad ", t, " has ", g.numel(),
+                " elements, param has ", n);
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == H && h.size(1) == n, "l2l_optim cpu kernel: hidden ",
+                t, " must have shape (", H, ", ", n, "), got ", h.sizes());
+    TensorJob& job = jobs[t];
+    job.param = p;
+    job.grad = g;
+    job.hidden = h;
+    job.pk = pkind(p);
+    job.hk = hkind(h);
+    job.n = n;
+    job.lr = lrs[t];
+    job.f64 = job.pk == PKind::F64;
+    if (job.pk == PKind::BF16 || job.pk == PKind::F16)
+      job.scratch = at::zeros({n}, p.options().dtype(at::kFloat));
+    for (int64_t s = 0; s < n; s += kBlock)
+      items.push_back(Item{static_cast<int>(t), s, std::min(kBlock, n - s)});
+    N += n;
+  }
+  if (N == 0) return;
+
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<double> partial(n_items, 0.0);
+  for_items(n_items, [&](int64_t i) {
+    const Item& it = items[i];
+    TensorJob& job = jobs[it.tensor];
+    partial[i] = job.f64 ? run_block<double>(job, it, w64) : run_block<float>(job, it, w32);
+  });
+
+  // deterministic reduction, then the shared scalar
+  double S = 0.0;
+  for (int64_t i = 0; i < n_items; ++i) S += partial[i];
+  const double shared = S / static_cast<double>(N);
+
+  bool all_zero_b = true;
+  for (int j = 0; j < H; ++j) all_zero_b = all_zero_b && (wp[3 * H + H * H + j] == 0.0);
+  bool any_scratch = false;
+  for (auto& job : jobs) any_scratch = any_scratch || job.scratch.defined();
+  if (all_zero_b && !any_scratch) return;  // no aggregate (shared is exactly 0): nothing to add
+  for_items(n_items, [&](int64_t i) {
+    const Item& it = items[i];
+    pass2_block(jobs[it.tensor], it, shared);
+  });
+}
+
+int64_t block_size() { return kBlock; }
+
+// tanh_f32 over a float tensor (for the accuracy test)
+at::Tensor tanh_f32_tensor(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "float32 CPU tensors only");
+  auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = xc.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) dst[i] = tanh_f32(src[i]);
+  });
+  return out;
+}
+
+int64_t num_threads() { return at::get_num_threads(); }
+
+// Registered as torch.ops.l2l_optim_cpu.*; the schema marks params and hiddens as mutated.
+TORCH_LIBRARY(l2l_optim_cpu, m) {
+  m.def(
+      "simple_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] hiddens, float[] lrs, "
+      "Tensor weights, Tensor? skip) -> ()",
+      &simple_update);
+  m.def("block_size() -> int", &block_size);
+  m.def("num_threads() -> int", &num_threads);
+  m.def("tanh_f32(Tensor x) -> Tensor", &tanh_f32_tensor);
+}
