@@ -139,15 +139,20 @@ def subsample_loader(
 def _fresh_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the CPU, re-initialised by every submodule's ``reset_parameters``.
 
-    Call it under a seed. Parameters of modules without ``reset_parameters`` (custom
-    ``nn.Parameter`` attributes) keep the values of the user's model.
+    Call it under a seed. Frozen parameters (``requires_grad=False``) keep the values of
+    ``model`` (a pretrained part stays pretrained), and so do parameters of modules without
+    ``reset_parameters`` (custom ``nn.Parameter`` attributes).
     """
     fresh = copy.deepcopy(model).cpu()
+    frozen = {k: p.detach().clone() for k, p in fresh.named_parameters() if not p.requires_grad}
     with torch.no_grad():
         for module in fresh.modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
+        named = dict(fresh.named_parameters())
+        for k, v in frozen.items():
+            named[k].copy_(v)
     for p in fresh.parameters():
         p.grad = None
     return fresh.train()
@@ -283,7 +288,7 @@ def train_task(
     for step in bar:
         x, y = task.sample_batch(gen)
         loss = task.loss_fn(model(x), y)
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             diverged = True
             break
@@ -522,7 +527,7 @@ def finetune(
     The model runs through ``torch.func.functional_call`` on copies of its parameters and
     buffers (BatchNorm statistics included): ``model`` itself is never modified. Fine-tuning
     runs on the CPU (the copies and the data are moved there). Parameters with
-    ``requires_grad=False`` are held fixed.
+    ``requires_grad=False`` keep your model's values and are held fixed.
 
     Args:
         model: any ``nn.Module``; ``loss_fn(model(x), y)`` must be a scalar.

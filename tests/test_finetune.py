@@ -1,0 +1,218 @@
+"""Tests for l2l_optim.finetune: fine-tuning on an unseen model, the lr search, the training loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from l2l_optim.finetune import (
+    FinetuneResult,
+    finetune,
+    search_lr,
+    subsample_loader,
+    task_from_model,
+    train_task,
+)
+from l2l_optim.meta import init_simple_sgd_like
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.optimizer import SimpleOptimizer
+from l2l_optim.tasks import Task
+from l2l_optim.weights import fingerprint, load_weights
+
+
+class TinyNet(nn.Module):
+    """A model none of our tasks uses: BatchNorm, a custom module, a GELU head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.GELU())
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def make_data(n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, :4] + 0.1 * torch.randn(n, 4, generator=g)).argmax(1)
+    return x, y
+
+
+def start_net() -> SimpleOptimizerNet:
+    torch.manual_seed(0)
+    net = SimpleOptimizerNet()
+    init_simple_sgd_like(net, 0.1)
+    return net
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+QUICK = dict(subsample=0.5, episodes=2, steps_per_unroll=5, max_unrolls_per_episode=4, progress=False)
+
+
+def test_finetune_on_an_unseen_model_leaves_it_untouched_and_returns_loadable_weights(tmp_path):
+    torch.manual_seed(1)
+    model = TinyNet()
+    model.eval()  # the user's mode must survive too
+    before = snapshot(model)
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    net0 = start_net()
+    fp0 = fingerprint(net0)
+
+    result = finetune(model, loader, weights=net0, out=tmp_path / "ft.safetensors", **QUICK)
+
+    assert isinstance(result, FinetuneResult)
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # params and BatchNorm buffers
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert fingerprint(net0) == fp0  # the starting net was copied, not trained in place
+    assert fingerprint(result.net) != fp0  # meta-updates happened
+
+    assert len(result.log) == 2
+    for e in result.log:
+        assert set(e) >= {"episode", "initial_loss", "target", "final_avg_loss", "reached_target", "unrolls", "steps"}
+        assert 1 <= e["unrolls"] <= 4 and e["steps"] == 5 * e["unrolls"]
+        assert e["target"] == pytest.approx(0.5 * e["initial_loss"])
+        assert isinstance(e["reached_target"], bool)
+        if e["reached_target"]:
+            assert e["final_avg_loss"] < e["target"]
+    assert result.subsample[0].shape == (200, 6) and result.batch_size == 32
+
+    # the weights load into SimpleOptimizer, from the net and from the saved file
+    loaded = load_weights(result.weights_path, arch="simple")
+    assert loaded.fingerprint == fingerprint(result.net)
+    assert "finetune" in loaded.metadata
+    for weights in (result.net, result.weights_path):
+        m = TinyNet()
+        opt = SimpleOptimizer(m.parameters(), weights=weights)
+        old = [p.detach().clone() for p in m.parameters()]
+        F.cross_entropy(m(x[:32]), y[:32]).backward()
+        opt.step()
+        assert any(not torch.equal(a, b) for a, b in zip(old, m.parameters()))
+
+
+def test_finetune_is_deterministic():
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    r1 = finetune(TinyNet(), loader, weights=start_net(), seed=3, **QUICK)
+    r2 = finetune(TinyNet(), loader, weights=start_net(), seed=3, **QUICK)
+    assert fingerprint(r1.net) == fingerprint(r2.net)
+    assert [e["final_avg_loss"] for e in r1.log] == [e["final_avg_loss"] for e in r2.log]
+
+
+def test_episode_stops_at_the_target_or_the_cap():
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    # an unreachable target: every episode runs to the cap and says so
+    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, episodes=1, steps_per_unroll=3,
+                 max_unrolls_per_episode=2, target=1e-6, progress=False)
+    assert r.log[0]["unrolls"] == 2 and r.log[0]["steps"] == 6 and not r.log[0]["reached_target"]
+    # an easy target (99% of the initial loss): reached after the first unroll that gets there
+    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, episodes=1, steps_per_unroll=5,
+                 max_unrolls_per_episode=50, target=0.99, progress=False)
+    assert r.log[0]["reached_target"] and r.log[0]["unrolls"] < 50
+
+
+def test_frozen_parameters_keep_their_values_and_the_rest_is_reinitialised():
+    torch.manual_seed(123)
+    model = TinyNet()
+    model.body[0].weight.requires_grad_(False)
+    x, y = make_data()
+    task = task_from_model(model, (x, y), batch_size=16)
+    params, buffers = task.init_params(0)
+    assert "body.0.weight" in buffers and "body.0.weight" not in params
+    assert torch.equal(buffers["body.0.weight"], model.body[0].weight)  # frozen: the user's values
+    assert not torch.equal(params["head.weight"], model.head.weight)  # fresh init, not the user's values
+    p2, _ = task.init_params(0)
+    assert torch.equal(params["head.weight"], p2["head.weight"])
+    r = finetune(model, DataLoader(TensorDataset(x, y), batch_size=16), weights=start_net(), subsample=0.5,
+                 episodes=1, steps_per_unroll=3, max_unrolls_per_episode=1, progress=False)
+    assert r.log[0]["steps"] == 3
+
+
+def test_finetune_errors():
+    x, y = make_data(100)
+    net = start_net()
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=8)
+    with pytest.raises(ValueError, match="empty"):
+        finetune(TinyNet(), empty, weights=net, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        finetune(TinyNet(), [], weights=net, progress=False)
+    # 5% of 100 examples is 5, fewer than one batch of 32
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        finetune(TinyNet(), DataLoader(TensorDataset(x, y), batch_size=32), weights=net, progress=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="subsample"):
+            finetune(TinyNet(), loader, weights=net, subsample=bad, progress=False)
+    with pytest.raises(ValueError, match="episodes"):
+        finetune(TinyNet(), loader, weights=net, subsample=0.5, episodes=0, progress=False)
+    with pytest.raises(ValueError, match="target"):
+        finetune(TinyNet(), loader, weights=net, subsample=0.5, target=1.5, progress=False)
+    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+        finetune(TinyNet(), [x[:8]], weights=net, subsample=1.0, progress=False)
+    with pytest.raises(TypeError, match="weights"):
+        finetune(TinyNet(), loader, weights=3, subsample=0.5, progress=False)
+    with pytest.raises(TypeError, match="nn.Module"):
+        finetune(lambda t: t, loader, weights=net, subsample=0.5, progress=False)
+
+
+def test_subsample_loader_is_exact_seeded_and_without_replacement():
+    x = torch.arange(1000).float().unsqueeze(1)
+    y = torch.arange(1000)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    xs, ys, bs = subsample_loader(loader, 0.05, seed=0)
+    assert xs.shape == (50, 1) and bs == 50
+    assert ys.unique().numel() == 50
+    assert torch.equal(xs[:, 0].long(), ys)  # pairs stay together
+    assert torch.equal(subsample_loader(loader, 0.05, seed=0)[1], ys)
+    assert not torch.equal(subsample_loader(loader, 0.05, seed=1)[1], ys)
+
+
+def test_search_lr_finds_the_known_best_learning_rate():
+    # least squares with E[x x^T] = 3 I: the loss Hessian is 6 I, so plain SGD contracts by
+    # |1 - 6 lr| per step: lr=1 diverges, 0.1 converges fast, 0.01 and 0.001 are slow.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 10, generator=g) * math.sqrt(3)
+    y = x @ torch.randn(10, 1, generator=g)
+    model = nn.Linear(10, 1, bias=False)
+    best, scores = search_lr((model, (x, y)), "sgd", steps=150, batch_size=64, loss_fn=F.mse_loss)
+    assert best == 0.1
+    assert set(scores) == {1.0, 0.1, 0.01, 0.001}
+    assert scores[1.0] == float("inf")  # diverged: ranks last
+    assert scores[0.1] < scores[0.01] < scores[0.001]
+    # Adam, through a loader and a custom grid
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    best, scores = search_lr((model, loader), "adam", lrs=(0.3, 1e-4), steps=150, loss_fn=F.mse_loss)
+    assert best == 0.3 and scores[0.3] < scores[1e-4]
+
+
+def test_search_lr_errors():
+    task = Task("t", lambda: nn.Linear(2, 2), train=(torch.randn(8, 2), torch.randint(0, 2, (8,))), batch_size=4)
+    with pytest.raises(ValueError, match="optimizer"):
+        search_lr(task, "rmsprop")
+    with pytest.raises(ValueError, match="steps"):
+        search_lr(task, "sgd", steps=0)
+    with pytest.raises(TypeError):
+        search_lr("mnist", "sgd")
+
+
+def test_train_task_is_seeded_and_stops_on_divergence():
+    x, y = make_data()
+    task = task_from_model(TinyNet(), (x, y), batch_size=16)
+    r1 = train_task(task, lambda p: torch.optim.SGD(p, lr=0.1), steps=20, seed=0)
+    r2 = train_task(task, lambda p: torch.optim.SGD(p, lr=0.1), steps=20, seed=0)
+    assert r1.losses == r2.losses and len(r1.losses) == 20 and not r1.diverged
+    r3 = train_task(task, lambda p: torch.optim.SGD(p, lr=1e30), steps=20, seed=0)
+    assert r3.diverged and len(r3.losses) < 20

@@ -1,0 +1,107 @@
+"""Tests for the optimizee models and tasks of l2l_optim.tasks (the reproduction's additions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fake_idx import make_fake_datasets
+from l2l_optim.tasks import MLP5_WIDTH, TASKS, Task, base_mlp, lenet, make_task, mlp5, resnet_small
+
+BASE = 397_510
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_and_ratios():
+    assert n_params(base_mlp()) == BASE
+    assert n_params(lenet()) == 61_706
+    assert n_params(mlp5()) == 6_368_050
+    assert 15.9 < n_params(mlp5()) / BASE < 16.1  # the paper's 16x 5-layer MLP
+    assert MLP5_WIDTH == 1330
+    assert n_params(resnet_small()) == 11_172_810
+    assert 27.5 < n_params(resnet_small()) / BASE < 28.5  # ResNet-18 size, ~28x
+
+
+def test_mlp5_has_five_linear_layers():
+    layers = [m for m in mlp5(32).modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in layers] == [(784, 32), (32, 32), (32, 32), (32, 32), (32, 10)]
+
+
+@pytest.mark.parametrize("factory", [lenet, lambda: mlp5(64), lambda: resnet_small(8), resnet_small])
+def test_models_map_mnist_images_to_ten_logits(factory):
+    torch.manual_seed(0)
+    out = factory()(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet_has_batchnorm_buffers():
+    m = resnet_small(8)
+    assert any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    names = dict(m.named_buffers())
+    assert any(k.endswith("running_mean") for k in names)
+
+
+def test_registry_entries():
+    assert TASKS["mnist-lenet"] == ("mnist", lenet)
+    assert TASKS["fmnist-lenet"] == ("fashion-mnist", lenet)
+    assert TASKS["mnist-mlp5"] == ("mnist", mlp5)
+    assert TASKS["fmnist-resnet"] == ("fashion-mnist", resnet_small)
+    assert TASKS["mnist-mlp"][0] == "mnist"  # the base task is untouched
+
+
+def test_functional_loss_with_batchnorm_matches_the_module_and_updates_only_the_given_buffers():
+    task = Task("t", lambda: resnet_small(8), train=(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))),
+                batch_size=16)
+    params, buffers = task.init_params(3)
+    params2, _ = task.init_params(3)
+    assert all(torch.equal(params[k], params2[k]) for k in params)  # seeded init
+    template_buffers = {k: v.clone() for k, v in task.module.named_buffers()}
+    batch = task.sample_batch(torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in buffers.items()}
+    f = task.loss(params, buffers, batch)
+
+    torch.manual_seed(3)
+    model = resnet_small(8).train()
+    expected = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    torch.testing.assert_close(f, expected)
+    # train-mode BatchNorm updated the running statistics of the buffers passed in ...
+    assert not torch.equal(before["stem.1.running_mean"], buffers["stem.1.running_mean"])
+    torch.testing.assert_close(buffers["stem.1.running_mean"], dict(model.named_buffers())["stem.1.running_mean"])
+    # ... and not the template module's
+    assert all(torch.equal(template_buffers[k], v) for k, v in task.module.named_buffers())
+    # gradients flow to every parameter
+    ps = {k: v.requires_grad_() for k, v in params.items()}
+    grads = torch.autograd.grad(task.loss(ps, buffers, batch), list(ps.values()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    out = functional_call(task.module, {**params, **buffers}, (batch[0],))
+    assert out.shape == (16, 10)
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    return make_fake_datasets(tmp_path_factory.mktemp("data"), n_train=300, n_test=100)
+
+
+@pytest.mark.parametrize("name", ["mnist-lenet", "fmnist-lenet", "mnist-mlp5", "fmnist-resnet"])
+def test_make_task_reads_local_idx_files(fake_root, name):
+    task = make_task(name, root=fake_root, batch_size=8, with_test=True)
+    x, y = task.train
+    assert x.shape == (300, 1, 28, 28) and y.shape == (300,)
+    assert task.test[0].shape == (100, 1, 28, 28)
+    assert task.batch_size == 8
+
+
+def test_evaluate_on_a_small_resnet(fake_root):
+    task = make_task("fmnist-lenet", root=fake_root, with_test=True)
+    task = Task("r", lambda: resnet_small(4), train=task.train, test=task.test)
+    params, buffers = task.init_params(0)
+    ev = task.evaluate(params, buffers)
+    assert set(ev) == {"test_loss", "test_acc"}
+    assert 0.0 <= ev["test_acc"] <= 1.0
+    assert task.module.training  # evaluate restores train mode
