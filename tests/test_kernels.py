@@ -1,0 +1,666 @@
+"""Parity of the fused SimpleOptimizer kernels with the reference update (kernels/).
+
+Paths under test, where they can run:
+
+* ``cpu``: the C++/OpenMP extension (compiled on first use, ~15-60 s, then cached). Skipped,
+  with the build error as the reason, where no compiler is available.
+* ``triton`` on CUDA tensors, when a GPU is present (``examples/gpu_check.sh``).
+* ``triton`` on CPU tensors in Triton's interpreter. The interpreter is chosen when Triton
+  decorates the kernels, i.e. by ``TRITON_INTERPRET=1`` before ``l2l_optim.kernels.triton`` is
+  imported, so :func:`test_triton_interpreter_suite` re-runs this file's ``triton`` tests in a
+  subprocess with that variable set; the variable never touches this process.
+
+Tolerances (the issue's): max abs error on theta <= 1e-6 * scale, with scale the parameter
+scale max(1, max |theta|), and on h <= 1e-6, after 20 steps; fp64 must agree to 1e-12.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from l2l_optim import kernels
+from l2l_optim.kernels import get_kernel, resolve_impl, simple_update_reference
+from l2l_optim.nets import SimpleOptimizerNet, SimpleWeights
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+IN_SUBPROCESS = os.environ.get("L2L_TRITON_SUBPROCESS") == "1"
+H = 10
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def random_net(seed: int = 0, **config) -> SimpleOptimizerNet:
+    """Every weight random (alpha, beta and the biases too), of a realistic size."""
+    g = torch.Generator().manual_seed(seed)
+    net = SimpleOptimizerNet(**config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / 10**0.5)
+        net.alpha.fill_(0.8)
+        if net.aggregate:
+            net.beta.fill_(1.3)
+    return net
+
+
+def weights_for(variant: str = "plain", dtype=torch.float32, seed: int = 0) -> SimpleWeights:
+    cfg = {"plain": {}, "bias": {"bias": True}, "noagg": {"aggregate": False}}[variant]
+    return random_net(seed, **cfg).fused_weights(dtype=dtype)
+
+
+def make_state(specs, device="cpu", seed=0):
+    """specs: list of (shape, param dtype, hidden dtype). Random params, random hidden in (-1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    params, hiddens = [], []
+    for shape, pdt, hdt in specs:
+        params.append(torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=pdt))
+        n = params[-1].numel()
+        h = torch.tanh(torch.randn(H, n, generator=g, dtype=torch.float64))
+        hiddens.append(h.to(device=device, dtype=hdt))
+    return params, hiddens
+
+
+def make_grads(params, step, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + step + 1)
+    return [
+        (scale * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(device=p.device, dtype=p.dtype)
+        for p in params
+    ]
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def run_both(kernel, specs, *, steps=20, lrs=None, weights=None, device="cpu", seed=0,
+             grad_scale=1.0):
+    """Run the reference and `kernel` side by side; return (ref params, ref h, params, h)."""
+    weights = weights if weights is not None else weights_for()
+    p_ref, h_ref = make_state(specs, "cpu", seed)
+    p_k, h_k = clone(p_ref), clone(h_ref)
+    p_k = [p.to(device) for p in p_k]
+    h_k = [h.to(device) for h in h_k]
+    lrs = lrs if lrs is not None else [0.01 * (1 + i % 5) for i in range(len(specs))]
+    for step in range(steps):
+        grads = make_grads(p_ref, step, grad_scale, seed)
+        simple_update_reference(p_ref, grads, h_ref, lrs, weights)
+        kernel(p_k, [g.to(device) for g in grads], h_k, lrs, weights)
+    return p_ref, h_ref, [p.cpu() for p in p_k], [h.cpu() for h in h_k]
+
+
+def max_err(a, b):
+    return max(((x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()),
+               default=0.0)
+
+
+def scale_of(params):
+    return max([1.0] + [p.double().abs().max().item() for p in params if p.numel()])
+
+
+def assert_parity(p_ref, h_ref, p_k, h_k, tol_theta, tol_h):
+    for a, b in zip(p_ref, p_k):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    for a, b in zip(h_ref, h_k):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    scale = scale_of(p_ref)
+    et, eh = max_err(p_ref, p_k), max_err(h_ref, h_k)
+    assert et <= tol_theta * scale, f"theta: max abs err {et:.3g} > {tol_theta:.1g} * {scale:.3g}"
+    assert eh <= tol_h, f"h: max abs err {eh:.3g} > {tol_h:.1g}"
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+# ---------------------------------------------------------------------------- the paths
+
+
+def _cpu_kernel():
+    from l2l_optim.kernels import cpu
+
+    if not cpu.is_available():
+        pytest.skip(f"fused CPU kernel unavailable: {cpu.build_error()}")
+    return cpu.simple_update_cpu
+
+
+def _triton_device() -> str:
+    from l2l_optim.kernels import triton as tk
+
+    if not tk.is_available():
+        pytest.skip(f"Triton not importable: {tk.import_error()}")
+    if INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("no GPU: the triton tests run in Triton's interpreter in a subprocess "
+                "(test_triton_interpreter_suite)")
+
+
+def _triton_runs_here() -> bool:
+    try:
+        from l2l_optim.kernels import triton as tk
+    except Exception:  # noqa: BLE001
+        return False
+    return tk.is_available() and (INTERPRET or torch.cuda.is_available())
+
+
+# The parent process tests "cpu" (and "triton" where a GPU is); the interpreter subprocess
+# tests "triton" only. Paths that cannot run here are not generated rather than skipped.
+PATHS = ([] if INTERPRET else ["cpu"]) + (["triton"] if _triton_runs_here() else [])
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """(kernel, device) of the fused path under test."""
+    if request.param == "cpu":
+        return _cpu_kernel(), "cpu"
+    device = _triton_device()
+    from l2l_optim.kernels.triton import simple_update_triton
+
+    return simple_update_triton, device
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machines these tests run on are shared: with 2 intra-op threads on a loaded 2-core
+    # box every torch op pays for OpenMP barriers (20x slower here). One thread keeps the file
+    # fast; test_cpu_thread_count_independence sets its own counts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fast(device):
+    """The interpreter pays ~0.1 s of Python per program: keep its secondary cases short."""
+    return INTERPRET and device == "cpu"
+
+
+def _steps(device, steps=20):
+    return min(steps, 6) if _fast(device) else steps
+
+
+ODD = [(), (1,), (7,), (1023,), (65537,), (3, 5, 7)]
+
+
+# --------------------------------------------------------------------------- parity tests
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parity_odd_sizes(path, dtype):
+    kernel, device = path
+    shapes = ODD if not _fast(device) else [(), (1,), (7,), (1023,), (3, 5, 7)]
+    specs = [(s, dtype, dtype) for s in shapes]
+    assert_parity(*run_both(kernel, specs, device=device), TOL[dtype], TOL[dtype])
+
+
+def test_parity_large_tensor_few_steps(path):
+    # a 65537-element tensor (crosses block boundaries with a ragged tail) next to tiny ones
+    kernel, device = path
+    specs = [((65537,), torch.float32, torch.float32), ((1,), torch.float32, torch.float32)]
+    assert_parity(*run_both(kernel, specs, device=device, steps=3), 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["bias", "noagg"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parity_ablation_weights(path, variant, dtype):
+    # b_h / b_out (bias ablation) and w_b = 0 (no aggregation) go through the same kernels
+    kernel, device = path
+    specs = [(s, dtype, dtype) for s in [(), (7,), (1023,), (40, 3)]]
+    w = weights_for(variant, dtype)
+    assert_parity(*run_both(kernel, specs, device=device, weights=w, steps=_steps(device)),
+                  TOL[dtype], TOL[dtype])
+
+
+def test_parity_lrs(path):
+    kernel, device = path
+    specs = [(s, torch.float32, torch.float32) for s in [(5,), (), (300,), (2, 9)]]
+    lrs = [0.0, 1.0, -0.5, 1e-3]
+    res = run_both(kernel, specs, device=device, lrs=lrs, steps=_steps(device, 10))
+    assert_parity(*res, 1e-6, 1e-6)
+    p_ref, _, p_k, _ = res
+    p0, _ = make_state(specs)
+    assert torch.equal(p_k[0], p0[0])  # lr = 0: theta untouched (h still moves)
+
+
+def test_parity_non_contiguous(path):
+    # a transpose and a strided slice (the coordinate order is the logical, row-major one),
+    # updated in place with their strides kept; one gradient is non-contiguous too
+    kernel, device = path
+    g = torch.Generator().manual_seed(3)
+    bases = [torch.randn(6, 8, generator=g), torch.randn(5, 10, generator=g), torch.randn(7, generator=g)]
+
+    def views(bs):
+        return [bs[0].t(), bs[1][:, ::2], bs[2]]
+
+    p_ref = views(clone(bases))
+    p_k = views([b.to(device) for b in bases])
+    assert not p_k[0].is_contiguous() and not p_k[1].is_contiguous()
+    strides = [p.stride() for p in p_k]
+    h_ref = [torch.tanh(torch.randn(H, p.numel(), generator=g)) for p in p_ref]
+    h_k = [h.to(device) for h in h_ref]
+    h_ref = clone(h_ref)
+    w = weights_for()
+    for step in range(_steps(device)):
+        grads = make_grads(p_ref, step)
+        grads[0] = grads[0].t().contiguous().t()
+        assert not grads[0].is_contiguous()
+        simple_update_reference(p_ref, grads, h_ref, [0.01] * 3, w)
+        kernel(p_k, [x.to(device) for x in grads], h_k, [0.01] * 3, w)
+    assert [p.stride() for p in p_k] == strides
+    assert_parity(p_ref, h_ref, [p.cpu() for p in p_k], [h.cpu() for h in h_k], 1e-6, 1e-6)
+
+
+def test_parity_mixed_dtypes(path):
+    # one call, one mean over all coordinates, four parameter dtypes and three hidden dtypes
+    kernel, device = path
+    specs = [
+        ((33,), torch.float32, torch.float32),
+        ((17,), torch.float64, torch.float64),
+        ((1029,), torch.float32, torch.bfloat16),
+        ((), torch.float64, torch.float32),
+        ((50,), torch.bfloat16, torch.float32),
+        ((9, 3), torch.float16, torch.float32),
+        ((12,), torch.float32, torch.float64),
+        ((5,), torch.bfloat16, torch.bfloat16),
+    ]
+    p_ref, h_ref, p_k, h_k = run_both(kernel, specs, device=device, steps=_steps(device, 10))
+    scale = scale_of(p_ref)
+    for (shape, pdt, hdt), a, b, ha, hb in zip(specs, p_ref, p_k, h_ref, h_k):
+        assert b.dtype == pdt and hb.dtype == hdt
+        if pdt in (torch.float32, torch.float64) and hdt != torch.bfloat16:
+            # (fp64 tensors see the mean of the fp32 ones' h' too: fp32-level agreement)
+            tol_t, tol_h = 1e-6, 1e-6
+        else:
+            # bf16/fp16 storage: a 1-ulp rounding flip of the fp32 result is allowed (and
+            # propagates a little through later steps)
+            tol_t = 3 * 2.0**-8 if torch.bfloat16 in (pdt, hdt) else 3 * 2.0**-11
+            tol_h = 3 * 2.0**-8 if hdt == torch.bfloat16 else 1e-5
+        et = (a.double() - b.double()).abs().max().item()
+        eh = (ha.double() - hb.double()).abs().max().item()
+        assert et <= tol_t * scale, (shape, pdt, hdt, et)
+        assert eh <= tol_h, (shape, pdt, hdt, eh)
+
+
+def test_parity_bf16_hidden(path):
+    kernel, device = path
+    specs = [(s, torch.float32, torch.bfloat16) for s in [(), (7,), (1023,), (2, 300)]]
+    p_ref, h_ref, p_k, h_k = run_both(kernel, specs, device=device, steps=_steps(device))
+    # h is rounded to bf16 (8 bits) every step; the fp32 tanh of the kernels may differ from
+    # torch's by an ulp, which flips a bf16 rounding now and then: allow a few bf16 ulps on h
+    # and the resulting drift on theta, and require almost all of h to agree exactly.
+    eh = max_err(h_ref, h_k)
+    assert eh <= 4 * 2.0**-8, eh
+    same = sum((a == b).sum().item() for a, b in zip(h_ref, h_k))
+    total = sum(a.numel() for a in h_ref)
+    assert same / total > 0.98, same / total
+    assert max_err(p_ref, p_k) <= 1e-3 * scale_of(p_ref)
+
+
+def test_skip_flag(path):
+    kernel, device = path
+    specs = [(s, torch.float32, torch.float32) for s in [(7,), (), (100,)]]
+    w = weights_for()
+    p, h = make_state(specs, device)
+    p0, h0 = clone(p), clone(h)
+    grads = [g.to(device) for g in make_grads(p, 0)]
+    kernel(p, grads, h, [0.1] * 3, w, torch.tensor(True, device=device))
+    assert all(torch.equal(a, b) for a, b in zip(p, p0))
+    assert all(torch.equal(a, b) for a, b in zip(h, h0))
+    # skip = False is a normal step, bitwise
+    p2, h2 = clone(p0), clone(h0)
+    kernel(p, grads, h, [0.1] * 3, w, torch.tensor(False, device=device))
+    kernel(p2, grads, h2, [0.1] * 3, w)
+    assert all(torch.equal(a, b) for a, b in zip(p, p2))
+    assert all(torch.equal(a, b) for a, b in zip(h, h2))
+    assert not torch.equal(p[0], p0[0])
+
+
+def test_zero_in_zero_out(path):
+    # no bias anywhere: g = 0 and h = 0 give exactly no update, whatever the weights
+    kernel, device = path
+    p = [torch.randn(s, device=device) for s in [(7,), (), (300,)]]
+    p0 = clone(p)
+    h = [torch.zeros(H, x.numel(), device=device) for x in p]
+    kernel(p, [torch.zeros_like(x) for x in p], h, [1.0] * 3, weights_for(), None)
+    assert all(torch.equal(a, b) for a, b in zip(p, p0))
+    assert all(not x.any() for x in h)
+
+
+def test_nan_gradient_propagates_like_reference(path):
+    # without the skip flag a NaN gradient poisons h' at its coordinate and, through the mean,
+    # every theta: the kernels must not silently clamp it away (the optimizer skips instead)
+    kernel, device = path
+    specs = [(s, torch.float32, torch.float32) for s in [(7,), (20,)]]
+    w = weights_for()
+    p_ref, h_ref = make_state(specs)
+    p_k, h_k = [x.to(device) for x in clone(p_ref)], [x.to(device) for x in clone(h_ref)]
+    grads = make_grads(p_ref, 0)
+    grads[1][3] = float("nan")
+    grads[0][2] = float("inf")
+    simple_update_reference(p_ref, grads, h_ref, [0.1, 0.1], w)
+    kernel(p_k, [g.to(device) for g in grads], h_k, [0.1, 0.1], w)
+    for a, b in zip(p_ref + h_ref, p_k + h_k):
+        b = b.cpu()
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        fin = torch.isfinite(a)
+        assert torch.allclose(a[fin], b[fin], atol=1e-6, rtol=0)
+
+
+def test_empty_and_zero_numel(path):
+    kernel, device = path
+    kernel([], [], [], [], weights_for(), None)
+    specs = [((0,), torch.float32, torch.float32), ((5,), torch.float32, torch.float32),
+             ((3, 0), torch.float32, torch.float32)]
+    assert_parity(*run_both(kernel, specs, device=device, steps=3), 1e-6, 1e-6)
+
+
+def test_bad_arguments(path):
+    kernel, device = path
+    p = [torch.zeros(3, device=device)]
+    with pytest.raises(ValueError, match="same length"):
+        kernel(p, [torch.zeros(3, device=device)], [], [0.1], weights_for())
+
+
+def test_deterministic_run_to_run(path):
+    kernel, device = path
+    specs = [(s, torch.float32, torch.float32) for s in [(5000,), (7,), ()]]
+    outs = []
+    for _ in range(2):
+        p, h = make_state(specs, device)
+        for step in range(3):
+            kernel(p, [g.to(device) for g in make_grads(p, step)], h, [0.02] * 3, weights_for())
+        outs.append((p, h))
+    for a, b in zip(outs[0][0] + outs[0][1], outs[1][0] + outs[1][1]):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ CPU kernel only
+
+
+def test_cpu_thread_count_independence():
+    kernel = _cpu_kernel()
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    specs = [(s, torch.float32, torch.float32) for s in [(65537,), (7,), (), (4099,)]]
+    specs += [((3000,), torch.float64, torch.float64), ((2500,), torch.bfloat16, torch.bfloat16)]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            p, h = make_state(specs)
+            for step in range(3):
+                kernel(p, make_grads(p, step), h, [0.05] * len(specs), weights_for())
+            outs.append(p + h)
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cpu_tanh_accuracy():
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    _cpu_kernel()
+    from l2l_optim.kernels.cpu import tanh_f32
+
+    # every 97th positive fp32 up to 20 (~11M values; tanh is odd and checked for symmetry),
+    # plus the special values
+    bits = torch.arange(0, 0x41A00000, 97, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    y = tanh_f32(x).double()
+    ref = torch.tanh(x.double())
+    ulp = (torch.nextafter(ref.float(), torch.tensor(2.0)).double() - ref.float().double())
+    err_ulp = ((y - ref).abs() / ulp).max().item()
+    rel = ((y - ref).abs() / ref.abs().clamp_min(1e-38))[ref != 0].max().item()
+    assert err_ulp <= 1.5, err_ulp
+    assert rel <= 2e-7, rel
+    assert torch.equal(tanh_f32(-x), -tanh_f32(x))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 30.0, -30.0, 1e-30])
+    out = tanh_f32(special)
+    assert out.tolist() == special.tolist()[:2] + [1.0, -1.0, 1.0, -1.0] + [special[6].item()]
+    assert torch.isnan(tanh_f32(torch.tensor([float("nan")]))).all()
+
+
+def test_cpu_rejects_cuda_or_meta_tensors():
+    kernel = _cpu_kernel()
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    p = [torch.zeros(3, device="meta")]
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        kernel(p, [torch.zeros(3, device="meta")], [torch.zeros(H, 3, device="meta")], [0.1],
+               weights_for())
+
+
+def test_cpu_hidden_size_other_than_10():
+    # the generic (runtime-H) kernel
+    kernel = _cpu_kernel()
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    net = SimpleOptimizerNet(hidden_size=6)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.uniform_(-0.4, 0.4)
+    w = net.fused_weights()
+    g = torch.Generator().manual_seed(1)
+    p_ref = [torch.randn(s, generator=g) for s in [(7,), (3000,), ()]]
+    h_ref = [torch.tanh(torch.randn(6, x.numel(), generator=g)) for x in p_ref]
+    p_k, h_k = clone(p_ref), clone(h_ref)
+    for step in range(20):
+        grads = make_grads(p_ref, step)
+        simple_update_reference(p_ref, grads, h_ref, [0.02] * 3, w)
+        kernel(p_k, grads, h_k, [0.02] * 3, w)
+    assert_parity(p_ref, h_ref, p_k, h_k, 1e-6, 1e-6)
+
+
+_shape = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(_shape, min_size=1, max_size=5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    hdtype=st.sampled_from(["same", torch.float32]),
+    grad_scale=st.sampled_from([1e-4, 1e-2, 1.0, 1e2, 1e4]),
+    lr=st.floats(-2.0, 2.0, allow_nan=False),
+    variant=st.sampled_from(["plain", "bias", "noagg"]),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_property_parity(shapes, dtype, hdtype, grad_scale, lr, variant, seed):
+    # any shapes (0-dim and empty included), dtypes, gradient scales (tanh saturates at the
+    # large ones), learning rates and weight variants: the CPU kernel tracks the reference
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    kernel = _cpu_kernel()
+    hdt = dtype if hdtype == "same" else hdtype
+    specs = [(s, dtype, hdt) for s in shapes]
+    w = weights_for(variant, dtype, seed)
+    res = run_both(kernel, specs, steps=3, lrs=[lr] * len(specs), weights=w, seed=seed,
+                   grad_scale=grad_scale)
+    tol = TOL[dtype] if hdt == dtype else 1e-6
+    assert_parity(*res, 4 * tol, 4 * tol)
+
+
+# ------------------------------------------------------------------------- triton on CUDA
+
+
+def _cuda_triton():
+    if INTERPRET or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _triton_device()
+    from l2l_optim.kernels.triton import simple_update_triton
+
+    return simple_update_triton
+
+
+def test_triton_no_host_sync_and_cuda_graph_capture():
+    kernel = _cuda_triton()
+    specs = [(s, torch.float32, torch.float32) for s in [(1000, 7), (7,), (), (65537,)]]
+    w = weights_for()
+    p, h = make_state(specs, "cuda")
+    grads = [g.cuda() for g in make_grads(p, 0)]
+    skip = torch.zeros((), dtype=torch.bool, device="cuda")
+    lrs = [0.01] * 4
+    kernel(p, grads, h, lrs, w, skip)  # warm-up: compiles, uploads the tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernel(p, grads, h, lrs, w, skip)  # any device->host sync raises here
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # capture one step, replay it, compare with eager steps from the same start
+    p_e, h_e = clone(p), clone(h)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kernel(p, grads, h, lrs, w, skip)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            kernel(p, grads, h, lrs, w, skip)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    for _ in range(3):
+        kernel(p_e, grads, h_e, lrs, w, skip)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(p, p_e))
+    assert all(torch.equal(a, b) for a, b in zip(h, h_e))
+
+
+# -------------------------------------------------------------------- the triton subprocess
+
+
+SUITE = "test_triton_interpreter_suite"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_subprocess(request, tmp_path_factory):
+    """Start the interpreter subprocess with the first test of this file, so that it runs on
+    the second core while the CPU tests run here (only if the suite test was selected)."""
+    selected = any(item.name == SUITE for item in request.session.items)
+    if INTERPRET or IN_SUBPROCESS or not selected or not _triton_importable():
+        yield None
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1", L2L_TRITON_SUBPROCESS="1")
+    log = tmp_path_factory.mktemp("triton_interp") / "out.txt"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "triton", "-m", "not slow"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _triton_importable() -> bool:
+    try:
+        from l2l_optim.kernels import triton as tk
+    except Exception:  # noqa: BLE001
+        return False
+    return tk.is_available()
+
+
+def test_triton_interpreter_suite(_interpreter_subprocess):
+    """This file's triton tests on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1),
+    run in a subprocess so that the variable never reaches this process."""
+    if INTERPRET or IN_SUBPROCESS:
+        pytest.skip("already in the interpreter")
+    if _interpreter_subprocess is None:
+        from l2l_optim.kernels import triton as tk
+
+        pytest.skip(f"Triton not importable: {tk.import_error()}")
+    proc, log = _interpreter_subprocess
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out = log.read_text()
+    assert proc.returncode == 0, out[-6000:]
+    assert " passed" in out and "failed" not in out, out[-3000:]
+
+
+# ------------------------------------------------------------------------ choosing the path
+
+
+def test_resolve_impl_choices():
+    assert resolve_impl("reference", "cpu") == "reference"
+    assert resolve_impl("auto", "mps") == "reference"
+    with pytest.raises(ValueError, match="Invalid impl"):
+        resolve_impl("cuda", "cpu")
+    with pytest.raises(RuntimeError, match="impl='cpu' runs on CPU tensors"):
+        resolve_impl("cpu", "cuda")
+    if not INTERPRET:
+        with pytest.raises(RuntimeError, match="impl='triton'"):
+            resolve_impl("triton", "cpu")
+    from l2l_optim.kernels import cpu
+    from l2l_optim.kernels import triton as tk
+
+    if cpu.is_available():
+        assert resolve_impl("auto", "cpu") == "cpu"
+        assert get_kernel("cpu") is cpu.simple_update_cpu
+    assert resolve_impl("auto", "cuda") == ("triton" if tk.is_available() else "reference")
+    assert get_kernel("reference") is simple_update_reference
+    with pytest.raises(ValueError):
+        get_kernel("auto")
+    assert "reference" in kernels.available_impls("cpu")
+
+
+def test_unavailable_cpu_kernel_falls_back_with_one_warning():
+    # a fresh process in which the extension "fails to build"
+    code = (
+        "import warnings, torch\n"
+        "from l2l_optim.kernels import resolve_impl\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert resolve_impl('auto', 'cpu') == 'reference'\n"
+        "    assert resolve_impl('auto', 'cpu') == 'reference'\n"
+        "msgs = [str(x.message) for x in w]\n"
+        "assert len(msgs) == 1 and 'fused CPU kernel unavailable' in msgs[0], msgs\n"
+        "assert '\\n' not in msgs[0]\n"
+        "try:\n"
+        "    resolve_impl('cpu', 'cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'L2L_OPTIM_NO_CPU_KERNEL' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('forced impl=cpu did not raise')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, L2L_OPTIM_NO_CPU_KERNEL="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_build_failure_is_reported_not_raised(monkeypatch):
+    # a broken compiler: is_available() is False, build_error() says why, the forced path raises
+    from l2l_optim.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.delenv(cpu.DISABLE_ENV, raising=False)
+
+    def broken():
+        raise RuntimeError("Error building extension 'x': c++: command not found")
+
+    monkeypatch.setattr(cpu, "_build", broken)
+    assert cpu.is_available() is False
+    assert "command not found" in cpu.build_error()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu.simple_update_cpu([], [], [], [], weights_for())
+    # monkeypatch restores _tried/_ext/_error, so later tests see the real extension again
