@@ -54,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +312,8 @@ def _random_net(name: str):
         net = SimpleOptimizerNet(bias=name == "simple-bias", aggregate=name != "simple-noagg")
         init_simple_sgd_like(net, 0.1)
         return net
+    if name not in ("dm", "rnnprop"):
+        raise ValueError(f"no untrained stand-in for unknown weights {name!r}")
     net = {"dm": DMOptimizerNet, "rnnprop": RNNPropNet}[name]()
     with torch.no_grad():
         net.out.weight.mul_(0.01)
@@ -373,7 +375,6 @@ class Settings:
     quiet: bool = False
     git_commit: bool = False
     command: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _plan(exp: Experiment, s: Settings) -> dict[str, tuple[int, int]]:
@@ -585,6 +586,26 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _trend(e: dict, curves: list[list[float]]) -> str | None:
+    """How seed 0's loss moved over the second half of its run (or where it diverged)."""
+    if e["diverged"]:
+        return (f"{e['label']} diverged (non-finite loss) in {e['diverged']} of {e['seeds']} run(s), at step(s) "
+                f"{e['diverged_at']}.")
+    if not curves or len(curves[0]) < 20:
+        return None
+    c = curves[0]
+    n, half = len(c), len(c) // 2
+    mid = sum(c[half - final_window(half):half]) / final_window(half)
+    end = sum(c[-final_window(n):]) / final_window(n)
+    w = final_window(n)
+    best = min(sum(c[i - w:i]) / w for i in range(w, n + 1, max(1, w // 2)))
+    text = (f"{e['label']} (seed 0): windowed loss {_fmt(mid)} at step {half:,}, {_fmt(end)} at step {n:,} "
+            f"({100 * (end - mid) / mid:+.1f}% over the second half)")
+    if end > 1.2 * best:
+        text += f"; it rose after its best windowed loss {_fmt(best)}"
+    return text + "."
+
+
 def summarize(exp: Experiment, s: Settings, task: Task, plan: dict, lr_search: dict, ft: dict | None,
               search_steps: int, seconds: float, weights_info: dict[str, dict]) -> dict:
     """Build ``<exp>/summary.json`` from the runs' CSV and JSON files."""
@@ -628,20 +649,7 @@ def summarize(exp: Experiment, s: Settings, task: Task, plan: dict, lr_search: d
                             "better_label": optimizers[c.better]["label"], "worse_label": optimizers[c.worse]["label"],
                             "better_loss": a, "worse_loss": b, "holds": holds})
 
-    observations = []
-    for key, cs in curves.items():
-        e = optimizers[key]
-        if e["diverged"]:
-            observations.append(f"{e['label']} diverged (non-finite loss) in {e['diverged']} of {e['seeds']} "
-                                f"run(s), at step(s) {e['diverged_at']}.")
-        elif cs and len(cs[0]) >= 20:
-            c = cs[0]
-            w = final_window(len(c))
-            smooth = [sum(c[i - w:i]) / w for i in range(w, len(c) + 1, max(1, w // 2))]
-            best, last = min(smooth), smooth[-1]
-            if last > 1.2 * best:
-                observations.append(f"{e['label']} (seed 0) rises after its best: windowed loss {_fmt(best)} at "
-                                    f"best, {_fmt(last)} at the end.")
+    observations = [o for key, cs in curves.items() if (o := _trend(optimizers[key], cs))]
 
     random = [k for k, e in optimizers.items() if e.get("weights", {}).get("random")]
     summary = {
@@ -901,6 +909,11 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
+def _cpus(summaries: dict) -> str:
+    counts = sorted({str(sm.get("machine", {}).get("cpu_count")) for sm in summaries.values()})
+    return "/".join(counts) or "?"
+
+
 def write_report(out: Path, report: Path) -> Path:
     """Rebuild RESULTS.md from ``<out>/*/summary.json``."""
     report_dir = report.parent.resolve()
@@ -920,9 +933,10 @@ def write_report(out: Path, report: Path) -> Path:
          "(no momentum) and Adam use the best fixed learning rate from {1, 0.1, 0.01, 0.001} found by "
          "`l2l_optim.finetune.search_lr` on the same task (on the fine-tuning subsample where fine-tuning is "
          "used), scored by the mean training loss of the last 10% of a shorter run.", "",
-         "**Hardware.** Everything ran on 2 CPU cores (no GPU), shared with other work; wall times and step "
-         "times are therefore noisy and only comparable within one experiment. Where the paper's 10,000 steps "
-         "and 3 seeds were too expensive, the experiment says so.", ""]
+         f"**Hardware.** Everything ran on the CPU ({_cpus(summaries)} cores, no GPU), possibly shared with other "
+         "work (the load average is given per experiment): wall times and step times are noisy and only "
+         "comparable within one experiment. Where the paper's 10,000 steps and 3 seeds were too expensive, the "
+         "experiment says so.", ""]
     missing = [n for n in ALL if n not in summaries]
     if missing:
         L += [f"Not run yet: {', '.join(missing)}.", ""]
@@ -987,8 +1001,11 @@ def write_report(out: Path, report: Path) -> Path:
         L += ["", "For context (not claims of the paper):", ""]
         L += [f"- {name}: {comparison_text(c)}" for name, c in context]
     n_ok = sum(c["holds"] for _, c in claimed)
-    L += ["", f"{n_ok} of {len(claimed)} checked claims agree."
-          + (" Disagreements are reported as measured, not tuned away." if n_ok < len(claimed) else ""), ""]
+    if claimed:
+        L += ["", f"{n_ok} of {len(claimed)} checked claims agree."
+              + (" Disagreements are reported as measured, not tuned away." if n_ok < len(claimed) else ""), ""]
+    else:
+        L += ["No experiment has been run yet.", ""]
     report.write_text("\n".join(L))
     return report
 
