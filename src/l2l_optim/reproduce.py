@@ -911,7 +911,7 @@ def _rel(path: Path, start: Path) -> str:
 
 def _cpus(summaries: dict) -> str:
     counts = sorted({str(sm.get("machine", {}).get("cpu_count")) for sm in summaries.values()})
-    return "/".join(counts) or "?"
+    return "/".join(counts) or str(os.cpu_count())
 
 
 def write_report(out: Path, report: Path) -> Path:

@@ -225,6 +225,12 @@ class ResNetSmall(nn.Module):
     then stages of ``w, 2w, 4w, 8w`` channels at 7x7, 4x4, 2x2, 1x1, global average pool
     and a linear classifier. With ``width=64`` (ResNet-18's own widths) it has 11,172,810
     parameters, 28.1x the base MLP.
+
+    Cost measured on the 2-core development machine (1 torch thread, shared with other jobs,
+    load average 3-9): forward + backward at batch 128 takes 0.5-0.9 s at ``width=64``
+    (~72 MFLOP per image forward) and ~0.13 s at ``width=32`` (2.8M parameters); a
+    SimpleOptimizer step on the 11.2M coordinates adds ~0.3 s with the fused CPU kernel.
+    For comparison: base MLP 7-11 ms, LeNet 26-45 ms, 5-layer MLP 0.13-0.2 s.
     """
 
     def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 1):
