@@ -118,7 +118,7 @@ class Experiment:
 SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple")
 SGD = OptSpec("sgd", "SGD (tuned lr)", "sgd")
 ADAM = OptSpec("adam", "Adam (tuned lr)", "adam")
-# the LSTM optimizers cost 0.2-1.5 s per step on 2 CPU cores (table1), 10-50x SimpleOptimizer
+# the LSTM optimizers cost 0.2-2 s per step on 2 CPU cores (table1), 10-100x SimpleOptimizer
 DM_SHORT = OptSpec("dm", "DMOptimizer", "learned", "dm", steps=2000, seeds=1)
 RNNPROP_SHORT = OptSpec("rnnprop", "RNNProp", "learned", "rnnprop", steps=2000, seeds=1)
 FINETUNED = OptSpec("simple-finetuned", "SimpleOptimizer fine-tuned", "finetuned", "simple")
@@ -136,7 +136,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             paper="All three are meta-trained on the base MLP for 200 steps and run for 10,000; RNNProp and "
                   "DMOptimizer stall or diverge while SimpleOptimizer keeps decreasing.",
             claims=(Claim("simple", "dm"), Claim("simple", "rnnprop")),
-            note="DMOptimizer and RNNProp: 2,000 steps and 1 seed (0.5-1.5 s per step on 2 CPU cores), so "
+            note="DMOptimizer and RNNProp: 2,000 steps and 1 seed (1-2 s per step on the base MLP on 2 CPU cores), so "
                  "they are compared with SimpleOptimizer at 2,000 steps.",
         ),
         Experiment(
@@ -1018,7 +1018,8 @@ def _list() -> str:
     lines = ["table1: parameter counts and optimizer step time on the base MLP (--steps: timed steps, default 100)"]
     for e in EXPERIMENTS.values():
         opts = ", ".join(f"{o.key} ({o.steps or e.steps} steps x {o.seeds or e.seeds} seeds)" for o in e.opts)
-        lines.append(f"{e.name}: {e.task}: {opts}; lr search {e.search_steps} steps"
+        search = any(o.kind in ("sgd", "adam") for o in e.opts)
+        lines.append(f"{e.name}: {e.task}: {opts}" + (f"; lr search {e.search_steps} steps" if search else "")
                      + (f"; fine-tuning {e.finetune}" if e.finetune else ""))
         if e.note:
             lines.append(f"    budget: {e.note}")
