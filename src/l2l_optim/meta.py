@@ -13,7 +13,11 @@ Meta-losses (``loss=``), with f_t the optimizee's minibatch loss at theta_t and 
 index in the whole trajectory (1..T):
 
 * ``"weighted"`` (the paper's): sum_t w_t (f_t - f_{t-1}) with w_t = (t/T)^2. Minimising it
-  maximises the weighted *decrease* f_{t-1} - f_t, with later steps weighing more.
+  maximises the weighted *decrease* f_{t-1} - f_t, with later steps weighing more. Each term
+  is the decrease made by step t from where it started, so f_{t-1} enters it as a constant.
+  Why: differentiated literally, the sum telescopes to w_T f_T - sum_t (w_{t+1} - w_t) f_t,
+  which *rewards* high losses at every intermediate step (the coefficients are negative); an
+  optimizer that climbs early and descends late scores well. The value we log is the same.
 * ``"uniform"`` (Andrychowicz et al.): sum_t f_t.
 * ``"last"`` (Lv et al.): f at the last step of each unroll.
 
@@ -32,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +44,7 @@ from torch import Tensor
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, build_net
 from .tasks import Task, make_task
 
-__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "main"]
+__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "main"]
 
 META_LOSSES = ("weighted", "uniform", "last")
 INITS = ("default", "sign", "sgd", "small-output")
@@ -58,6 +63,8 @@ class MetaFitConfig:
         steps: optimizee steps per trajectory (T).
         unroll: steps per truncated-BPTT unroll.
         meta_lr: Adam learning rate on the net's parameters.
+        relative_meta_lr: scale each element's meta step by its initial magnitude
+            (:func:`meta_lr_scales`); needed for the ``"sign"`` init, a no-op for the LSTMs.
         grad_clip: max norm of the meta-gradient (None: no clipping). Guards the rare
             exploding unroll; Adam's own normalisation does the rest.
         init: ``"default"`` (the net's own init), ``"sign"`` (SimpleOptimizerNet only: start
@@ -84,6 +91,7 @@ class MetaFitConfig:
     steps: int = 200
     unroll: int = 20
     meta_lr: float = 1e-3
+    relative_meta_lr: bool = True
     grad_clip: float | None = 1.0
     init: str = "sign"
     init_lr: float = 1e-3
@@ -178,6 +186,42 @@ def init_simple_sign_momentum(
             net.b_out.zero_()
 
 
+def meta_lr_scales(net: CoordinatewiseNet) -> dict[str, Tensor]:
+    """Per-element multipliers of the meta learning rate (Adam's step on element i is ~lr * s_i).
+
+    SimpleOptimizerNet's parameters live on very different scales once initialised as a sign
+    rule: input gains 10..1e4, output weights ~1e-4. One absolute Adam step of 1e-3 would move
+    the output weights by ten times their size and blow up the optimizee in a single unroll
+    (seen here). Scaling each element's step by its own magnitude (with a floor for entries
+    that start at zero) makes every step a similar *relative* change. The LSTM nets start on
+    the scale of PyTorch's default init and keep plain Adam (all ones).
+    """
+    ones = {k: torch.ones_like(v) for k, v in net.named_parameters()}
+    if not isinstance(net, SimpleOptimizerNet):
+        return ones
+    H = net.hidden_size
+    with torch.no_grad():
+        rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
+        out_scale = rms(net.w_out[:H]).clamp_min(1e-12)
+        scales = dict(ones)
+        scales["w_ih"] = net.w_ih.abs().clamp_min(rms(net.w_ih) * 1e-3 + 1e-12)
+        scales["w_hh"] = net.w_hh.abs().clamp_min(0.1 * rms(net.w_hh) + 1e-12)
+        scales["w_out"] = net.w_out.abs().clamp_min(out_scale)
+        if net.bias:
+            scales["b_out"] = out_scale.expand_as(net.b_out).clone()
+    return scales
+
+
+def _scaled_step(meta_opt: torch.optim.Optimizer, params: dict[str, Tensor], scales: dict[str, Tensor]) -> None:
+    # Adam's moments depend on the gradients only, so scaling the step it takes afterwards
+    # is exactly Adam with a per-element learning rate.
+    before = {k: p.detach().clone() for k, p in params.items()}
+    meta_opt.step()
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(before[k] + (p - before[k]) * scales[k])
+
+
 def _flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -201,22 +245,33 @@ def run_trajectory(
     meta_opt: torch.optim.Optimizer | None = None,
     grad_clip: float | None = None,
     weights: Tensor | None = None,
+    lr_scales: dict[str, Tensor] | None = None,
+    should_stop: Callable[[list[float]], bool] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Train one fresh optimizee for ``steps`` steps with ``net``; meta-update if ``meta_opt``.
 
     With ``meta_opt=None`` this is a plain (no-grad) evaluation run of the learned optimizer.
+    ``should_stop(losses)`` is asked after every unroll (after its meta-update) and ends the
+    run early when it returns True (fine-tuning stops an episode at its loss target).
+    ``device`` is where the optimizee's parameters and the net's state live (the task's data
+    and the net must already be there); by default, where the task's parameters are made.
 
     Returns:
-        ``{"losses": [f_1..f_T], "meta_loss": float, "diverged": bool, "params": ...,
-        "buffers": ...}``; ``diverged`` means a non-finite optimizee loss stopped the run.
+        ``{"losses": [f_1..f_T], "initial_loss": f_0, "meta_loss": float, "diverged": bool,
+        "stopped": bool, "params": ..., "buffers": ...}``; ``diverged`` means a non-finite
+        optimizee loss ended the run, ``stopped`` that ``should_stop`` did.
     """
     train = meta_opt is not None
     unroll = unroll or steps
     w = meta_loss_weights(loss, steps) if weights is None else weights
     gen = torch.Generator().manual_seed(seed)
     params, buffers = task.init_params(seed)
+    if device is not None:
+        params = {k: v.to(device) for k, v in params.items()}
+        buffers = {k: v.to(device) for k, v in buffers.items()}
     n = sum(p.numel() for p in params.values())
-    state = net.init_state(n)
+    state = net.init_state(n, device=next(iter(params.values())).device)
 
     def forward(params):
         # the optimizee's gradient is needed even in evaluation runs, so autograd stays on here;
@@ -229,7 +284,8 @@ def run_trajectory(
 
     f_prev, g = forward(params)
     f_prev = f_prev.detach()
-    losses, meta_total, diverged = [], 0.0, False
+    initial_loss = f_prev.item()
+    losses, meta_total, diverged, stopped = [], 0.0, False, False
     for start in range(0, steps, unroll):
         params = {k: v.detach() for k, v in params.items()}
         state = {k: v.detach() for k, v in state.items()}
@@ -262,13 +318,21 @@ def run_trajectory(
             if grads_ok:
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-                meta_opt.step()
+                if lr_scales is None:
+                    meta_opt.step()
+                else:
+                    _scaled_step(meta_opt, dict(net.named_parameters()), lr_scales)
         # release the unroll's graph before the next one starts
         params = {k: v.detach() for k, v in params.items()}
+        if should_stop is not None and should_stop(losses):
+            stopped = True
+            break
     return {
         "losses": losses,
+        "initial_loss": initial_loss,
         "meta_loss": meta_total,
         "diverged": diverged,
+        "stopped": stopped,
         "params": {k: v.detach() for k, v in params.items()},
         "buffers": buffers,
     }
@@ -349,6 +413,7 @@ def meta_fit(
                 net.out.bias.zero_()
     net.train()
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
+    lr_scales = meta_lr_scales(net) if cfg.relative_meta_lr else None
     log: list[dict] = []
     best = {"score": float("inf"), "state": copy.deepcopy(net.state_dict()), "trajectory": -1}
     start = 0
@@ -365,6 +430,7 @@ def meta_fit(
             net.load_state_dict(ckpt["net"])
             meta_opt.load_state_dict(ckpt["meta_opt"])
             log, best, start = ckpt["log"], ckpt["best"], ckpt["next_trajectory"]
+            lr_scales = ckpt.get("lr_scales", lr_scales)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
 
     from tqdm.auto import tqdm
@@ -384,7 +450,7 @@ def meta_fit(
     for k in bar:
         t0 = time.perf_counter()
         r = run_trajectory(net, task, seed=cfg.seed * 1_000_003 + k, steps=cfg.steps, unroll=cfg.unroll,
-                           loss=cfg.loss, meta_opt=meta_opt, grad_clip=cfg.grad_clip)
+                           loss=cfg.loss, meta_opt=meta_opt, grad_clip=cfg.grad_clip, lr_scales=lr_scales)
         entry = {
             "trajectory": k,
             "meta_loss": r["meta_loss"],
@@ -405,7 +471,7 @@ def meta_fit(
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
             torch.save({"config": json.loads(cfg_json), "net": net.state_dict(), "meta_opt": meta_opt.state_dict(),
-                        "log": log, "best": best, "next_trajectory": k + 1}, ckpt_path.with_suffix(".tmp"))
+                        "log": log, "best": best, "next_trajectory": k + 1, "lr_scales": lr_scales}, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
     if cfg.eval_every and best["trajectory"] >= 0:
@@ -443,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--unroll", type=int, default=d.unroll)
     p.add_argument("--meta-lr", type=float, default=d.meta_lr)
+    p.add_argument("--absolute-meta-lr", action="store_true", help="plain Adam steps (no per-element scaling)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--init", default=None, choices=INITS,
                    help="default: 'sign' for simple, 'small-output' for the LSTM nets")
@@ -463,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         net_config = {"bias": args.bias, "aggregate": not args.no_aggregate}
     cfg = MetaFitConfig(
         arch=args.arch, net_config=net_config, task=args.task, loss=args.loss, trajectories=args.trajectories,
-        steps=args.steps, unroll=args.unroll, meta_lr=args.meta_lr, grad_clip=args.grad_clip,
+        steps=args.steps, unroll=args.unroll, meta_lr=args.meta_lr,
+        relative_meta_lr=not args.absolute_meta_lr, grad_clip=args.grad_clip,
         init=args.init or ("sign" if args.arch == "simple" else "small-output"), init_lr=args.init_lr,
         batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every, eval_steps=args.eval_steps,
     )
