@@ -412,7 +412,7 @@ def test_cpu_tanh_accuracy():
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     _cpu_kernel()
-    from l2l_optim.kernels.cpu import tanh_f32
+    from l2l_optim.kernels.cpu import kernel_tanh as tanh_f32
 
     # every 97th positive fp32 up to 20 (~11M values; tanh is odd and checked for symmetry),
     # plus the special values
@@ -430,6 +430,22 @@ def test_cpu_tanh_accuracy():
     out = tanh_f32(special)
     assert out.tolist() == special.tolist()[:2] + [1.0, -1.0, 1.0, -1.0] + [special[6].item()]
     assert torch.isnan(tanh_f32(torch.tensor([float("nan")]))).all()
+
+
+def test_cpu_tanh_accuracy_fp64():
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    _cpu_kernel()
+    from l2l_optim.kernels.cpu import kernel_tanh
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(10**6, generator=g, dtype=torch.float64) * 25,
+                   torch.rand(10**5, generator=g, dtype=torch.float64) * 0.6,
+                   torch.logspace(-300, 1, 1000, dtype=torch.float64)])
+    y, ref = kernel_tanh(x), torch.tanh(x)
+    ulp = torch.nextafter(ref, torch.tensor(2.0, dtype=torch.float64)) - ref
+    assert ((y - ref).abs() / ulp).max().item() <= 2.5  # 1.5 ulp against tanhl, + torch's error
+    assert torch.equal(kernel_tanh(-x), -y)
 
 
 def test_cpu_rejects_cuda_or_meta_tensors():

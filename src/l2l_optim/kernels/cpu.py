@@ -223,6 +223,6 @@ def simple_update_cpu(
             dst.copy_(src)
 
 
-def tanh_f32(x: Tensor) -> Tensor:
-    """The kernel's fp32 tanh applied to a float32 CPU tensor (for accuracy tests)."""
-    return load_extension().tanh_f32(x)
+def kernel_tanh(x: Tensor) -> Tensor:
+    """The kernel's tanh applied to a float32 or float64 CPU tensor (for accuracy tests)."""
+    return load_extension().tanh(x)

