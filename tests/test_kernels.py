@@ -363,6 +363,13 @@ def test_empty_and_zero_numel(path):
     assert_parity(*run_both(kernel, specs, device=device, steps=3), 1e-6, 1e-6)
 
 
+def test_single_coordinate(path):
+    # N = 1 in total (one 0-dim parameter): the mean is that coordinate's h'
+    kernel, device = path
+    specs = [((), torch.float32, torch.float32)]
+    assert_parity(*run_both(kernel, specs, device=device, steps=_steps(device, 10)), 1e-6, 1e-6)
+
+
 def test_bad_arguments(path):
     kernel, device = path
     p = [torch.zeros(3, device=device)]

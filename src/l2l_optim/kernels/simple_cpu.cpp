@@ -26,10 +26,11 @@
 // (`#pragma omp simd`, H fully unrolled for the default H = 10; AVX-512 on this machine).
 //
 // Precision: fp64 parameters are computed in fp64, everything else in fp32, each with the
-// vectorisable tanh below (max error 1.5 ulp, checked over every fp32 input by
-// tests/test_kernels.py::test_cpu_tanh_accuracy). bf16 / fp16 parameters keep the per-coordinate
-// part in an fp32 scratch buffer between the passes so that theta is rounded once, as in the
-// reference; fp32 / fp64 parameters are updated in place twice (at most one extra rounding).
+// vectorisable tanh below (max error 1.46 ulp over all fp32 inputs, checked exhaustively when it
+// was written; tests/test_kernels.py re-checks every 97th input and samples the fp64 one).
+// bf16 / fp16 parameters keep the per-coordinate part in a zeroed fp32 scratch buffer between
+// the passes so that theta is rounded once, as in the reference; fp32 / fp64 parameters are
+// updated in place in both passes (one extra rounding of theta per step, <= 1 ulp).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -187,7 +187,8 @@ if triton is not None:
         s = tl.where(mask, s, 0.0)
         tl.store(part_ptr + pid, tl.sum(s, axis=0).to(tl.float64))
 
-    @triton.jit
+    # (ints equal to 1 would otherwise become compile-time constants, with no .to())
+    @triton.jit(do_not_specialize=["n_part", "n_total"])
     def _reduce_kernel(part_ptr, n_part, shared_ptr, n_total, R: tl.constexpr):
         # fixed-order sum of the partials: R interleaved fp64 accumulators, then a fixed tree
         acc = tl.zeros([R], dtype=tl.float64)
@@ -195,7 +196,7 @@ if triton is not None:
             offs = i + tl.arange(0, R)
             acc += tl.load(part_ptr + offs, mask=offs < n_part, other=0.0)
         total = tl.sum(acc, axis=0)
-        tl.store(shared_ptr, total / n_total)
+        tl.store(shared_ptr, total / n_total.to(tl.float64))  # n_total: an int (exact)
 
     @triton.jit
     def _pass2_kernel(
@@ -448,7 +449,7 @@ def simple_update_triton(
                 P_DT=_TL_DTYPES[grp.pdt], G_DT=_TL_DTYPES[grp.gdt], H_DT=_TL_DTYPES[grp.hdt],
                 C_DT=_TL_DTYPES[c_dt], INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
             )
-        _reduce_kernel[(1,)](partials, plan.n_blocks, shared, float(plan.n_total),
+        _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
                              R=REDUCE_BLOCK, **warps)
         for grp, lr_tab in zip(plan.groups, lr_tabs):
             c_dt = torch.float64 if grp.c64 else torch.float32

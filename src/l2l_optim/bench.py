@@ -1,0 +1,366 @@
+"""Step-time benchmark: ``python -m l2l_optim bench`` (``make bench``).
+
+Times ``optimizer.step()`` alone (gradients pre-filled with random values, no forward or
+backward) for SimpleOptimizer (reference and fused kernel), torch's Adam (foreach and fused),
+SGD, DMOptimizer and RNNProp, on three parameter sets:
+
+* ``base``: the paper's base MLP, 784-500-10 (``tasks.base_mlp``, 397,510 parameters);
+* ``mlp5``: the 5-layer MLP with 16x the parameters, 784-1330-1330-1330-1330-10
+  (``tasks.mlp5``, 6,368,050 parameters);
+* ``100m``: a synthetic list of 25 tensors of 2000 x 2000 (100,000,000 parameters).
+
+For each (size, optimizer) it reports the median (and the fastest) step time after warm-up,
+the ratio to fused Adam measured in the same run, and the optimizer-state bytes per parameter.
+The machines this runs on are shared, so the measurement is interleaved: ``--rounds`` rounds,
+each of which builds every optimizer, warms it up and times ``steps / rounds`` steps, so that
+a burst of load from another process hits every optimizer alike. Optimizers that would not
+fit in memory (the LSTM optimizers at 100M: 320+ bytes of state per parameter) are skipped
+and listed as such; ``--budget`` caps the seconds spent timing one (size, optimizer).
+
+The meta-weights are random nets of the right architecture: step time does not depend on
+their values.
+
+Examples:
+    python -m l2l_optim bench                               # everything, 2 threads
+    python -m l2l_optim bench --sizes base --steps 50       # quick
+    python -m l2l_optim bench --sizes 100m --optimizers simple-fused,adam-fused
+    python -m l2l_optim bench --device cuda --sizes 100m    # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["main", "SIZES", "OPTIMIZERS", "run", "format_table"]
+
+
+# ------------------------------------------------------------------------ parameter sets
+
+
+def _model_shapes(builder) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in builder().parameters()]
+
+
+def _base_shapes():
+    from .tasks import base_mlp
+
+    return _model_shapes(base_mlp)
+
+
+def _mlp5_shapes():
+    from .tasks import mlp5
+
+    return _model_shapes(mlp5)
+
+
+SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
+    "base": ("base MLP 784-500-10", _base_shapes),
+    "mlp5": ("5-layer MLP 784-1330x4-10 (16x)", _mlp5_shapes),
+    "100m": ("synthetic 25 x (2000, 2000)", lambda: [(2000, 2000)] * 25),
+}
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+def _simple(impl: str, state_dtype=torch.float32):
+    def build(params):
+        from .nets import SimpleOptimizerNet
+        from .optimizer import SimpleOptimizer
+
+        return SimpleOptimizer(params, lr=1e-3, weights=_net(SimpleOptimizerNet), impl=impl,
+                               state_dtype=state_dtype)
+
+    return build
+
+
+def _learned(cls_name: str, net_name: str):
+    def build(params):
+        from . import nets, optimizer
+
+        return getattr(optimizer, cls_name)(params, lr=1e-3, weights=_net(getattr(nets, net_name)))
+
+    return build
+
+
+_NETS: dict = {}
+
+
+def _net(cls):
+    # one random net per architecture and process (seeded): timing does not depend on values
+    if cls not in _NETS:
+        torch.manual_seed(0)
+        _NETS[cls] = cls()
+    return _NETS[cls]
+
+
+@dataclass
+class Spec:
+    build: Callable
+    #: optimizer-state bytes per parameter, for the memory check before building
+    state_bytes: float
+    #: peak temporary bytes per parameter during a step (rough), same purpose
+    temp_bytes: float
+    note: str = ""
+
+
+OPTIMIZERS: dict[str, Spec] = {
+    "sgd": Spec(lambda ps: torch.optim.SGD(ps, lr=1e-3), 0, 0, "torch.optim.SGD, no momentum"),
+    "adam-foreach": Spec(lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), 8, 8,
+                         "torch.optim.Adam(foreach=True)"),
+    "adam-fused": Spec(lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), 8, 0,
+                       "torch.optim.Adam(fused=True)"),
+    "simple-ref": Spec(_simple("reference"), 40, 100, "SimpleOptimizer(impl='reference')"),
+    "simple-fused": Spec(_simple("auto"), 40, 4, "SimpleOptimizer(impl='auto')"),
+    "simple-fused-bf16": Spec(_simple("auto", torch.bfloat16), 20, 4,
+                              "SimpleOptimizer(impl='auto', state_dtype=torch.bfloat16)"),
+    "dm": Spec(_learned("DMOptimizer", "DMOptimizerNet"), 320, 1400, "DMOptimizer"),
+    "rnnprop": Spec(_learned("RNNProp", "RNNPropNet"), 332, 1600, "RNNProp"),
+}
+DEFAULT_OPTIMIZERS = ["sgd", "adam-foreach", "adam-fused", "simple-ref", "simple-fused",
+                      "simple-fused-bf16", "dm", "rnnprop"]
+
+
+# ------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Result:
+    size: str
+    optimizer: str
+    n_params: int
+    times: list[float] = field(default_factory=list)
+    state_bytes: int = 0
+    skipped: str = ""
+    impl: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+    @property
+    def best(self) -> float:
+        return min(self.times) if self.times else math.nan
+
+
+def _available_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resolved_impl(opt) -> str:
+    impl = getattr(opt, "impl", None)
+    if impl is None:
+        return ""
+    from .kernels import resolve_impl
+
+    p = opt.param_groups[0]["params"][0]
+    return resolve_impl(impl, p.device.type)
+
+
+def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device="cpu",
+        log=print) -> list[Result]:
+    """Benchmark and return one :class:`Result` per (size, optimizer)."""
+    device = torch.device(device)
+    results: list[Result] = []
+    per_round = max(1, math.ceil(steps / rounds))
+    for size in sizes:
+        label, shapes_fn = SIZES[size]
+        shapes = shapes_fn()
+        n = sum(math.prod(s) for s in shapes)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+        res = {name: Result(size, name, n) for name in optimizers}
+        # memory check (fixed for the whole size: params and grads are shared)
+        avail = _available_memory(device)
+        for name in optimizers:
+            spec = OPTIMIZERS[name]
+            need = n * (spec.state_bytes + spec.temp_bytes)
+            if need > 0.7 * avail:
+                res[name].skipped = (f"needs ~{need / 2**30:.0f} GiB (state {spec.state_bytes:g} "
+                                     f"B/param + step temporaries), {avail / 2**30:.0f} GiB free")
+        spent = {name: 0.0 for name in optimizers}
+        log(f"[{size}] {label}: {n:,} parameters in {len(shapes)} tensors")
+        for r in range(rounds):
+            for name in optimizers:
+                result = res[name]
+                if result.skipped or spent[name] > budget:
+                    continue
+                try:
+                    opt = OPTIMIZERS[name].build(params)
+                    for _ in range(warmup):
+                        opt.step()
+                    _sync(device)
+                    t_round = time.perf_counter()
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        opt.step()
+                        _sync(device)
+                        result.times.append(time.perf_counter() - t0)
+                        if time.perf_counter() - t_round > budget / rounds:
+                            break
+                    spent[name] += time.perf_counter() - t_round
+                    result.state_bytes = _state_bytes(opt)
+                    result.impl = result.impl or _resolved_impl(opt)
+                except (RuntimeError, MemoryError) as e:  # out of memory, unavailable kernel
+                    msg = str(e).strip().splitlines()[0][:120]
+                    result.skipped = f"{type(e).__name__}: {msg}"
+                    result.times.clear()
+                finally:
+                    opt = None
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            log(f"  round {r + 1}/{rounds} done")
+        results.extend(res[name] for name in optimizers)
+        del params
+        gc.collect()
+    return results
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def _fmt_ms(t: float) -> str:
+    if math.isnan(t):
+        return "-"
+    ms = t * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def format_table(results: list[Result]) -> str:
+    lines = [
+        "| params | optimizer | median ms | best ms | steps | x fused Adam | x fused Simple "
+        "| coords/s | state B/param |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_size: dict[str, list[Result]] = {}
+    for r in results:
+        by_size.setdefault(r.size, []).append(r)
+    for size, rs in by_size.items():
+        adam = next((r for r in rs if r.optimizer == "adam-fused" and r.times), None)
+        simple = next((r for r in rs if r.optimizer == "simple-fused" and r.times), None)
+        for r in rs:
+            name = r.optimizer + (f" ({r.impl})" if r.impl else "")
+            if r.skipped or not r.times:
+                lines.append(f"| {size} ({r.n_params:,}) | {name} | skipped: {r.skipped or 'no data'}"
+                             " | | | | | | |")
+                continue
+            xa = f"{r.median / adam.median:.1f}" if adam else "-"
+            xs = f"{r.median / simple.median:.2f}" if simple else "-"
+            rate = r.n_params / r.median
+            lines.append(
+                f"| {size} ({r.n_params:,}) | {name} | {_fmt_ms(r.median)} | {_fmt_ms(r.best)} "
+                f"| {len(r.times)} | {xa} | {xs} | {rate / 1e6:.0f}M "
+                f"| {r.state_bytes / r.n_params:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} intra-op threads"]
+    if hasattr(os, "getloadavg"):
+        parts.append("load average %.1f/%.1f/%.1f" % os.getloadavg())
+    if device.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m l2l_optim bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="base,mlp5,100m",
+                    help=f"comma-separated, from {','.join(SIZES)} (default: all)")
+    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default: all)")
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per optimizer (default 50)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per round (default 3)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds the steps are split into (default 5)")
+    ap.add_argument("--budget", type=float, default=120.0,
+                    help="max seconds of timing per (size, optimizer) (default 120)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--out", default=None, help="also write the table (Markdown) to this file")
+    args = ap.parse_args(argv)
+
+    sizes = [s for s in args.sizes.split(",") if s]
+    opts = [o for o in args.optimizers.split(",") if o]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    for o in opts:
+        if o not in OPTIMIZERS:
+            ap.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA device is available")
+    torch.set_num_threads(args.threads)
+
+    before = machine_info(device)
+    print(before, flush=True)
+    results = run(sizes, opts, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                  budget=args.budget, device=args.device,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    table = format_table(results)
+    after = "load average at the end %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(
+        os, "getloadavg") else ""
+    command = "python -m l2l_optim bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = f"{before}\n{after}\ncommand: {command}\n\n{table}\n"
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
