@@ -146,6 +146,15 @@ def build_error() -> str | None:
     return _error
 
 
+def bump_versions(*lists) -> None:
+    """Increment the autograd version counter of every tensor in ``lists``."""
+    from torch.autograd.graph import increment_version
+
+    for ts in lists:
+        for t in ts:
+            increment_version(t)
+
+
 _pack_cache: tuple[tuple, Tensor] | None = None
 
 
@@ -221,6 +230,9 @@ def simple_update_cpu(
         ext.simple_update(ps, gs, hs, [float(lr) for lr in lrs], pack_weights(weights), skip)
         for dst, src in copy_back:
             dst.copy_(src)
+        # the kernel writes through raw pointers: tell autograd that these tensors changed, so
+        # that a backward through a graph that saved them fails loudly, as after p.add_()
+        bump_versions(params, hiddens)
 
 
 def kernel_tanh(x: Tensor) -> Tensor:

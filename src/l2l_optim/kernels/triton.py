@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
+from .cpu import bump_versions
 
 __all__ = ["simple_update_triton", "is_available", "import_error", "interpret_mode"]
 
@@ -461,3 +462,6 @@ def simple_update_triton(
             )
         for dst, src in copy_back:
             dst.copy_(src)
+        # the kernel writes through raw pointers: tell autograd that these tensors changed, so
+        # that a backward through a graph that saved them fails loudly, as after p.add_()
+        bump_versions(params, hiddens)
