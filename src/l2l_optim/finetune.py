@@ -505,6 +505,7 @@ def finetune(
     max_unrolls_per_episode: int = 50,
     target: float = 0.5,
     meta_lr: float = 1e-3,
+    relative_meta_lr: bool = True,
     meta_loss: str = "weighted",
     grad_clip: float | None = 1.0,
     batch_size: int | None = None,
@@ -542,6 +543,10 @@ def finetune(
         target: an episode ends once an unroll's mean loss is below ``target`` x its
             initial loss.
         meta_lr: Adam learning rate on the meta-optimizer's weights.
+        relative_meta_lr: scale each weight's Adam step by its magnitude, as ``meta_fit``
+            does (:func:`l2l_optim.meta.meta_lr_scales`). Without it, one absolute 1e-3 step
+            on the shipped SimpleOptimizer's ~1e-4 output weights wrecks the optimizer (seen:
+            fine-tuned weights that left LeNet at ln 10).
         meta_loss: ``"weighted"`` (the paper's), ``"uniform"`` or ``"last"``.
         grad_clip: max norm of the meta-gradient (None: no clipping).
         batch_size: minibatch size (default: the loader's ``batch_size``).
@@ -560,7 +565,7 @@ def finetune(
         TypeError: the loader does not yield ``(x, y)`` tensor pairs, or ``weights`` has an
             unsupported type.
     """
-    from .meta import META_LOSSES, run_trajectory
+    from .meta import META_LOSSES, meta_lr_scales, run_trajectory
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -586,6 +591,7 @@ def finetune(
         loss_fn=loss_fn,
     )
     meta_opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
+    lr_scales = meta_lr_scales(net) if relative_meta_lr else None
     steps_cap = steps_per_unroll * max_unrolls_per_episode
 
     from tqdm.auto import tqdm
@@ -605,7 +611,7 @@ def finetune(
         diverged = False
         try:
             r = run_trajectory(net, task, seed=ep_seed, steps=steps_cap, unroll=steps_per_unroll,
-                               loss=meta_loss, meta_opt=meta_opt, grad_clip=grad_clip)
+                               loss=meta_loss, meta_opt=meta_opt, grad_clip=grad_clip, lr_scales=lr_scales)
             diverged = bool(r["diverged"])
         except _StopEpisode:
             pass
@@ -651,6 +657,7 @@ def finetune(
                 "max_unrolls_per_episode": max_unrolls_per_episode,
                 "target": target,
                 "meta_lr": meta_lr,
+                "relative_meta_lr": relative_meta_lr,
                 "meta_loss": meta_loss,
                 "grad_clip": grad_clip,
                 "seed": seed,

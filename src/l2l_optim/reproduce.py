@@ -125,7 +125,7 @@ FINETUNED = OptSpec("simple-finetuned", "SimpleOptimizer fine-tuned", "finetuned
 
 #: fine-tuning settings (finetune()'s arguments) of the experiments that fine-tune
 FINETUNE_DEFAULTS = {"subsample": 0.05, "episodes": 5, "steps_per_unroll": 20, "max_unrolls_per_episode": 50,
-                     "meta_lr": 1e-3, "seed": 0}
+                     "meta_lr": 1e-3, "relative_meta_lr": True, "seed": 0}
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
@@ -430,6 +430,7 @@ def _ensure_finetune(exp: Experiment, task: Task, s: Settings, out: Path, base: 
         r = finetune(model, loader, weights=source, loss_fn=task.loss_fn, out=path, progress=not s.quiet,
                      subsample=ft["subsample"], episodes=ft["episodes"], steps_per_unroll=ft["steps_per_unroll"],
                      max_unrolls_per_episode=ft["max_unrolls_per_episode"], meta_lr=ft["meta_lr"],
+                     relative_meta_lr=ft.get("relative_meta_lr", True),
                      seed=ft["seed"])
         record = {"settings": settings, "log": r.log, "seconds": round(time.perf_counter() - t0, 1),
                   "subsample_examples": int(r.subsample[0].shape[0]), "machine": _machine()}
