@@ -1,8 +1,7 @@
 """Tests of the shipped meta-trained weights and of the optimizers' default ``weights=``.
 
-These need the files in ``weights/`` (written by meta-training). Until ``simple.safetensors``
-lands the whole module is skipped; once it is there, every planned name must be present and
-valid, so a missing or broken file fails loudly instead of being skipped.
+These need the files in ``weights/`` (written by meta-training, shipped in the repository and
+the wheel): every planned name must be present and valid, so a missing or broken file fails.
 """
 
 from __future__ import annotations
@@ -16,13 +15,6 @@ import torch
 from l2l_optim import weights as W
 from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
-
-if not any((d / "simple.safetensors").is_file() for d in W.weights_dirs()):
-    pytest.skip(
-        "shipped weights not yet in weights/ (meta-training still running); "
-        "this module is enabled by their arrival",
-        allow_module_level=True,
-    )
 
 # name -> (net class, parameter count, config the file must hold)
 _BASE = {"hidden_size": 10, "bias": False, "aggregate": True}
