@@ -583,8 +583,9 @@ def comparison_text(c: dict) -> str:
     at = f" at {c['horizon']:,} steps" if c.get("at_shorter_horizon") else ""
     diff = f", {100 * (a - b) / b:+.1f}%" if _finite(a) and _finite(b) and b else ""
     verdict = ("agrees" if c["holds"] else "disagrees") if c["claimed"] else "context, not a claim of the paper"
+    noise = " (but the seeds' ranges overlap: within run-to-run noise)" if c.get("seed_ranges_overlap") else ""
     return (f"the final loss{at} of {c['better_label']} ({_fmt(a)}) is {'below' if c['holds'] else 'not below'} "
-            f"that of {c['worse_label']} ({_fmt(b)}{diff}): {verdict}")
+            f"that of {c['worse_label']} ({_fmt(b)}{diff}): {verdict}{noise}")
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -651,10 +652,16 @@ def summarize(exp: Experiment, s: Settings, task: Task, plan: dict, lr_search: d
         b = loss_at(curves[c.worse], records[c.worse], horizon)
         # a diverged (inf) run loses to any finite one; a missing one (nan) decides nothing
         holds = _finite(a) and not math.isnan(b) and (math.isinf(b) or b > a)
+        # with several seeds on both sides, say when the seeds' ranges overlap: then the order
+        # of the means is within run-to-run noise
+        per_a = [loss_at([cv], [r], horizon) for cv, r in zip(curves[c.better], records[c.better])]
+        per_b = [loss_at([cv], [r], horizon) for cv, r in zip(curves[c.worse], records[c.worse])]
+        overlap = (len(per_a) > 1 and len(per_b) > 1 and all(map(_finite, per_a + per_b))
+                   and min(per_a) <= max(per_b) and min(per_b) <= max(per_a))
         comparisons.append({"better": c.better, "worse": c.worse, "claimed": c.claimed, "horizon": horizon,
                             "at_shorter_horizon": horizon != max(plan[c.better][0], plan[c.worse][0]),
                             "better_label": optimizers[c.better]["label"], "worse_label": optimizers[c.worse]["label"],
-                            "better_loss": a, "worse_loss": b, "holds": holds})
+                            "better_loss": a, "worse_loss": b, "holds": holds, "seed_ranges_overlap": overlap})
 
     observations = [o for key, cs in curves.items() if (o := _trend(optimizers[key], cs))]
 
