@@ -95,6 +95,29 @@ def _learned(cls_name: str, net_name: str):
     return build
 
 
+class _KernelOnly:
+    """The fused SimpleOptimizer kernel called directly (no torch.optim wrapper, no
+    non-finite check): what the kernel itself costs, to set against the optimizer step."""
+
+    def __init__(self, params):
+        from .kernels import get_kernel, resolve_impl
+        from .nets import SimpleOptimizerNet
+
+        self.params = list(params)
+        self.impl = "auto"
+        self.param_groups = [{"params": self.params}]
+        self.kernel = get_kernel(resolve_impl("auto", self.params[0].device.type))
+        self.weights = _net(SimpleOptimizerNet).fused_weights(device=self.params[0].device)
+        self.hiddens = [torch.zeros(10, p.numel(), device=p.device) for p in self.params]
+        self.state = {p: {"h": h} for p, h in zip(self.params, self.hiddens)}
+        self.lrs = [1e-3] * len(self.params)
+
+    def step(self):
+        with torch.no_grad():
+            self.kernel(self.params, [p.grad for p in self.params], self.hiddens, self.lrs,
+                        self.weights)
+
+
 _NETS: dict = {}
 
 
@@ -123,14 +146,15 @@ OPTIMIZERS: dict[str, Spec] = {
     "adam-fused": Spec(lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), 8, 0,
                        "torch.optim.Adam(fused=True)"),
     "simple-ref": Spec(_simple("reference"), 40, 48, "SimpleOptimizer(impl='reference')"),
-    "simple-fused": Spec(_simple("auto"), 40, 4, "SimpleOptimizer(impl='auto')"),
+    "simple-fused": Spec(_simple("auto"), 40, 0, "SimpleOptimizer(impl='auto')"),
+    "simple-kernel": Spec(_KernelOnly, 40, 0, "the fused kernel alone (no optimizer wrapper)"),
     "simple-fused-bf16": Spec(_simple("auto", torch.bfloat16), 20, 4,
                               "SimpleOptimizer(impl='auto', state_dtype=torch.bfloat16)"),
     "dm": Spec(_learned("DMOptimizer", "DMOptimizerNet"), 320, 1400, "DMOptimizer"),
     "rnnprop": Spec(_learned("RNNProp", "RNNPropNet"), 332, 1600, "RNNProp"),
 }
 DEFAULT_OPTIMIZERS = ["sgd", "adam-foreach", "adam-fused", "simple-ref", "simple-fused",
-                      "simple-fused-bf16", "dm", "rnnprop"]
+                      "simple-kernel", "simple-fused-bf16", "dm", "rnnprop"]
 
 
 # ------------------------------------------------------------------------------- running
