@@ -159,8 +159,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             paper="Meta-trained on the base MLP only, SimpleOptimizer trains LeNet better than well-tuned SGD.",
             claims=(Claim("simple", "sgd"), Claim("simple", "adam", claimed=False),
                     Claim("simple", "dm", claimed=False), Claim("simple", "rnnprop", claimed=False)),
-            steps=2000, seeds=2, search_steps=500,
-            note="2,000 steps, 2 seeds, 500-step lr searches; DMOptimizer and RNNProp: 500 steps and 1 seed (cost).",
+            search_steps=500,
+            note="500-step lr searches; DMOptimizer and RNNProp: 500 steps and 1 seed (cost).",
         ),
         Experiment(
             "fig4b", "Figure 4b: LeNet on Fashion-MNIST (the paper: CIFAR-10), with and without fine-tuning",
@@ -171,8 +171,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             claims=(Claim("simple-finetuned", "sgd"), Claim("simple-finetuned", "adam"),
                     Claim("simple-finetuned", "simple", claimed=False)),
             finetune=dict(FINETUNE_DEFAULTS, max_unrolls_per_episode=10),
-            steps=2000, seeds=2, search_steps=500,
-            note="2,000 steps, 2 seeds, 500-step lr searches; fine-tuning episodes capped at 10 unrolls of 20 steps.",
+            search_steps=500,
+            note="500-step lr searches; fine-tuning episodes capped at 10 unrolls of 20 steps.",
         ),
         Experiment(
             "fig5a", "Figure 5a: a 5-layer MLP with 16x the parameters on MNIST (no fine-tuning)", "mnist-mlp5",
