@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .meta import tail_mean  # re-exported: search_lr scores runs with it
 from .nets import CoordinatewiseNet
 from .tasks import Task
 
@@ -221,17 +222,6 @@ def _as_task(task_or_model_and_data, batch_size: int | None, loss_fn) -> Task:
 
 # ----------------------------------------------------------------------------------------
 # the plain training loop
-
-
-def tail_mean(losses: Sequence[float], frac: float = 0.1, max_window: int | None = None) -> float:
-    """Mean of the last ``frac`` of ``losses`` (at least one, at most ``max_window`` values)."""
-    if not losses:
-        return float("nan")
-    k = max(1, int(len(losses) * frac))
-    if max_window is not None:
-        k = min(k, max_window)
-    tail = losses[-k:]
-    return sum(tail) / len(tail)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from torch import Tensor
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, build_net
 from .tasks import Task, make_task
 
-__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "main"]
+__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "tail_mean", "main"]
 
 META_LOSSES = ("weighted", "uniform", "last")
 INITS = ("default", "sign", "sgd", "small-output")
@@ -338,9 +338,15 @@ def run_trajectory(
     }
 
 
-def _tail_mean(losses: list[float], frac: float = 0.1) -> float:
+def tail_mean(losses: list[float], frac: float = 0.1, max_window: int | None = None) -> float:
+    """Mean of the last ``frac`` of ``losses`` (at least one, at most ``max_window`` values)."""
+    if not losses:
+        return float("nan")
     k = max(1, int(len(losses) * frac))
-    return sum(losses[-k:]) / k if losses else float("nan")
+    if max_window is not None:
+        k = min(k, max_window)
+    tail = losses[-k:]
+    return sum(tail) / len(tail)
 
 
 def meta_fit(
@@ -441,7 +447,7 @@ def meta_fit(
     eval_seed = 10_000_019 + cfg.seed
     if cfg.eval_every and start == 0:
         ev = run_trajectory(net, task, seed=eval_seed, steps=cfg.eval_steps, loss=cfg.loss)
-        entry = {"trajectory": -1, "eval_loss": _tail_mean(ev["losses"]) if not ev["diverged"] else float("inf"),
+        entry = {"trajectory": -1, "eval_loss": tail_mean(ev["losses"]) if not ev["diverged"] else float("inf"),
                  "note": "the initialisation, before meta-training (not selectable)"}
         log.append(entry)
         if out:
@@ -454,14 +460,14 @@ def meta_fit(
         entry = {
             "trajectory": k,
             "meta_loss": r["meta_loss"],
-            "final_loss": _tail_mean(r["losses"]),
+            "final_loss": tail_mean(r["losses"]),
             "first_loss": r["losses"][0] if r["losses"] else float("nan"),
             "diverged": r["diverged"],
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if cfg.eval_every and ((k + 1) % cfg.eval_every == 0 or k + 1 == cfg.trajectories):
             ev = run_trajectory(net, task, seed=eval_seed, steps=cfg.eval_steps, loss=cfg.loss)
-            score = _tail_mean(ev["losses"]) if not ev["diverged"] else float("inf")
+            score = tail_mean(ev["losses"]) if not ev["diverged"] else float("inf")
             entry["eval_loss"] = score
             if score < best["score"]:
                 best = {"score": score, "state": copy.deepcopy(net.state_dict()), "trajectory": k}
