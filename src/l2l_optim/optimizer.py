@@ -375,18 +375,48 @@ class LearnedOptimizer(Optimizer):
         lrs: list[float],
         skip: Tensor | None,
     ) -> None:
-        """Generic path: one forward of the net over all coordinates, then split."""
+        """Generic path: the net over all coordinates at once, or per parameter.
+
+        A net that couples coordinates (the mean aggregation) sees them all in one call. A net
+        whose coordinates are independent runs once per parameter, which gives the same
+        result without concatenating and splitting every state tensor (a third of an LSTM
+        step on the base MLP).
+        """
         cd = self._compute_dtype(params)
         net = self._net_for(params[0].device, cd)
+        if net.independent_coordinates and len(params) > 1:
+            for i in range(len(params)):
+                self._update_batch(net, cd, params[i : i + 1], grads[i : i + 1], states[i : i + 1], lrs[i : i + 1],
+                                   skip)
+        else:
+            self._update_batch(net, cd, params, grads, states, lrs, skip)
+
+    @staticmethod
+    def _update_batch(
+        net: CoordinatewiseNet,
+        cd: torch.dtype,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        lrs: list[float],
+        skip: Tensor | None,
+    ) -> None:
         keys = [k for k in states[0] if k != "step"]
         sizes = [p.numel() for p in params]
-        g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
-        old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
+        if len(params) == 1:
+            g = grads[0].reshape(-1).to(cd)
+            old = {k: states[0][k].to(cd) for k in keys}
+        else:
+            g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
+            old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
         update, new = net(g, old)
         if skip is not None:
             # keep NaN/Inf out of the state without reading the flag on the host
             new = {k: torch.where(skip, old[k], new[k]) for k in keys}
         for k in keys:
+            if len(params) == 1 and new[k].dtype == states[0][k].dtype and new[k].shape == states[0][k].shape:
+                states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
+                continue
             for s, part in zip(states, new[k].split(sizes, dim=-1)):
                 s[k].copy_(part)
         for p, u, lr in zip(params, update.split(sizes), lrs):
