@@ -191,3 +191,28 @@ def test_git_commit_commits_only_the_given_paths(tmp_path, monkeypatch):
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()
     assert tracked == ["results/a.csv"]
     assert not R.git_commit([repo / "results"], "nothing new")
+
+
+def test_run_claims_let_two_processes_share_an_experiment(tmp_path):
+    """A live process's claim is respected, our own is re-entrant, a dead process's is taken over."""
+    import os
+    import platform
+    import sys
+
+    path = tmp_path / "simple_seed0.claim"
+    assert R.claim_run(path)
+    assert R.claim_run(path)  # our own claim
+    path.unlink()
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.write_text(json.dumps({"pid": live.pid, "host": platform.node()}))
+        assert not R.claim_run(path)
+    finally:
+        live.kill()
+        live.wait()
+    assert R.claim_run(path)  # its owner is gone now
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+    path.write_text(json.dumps({"pid": live.pid, "host": "another-machine"}))
+    assert not R.claim_run(path)  # we cannot tell whether a process elsewhere is alive
