@@ -783,3 +783,40 @@ def test_per_parameter_path_matches_one_batched_call(cls):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
         for k in per_param.state[p]:
             torch.testing.assert_close(per_param.state[p][k], batched.state[q][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, lr: SimpleOptimizer(p, lr=lr, impl="reference"),
+    lambda p, lr: SimpleOptimizer(p, lr=lr, impl="cpu"),
+    lambda p, lr: DMOptimizer(p, lr=lr),
+    lambda p, lr: RNNProp(p, lr=lr),
+])
+def test_tensor_lr_is_used_as_a_tensor_and_matches_a_float(make, monkeypatch):
+    """A tensor lr is never read with .item() (a host sync on CUDA) and acts like the float."""
+    params = [leaf(5, 4, seed=1), leaf(3, seed=2)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(0.5)
+    with_tensor = make(params, lr)
+    with_float = make(twins, 0.5)
+    calls = []
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        if self is lr or self._base is lr:
+            calls.append(1)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    for step in range(3):
+        if step == 2:
+            lr.fill_(0.25)  # a scheduler editing the tensor in place
+            for g in with_float.param_groups:
+                g["lr"] = 0.25
+        grads = [torch.randn(p.shape) * 1e-2 for p in params]
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        with_tensor.step()
+        with_float.step()
+    assert not calls
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

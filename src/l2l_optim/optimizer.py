@@ -294,12 +294,13 @@ class LearnedOptimizer(Optimizer):
         name = type(self).__name__
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        lrs: list[float] = []
+        lrs: list[float | Tensor] = []
         where: list[tuple[int, int]] = []  # (index across groups, group) of each stepped param
         index = 0
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
-            lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+            # a tensor lr stays a tensor: .item() on a CUDA tensor would sync the host every step
+            lr = lr.detach().reshape(()) if isinstance(lr, Tensor) else float(lr)
             for p in group["params"]:
                 if p.grad is not None:
                     g = p.grad
@@ -372,7 +373,7 @@ class LearnedOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         states: list[dict[str, Tensor]],
-        lrs: list[float],
+        lrs: list[float | Tensor],
         skip: Tensor | None,
     ) -> None:
         """Generic path: the net over all coordinates at once, or per parameter.
@@ -398,7 +399,7 @@ class LearnedOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         states: list[dict[str, Tensor]],
-        lrs: list[float],
+        lrs: list[float | Tensor],
         skip: Tensor | None,
     ) -> None:
         keys = [k for k in states[0] if k != "step"]
@@ -420,11 +421,14 @@ class LearnedOptimizer(Optimizer):
             for s, part in zip(states, new[k].split(sizes, dim=-1)):
                 s[k].copy_(part)
         for p, u, lr in zip(params, update.split(sizes), lrs):
-            if lr == 0.0:
+            if not isinstance(lr, Tensor) and lr == 0.0:
                 continue
             u = u.view(p.shape)
             if skip is None:
-                p.add_(u, alpha=lr)
+                if isinstance(lr, Tensor):
+                    p.add_(u * lr.to(u.dtype))
+                else:
+                    p.add_(u, alpha=lr)
             else:
                 p.copy_(torch.where(skip, p, p + lr * u))
 

@@ -181,7 +181,7 @@ def simple_update_cpu(
     params: list[Tensor],
     grads: list[Tensor],
     hiddens: list[Tensor],
-    lrs: list[float],
+    lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | None = None,
 ) -> None:

@@ -23,7 +23,7 @@ def simple_update_reference(
     params: list[Tensor],
     grads: list[Tensor],
     hiddens: list[Tensor],
-    lrs: list[float],
+    lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | None = None,
 ) -> None:
@@ -34,7 +34,8 @@ def simple_update_reference(
         grads: their gradients, same shapes (dense, finite unless ``skip`` is set).
         hiddens: hidden states, one ``(H, p.numel())`` contiguous tensor per parameter
             (updated in place).
-        lrs: one learning rate per parameter; the update applied is ``lr * u``.
+        lrs: one learning rate per parameter, a float or a 1-element tensor; the update
+            applied is ``lr * u``.
         weights: the folded net weights (``SimpleOptimizerNet.fused_weights``).
         skip: optional 0-dim bool tensor; when true nothing is changed (the non-finite
             gradient policy).

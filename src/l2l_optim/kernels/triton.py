@@ -361,7 +361,7 @@ def simple_update_triton(
     params: list[Tensor],
     grads: list[Tensor],
     hiddens: list[Tensor],
-    lrs: list[float],
+    lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | None = None,
 ) -> None:
