@@ -1113,13 +1113,18 @@ def write_report(out: Path, report: Path) -> Path:
 def _list() -> str:
     lines = ["table1: parameter counts and optimizer step time on the base MLP (--steps: timed steps, default 100)"]
     for e in EXPERIMENTS.values():
-        opts = ", ".join(f"{o.key} ({o.steps or e.steps} steps x {o.seeds or e.seeds} seeds)" for o in e.opts)
+        opts = ", ".join(f"{o.key} ({o.steps or e.steps} steps x {_plural(o.seeds or e.seeds, 'seed')})"
+                         for o in e.opts)
         search = any(o.kind in ("sgd", "adam") for o in e.opts)
         lines.append(f"{e.name}: {e.task}: {opts}" + (f"; lr search {e.search_steps} steps" if search else "")
                      + (f"; fine-tuning {e.finetune}" if e.finetune else ""))
         if e.note:
             lines.append(f"    budget: {e.note}")
     return "\n".join(lines)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def main(argv: list[str] | None = None) -> int:
