@@ -216,3 +216,15 @@ def test_run_claims_let_two_processes_share_an_experiment(tmp_path):
 
     path.write_text(json.dumps({"pid": live.pid, "host": "another-machine"}))
     assert not R.claim_run(path)  # we cannot tell whether a process elsewhere is alive
+
+
+def test_report_quotes_the_remedies_when_present(tmp_path):
+    out = tmp_path / "results"
+    (out / "remedies" / "mnist-lenet").mkdir(parents=True)
+    assert "Beyond the paper's protocol" not in R.write_report(out, tmp_path / "RESULTS.md").read_text()
+    (out / "remedies" / "README.md").write_text("# Remedies\n\nHow these were made.\n")
+    (out / "remedies" / "mnist-lenet" / "summary.md").write_text("| variant | loss |\n|---|---|\n| simple | 0.5 |\n")
+    text = R.write_report(out, tmp_path / "RESULTS.md").read_text()
+    assert "## Beyond the paper's protocol" in text
+    assert "How these were made." in text and "# Remedies" not in text
+    assert "`results/remedies/mnist-lenet/summary.md`:" in text and "| simple | 0.5 |" in text

@@ -1105,8 +1105,26 @@ def write_report(out: Path, report: Path) -> Path:
               + (" Disagreements are reported as measured, not tuned away." if n_ok < len(claimed) else ""), ""]
     else:
         L += ["No experiment has been run yet.", ""]
+    L += _remedies_section(out, report_dir)
     report.write_text("\n".join(L))
     return report
+
+
+def _remedies_section(out: Path, report_dir: Path) -> list[str]:
+    """``<out>/remedies/`` (examples/transfer_remedies.py), quoted as written, when it exists."""
+    readme = out / "remedies" / "README.md"
+    if not readme.exists():
+        return []
+    L = ["## Beyond the paper's protocol: what helps where tuned SGD wins", "",
+         "Not part of the paper's protocol (there, every optimizer runs with a fixed learning rate). Written by "
+         "`examples/transfer_remedies.py`, not by this script; quoted from `results/remedies/`.", ""]
+    body = [line for line in readme.read_text().splitlines() if not line.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    L += body + [""]
+    for summary in sorted(readme.parent.glob("*/summary*.md")):
+        L += [f"`{_rel(summary, report_dir)}`:", "", summary.read_text().strip(), ""]
+    return L
 
 
 # ----------------------------------------------------------------------------------------
