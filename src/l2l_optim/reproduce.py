@@ -528,8 +528,13 @@ def _run_one(exp: Experiment, opt: OptSpec, task: Task, seed: int, steps: int, f
              config: dict, s: Settings, out: Path) -> dict | None:
     stem = out / f"{opt.key}_seed{seed}"
     csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-    record = _read_json(json_path)
-    if not s.force and csv_path.exists() and record and record.get("config") == config:
+
+    def finished() -> tuple[bool, dict | None]:
+        record = _read_json(json_path)
+        return not s.force and csv_path.exists() and bool(record) and record.get("config") == config, record
+
+    done, record = finished()
+    if done:
         _log(f"[{exp.name}] {opt.key} seed {seed}: done, skipped", s.quiet)
         return record
     claim = stem.with_suffix(".claim")
@@ -539,8 +544,8 @@ def _run_one(exp: Experiment, opt: OptSpec, task: Task, seed: int, steps: int, f
         return None
     try:
         # another process may have finished it between our check and our claim
-        record = _read_json(json_path)
-        if not s.force and csv_path.exists() and record and record.get("config") == config:
+        done, record = finished()
+        if done:
             return record
         return _train_one(exp, opt, task, seed, steps, factory, config, s, csv_path, json_path, record)
     finally:
@@ -624,9 +629,6 @@ def run_experiment(name: str, s: Settings) -> dict:
             base_config["weights"] = info["fingerprint"]
         for seed in range(seeds):
             _run_one(exp, o, task, seed, steps, factory, dict(base_config, seed=seed), s, out)
-    for o in exp.opts:
-        if o.kind in ("sgd", "adam"):
-            ensure_lr(o.kind)
 
     summary = summarize(exp, s, task, plan, lr_search, ft, search_steps, time.perf_counter() - t_start,
                         {name: info for name, (_, info) in weights.items()})
