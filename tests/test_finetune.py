@@ -18,7 +18,7 @@ from l2l_optim.finetune import (
     task_from_model,
     train_task,
 )
-from l2l_optim.meta import init_simple_sgd_like
+from l2l_optim.nets import init_simple_sgd_like
 from l2l_optim.nets import SimpleOptimizerNet
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.tasks import Task

@@ -41,13 +41,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .nets import CoordinatewiseNet, SimpleOptimizerNet, build_net
+from .nets import INITS, CoordinatewiseNet, SimpleOptimizerNet, init_net
+from .registry import build_net
 from .tasks import Task, make_task
 
-__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "init_simple_sgd_like", "init_simple_sign_momentum", "run_trajectory", "tail_mean", "main"]
+__all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "run_trajectory", "tail_mean", "main"]
 
 META_LOSSES = ("weighted", "uniform", "last")
-INITS = ("default", "sign", "sgd", "small-output")
 
 
 @dataclass
@@ -134,56 +134,6 @@ def meta_loss_weights(loss: str, steps: int) -> Tensor:
     if loss == "weighted":
         return (t / steps) ** 2
     return torch.ones(steps, dtype=torch.float64)
-
-
-def init_simple_sgd_like(net: SimpleOptimizerNet, lr: float) -> None:
-    """Start a SimpleOptimizerNet as SGD with momentum and step size ``lr``.
-
-    In the tanh's linear regime h' = w_ih g + W_hh h, so a constant gradient g settles at
-    h* = (I - W_hh)^-1 w_ih g. Choosing w_a = -lr v / |v|^2 with v = (I - W_hh)^-1 w_ih makes
-    the steady-state update -lr g. W_hh is shrunk to spectral radius 0.5 (momentum-like
-    memory), and the aggregate's weights start at zero. A random-sign output, the default
-    init, starts half the time as gradient *ascent*, which meta-training must first undo.
-    """
-    H = net.hidden_size
-    with torch.no_grad():
-        radius = torch.linalg.eigvals(net.w_hh).abs().max().clamp_min(1e-6)
-        net.w_hh.mul_(0.5 / radius)
-        v = torch.linalg.solve(torch.eye(H) - net.w_hh, net.w_ih.reshape(H))
-        net.alpha.fill_(1.0)
-        net.w_out[:H].copy_(-lr * v / v.dot(v))
-        if net.aggregate:
-            net.beta.fill_(1.0)
-            net.w_out[H:].zero_()
-
-
-def init_simple_sign_momentum(
-    net: SimpleOptimizerNet, lr: float, momentum: float = 0.9, gain_range: tuple[float, float] = (10.0, 1e4)
-) -> None:
-    """Start a SimpleOptimizerNet as a soft sign-momentum rule (Lion-like) with step ``lr``.
-
-    Unit k gets input gain k_k, log-spaced over ``gain_range``, and W_hh = ``momentum`` * I, so
-    h_k' = tanh(k_k g + momentum h_k): units with a large gain saturate to the sign of a running
-    gradient average, units with a small gain stay linear in g. The output averages them with
-    weight -lr/H, so a consistent gradient moves each coordinate by about ``lr`` per step
-    whatever its scale, and a vanishing gradient (the linear units) gives a vanishing update:
-    no bias is needed to stop at a minimum. Raw gradients of the base MLP are 1e-5..1e-1, which
-    this range of gains covers; the default random init (gains ~0.3) leaves the tanh linear
-    there and starts meta-training from plain SGD.
-    """
-    H = net.hidden_size
-    with torch.no_grad():
-        gains = torch.logspace(math.log10(gain_range[0]), math.log10(gain_range[1]), H)
-        net.w_ih.copy_(gains.view(H, 1))
-        net.w_hh.copy_(momentum * torch.eye(H))
-        net.alpha.fill_(1.0)
-        net.w_out[:H].fill_(-lr / H)
-        if net.aggregate:
-            net.beta.fill_(1.0)
-            net.w_out[H:].zero_()
-        if net.bias:
-            net.b_h.zero_()
-            net.b_out.zero_()
 
 
 def meta_lr_scales(net: CoordinatewiseNet) -> dict[str, Tensor]:
@@ -403,20 +353,7 @@ def meta_fit(
 
     torch.manual_seed(cfg.seed)
     if isinstance(net, str):
-        net = build_net(cfg.arch, cfg.net_config)
-        if cfg.init in ("sgd", "sign"):
-            if not isinstance(net, SimpleOptimizerNet):
-                raise ValueError(f"init={cfg.init!r} applies to SimpleOptimizerNet only; use 'small-output' or 'default'")
-            if cfg.init == "sgd":
-                init_simple_sgd_like(net, cfg.init_lr)
-            else:
-                init_simple_sign_momentum(net, cfg.init_lr)
-        elif cfg.init == "small-output":
-            if not hasattr(net, "out"):
-                raise ValueError("init='small-output' applies to the LSTM nets only; use 'sgd' or 'default'")
-            with torch.no_grad():
-                net.out.weight.mul_(0.01)
-                net.out.bias.zero_()
+        net = init_net(build_net(cfg.arch, cfg.net_config), cfg.init, lr=cfg.init_lr)
     net.train()
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     lr_scales = meta_lr_scales(net) if cfg.relative_meta_lr else None

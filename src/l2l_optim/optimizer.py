@@ -29,8 +29,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
-from .nets import NETS, CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights, build_net
-from .weights import LoadedWeights, fingerprint, load_weights
+from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
+from .registry import ARCHITECTURES, build_net
+from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
 
@@ -155,20 +156,14 @@ class LearnedOptimizer(Optimizer):
 
     def _resolve_net(self, weights: WeightsT) -> CoordinatewiseNet:
         name = type(self).__name__
-        if isinstance(weights, LoadedWeights):
-            net = copy.deepcopy(weights.net)
-        elif isinstance(weights, CoordinatewiseNet):
-            net = copy.deepcopy(weights)
-        elif isinstance(weights, (str, os.PathLike)):
-            net = load_weights(weights, arch=self._required_arch).net
-        else:
-            raise TypeError(
-                f"{name}: weights must be a shipped name, a path, an hf:// address, "
-                f"LoadedWeights or a CoordinatewiseNet, got {type(weights).__name__}"
-            )
-        if self._required_arch is not None and net.arch != self._required_arch:
-            wanted = NETS[self._required_arch].__name__
-            raise ValueError(f"{name} needs {wanted} weights, got {type(net).__name__}")
+        try:
+            net, _ = resolve_net(weights, arch=self._required_arch)
+        except TypeError as e:
+            raise TypeError(f"{name}: {e}") from None
+        except WeightsError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{name} {e}") from None
         net.eval()
         net.requires_grad_(False)
         return net
@@ -517,7 +512,7 @@ class LearnedOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         net = self.net
-        if NETS.get(net.arch) is type(net):
+        if net.arch in ARCHITECTURES and ARCHITECTURES[net.arch].net_class is type(net):
             state["_meta_net"] = {
                 "arch": net.arch,
                 "config": net.config,

@@ -364,7 +364,7 @@ def git_commit(paths: list[Path], message: str, retries: int = 10) -> bool:
 
 def _random_net(name: str):
     """A meta-training starting point for ``name``, used only with --allow-random-weights."""
-    from .meta import init_simple_sgd_like
+    from .nets import init_simple_sgd_like
     from .nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import hashlib
 import json
@@ -38,7 +39,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .nets import NETS, CoordinatewiseNet, build_net
+from .nets import CoordinatewiseNet
+from .registry import ARCHITECTURES, build_net, get_architecture
 
 __all__ = [
     "FORMAT",
@@ -47,6 +49,7 @@ __all__ = [
     "fingerprint",
     "save_weights",
     "load_weights",
+    "resolve_net",
     "list_weights",
     "weights_dirs",
     "main",
@@ -163,8 +166,8 @@ def save_weights(
 
     if not isinstance(net, CoordinatewiseNet):
         raise TypeError(f"save_weights needs a CoordinatewiseNet, got {type(net).__name__}")
-    if net.arch not in NETS:
-        raise ValueError(f"net architecture {net.arch!r} is not one of {sorted(NETS)}")
+    if net.arch not in ARCHITECTURES:
+        raise ValueError(f"net architecture {net.arch!r} is not one of {sorted(ARCHITECTURES)}")
     meta = {
         "format": FORMAT,
         "arch": net.arch,
@@ -268,8 +271,8 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
     meta, entries = _read_header(path, data)
     _check_metadata(path, meta)
     file_arch = meta["arch"]
-    if file_arch not in NETS:
-        raise WeightsError(f"{path}: unknown architecture {file_arch!r} (known: {sorted(NETS)})")
+    if file_arch not in ARCHITECTURES:
+        raise WeightsError(f"{path}: unknown architecture {file_arch!r} (known: {sorted(ARCHITECTURES)})")
     if arch is not None and file_arch != arch:
         raise WeightsError(f"{path}: holds {file_arch!r} weights, but {arch!r} was requested")
     try:
@@ -426,6 +429,48 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
     if path.is_dir():
         path = path / DIR_FILENAME
     return _load_file(path, arch)
+
+
+def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
+    """A private copy of the net that ``weights`` names, and a short description of it.
+
+    The one place that turns whatever a user passes as ``weights=`` (to the optimizers,
+    :func:`~l2l_optim.finetune.finetune`, :func:`~l2l_optim.evaluate.evaluate`) into a net.
+
+    Args:
+        weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
+            address (all via :func:`load_weights`), a :class:`LoadedWeights`, or a
+            :class:`~l2l_optim.nets.CoordinatewiseNet` (deep-copied, so later changes to it
+            do not reach the copy).
+        arch: if given, the architecture the net must have.
+
+    Returns:
+        ``(net, description)``; the description names the source and the fingerprint, e.g.
+        ``"simple (3f2a...)"``, for logs and metadata.
+
+    Raises:
+        TypeError: ``weights`` has an unsupported type (a result object of ``meta_fit`` or
+            ``finetune`` gets a hint to pass its ``.net``).
+        ValueError: the net is not of architecture ``arch`` (:class:`WeightsError` for files).
+    """
+    if isinstance(weights, CoordinatewiseNet):
+        net, source = copy.deepcopy(weights), "net"
+    elif isinstance(weights, LoadedWeights):
+        net, source = copy.deepcopy(weights.net), str(weights.path)
+    elif isinstance(weights, (str, os.PathLike)):
+        net, source = load_weights(weights, arch=arch).net, os.fspath(weights)
+    else:
+        hint = ""
+        if isinstance(getattr(weights, "net", None), CoordinatewiseNet):
+            hint = "; pass its .net (weights=result.net)"
+        raise TypeError(
+            "weights must be a shipped name, a path, an hf:// address, LoadedWeights or a "
+            f"CoordinatewiseNet, got {type(weights).__name__}{hint}"
+        )
+    if arch is not None and net.arch != arch:
+        wanted = get_architecture(arch).net_class.__name__
+        raise ValueError(f"needs {wanted} weights, got {type(net).__name__}")
+    return net, f"{source} ({fingerprint(net)})"
 
 
 def _num_params(entries: dict[str, dict]) -> int:
