@@ -533,22 +533,29 @@ NETS_FOR_NAN = [
 @pytest.mark.parametrize("device_flag", [False, True], ids=["host-check", "device-flag"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
-def test_nonfinite_skip_changes_nothing(cls, make, bad, device_flag, monkeypatch):
+def test_nonfinite_skip_changes_nothing(cls, make, bad, device_flag):
     params, opt = _nan_setup(cls, make())
     ref = copy.deepcopy(opt)  # the same optimizer, on copies of the params, minus the bad step
     twins = ref.param_groups[0]["params"]
-    if device_flag:  # exercise the accelerator path, which never reads the flag on the host
-        monkeypatch.setattr(opt, "_sync_on", lambda device: False)
     snap = snapshot(opt)
     grads = [torch.randn(p.shape) for p in params]
     grads[1][2] = bad
     set_grads(params, grads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt.step()
+        if device_flag:
+            # what step() does on an accelerator: the update runs, vetoed by a device flag that
+            # is never read on the host
+            with torch.no_grad():
+                ps, gs, lrs, groups, _ = opt._gather()
+                opt._apply(ps, gs, lrs, groups, skip=torch.tensor(True))
+        else:
+            opt.step()
     assert_unchanged(opt, snap)
-    assert opt.skipped_steps == 1
-    if not device_flag:
+    if device_flag:
+        assert caught == []
+    else:
+        assert opt.skipped_steps == 1
         assert [w.category for w in caught] == [RuntimeWarning]
         assert "non-finite gradient" in str(caught[0].message)
         assert caught[0].filename == __file__  # points at the caller's step()
@@ -665,16 +672,74 @@ def test_state_dict_carries_the_fingerprint_and_load_checks_it():
     p.grad = torch.ones(3)
     opt.step()
     sd = opt.state_dict()
-    assert sd["meta_fingerprint"] == fingerprint(net) == opt.meta_fingerprint
+    assert [g["meta_fingerprint"] for g in sd["param_groups"]] == [fingerprint(net)]
+    assert fingerprint(net) == opt.meta_fingerprint
     other = SimpleOptimizer([leaf(3)], weights=random_simple(16))
     snap = snapshot(other)
     with pytest.raises(ValueError, match=f"saved with meta-weights {fingerprint(net)}"):
         other.load_state_dict(sd)
     assert_unchanged(other, snap)
-    plain = {k: v for k, v in sd.items() if k != "meta_fingerprint"}
+    plain = {"state": sd["state"], "param_groups": [
+        {k: v for k, v in g.items() if k != "meta_fingerprint"} for g in sd["param_groups"]]}
     with pytest.raises(ValueError, match="no 'meta_fingerprint'"):
         SimpleOptimizer([leaf(3)], weights=net).load_state_dict(plain)
-    assert "meta_fingerprint" in sd  # the caller's dict is not modified
+    assert "meta_fingerprint" in sd["param_groups"][0]  # the caller's dict is not modified
+    # the live groups never hold a (possibly stale) fingerprint
+    assert all("meta_fingerprint" not in g for g in opt.param_groups)
+
+
+def test_a_state_dict_rebuilt_from_state_and_param_groups_loads():
+    """What distributed checkpointing does: keep only "state" and "param_groups", copied."""
+    net = random_simple(15)
+    model = _model()
+    opt = SimpleOptimizer(model.parameters(), weights=net, lr=0.5)
+    _train(opt, model, 3, seed=0)
+    sd = opt.state_dict()
+    rebuilt = {
+        "state": {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()},
+        "param_groups": [dict(g) for g in sd["param_groups"]],
+    }
+    model2 = copy.deepcopy(model)
+    opt2 = SimpleOptimizer(model2.parameters(), weights=net)
+    opt2.load_state_dict(rebuilt)
+    assert opt2.param_groups[0]["lr"] == 0.5
+    _train(opt, model, 3, seed=1)
+    _train(opt2, model2, 3, seed=1)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_state_dict_with_the_fingerprint_at_the_top_still_loads():
+    net = random_simple(15)
+    p = leaf(3, seed=0)
+    opt = SimpleOptimizer([p], weights=net)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    legacy = {"state": sd["state"], "meta_fingerprint": fingerprint(net), "param_groups": [
+        {k: v for k, v in g.items() if k not in ("meta_fingerprint", "impl", "nonfinite", "state_dtype")}
+        for g in sd["param_groups"]]}
+    q = leaf(3, seed=0)
+    opt2 = SimpleOptimizer([q], weights=net)
+    opt2.load_state_dict(legacy)
+    assert torch.equal(opt2.state[q]["h"], opt.state[p]["h"])
+    assert opt2.param_groups[0]["impl"] == "auto" and opt2.param_groups[0]["state_dtype"] == torch.float32
+
+
+def test_whole_step_options_are_refused_per_group():
+    net = random_simple(15)
+    with pytest.raises(ValueError, match="'nonfinite' applies to the whole step"):
+        SimpleOptimizer([{"params": [leaf(2)]}, {"params": [leaf(3)], "nonfinite": "raise"}], weights=net)
+    with pytest.raises(ValueError, match="'impl' applies to the whole step"):
+        SimpleOptimizer([{"params": [leaf(2)], "impl": "reference"}], weights=net, impl="auto")
+    opt = SimpleOptimizer([{"params": [leaf(2)]}, {"params": [leaf(3)], "state_dtype": torch.bfloat16}],
+                          weights=net)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    dtypes = [opt.state[p]["h"].dtype for g in opt.param_groups for p in g["params"]]
+    assert dtypes == [torch.float32, torch.bfloat16]
 
 
 def test_load_state_dict_rejects_a_state_that_does_not_fit():
@@ -721,8 +786,9 @@ def test_copies_keep_the_meta_weights_and_options(make, how):
     assert type(opt2) is type(opt) and type(opt2.net) is type(opt.net)
     assert opt2.meta_fingerprint == opt.meta_fingerprint
     assert opt2.net is not opt.net and not opt2.net.training
-    for name in ("nonfinite", "state_dtype", "impl"):
-        assert getattr(opt2, name, None) == getattr(opt, name, None)
+    assert {"lr", "nonfinite", "state_dtype"} <= set(opt.defaults)
+    for key in opt.defaults:
+        assert opt2.defaults[key] == opt2.param_groups[0][key] == opt.param_groups[0][key] == opt.defaults[key]
     _train(opt, model, 3, seed=1)
     _train(opt2, model2, 3, seed=1)
     for p, q in zip(model.parameters(), model2.parameters()):

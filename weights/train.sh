@@ -9,14 +9,14 @@ declare -A CMD=(
   [simple]="--trajectories 20 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [simple-bias]="--bias --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [simple-noagg]="--no-aggregate --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
-  [simple-uniform]="--loss uniform --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
+  [simple-uniform]="--meta-loss uniform --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [dm]="--arch dm --trajectories 3 --threads 1 --seed 0"
   [rnnprop]="--arch rnnprop --trajectories 2 --threads 1 --seed 0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(simple simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
-  $PY -m l2l_optim meta-fit ${CMD[$name]} --out "runs/$name"
+  $PY -m l2l_optim meta-fit ${CMD[$name]} --out-dir "runs/$name"
   cp "runs/$name/weights.safetensors" "weights/$name.safetensors"
   mkdir -p weights/logs
   cp "runs/$name/log.jsonl" "weights/logs/$name.log.jsonl"

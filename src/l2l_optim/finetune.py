@@ -601,7 +601,7 @@ def finetune(
         diverged = False
         try:
             r = run_trajectory(net, task, seed=ep_seed, steps=steps_cap, unroll=steps_per_unroll,
-                               loss=meta_loss, meta_opt=meta_opt, grad_clip=grad_clip, lr_scales=lr_scales)
+                               meta_loss=meta_loss, meta_opt=meta_opt, grad_clip=grad_clip, lr_scales=lr_scales)
             diverged = bool(r["diverged"])
         except _StopEpisode:
             pass

@@ -29,11 +29,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
-from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
-from .registry import ARCHITECTURES, build_net
+from .nets import CoordinatewiseNet, SimpleOptimizerNet
 from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
 
-__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
+__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp", "coordinatewise_update"]
 
 WeightsT = str | os.PathLike | CoordinatewiseNet | LoadedWeights
 _NONFINITE = ("skip", "raise")
@@ -76,6 +75,11 @@ class LearnedOptimizer(Optimizer):
     ``forward`` (the generic path); :class:`SimpleOptimizer` replaces that with a fused
     kernel.
 
+    **Options** live where torch keeps them: in ``defaults`` and every parameter group, so
+    ``state_dict``, pickling and ``copy.deepcopy`` carry them. ``lr`` and ``state_dtype`` may
+    differ between groups; ``nonfinite`` (and SimpleOptimizer's ``impl``) apply to the whole
+    step, so a group that sets another value is refused.
+
     **Non-finite gradients.** With ``nonfinite="skip"`` (the default), a step in which any
     gradient holds NaN or Inf changes nothing: parameters, hidden states and step counts stay
     as they were. The check is one flag computed on the parameters' device; on CPU the step
@@ -88,9 +92,13 @@ class LearnedOptimizer(Optimizer):
     **State.** Per parameter, created at its first step: the net's state tensors for
     ``p.numel()`` coordinates (coordinate last) and ``step``, the number of updates applied
     (an int64 tensor on the parameter's device). The state is float64 for float64
-    parameters and ``state_dtype`` otherwise; float16 and bfloat16 parameters are computed in
-    float32. :meth:`state_dict` records the fingerprint of the meta-weights, and
-    :meth:`load_state_dict` refuses a state saved with other weights.
+    parameters and the group's ``state_dtype`` otherwise; float16 and bfloat16 parameters
+    are computed in float32.
+
+    **Checkpoints.** :meth:`state_dict` stamps the fingerprint of the meta-weights into every
+    parameter group (``"meta_fingerprint"``), where torch's distributed checkpoint tools keep
+    group options, so a dict rebuilt from ``state`` and ``param_groups`` still loads.
+    :meth:`load_state_dict` refuses a state saved with other meta-weights.
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
@@ -126,8 +134,8 @@ class LearnedOptimizer(Optimizer):
     #: the architecture the weights must have (None: any)
     _required_arch: str | None = None
     _state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
-    # plain attributes that pickle/deepcopy must carry (torch's __getstate__ drops extras)
-    _pickled_options: tuple[str, ...] = ("nonfinite", "state_dtype")
+    #: options that apply to the whole step, not to one group
+    _step_options: tuple[str, ...] = ("nonfinite",)
 
     def __init__(
         self,
@@ -138,21 +146,28 @@ class LearnedOptimizer(Optimizer):
         nonfinite: str = "skip",
         state_dtype: torch.dtype = torch.float32,
     ) -> None:
-        _check_lr(lr)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(
-                f"Invalid nonfinite policy: {nonfinite!r}; expected one of {_NONFINITE}"
-            )
-        if state_dtype not in self._state_dtypes:
-            allowed = ", ".join(str(d) for d in self._state_dtypes)
-            raise ValueError(f"Invalid state_dtype: {state_dtype}; expected one of {allowed}")
-        self.nonfinite = nonfinite
-        self.state_dtype = state_dtype
-        self.net = self._resolve_net(weights)
-        self._init_runtime()
-        super().__init__(params, {"lr": lr})
+        self._setup(params, weights, dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype))
 
     # ----------------------------------------------------------------------------- setup
+
+    def _setup(self, params, weights: WeightsT, defaults: dict[str, Any]) -> None:
+        """Validate ``defaults``, resolve the net, then build the optimizer (torch's __init__)."""
+        self._check_options(defaults)
+        self.net = self._resolve_net(weights)
+        self._init_runtime()
+        super().__init__(params, defaults)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        _check_lr(options["lr"])
+        if options["nonfinite"] not in _NONFINITE:
+            raise ValueError(
+                f"Invalid nonfinite policy: {options['nonfinite']!r}; expected one of {_NONFINITE}"
+            )
+        if options["state_dtype"] not in self._state_dtypes:
+            allowed = ", ".join(str(d) for d in self._state_dtypes)
+            raise ValueError(
+                f"Invalid state_dtype: {options['state_dtype']}; expected one of {allowed}"
+            )
 
     def _resolve_net(self, weights: WeightsT) -> CoordinatewiseNet:
         name = type(self).__name__
@@ -169,8 +184,8 @@ class LearnedOptimizer(Optimizer):
         return net
 
     def _init_runtime(self) -> None:
-        # derived data, rebuilt after unpickling: nets/weights per (device, dtype)
-        self._cache: dict[tuple, tuple[tuple, Any]] = {}
+        # derived data, rebuilt after unpickling: copies of the net per (device, dtype)
+        self._net_copies: dict[tuple, tuple[tuple, CoordinatewiseNet]] = {}
         self._skipped_host = 0
         self._skipped_device: Tensor | None = None
 
@@ -178,28 +193,36 @@ class LearnedOptimizer(Optimizer):
         """Add a parameter group (see :meth:`torch.optim.Optimizer.add_param_group`).
 
         Raises:
-            ValueError: the group's ``lr`` is invalid, a parameter is complex or not
-                floating point, or it lives on another device than the other parameters.
+            ValueError: the group's ``lr`` or ``state_dtype`` is invalid, it sets a whole-step
+                option (``nonfinite``, ``impl``) to another value than the optimizer's, or a
+                parameter is complex, not floating point, or on another device than the
+                other parameters.
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        name = type(self).__name__
         try:
-            _check_lr(group["lr"])
+            self._check_options(group)
+            for key in self._step_options:
+                if group[key] != self.defaults[key]:
+                    raise ValueError(
+                        f"{name}: {key!r} applies to the whole step, so every group must use the "
+                        f"optimizer's {key}={self.defaults[key]!r}; got {group[key]!r}"
+                    )
             devices = {p.device for g in self.param_groups for p in g["params"]}
             for p in group["params"]:
                 if torch.is_complex(p):
                     raise ValueError(
-                        f"{type(self).__name__} does not support complex parameters "
+                        f"{name} does not support complex parameters "
                         f"(got one of dtype {p.dtype}); optimize torch.view_as_real(p) instead"
                     )
                 if not p.is_floating_point():
                     raise ValueError(
-                        f"{type(self).__name__} supports only floating-point parameters, "
-                        f"got dtype {p.dtype}"
+                        f"{name} supports only floating-point parameters, got dtype {p.dtype}"
                     )
             if len(devices) > 1:
                 raise ValueError(
-                    f"{type(self).__name__} needs all parameters on one device (the update "
+                    f"{name} needs all parameters on one device (the update "
                     f"aggregates over all coordinates), got {sorted(map(str, devices))}"
                 )
         except ValueError:
@@ -221,40 +244,25 @@ class LearnedOptimizer(Optimizer):
             n += int(self._skipped_device.item())
         return n
 
-    def _state_dtype_for(self, p: Tensor) -> torch.dtype:
-        return torch.float64 if p.dtype == torch.float64 else self.state_dtype
-
     @staticmethod
-    def _compute_dtype(params: list[Tensor]) -> torch.dtype:
-        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
-    def _net_version(self) -> tuple:
-        # in-place edits of the net (e.g. fine-tuning it) bump the parameters' versions,
-        # which invalidates the derived copies below
-        return (id(self.net),) + tuple(p._version for p in self.net.parameters())
-
-    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
-        version = self._net_version()
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != version:
-            hit = (version, make())
-            self._cache[key] = hit
-        return hit[1]
+    def _state_dtype_for(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
 
     def _net_for(self, device: torch.device, dtype: torch.dtype) -> CoordinatewiseNet:
+        """The net on ``device`` in ``dtype``: the net itself, or a copy kept until it changes."""
         ref = next(self.net.parameters(), None)
         if ref is None or (ref.device == device and ref.dtype == dtype):
             return self.net
-        return self._cached(
-            ("net", device, dtype), lambda: copy.deepcopy(self.net).to(device=device, dtype=dtype)
-        )
+        # in-place edits of the net (fine-tuning it) bump its parameters' versions
+        version = (id(self.net),) + tuple(p._version for p in self.net.parameters())
+        hit = self._net_copies.get((device, dtype))
+        if hit is None or hit[0] != version:
+            hit = (version, copy.deepcopy(self.net).to(device=device, dtype=dtype))
+            self._net_copies[(device, dtype)] = hit
+        return hit[1]
 
-    def _sync_on(self, device: torch.device) -> bool:
-        """Whether the non-finite check may read its flag on the host (free on CPU)."""
-        return device.type == "cpu"
-
-    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.net.init_state(p.numel(), device=p.device, dtype=self._state_dtype_for(p))
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = self.net.init_state(p.numel(), device=p.device, dtype=self._state_dtype_for(p, group))
         if "step" in state:
             raise RuntimeError(f"{type(self.net).__name__} uses the reserved state key 'step'")
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
@@ -285,11 +293,13 @@ class LearnedOptimizer(Optimizer):
             self._step()
         return loss
 
-    def _step(self) -> None:
+    def _gather(self) -> tuple[list[Tensor], list[Tensor], list[float | Tensor], list[dict], list[tuple[int, int]]]:
+        """Every parameter with a gradient, its gradient, lr and group, across all groups."""
         name = type(self).__name__
         params: list[Tensor] = []
         grads: list[Tensor] = []
         lrs: list[float | Tensor] = []
+        groups: list[dict] = []
         where: list[tuple[int, int]] = []  # (index across groups, group) of each stepped param
         index = 0
         for gi, group in enumerate(self.param_groups):
@@ -306,23 +316,30 @@ class LearnedOptimizer(Optimizer):
                     params.append(p)
                     grads.append(g)
                     lrs.append(lr)
+                    groups.append(group)
                     where.append((index, gi))
                 index += 1
-        if not params:
-            return
-        device = params[0].device
-        for p in params:
-            if p.device != device:
-                raise RuntimeError(
-                    f"{name} needs all parameters on one device (the update aggregates over "
-                    f"all coordinates), got {p.device} and {device}"
-                )
+        if params:
+            device = params[0].device
+            for p in params:
+                if p.device != device:
+                    raise RuntimeError(
+                        f"{name} needs all parameters on one device (the update aggregates over "
+                        f"all coordinates), got {p.device} and {device}"
+                    )
+        return params, grads, lrs, groups, where
 
+    def _check_finite(self, params: list[Tensor], grads: list[Tensor], where) -> tuple[bool, Tensor | None]:
+        """Apply the non-finite policy: ``(go_on, skip_flag)``.
+
+        ``go_on`` is False when the step must change nothing and the host already knows it
+        (CPU); on an accelerator ``skip_flag`` is a device bool handed to the update instead.
+        """
+        name = type(self).__name__
         # one fused max-abs per tensor (NaN and Inf survive it) instead of a full isfinite()
-        # pass and a reduction per tensor: the check was 20-60% of a fused step
+        # pass and a reduction per tensor
         finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()
-        skip: Tensor | None = None
-        if self.nonfinite == "raise":
+        if self.defaults["nonfinite"] == "raise":
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
                 i, gi = where[bad]
@@ -330,33 +347,43 @@ class LearnedOptimizer(Optimizer):
                     f"{name}: non-finite gradient in parameter {i} (group {gi}, shape "
                     f"{tuple(params[bad].shape)}); nothing was changed"
                 )
-        elif self._sync_on(device):
-            if not bool(finite.all()):
-                self._skipped_host += 1
-                warnings.warn(
-                    f"{name}: non-finite gradient, step skipped (parameters and state "
-                    "unchanged); see skipped_steps, or pass nonfinite='raise' to stop",
-                    RuntimeWarning,
-                    stacklevel=_caller_stacklevel(),
-                )
-                return
-        else:
-            skip = ~finite.all()
-            if self._skipped_device is None or self._skipped_device.device != skip.device:
-                if self._skipped_device is not None:
-                    self._skipped_host += int(self._skipped_device.item())
-                self._skipped_device = torch.zeros((), dtype=torch.int64, device=skip.device)
-            self._skipped_device.add_(skip)
+            return True, None
+        if params[0].device.type == "cpu":  # reading the flag is free on the host
+            if bool(finite.all()):
+                return True, None
+            self._skipped_host += 1
+            warnings.warn(
+                f"{name}: non-finite gradient, step skipped (parameters and state "
+                "unchanged); see skipped_steps, or pass nonfinite='raise' to stop",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+            return False, None
+        skip = ~finite.all()
+        if self._skipped_device is None or self._skipped_device.device != skip.device:
+            if self._skipped_device is not None:
+                self._skipped_host += int(self._skipped_device.item())
+            self._skipped_device = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self._skipped_device.add_(skip)
+        return True, skip
 
+    def _step(self) -> None:
+        params, grads, lrs, groups, where = self._gather()
+        if not params:
+            return
+        go_on, skip = self._check_finite(params, grads, where)
+        if go_on:
+            self._apply(params, grads, lrs, groups, skip)
+
+    def _apply(self, params, grads, lrs, groups, skip: Tensor | None) -> None:
+        """Create missing state, run the update (``skip``: a device flag that may veto it)."""
         states = []
-        for p in params:
+        for p, group in zip(params, groups):
             state = self.state[p]
             if not state:
-                state.update(self._init_state(p))
+                state.update(self._init_state(p, group))
             states.append(state)
-
         self._update(params, grads, states, lrs, skip)
-
         steps = [s["step"] for s in states]
         if skip is None:
             torch._foreach_add_(steps, 1)
@@ -371,106 +398,78 @@ class LearnedOptimizer(Optimizer):
         lrs: list[float | Tensor],
         skip: Tensor | None,
     ) -> None:
-        """Generic path: the net over all coordinates at once, or per parameter.
-
-        A net that couples coordinates (the mean aggregation) sees them all in one call. A net
-        whose coordinates are independent runs once per parameter, which gives the same
-        result without concatenating and splitting every state tensor (a third of an LSTM
-        step on the base MLP).
-        """
-        cd = self._compute_dtype(params)
-        net = self._net_for(params[0].device, cd)
-        if net.independent_coordinates and len(params) > 1:
-            for i in range(len(params)):
-                self._update_batch(net, cd, params[i : i + 1], grads[i : i + 1], states[i : i + 1], lrs[i : i + 1],
-                                   skip)
-        else:
-            self._update_batch(net, cd, params, grads, states, lrs, skip)
-
-    @staticmethod
-    def _update_batch(
-        net: CoordinatewiseNet,
-        cd: torch.dtype,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        lrs: list[float | Tensor],
-        skip: Tensor | None,
-    ) -> None:
-        keys = [k for k in states[0] if k != "step"]
-        sizes = [p.numel() for p in params]
-        if len(params) == 1:
-            g = grads[0].reshape(-1).to(cd)
-            old = {k: states[0][k].to(cd) for k in keys}
-        else:
-            g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
-            old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
-        update, new = net(g, old)
-        if skip is not None:
-            # keep NaN/Inf out of the state without reading the flag on the host
-            new = {k: torch.where(skip, old[k], new[k]) for k in keys}
-        for k in keys:
-            if len(params) == 1 and new[k].dtype == states[0][k].dtype and new[k].shape == states[0][k].shape:
-                states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
-                continue
-            for s, part in zip(states, new[k].split(sizes, dim=-1)):
-                s[k].copy_(part)
-        for p, u, lr in zip(params, update.split(sizes), lrs):
-            if not isinstance(lr, Tensor) and lr == 0.0:
-                continue
-            u = u.view(p.shape)
-            if skip is None:
-                if isinstance(lr, Tensor):
-                    p.add_(u * lr.to(u.dtype))
-                else:
-                    p.add_(u, alpha=lr)
-            else:
-                p.copy_(torch.where(skip, p, p + lr * u))
+        cd = compute_dtype(params)
+        coordinatewise_update(
+            self._net_for(params[0].device, cd), params, grads, states, lrs, skip=skip
+        )
 
     # ------------------------------------------------------------------------ persistence
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state (see :meth:`torch.optim.Optimizer.state_dict`).
 
-        Adds ``"meta_fingerprint"``, the fingerprint of the meta-weights the state belongs
-        to. The tensors are the live state, not copies (as in torch).
+        Every parameter group carries ``"meta_fingerprint"``, the fingerprint of the
+        meta-weights the state belongs to. The tensors are the live state, not copies (as in
+        torch).
         """
         sd = super().state_dict()
-        sd["meta_fingerprint"] = self.meta_fingerprint
+        fp = self.meta_fingerprint
+        for group in sd["param_groups"]:
+            group["meta_fingerprint"] = fp
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` of an optimizer with the same weights.
 
-        The state keeps its saved precision (torch's default would cast it to each
-        parameter's dtype, losing float32 hidden states of bfloat16 parameters).
+        Also loads a dict rebuilt from ``{"state": ..., "param_groups": ...}`` (the
+        fingerprint travels in the groups). Group options (``lr``, ``state_dtype``) come from
+        the saved groups, as in torch; whole-step options (``nonfinite``, ``impl``) stay this
+        optimizer's, since they say how to run, not what was learned. Each state tensor is
+        cast to the dtype this optimizer keeps for its parameter (float64 for float64
+        parameters, else the group's ``state_dtype``), not to the parameter's dtype as
+        torch's default would (which would round a float32 hidden state of a bfloat16
+        parameter to bfloat16).
 
         Raises:
-            ValueError: the state was saved with other meta-weights or by another
-                optimizer, or its per-parameter state does not fit this optimizer's net
-                and parameters. Nothing is changed then.
+            ValueError: the state carries no fingerprint or another one (saved with other
+                meta-weights or by another optimizer), or its per-parameter state does not
+                fit this optimizer's net and parameters. Nothing is changed then.
         """
         name = type(self).__name__
         sd = dict(state_dict)
-        saved_fp = sd.pop("meta_fingerprint", None)
+        saved_groups = [dict(g) for g in sd.get("param_groups", [])]
+        # a top-level key is where earlier versions of the package kept the fingerprint
+        found = {g.pop("meta_fingerprint") for g in saved_groups if "meta_fingerprint" in g}
+        if "meta_fingerprint" in sd:
+            found.add(sd.pop("meta_fingerprint"))
+        sd["param_groups"] = saved_groups
         mine = self.meta_fingerprint
-        if saved_fp is None:
+        if not found:
             raise ValueError(
                 f"{name}.load_state_dict: the state_dict has no 'meta_fingerprint'; it was not "
                 "saved by a LearnedOptimizer"
             )
-        if saved_fp != mine:
+        if found != {mine}:
+            other = sorted(found - {mine})[0]
             raise ValueError(
-                f"{name}.load_state_dict: the state was saved with meta-weights {saved_fp}, but "
+                f"{name}.load_state_dict: the state was saved with meta-weights {other}, but "
                 f"this optimizer has {mine}; create the optimizer with the same weights"
             )
-        groups, saved_groups = self.param_groups, sd.get("param_groups", [])
+        groups = self.param_groups
         same_layout = len(groups) == len(saved_groups) and all(
             len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
         )
         if not same_layout:
             super().load_state_dict(sd)  # raises torch's usual message
             return
+        for g in saved_groups:
+            for key, value in self.defaults.items():
+                g[key] = self.defaults[key] if key in self._step_options else g.get(key, value)
+            self._check_options(g)
+        saved_of = {}
+        for g in saved_groups:
+            for pid in g["params"]:
+                saved_of[pid] = g
         id_map = dict(
             zip(
                 (i for s in saved_groups for i in s["params"]),
@@ -504,43 +503,29 @@ class LearnedOptimizer(Optimizer):
             for k, t in value.items():
                 if not isinstance(t, Tensor):  # a plain-number step count
                     t = torch.tensor(t)
-                dtype = torch.int64 if k == "step" else self._state_dtype_for(p)
+                dtype = torch.int64 if k == "step" else self._state_dtype_for(p, saved_of[pid])
                 state[k] = t.to(
                     device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
                 )
 
+    # torch's Optimizer pickles defaults, state and param_groups; the net is not an option
+    # but the update rule itself, so it travels beside them (with the skipped-step count)
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        net = self.net
-        if net.arch in ARCHITECTURES and ARCHITECTURES[net.arch].net_class is type(net):
-            state["_meta_net"] = {
-                "arch": net.arch,
-                "config": net.config,
-                "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
-            }
-        else:  # a custom net class: pickle the module itself
-            state["_meta_net"] = {"module": net}
-        options = {k: getattr(self, k) for k in self._pickled_options}
-        options["_skipped_host"] = self.skipped_steps
-        state["_options"] = options
+        state["net"] = self.net
+        state["skipped_steps"] = self.skipped_steps
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        meta = state.pop("_meta_net", None)
-        options = state.pop("_options", {})
+        # torch's load_state_dict also calls this, with state and param_groups only
+        unpickling = "net" in state
+        net = state.pop("net", None)
+        skipped = state.pop("skipped_steps", 0)
         super().__setstate__(state)
-        self._init_runtime()
-        for k, v in options.items():
-            setattr(self, k, v)
-        if meta is not None:
-            if "module" in meta:
-                net = meta["module"]
-            else:
-                net = build_net(meta["arch"], meta["config"])
-                net.load_state_dict(meta["state_dict"])
-            net.eval()
-            net.requires_grad_(False)
+        if unpickling:
             self.net = net
+            self._init_runtime()
+            self._skipped_host = skipped
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -584,7 +569,7 @@ class SimpleOptimizer(LearnedOptimizer):
     """
 
     _required_arch = SimpleOptimizerNet.arch
-    _pickled_options = LearnedOptimizer._pickled_options + ("impl",)
+    _step_options = LearnedOptimizer._step_options + ("impl",)
 
     def __init__(
         self,
@@ -596,34 +581,24 @@ class SimpleOptimizer(LearnedOptimizer):
         state_dtype: torch.dtype = torch.float32,
         nonfinite: str = "skip",
     ) -> None:
-        # validate the name before loading anything; availability on the parameters' device
-        # is checked below (resolving for "cpu" here would reject impl="triton" on CUDA)
-        if impl not in kernels.IMPLS:
-            raise ValueError(f"Invalid impl: {impl!r}; expected one of {kernels.IMPLS}")
-        self.impl = impl
-        super().__init__(
-            params, lr, weights=weights, nonfinite=nonfinite, state_dtype=state_dtype
-        )
-        if not isinstance(self.net, SimpleOptimizerNet):
-            raise ValueError(
-                f"SimpleOptimizer needs SimpleOptimizerNet weights, got {type(self.net).__name__}"
-            )
+        defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype, impl=impl)
+        self._setup(params, weights, defaults)
+        # fail now, not at the first step, when the kernel cannot run on these parameters
         device = self.param_groups[0]["params"][0].device
         kernels.get_kernel(kernels.resolve_impl(impl, device.type))
 
-    def _fused_weights(self, device: torch.device, dtype: torch.dtype) -> SimpleWeights:
-        # fold from a copy already in `dtype`: fused_weights multiplies alpha * w_out in the
-        # net's own dtype, and a float32 product would cost float64 parameters ~1e-8
-        net = self._net_for(device, dtype)
-        assert isinstance(net, SimpleOptimizerNet)
-        return self._cached(
-            ("fused", device, dtype), lambda: net.fused_weights(dtype=dtype, device=device)
-        )
+    def _check_options(self, options: dict[str, Any]) -> None:
+        # the name first: availability depends on the parameters' device, checked in __init__
+        if options["impl"] not in kernels.IMPLS:
+            raise ValueError(f"Invalid impl: {options['impl']!r}; expected one of {kernels.IMPLS}")
+        super()._check_options(options)
 
     def _update(self, params, grads, states, lrs, skip) -> None:
         device = params[0].device
-        kernel = kernels.get_kernel(kernels.resolve_impl(self.impl, device.type))
-        weights = self._fused_weights(device, self._compute_dtype(params))
+        cd = compute_dtype(params)
+        kernel = kernels.get_kernel(kernels.resolve_impl(self.defaults["impl"], device.type))
+        # fold from a copy already in the compute dtype, so float64 parameters fold in float64
+        weights = self._net_for(device, cd).fused_weights(dtype=cd, device=device)
         kernel(params, grads, [s["h"] for s in states], lrs, weights, skip)
 
 
@@ -686,3 +661,73 @@ class RNNProp(LearnedOptimizer):
         nonfinite: str = "skip",
     ) -> None:
         super().__init__(params, lr, weights=weights, nonfinite=nonfinite)
+
+
+def compute_dtype(params: list[Tensor]) -> torch.dtype:
+    """float64 if any parameter is float64, else float32 (half-precision ones included)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def coordinatewise_update(
+    net: CoordinatewiseNet,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    lrs: list[float | Tensor],
+    *,
+    skip: Tensor | None = None,
+) -> None:
+    """One step of any coordinate-wise net on ``params``, in place (the generic path).
+
+    A net that couples coordinates (the mean aggregation) sees them all in one call. A net
+    whose coordinates are independent runs once per parameter, which gives the same result
+    without concatenating and splitting every state tensor.
+
+    Args:
+        net: the net, already in the compute dtype and on the parameters' device.
+        params: the parameters (updated in place: ``p += lr * u``).
+        grads: their gradients.
+        states: one state dict per parameter (the net's tensors, coordinate last; other keys
+            such as ``"step"`` are left alone); updated in place.
+        lrs: one learning rate per parameter, a float or a 0-dim tensor.
+        skip: optional 0-dim bool tensor; where true, nothing changes (read on the device,
+            never on the host).
+    """
+    if net.independent_coordinates and len(params) > 1:
+        for i in range(len(params)):
+            _net_update(net, params[i : i + 1], grads[i : i + 1], states[i : i + 1], lrs[i : i + 1], skip)
+    elif params:
+        _net_update(net, params, grads, states, lrs, skip)
+
+
+def _net_update(net, params, grads, states, lrs, skip) -> None:
+    cd = compute_dtype(params)
+    keys = [k for k in states[0] if k != "step"]
+    sizes = [p.numel() for p in params]
+    if len(params) == 1:
+        g = grads[0].reshape(-1).to(cd)
+        old = {k: states[0][k].to(cd) for k in keys}
+    else:
+        g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
+        old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
+    update, new = net(g, old)
+    if skip is not None:
+        # keep NaN/Inf out of the state without reading the flag on the host
+        new = {k: torch.where(skip, old[k], new[k]) for k in keys}
+    for k in keys:
+        if len(params) == 1 and new[k].dtype == states[0][k].dtype and new[k].shape == states[0][k].shape:
+            states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
+            continue
+        for s, part in zip(states, new[k].split(sizes, dim=-1)):
+            s[k].copy_(part)
+    for p, u, lr in zip(params, update.split(sizes), lrs):
+        if not isinstance(lr, Tensor) and lr == 0.0:
+            continue
+        u = u.view(p.shape)
+        if skip is None:
+            if isinstance(lr, Tensor):
+                p.add_(u * lr.to(u.dtype))
+            else:
+                p.add_(u, alpha=lr)
+        else:
+            p.copy_(torch.where(skip, p, p + lr * u))

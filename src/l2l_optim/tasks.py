@@ -287,7 +287,8 @@ class Task:
     def module(self) -> nn.Module:
         """A template module whose structure (not parameters) functional calls use."""
         if self._module is None:
-            self._module = self.model_fn()
+            with torch.random.fork_rng(devices=[]):  # its values are never used
+                self._module = self.model_fn()
         return self._module
 
     def init_params(self, seed: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -483,8 +483,9 @@ def _num_params(entries: dict[str, dict]) -> int:
     return total
 
 
-# the recipe fields worth a glance in the table, in order (meta_fit's MetaFitConfig names)
-_RECIPE_FIELDS = ("task", "loss", "trajectories", "steps", "unroll", "meta_lr", "init", "seed")
+# the recipe fields worth a glance in the table, in order (MetaFitConfig names; "loss" is
+# what older files call meta_loss)
+_RECIPE_FIELDS = ("task", "meta_loss", "loss", "trajectories", "steps", "unroll", "meta_lr", "init", "seed")
 
 
 def _recipe_summary(recipe: str, width: int = 60) -> str:

@@ -1,0 +1,23 @@
+"""Meta-training: learn a coordinate-wise optimizer net's weights on optimizee tasks.
+
+* :mod:`.losses`: the meta-losses (weighted difference, uniform, last).
+* :mod:`.trajectory`: one optimizee trajectory, as an evaluation run or with truncated-BPTT
+  meta-updates.
+* :mod:`.fit`: :func:`meta_fit`, the seeded, logged, checkpointed loop over trajectories.
+"""
+
+from .fit import MetaFitConfig, MetaFitResult, main, meta_fit
+from .losses import META_LOSSES, meta_loss_coefficients
+from .trajectory import meta_lr_scales, run_trajectory, tail_mean
+
+__all__ = [
+    "MetaFitConfig",
+    "MetaFitResult",
+    "meta_fit",
+    "main",
+    "META_LOSSES",
+    "meta_loss_coefficients",
+    "meta_lr_scales",
+    "run_trajectory",
+    "tail_mean",
+]

@@ -1,0 +1,104 @@
+"""meta_fit and run_trajectory on a tiny in-memory task (no dataset files needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from l2l_optim.meta import MetaFitConfig, meta_fit, meta_loss_coefficients, run_trajectory
+from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet, init_net
+from l2l_optim.tasks import Task
+
+
+def tiny_task() -> Task:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 6, generator=gen)
+    y = (x[:, 0] > 0).long()
+    return Task(name="tiny", model_fn=lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)),
+                train=(x, y), batch_size=32)
+
+
+QUICK = dict(trajectories=2, steps=8, unroll=4, progress=False)
+
+
+def test_meta_loss_coefficients():
+    assert meta_loss_coefficients("weighted", 4).tolist() == [0.0625, 0.25, 0.5625, 1.0]
+    assert meta_loss_coefficients("uniform", 3).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="Invalid meta_loss: 'nope'"):
+        meta_loss_coefficients("nope", 3)
+
+
+@pytest.mark.parametrize("arch, cls", [("dm", DMOptimizerNet), ("rnnprop", RNNPropNet)])
+def test_the_config_decides_the_architecture(arch, cls):
+    """The signature's defaults must not override the config (they used to: config arch=dm trained simple)."""
+    r = meta_fit(task=tiny_task(), config=MetaFitConfig(arch=arch, **{k: v for k, v in QUICK.items() if k != "progress"}),
+                 progress=False)
+    assert type(r.net) is cls
+
+
+@pytest.mark.parametrize("arch, init", [("dm", "small-output"), ("rnnprop", "small-output"), ("simple", "sign")])
+def test_an_arch_name_gets_its_own_default_init(arch, init, tmp_path):
+    r = meta_fit(arch, tiny_task(), out_dir=tmp_path, trajectories=0, steps=8, unroll=4, progress=False)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["arch"] == arch and recorded["init"] == init
+    # trajectories=0: the net is its starting point, which the init decides
+    torch.manual_seed(0)
+    expected = init_net(type(r.net)(), init)
+    for a, b in zip(r.net.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_wrong_init_for_the_architecture_is_refused():
+    with pytest.raises(ValueError, match="init='sign' applies to SimpleOptimizerNet only"):
+        meta_fit("dm", tiny_task(), init="sign", **QUICK)
+
+
+def test_meta_fit_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    meta_fit("simple", tiny_task(), **QUICK)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_meta_training_moves_the_net_and_is_seeded():
+    a = meta_fit("simple", tiny_task(), seed=3, **QUICK)
+    b = meta_fit("simple", tiny_task(), seed=3, **QUICK)
+    start = meta_fit("simple", tiny_task(), seed=3, **dict(QUICK, trajectories=0))
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, ps) for pa, ps in zip(a.net.parameters(), start.net.parameters()))
+    assert [e["trajectory"] for e in a.log] == [0, 1]
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
+    straight = meta_fit("simple", tiny_task(), out_dir=tmp_path / "a", **dict(QUICK, trajectories=3))
+    meta_fit("simple", tiny_task(), out_dir=tmp_path / "b", **dict(QUICK, trajectories=1))
+    resumed = meta_fit("simple", tiny_task(), out_dir=tmp_path / "b", **dict(QUICK, trajectories=3))
+    for p, q in zip(straight.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(p, q)
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["trajectory"] for l in lines] == [0, 1, 2]
+    with pytest.raises(ValueError, match="another configuration"):
+        meta_fit("simple", tiny_task(), out_dir=tmp_path / "b", meta_lr=0.5, **dict(QUICK, trajectories=4))
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'loss'"):
+        meta_fit("simple", tiny_task(), loss="uniform", **QUICK)
+    with pytest.raises(ValueError, match="unknown meta-optimizer architecture 'lstm'"):
+        meta_fit("lstm", tiny_task(), **QUICK)
+
+
+def test_run_trajectory_should_stop_ends_after_the_unroll():
+    net = init_net(SimpleOptimizerNet(), "sign")
+    seen = []
+
+    def stop(losses):
+        seen.append(len(losses))
+        return len(losses) >= 8
+
+    r = run_trajectory(net, tiny_task(), seed=0, steps=40, unroll=4, should_stop=stop)
+    assert r["stopped"] and len(r["losses"]) == 8 and seen == [4, 8]
