@@ -37,7 +37,7 @@ Outputs in ``--out-dir`` (default ``results/beyond``):
 Resumable: a run whose CSV and JSON exist and match the configuration (steps, seeds, and
 for SimpleOptimizer the weights' fingerprint) is loaded, not rerun. ``--force`` reruns all.
 
-The learning-rate search is a local loop rather than ``l2l_optim.finetune.search_lr``:
+The learning-rate search is a local loop rather than ``l2l_optim.training.search_lr``:
 search_lr returns only the per-lr scores, while this script keeps every run's loss curve
 and resumes run by run. The protocol (grid, last-10% mean, divergence ranks last, ties to
 the earlier grid entry) is the same.
@@ -61,7 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from l2l_optim import SimpleOptimizer
-from l2l_optim.tasks import base_mlp, load_dataset
+from l2l_optim.data import load_dataset
+from l2l_optim.models import base_mlp
 from l2l_optim.weights import fingerprint, load_weights
 
 # ----------------------------------------------------------------------------- config

@@ -44,6 +44,7 @@ from torch import Tensor
 from .nets import INITS, CoordinatewiseNet, SimpleOptimizerNet, init_net
 from .registry import build_net
 from .tasks import Task, make_task
+from .training import tail_mean
 
 __all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "meta_loss_weights", "meta_lr_scales", "run_trajectory", "tail_mean", "main"]
 
@@ -286,17 +287,6 @@ def run_trajectory(
         "params": {k: v.detach() for k, v in params.items()},
         "buffers": buffers,
     }
-
-
-def tail_mean(losses: list[float], frac: float = 0.1, max_window: int | None = None) -> float:
-    """Mean of the last ``frac`` of ``losses`` (at least one, at most ``max_window`` values)."""
-    if not losses:
-        return float("nan")
-    k = max(1, int(len(losses) * frac))
-    if max_window is not None:
-        k = min(k, max_window)
-    tail = losses[-k:]
-    return sum(tail) / len(tail)
 
 
 def meta_fit(
