@@ -4,8 +4,8 @@
     python examples/beyond_paper.py --weights simple --weights runs/v2/weights.safetensors
     python examples/beyond_paper.py --steps 20 --tasks base-mlp transformer --out-dir /tmp/beyond
 
-The evaluation set (each task: batch 128, one run at 1,000 steps is well under a minute on
-2 CPU cores):
+The evaluation set (each task: batch 128, small enough that a 1,000-step run is quick on a
+CPU):
 
   resnet-bn    small residual CNN with BatchNorm on MNIST, cross-entropy (~25k parameters;
                raw-gradient learned optimizers are known to fail on it)
@@ -13,12 +13,12 @@ The evaluation set (each task: batch 128, one run at 1,000 steps is well under a
   autoencoder  MNIST autoencoder 784-256-32-256-784 with sigmoid output, MSE on pixels in [0, 1]
   transformer  2-layer pre-LayerNorm causal transformer (d_model 64, 4 heads) on 4-digit
                addition (a+b=, sum reversed), cross-entropy on the 5 sum digits; batches are
-               generated on the fly. (Reversal and sorting were tried first: Adam solves them
-               in ~20-300 steps, too easy to tell optimizers apart; addition has a late phase
-               change: Adam lr 1e-3 goes 1.8 -> 0.003 between steps 400 and 800.)
+               generated on the fly. (Addition rather than reversal or sorting, which Adam
+               solves in ~20-300 steps, too easily to tell optimizers apart; addition has a late
+               phase change: Adam lr 1e-3 goes 1.8 -> 0.003 between steps 400 and 800.)
   base-mlp     the paper's 784-500-10 MLP on MNIST, cross-entropy (the anchor)
 
-Protocol (the paper's, method.md): SimpleOptimizer runs with lr=1.0, the update as
+Protocol (the paper's): SimpleOptimizer runs with lr=1.0, the update as
 meta-trained. Adam and SGD (no momentum) run every learning rate of ``--lrs`` (default
 {1, 0.1, 0.01, 0.001}) and the best is picked by the mean training loss over the last 10% of
 the steps; a run whose loss turns NaN/Inf ranks last. The "final loss" of every run is that
@@ -37,7 +37,7 @@ Outputs in ``--out-dir`` (default ``results/beyond``):
 Resumable: a run whose CSV and JSON exist and match the configuration (steps, seeds, and
 for SimpleOptimizer the weights' fingerprint) is loaded, not rerun. ``--force`` reruns all.
 
-The learning-rate search is a local loop rather than ``l2l_optim.finetune.search_lr``:
+The learning-rate search is a local loop rather than ``l2l_optim.training.search_lr``:
 search_lr returns only the per-lr scores, while this script keeps every run's loss curve
 and resumes run by run. The protocol (grid, last-10% mean, divergence ranks last, ties to
 the earlier grid entry) is the same.
@@ -61,7 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from l2l_optim import SimpleOptimizer
-from l2l_optim.tasks import base_mlp, load_dataset
+from l2l_optim.data import load_dataset
+from l2l_optim.models import base_mlp
 from l2l_optim.weights import fingerprint, load_weights
 
 # ----------------------------------------------------------------------------- config
@@ -79,8 +80,8 @@ class Config:
     out_dir: str = "results/beyond"
     data_root: str | None = None
     tail: float = 0.1  # the score: mean training loss over the last `tail` of the steps
-    # torch threads: 1 by default, because on a shared 2-core machine 2 threads of every
-    # process oversubscribe the cores and run ~7x slower than 1 (measured here)
+    # torch threads: 1 by default, because several processes sharing a few cores with
+    # several threads each oversubscribe them and slow every run down
     threads: int = 1
     force: bool = False
     plot: bool = True

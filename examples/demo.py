@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from l2l_optim import SimpleOptimizer
-from l2l_optim.tasks import base_mlp, load_dataset
+from l2l_optim.data import load_dataset
+from l2l_optim.models import base_mlp
 
 
 @dataclass

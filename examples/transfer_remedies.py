@@ -12,7 +12,7 @@ lower. The variants, all from the same init and batches per seed:
 
   simple                  the shipped weights, lr 1 (as in fig4a)
   simple-cosine           the same with the lr multiplier decayed 1 -> 0 by a cosine schedule
-  simple-finetuned        the paper's remedy: finetune() on a 5% subsample first (5 episodes)
+  simple-finetuned        the paper's remedy: finetune() on a 5% subsample first (5 trajectories)
   simple-finetuned-cosine both
   sgd                     plain SGD with the lr tuned in fig4a (--sgd-lr, default 0.1)
   sgd-cosine              the same with the cosine schedule (so the decay is not a one-sided help)
@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from l2l_optim import SimpleOptimizer, finetune
-from l2l_optim.finetune import evaluate_model, train_task
 from l2l_optim.reproduce import final_window, write_curve
 from l2l_optim.tasks import make_task
+from l2l_optim.training import evaluate_model, train_task
 from l2l_optim.weights import load_weights
 
 VARIANTS = ("simple", "simple-cosine", "simple-finetuned", "simple-finetuned-cosine", "sgd", "sgd-cosine")
@@ -85,8 +85,8 @@ def main() -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = task.model_fn()
-        r = finetune(model, loader, weights="simple", loss_fn=task.loss_fn, out=ft_path, seed=0,
-                     max_unrolls_per_episode=10)
+        r = finetune(model, loader, weights="simple", loss_fn=task.loss_fn, out_dir=ft_path, seed=0,
+                     max_unrolls=10)
         (out / "finetune.json").write_text(json.dumps(r.log, indent=1))
 
     makers = {

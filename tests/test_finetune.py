@@ -1,8 +1,9 @@
-"""Tests for l2l_optim.finetune: fine-tuning on an unseen model, the lr search, the training loop."""
+"""Tests for l2l_optim.finetune: fine-tuning on an unseen model, where trajectories stop, side effects."""
 
 from __future__ import annotations
 
-import math
+import importlib
+import json
 
 import pytest
 import torch
@@ -10,18 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from l2l_optim.finetune import (
-    FinetuneResult,
-    finetune,
-    search_lr,
-    subsample_loader,
-    task_from_model,
-    train_task,
-)
-from l2l_optim.nets import init_simple_sgd_like
-from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.finetune import FinetuneResult, finetune, subsample_loader
+from l2l_optim.nets import SimpleOptimizerNet, init_simple_sgd_like
 from l2l_optim.optimizer import SimpleOptimizer
-from l2l_optim.tasks import Task
+from l2l_optim.tasks import task_from_model
 from l2l_optim.weights import fingerprint, load_weights
 
 
@@ -55,7 +48,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-QUICK = dict(subsample=0.5, episodes=2, steps_per_unroll=5, max_unrolls_per_episode=4, progress=False)
+QUICK = dict(subsample=0.5, trajectories=2, unroll=5, max_unrolls=4, progress=False)
 
 
 def test_finetune_on_an_unseen_model_leaves_it_untouched_and_returns_loadable_weights(tmp_path):
@@ -68,7 +61,7 @@ def test_finetune_on_an_unseen_model_leaves_it_untouched_and_returns_loadable_we
     net0 = start_net()
     fp0 = fingerprint(net0)
 
-    result = finetune(model, loader, weights=net0, out=tmp_path / "ft.safetensors", **QUICK)
+    result = finetune(model, loader, weights=net0, out_dir=tmp_path / "ft.safetensors", **QUICK)
 
     assert isinstance(result, FinetuneResult)
     after = snapshot(model)
@@ -81,18 +74,20 @@ def test_finetune_on_an_unseen_model_leaves_it_untouched_and_returns_loadable_we
 
     assert len(result.log) == 2
     for e in result.log:
-        assert set(e) >= {"episode", "initial_loss", "target", "final_avg_loss", "reached_target", "unrolls", "steps"}
+        assert set(e) == {"trajectory", "seed", "initial_loss", "target", "final_avg_loss", "reached_target",
+                          "unrolls", "steps", "diverged", "seconds"}
         assert 1 <= e["unrolls"] <= 4 and e["steps"] == 5 * e["unrolls"]
         assert e["target"] == pytest.approx(0.5 * e["initial_loss"])
-        assert isinstance(e["reached_target"], bool)
-        if e["reached_target"]:
-            assert e["final_avg_loss"] < e["target"]
+        assert e["reached_target"] is (e["final_avg_loss"] < e["target"])
     assert result.subsample[0].shape == (200, 6) and result.batch_size == 32
 
     # the weights load into SimpleOptimizer, from the net and from the saved file
     loaded = load_weights(result.weights_path, arch="simple")
     assert loaded.fingerprint == fingerprint(result.net)
-    assert "finetune" in loaded.metadata
+    settings = json.loads(loaded.metadata["finetune"])
+    assert {k: settings[k] for k in ("trajectories", "unroll", "max_unrolls", "subsample_examples")} == {
+        "trajectories": 2, "unroll": 5, "max_unrolls": 4, "subsample_examples": 200}
+    assert json.loads(loaded.metadata["finetune_log"]) == result.log
     for weights in (result.net, result.weights_path):
         m = TinyNet()
         opt = SimpleOptimizer(m.parameters(), weights=weights)
@@ -111,17 +106,57 @@ def test_finetune_is_deterministic():
     assert [e["final_avg_loss"] for e in r1.log] == [e["final_avg_loss"] for e in r2.log]
 
 
-def test_episode_stops_at_the_target_or_the_cap():
+def test_trajectory_stops_at_the_target_or_the_cap():
     x, y = make_data()
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
-    # an unreachable target: every episode runs to the cap and says so
-    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, episodes=1, steps_per_unroll=3,
-                 max_unrolls_per_episode=2, target=1e-6, progress=False)
+    # an unreachable target: every trajectory runs to the cap and says so
+    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, trajectories=1, unroll=3,
+                 max_unrolls=2, target=1e-6, progress=False)
     assert r.log[0]["unrolls"] == 2 and r.log[0]["steps"] == 6 and not r.log[0]["reached_target"]
-    # an easy target (99% of the initial loss): reached after the first unroll that gets there
-    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, episodes=1, steps_per_unroll=5,
-                 max_unrolls_per_episode=50, target=0.99, progress=False)
-    assert r.log[0]["reached_target"] and r.log[0]["unrolls"] < 50
+    # an easy target (99% of the initial loss): reached by the first unroll, which ends it
+    r = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, trajectories=1, unroll=5,
+                 max_unrolls=50, target=0.99, progress=False)
+    assert r.log[0]["reached_target"] and r.log[0]["unrolls"] == 1 and r.log[0]["steps"] == 5
+
+
+def test_trajectory_stops_after_the_first_unroll_whose_mean_loss_is_below_target(monkeypatch):
+    # record every trajectory's losses, then check the stop point against them
+    module = importlib.import_module("l2l_optim.finetune")
+    original, runs = module.run_trajectory, []
+
+    def recording(*args, **kwargs):
+        r = original(*args, **kwargs)
+        if kwargs["steps"] > 0:
+            runs.append(r)
+        return r
+
+    monkeypatch.setattr(module, "run_trajectory", recording)
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    unroll, cap = 5, 8
+    result = finetune(TinyNet(), loader, weights=start_net(), subsample=0.5, trajectories=3, unroll=unroll,
+                      max_unrolls=cap, progress=False)
+    assert len(runs) == 3
+    outcomes = []
+    for entry, r in zip(result.log, runs):
+        assert entry["initial_loss"] == r["initial_loss"]
+        means = [sum(r["losses"][i : i + unroll]) / unroll for i in range(0, len(r["losses"]), unroll)]
+        below = [m < 0.5 * r["initial_loss"] for m in means]
+        expected = below.index(True) + 1 if True in below else cap
+        assert entry["unrolls"] == len(means) == expected
+        assert entry["reached_target"] is below[-1]
+        outcomes.append((entry["reached_target"], entry["unrolls"]))
+    # the case covers a trajectory that hit the cap and one stopped early by the target
+    assert (False, cap) in outcomes and any(reached and n < cap for reached, n in outcomes)
+
+
+def test_finetune_leaves_the_global_rng_alone():
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)  # shuffling draws from it
+    model, net = TinyNet(), start_net()
+    state = torch.get_rng_state()
+    finetune(model, loader, weights=net, **QUICK)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_frozen_parameters_keep_their_values_and_the_rest_is_reinitialised():
@@ -137,7 +172,7 @@ def test_frozen_parameters_keep_their_values_and_the_rest_is_reinitialised():
     p2, _ = task.init_params(0)
     assert torch.equal(params["head.weight"], p2["head.weight"])
     r = finetune(model, DataLoader(TensorDataset(x, y), batch_size=16), weights=start_net(), subsample=0.5,
-                 episodes=1, steps_per_unroll=3, max_unrolls_per_episode=1, progress=False)
+                 trajectories=1, unroll=3, max_unrolls=1, progress=False)
     assert r.log[0]["steps"] == 3
 
 
@@ -156,8 +191,9 @@ def test_finetune_errors():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="subsample"):
             finetune(TinyNet(), loader, weights=net, subsample=bad, progress=False)
-    with pytest.raises(ValueError, match="episodes"):
-        finetune(TinyNet(), loader, weights=net, subsample=0.5, episodes=0, progress=False)
+    for name in ("trajectories", "unroll", "max_unrolls"):
+        with pytest.raises(ValueError, match=name):
+            finetune(TinyNet(), loader, weights=net, subsample=0.5, progress=False, **{name: 0})
     with pytest.raises(ValueError, match="target"):
         finetune(TinyNet(), loader, weights=net, subsample=0.5, target=1.5, progress=False)
     with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
@@ -178,41 +214,3 @@ def test_subsample_loader_is_exact_seeded_and_without_replacement():
     assert torch.equal(xs[:, 0].long(), ys)  # pairs stay together
     assert torch.equal(subsample_loader(loader, 0.05, seed=0)[1], ys)
     assert not torch.equal(subsample_loader(loader, 0.05, seed=1)[1], ys)
-
-
-def test_search_lr_finds_the_known_best_learning_rate():
-    # least squares with E[x x^T] = 3 I: the loss Hessian is 6 I, so plain SGD contracts by
-    # |1 - 6 lr| per step: lr=1 diverges, 0.1 converges fast, 0.01 and 0.001 are slow.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 10, generator=g) * math.sqrt(3)
-    y = x @ torch.randn(10, 1, generator=g)
-    model = nn.Linear(10, 1, bias=False)
-    best, scores = search_lr((model, (x, y)), "sgd", steps=150, batch_size=64, loss_fn=F.mse_loss)
-    assert best == 0.1
-    assert set(scores) == {1.0, 0.1, 0.01, 0.001}
-    assert scores[1.0] == float("inf")  # diverged: ranks last
-    assert scores[0.1] < scores[0.01] < scores[0.001]
-    # Adam, through a loader and a custom grid
-    loader = DataLoader(TensorDataset(x, y), batch_size=64)
-    best, scores = search_lr((model, loader), "adam", lrs=(0.3, 1e-4), steps=150, loss_fn=F.mse_loss)
-    assert best == 0.3 and scores[0.3] < scores[1e-4]
-
-
-def test_search_lr_errors():
-    task = Task("t", lambda: nn.Linear(2, 2), train=(torch.randn(8, 2), torch.randint(0, 2, (8,))), batch_size=4)
-    with pytest.raises(ValueError, match="optimizer"):
-        search_lr(task, "rmsprop")
-    with pytest.raises(ValueError, match="steps"):
-        search_lr(task, "sgd", steps=0)
-    with pytest.raises(TypeError):
-        search_lr("mnist", "sgd")
-
-
-def test_train_task_is_seeded_and_stops_on_divergence():
-    x, y = make_data()
-    task = task_from_model(TinyNet(), (x, y), batch_size=16)
-    r1 = train_task(task, lambda p: torch.optim.SGD(p, lr=0.1), steps=20, seed=0)
-    r2 = train_task(task, lambda p: torch.optim.SGD(p, lr=0.1), steps=20, seed=0)
-    assert r1.losses == r2.losses and len(r1.losses) == 20 and not r1.diverged
-    r3 = train_task(task, lambda p: torch.optim.SGD(p, lr=1e30), steps=20, seed=0)
-    assert r3.diverged and len(r3.losses) < 20

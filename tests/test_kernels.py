@@ -715,7 +715,8 @@ def test_bf16_state_trains_like_fp32():
     import torch.nn.functional as F
 
     from l2l_optim.optimizer import SimpleOptimizer
-    from l2l_optim.tasks import DatasetNotFoundError, make_task
+    from l2l_optim.data import DatasetNotFoundError
+    from l2l_optim.tasks import make_task
 
     try:
         task = make_task("mnist-mlp")

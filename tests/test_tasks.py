@@ -1,4 +1,4 @@
-"""Tests for the optimizee models and tasks of l2l_optim.tasks (the reproduction's additions)."""
+"""Tests for the optimizee models (l2l_optim.models) and the tasks built on them (l2l_optim.tasks)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from torch import nn
 from torch.func import functional_call
 
 from fake_idx import make_fake_datasets
-from l2l_optim.tasks import MLP5_WIDTH, TASKS, Task, base_mlp, lenet, make_task, mlp5, resnet_small
+from l2l_optim.models import MLP5_WIDTH, base_mlp, lenet, mlp5, resnet_small
+from l2l_optim.tasks import TASKS, Task, make_task, subsample_task
+from l2l_optim.training import evaluate_model
 
 BASE = 397_510
 
@@ -97,11 +99,28 @@ def test_make_task_reads_local_idx_files(fake_root, name):
     assert task.batch_size == 8
 
 
-def test_evaluate_on_a_small_resnet(fake_root):
+def test_evaluate_a_functional_small_resnet_on_the_test_split(fake_root):
     task = make_task("fmnist-lenet", root=fake_root, with_test=True)
     task = Task("r", lambda: resnet_small(4), train=task.train, test=task.test)
     params, buffers = task.init_params(0)
-    ev = task.evaluate(params, buffers)
-    assert set(ev) == {"test_loss", "test_acc"}
-    assert 0.0 <= ev["test_acc"] <= 1.0
-    assert task.module.training  # evaluate restores train mode
+    buffers = {k: v + 0.5 if k.endswith("running_mean") else v for k, v in buffers.items()}  # eval mode shows it
+    ev = evaluate_model(task.module, task.test, task.loss_fn, state={**params, **buffers})
+    model = task.model_fn()
+    model.load_state_dict({**params, **buffers})
+    with torch.no_grad():
+        out = model.eval()(task.test[0])
+    expected = {"test_loss": float(nn.functional.cross_entropy(out, task.test[1])),
+                "test_acc": float((out.argmax(1) == task.test[1]).float().mean())}
+    assert ev == pytest.approx(expected, rel=1e-5)
+    assert ev != pytest.approx(evaluate_model(task.module, task.test), rel=1e-3)  # the template's own values
+    assert task.module.training  # evaluation restores train mode
+
+
+def test_subsample_task_replaces_only_the_training_data():
+    task = Task("t", lenet, train=(torch.randn(20, 1, 28, 28), torch.arange(20) % 10),
+                test=(torch.randn(4, 1, 28, 28), torch.arange(4)), batch_size=5)
+    x, y = task.train[0][:10], task.train[1][:10]
+    sub = subsample_task(task, x, y)
+    assert sub.train[0] is x and sub.train[1] is y
+    assert (sub.name, sub.model_fn, sub.test, sub.batch_size) == (task.name, task.model_fn, task.test, 5)
+    assert task.train[0].shape[0] == 20

@@ -27,7 +27,7 @@ _EXPORTS = {
     "RNNPropNet": "nets",
     "meta_fit": "meta",
     "finetune": "finetune",
-    "search_lr": "finetune",
+    "search_lr": "training",
     "list_weights": "weights",
     "load_weights": "weights",
     "save_weights": "weights",

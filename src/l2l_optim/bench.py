@@ -54,13 +54,13 @@ def _model_shapes(builder) -> list[tuple[int, ...]]:
 
 
 def _base_shapes():
-    from .tasks import base_mlp
+    from .models import base_mlp
 
     return _model_shapes(base_mlp)
 
 
 def _mlp5_shapes():
-    from .tasks import mlp5
+    from .models import mlp5
 
     return _model_shapes(mlp5)
 

@@ -803,7 +803,7 @@ def _quantile(vals: list[float], q: float) -> float:
 
 def run_table1(s: Settings) -> dict:
     """Parameter counts and time per optimizer step on the base MLP (paper Table 1)."""
-    from .tasks import base_mlp
+    from .models import base_mlp
 
     out = s.out / "table1"
     out.mkdir(parents=True, exist_ok=True)

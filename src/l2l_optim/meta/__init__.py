@@ -8,7 +8,7 @@
 
 from .fit import MetaFitConfig, MetaFitResult, main, meta_fit
 from .losses import META_LOSSES, meta_loss_coefficients
-from .trajectory import meta_lr_scales, run_trajectory, tail_mean
+from .trajectory import meta_lr_scales, run_trajectory
 
 __all__ = [
     "MetaFitConfig",
@@ -19,5 +19,4 @@ __all__ = [
     "meta_loss_coefficients",
     "meta_lr_scales",
     "run_trajectory",
-    "tail_mean",
 ]

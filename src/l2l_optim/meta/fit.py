@@ -23,7 +23,8 @@ from ..nets import INITS, CoordinatewiseNet, init_net
 from ..registry import ARCHITECTURES, build_net, get_architecture
 from ..tasks import Task, make_task
 from .losses import META_LOSSES, check_meta_loss
-from .trajectory import meta_lr_scales, run_trajectory, tail_mean
+from ..training import tail_mean
+from .trajectory import meta_lr_scales, run_trajectory
 
 __all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "main"]
 

@@ -25,7 +25,7 @@ from ..nets import CoordinatewiseNet, SimpleOptimizerNet
 from ..tasks import Task
 from .losses import meta_loss_coefficients
 
-__all__ = ["run_trajectory", "meta_lr_scales", "tail_mean"]
+__all__ = ["run_trajectory", "meta_lr_scales"]
 
 
 def meta_lr_scales(net: CoordinatewiseNet) -> dict[str, Tensor]:
@@ -178,16 +178,3 @@ def run_trajectory(
         "params": {k: v.detach() for k, v in params.items()},
         "buffers": buffers,
     }
-
-
-def tail_mean(losses: list[float], frac: float = 0.1, max_window: int | None = None) -> float:
-    """Mean of the last ``frac`` of ``losses`` (at least one, at most ``max_window`` values)."""
-    if not losses:
-        return float("nan")
-    k = max(1, int(len(losses) * frac))
-    if max_window is not None:
-        k = min(k, max_window)
-    tail = losses[-k:]
-    return sum(tail) / len(tail)
-
-

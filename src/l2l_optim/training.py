@@ -1,0 +1,218 @@
+"""The plain training loop, test evaluation, and the fair learning-rate search for SGD/Adam.
+
+:func:`train_task` trains a fresh model of a :class:`~l2l_optim.tasks.Task` with any
+``torch.optim`` optimizer (hand-written or learned); :func:`evaluate_model` gives the test
+loss and accuracy of a module, or of parameters held outside it; :func:`search_lr` is the
+paper's baseline protocol: the best fixed learning rate of SGD or Adam from
+``{1, 0.1, 0.01, 0.001}``, scored by :func:`tail_mean` of the training losses of a short run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .tasks import Task, task_from_model
+
+__all__ = ["TrainResult", "train_task", "evaluate_model", "search_lr", "tail_mean", "DEFAULT_LRS"]
+
+#: the paper's learning-rate grid for the hand-written baselines
+DEFAULT_LRS = (1.0, 0.1, 0.01, 0.001)
+
+
+def tail_mean(losses: list[float], frac: float = 0.1, max_window: int | None = None) -> float:
+    """Mean of the last ``frac`` of ``losses`` (at least one, at most ``max_window`` values)."""
+    if not losses:
+        return float("nan")
+    k = max(1, int(len(losses) * frac))
+    if max_window is not None:
+        k = min(k, max_window)
+    tail = losses[-k:]
+    return sum(tail) / len(tail)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_task` returns.
+
+    Attributes:
+        losses: the minibatch training loss of every step, computed before that step's update
+            (stops at the first non-finite loss).
+        model: the trained module.
+        diverged: a non-finite loss stopped the run.
+        seconds: wall time of the training loop.
+    """
+
+    losses: list[float]
+    model: nn.Module
+    diverged: bool
+    seconds: float
+
+
+def train_task(
+    task: Task,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    *,
+    steps: int,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "train",
+) -> TrainResult:
+    """Train a fresh model of ``task`` with an ordinary ``torch.optim`` loop.
+
+    The model is ``task.model_fn()`` under ``seed`` (the same init as ``task.init_params(seed)``)
+    and the minibatches come from ``task.sample_batch`` with a generator seeded by ``seed``, so
+    every optimizer sees the same init and the same batches for a given seed.
+
+    Args:
+        make_optimizer: ``params -> optimizer``, e.g. ``lambda p: torch.optim.SGD(p, lr=0.1)``
+            or ``lambda p: SimpleOptimizer(p, weights="simple")``.
+        steps: number of optimizer steps.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.model_fn()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    diverged = False
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    t0 = time.perf_counter()
+    for step in bar:
+        x, y = task.sample_batch(gen)
+        loss = task.loss_fn(model(x), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            diverged = True
+            break
+        losses.append(value)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return TrainResult(losses=losses, model=model, diverged=diverged, seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    *,
+    state: Mapping[str, Tensor] | None = None,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """Loss and accuracy on ``(x, y)``, in eval mode (BatchNorm uses its running statistics).
+
+    Args:
+        model: the module, evaluated with its own parameters; or, with ``state``, only its
+            structure (as a :class:`~l2l_optim.tasks.Task`'s template module is).
+        data: ``(x, y)``, evaluated in chunks of ``batch_size``.
+        state: parameters and buffers by name (e.g. ``{**params, **buffers}`` of a functional
+            run) to evaluate instead of the module's own, through ``functional_call``.
+
+    Returns:
+        ``{"test_loss": ..., "test_acc": ...}``; the module's train/eval mode is restored.
+    """
+    def forward(x: Tensor) -> Tensor:
+        return model(x) if state is None else functional_call(model, dict(state), (x,))
+
+    was_training = model.training
+    model.eval()
+    try:
+        x, y = data
+        total, correct = 0.0, 0
+        for i in range(0, x.shape[0], batch_size):
+            out = forward(x[i : i + batch_size])
+            total += float(loss_fn(out, y[i : i + batch_size])) * out.shape[0]
+            correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    n = max(1, x.shape[0])
+    return {"test_loss": total / n, "test_acc": correct / n}
+
+
+def _as_task(task_or_model_and_data, batch_size: int | None, loss_fn) -> Task:
+    if isinstance(task_or_model_and_data, Task):
+        return task_or_model_and_data
+    if isinstance(task_or_model_and_data, (tuple, list)) and len(task_or_model_and_data) == 2:
+        model, data = task_or_model_and_data
+        if isinstance(model, nn.Module):
+            return task_from_model(model, data, batch_size=batch_size, loss_fn=loss_fn)
+    raise TypeError(
+        "expected a Task or a (model, data) pair, where data is (x, y) tensors or a loader; got "
+        f"{type(task_or_model_and_data).__name__}"
+    )
+
+
+def search_lr(
+    task_or_model_and_data: Task | tuple[nn.Module, Any],
+    optimizer: str = "sgd",
+    lrs: Sequence[float] = DEFAULT_LRS,
+    *,
+    steps: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    progress: bool = False,
+) -> tuple[float, dict[float, float]]:
+    """The paper's baseline protocol: the best fixed learning rate of SGD or Adam.
+
+    Every learning rate trains the same fresh init on the same minibatches (``seed``) for
+    ``steps`` steps; the score is the mean training loss over the last 10% of the steps. A
+    run that diverges (a non-finite loss) scores ``inf`` and ranks last; ties go to the
+    earlier ``lrs`` entry.
+
+    Args:
+        task_or_model_and_data: a :class:`~l2l_optim.tasks.Task`, or ``(model, data)`` with
+            ``data`` given as ``(x, y)`` tensors or a loader (see
+            :func:`~l2l_optim.tasks.task_from_model`; pass the fine-tuning subsample here to
+            search on the same data).
+        optimizer: ``"sgd"`` (plain, no momentum) or ``"adam"`` (torch defaults otherwise).
+        lrs: the grid (default: ``(1, 0.1, 0.01, 0.001)``).
+        steps: length of each search run.
+        batch_size, loss_fn: used only when a ``(model, data)`` pair is given.
+
+    Returns:
+        ``(best_lr, {lr: score})``.
+
+    Raises:
+        ValueError: an unknown optimizer, an empty grid or ``steps < 1``.
+
+    Example:
+        >>> best, scores = search_lr(make_task("mnist-mlp"), "adam", steps=200)  # doctest: +SKIP
+    """
+    makers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    if optimizer not in makers:
+        raise ValueError(f"optimizer must be one of {sorted(makers)}, got {optimizer!r}")
+    if not lrs:
+        raise ValueError("lrs is empty")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    task = _as_task(task_or_model_and_data, batch_size, loss_fn)
+    cls = makers[optimizer]
+    scores: dict[float, float] = {}
+    for lr in lrs:
+        r = train_task(task, lambda p, lr=lr: cls(p, lr=lr), steps=steps, seed=seed, progress=progress,
+                       desc=f"{optimizer} lr={lr:g}")
+        score = tail_mean(r.losses)
+        scores[float(lr)] = float("inf") if r.diverged or not math.isfinite(score) else score
+    best = min(scores, key=lambda lr: scores[lr])  # min keeps the first of equal scores
+    if math.isinf(scores[best]):
+        warnings.warn(f"search_lr: every {optimizer} run diverged; returning lr={best:g}", stacklevel=2)
+    return best, scores
