@@ -39,9 +39,9 @@ FIGURES := fig2 fig3 fig4a fig4b fig5a fig5b
 
 reproduce: $(STAMP)
 ifneq ($(JOBS),1)
-	for i in $$(seq $(JOBS)); do $(PY) -m l2l_optim.reproduce $(FIGURES) --threads 1 --quiet & done; wait
+	for i in $$(seq $(JOBS)); do $(PY) -m l2l_optim.repro $(FIGURES) --threads 1 --quiet & done; wait
 endif
-	$(PY) -m l2l_optim.reproduce all
+	$(PY) -m l2l_optim.repro all
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

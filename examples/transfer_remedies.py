@@ -34,7 +34,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from l2l_optim import SimpleOptimizer, finetune
-from l2l_optim.reproduce import final_window, write_curve
+from l2l_optim.training import evaluate_model, train_task
+from l2l_optim.repro.claims import final_window, window_mean
+from l2l_optim.repro.store import write_curve
 from l2l_optim.tasks import make_task
 from l2l_optim.training import evaluate_model, train_task
 from l2l_optim.weights import load_weights
@@ -106,7 +108,7 @@ def main() -> None:
             if not rec or rec.get("settings") != settings:
                 r = train_task(task, make, steps=cfg.steps, seed=seed, progress=True, desc=f"{variant} s{seed}")
                 n = len(r.losses)
-                final = math.nan if r.diverged else sum(r.losses[-final_window(n):]) / final_window(n)
+                final = math.nan if r.diverged else window_mean(r.losses, final_window(n))
                 acc = math.nan if r.diverged else evaluate_model(r.model, task.test, task.loss_fn)["test_acc"]
                 write_curve(stem.with_suffix(".csv"), r.losses)
                 rec = {"settings": settings, "final_loss": final, "test_acc": acc, "diverged": r.diverged,

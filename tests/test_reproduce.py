@@ -1,24 +1,33 @@
-"""Tests for l2l_optim.reproduce: every experiment end to end on tiny fake data, resuming, the report.
+"""Tests for l2l_optim.repro: the claim rules on hand-made curves, every experiment end to end
+on tiny fake data, resuming, run claims, the report.
 
-Shipped weights are used where they exist; where they do not, ``--allow-random-weights``
-substitutes untrained nets, so the real code path runs either way. The fast tests use a few
-steps (and fig5b runs its protocol on LeNet); the ``slow`` ones run the brief's
+The end-to-end tests use the shipped weights (``--allow-random-weights`` is passed but has
+nothing to substitute); one test removes them to exercise the untrained stand-ins. The fast
+tests use a few steps (and fig5b runs its protocol on LeNet); the ``slow`` ones run
 ``--steps 20 --seeds 1`` on every experiment, fig5b on the real ResNet.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
+import torch
 
 from fake_idx import make_fake_datasets
-from l2l_optim import reproduce as R
-from l2l_optim.reproduce import EXPERIMENTS, final_window, main, read_curve
+from l2l_optim import bench
+from l2l_optim.repro import cli, learned
+from l2l_optim.repro.claims import beats, compare, final_window, loss_at, mean_loss_at, seed_ranges_overlap
+from l2l_optim.repro.cli import main
+from l2l_optim.repro.experiments import ALL, EXPERIMENTS
+from l2l_optim.repro.report import comparison_text, write_report
+from l2l_optim.repro.store import claim_run, read_curve, read_json, write_json
+from l2l_optim.weights import WeightsError
 
-TINY = ["--seeds", "1", "--batch-size", "32", "--subsample", "0.5", "--episodes", "1", "--max-unrolls", "2",
-        "--steps-per-unroll", "3", "--search-steps", "3", "--allow-random-weights", "--quiet"]
+TINY = ["--seeds", "1", "--batch-size", "32", "--subsample", "0.5", "--trajectories", "1", "--max-unrolls", "2",
+        "--unroll", "3", "--search-steps", "3", "--allow-random-weights", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +54,7 @@ def check_experiment(out, name, steps):
         assert e["steps"] == steps and e["seeds"] == 1
         curve = read_curve(exp_dir / f"{o.key}_seed0.csv")
         record = json.loads((exp_dir / f"{o.key}_seed0.json").read_text())
-        if record["diverged"]:
-            assert e["diverged"] == 1
-            continue
+        assert not record["diverged"] and e["diverged"] == 0  # every optimizer trains the fake data
         assert len(curve) == steps
         w = final_window(steps)
         assert e["final_loss"]["mean"] == pytest.approx(sum(curve[-w:]) / w, rel=1e-5)
@@ -58,7 +65,7 @@ def check_experiment(out, name, steps):
     assert len(summary["comparisons"]) == len(exp.claims)
     for c in summary["comparisons"]:
         assert isinstance(c["holds"], bool)
-        assert R.comparison_text(c).endswith(("agrees", "disagrees", "context, not a claim of the paper"))
+        assert comparison_text(c).endswith(("agrees", "disagrees", "context, not a claim of the paper"))
     if exp.finetune:
         assert (exp_dir / "finetuned.safetensors").exists()
         assert summary["finetune"]["log"][0]["unrolls"] >= 1
@@ -82,7 +89,7 @@ def test_experiment_runs_end_to_end(tmp_path, data_root, name, extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in R.ALL if n != "table1"])
+@pytest.mark.parametrize("name", [n for n in ALL if n != "table1"])
 def test_experiment_runs_end_to_end_20_steps(tmp_path, data_root, name):
     out = run(tmp_path, data_root, name, "--steps", "20", "--search-steps", "20")
     check_experiment(out, name, 20)
@@ -131,66 +138,184 @@ def test_report_builds_results_md(tmp_path, data_root):
     main(["report", "--out", str(out), "--report", str(report), "--quiet"])
     text = report.read_text()
     for needle in ("# Reproducing the paper's experiments", "## Figure 3", "## Figure 4b",
-                   "## Agreement with the paper", "python -m l2l_optim.reproduce fig3", "![fig3](results/fig3/fig3.png)", "Not run yet: table1, fig2",
-                   "| optimizer | steps | seeds |", "Learning-rate search", "Fine-tuning: 1 episodes"):
+                   "## Agreement with the paper", "python -m l2l_optim.repro fig3", "![fig3](results/fig3/fig3.png)",
+                   "Not run yet: table1, fig2",
+                   "| optimizer | steps | seeds |", "Learning-rate search", "Fine-tuning: 1 trajectories"):
         assert needle in text, needle
     assert "checked claims agree" in text
     summary = json.loads((out / "fig3" / "summary.json").read_text())
-    if summary["random_weights"]:
-        assert "smoke-test numbers" in text
+    assert summary["random_weights"] == [] and "smoke-test numbers" not in text  # the shipped weights ran
     # the report's comparison lines are the ones the summaries hold
     for c in summary["comparisons"]:
-        assert R.comparison_text(c) in text
+        assert comparison_text(c) in text
 
 
 def test_all_and_unknown_experiments(tmp_path, data_root, monkeypatch):
     ran = []
-    monkeypatch.setattr(R, "run_experiment", lambda name, s: ran.append(name))
+    monkeypatch.setattr(cli, "run_experiment", lambda name, s: ran.append(name))
+    monkeypatch.setattr(cli, "run_table1", lambda s: ran.append("table1"))
     main(["all", "--out", str(tmp_path / "results"), "--report", str(tmp_path / "R.md"), "--quiet"])
-    assert ran == list(R.ALL) and (tmp_path / "R.md").exists()
+    assert ran == list(ALL) and (tmp_path / "R.md").exists()
     with pytest.raises(SystemExit):
         main(["fig9", "--quiet"])
 
 
-def test_missing_weights_need_the_explicit_flag():
+def _no_shipped_weights(monkeypatch):
+    def missing(name, **kw):
+        raise WeightsError(f"no shipped weights {name!r}")
+
+    monkeypatch.setattr(learned, "resolve_net", missing)
+
+
+def test_missing_weights_need_the_explicit_flag(monkeypatch):
     with pytest.raises(SystemExit, match="allow-random-weights"):
-        R.resolve_weights("no-such-weights", allow_random=False)
+        learned.resolve_weights("no-such-weights", allow_random=False)
     with pytest.raises(ValueError, match="unknown weights"):
-        R.resolve_weights("no-such-weights", allow_random=True)
-    _, info = R.resolve_weights("simple-noagg", allow_random=True)
-    assert info["arch"] == "simple"
+        learned.resolve_weights("no-such-weights", allow_random=True)
+    net, info = learned.resolve_weights("simple-noagg", allow_random=True)
+    assert (info["arch"], info["random"], net.aggregate) == ("simple", False, False)  # the shipped file
 
 
-def test_final_window_and_loss_at():
+def test_untrained_standins_have_the_weights_architecture_and_start(monkeypatch):
+    _no_shipped_weights(monkeypatch)
+    with pytest.raises(SystemExit, match="allow-random-weights"):
+        learned.resolve_weights("simple", allow_random=False)
+    noagg, info = learned.resolve_weights("simple-noagg", allow_random=True)
+    assert (info["arch"], info["random"], noagg.aggregate, noagg.bias) == ("simple", True, False, False)
+    bias, _ = learned.resolve_weights("simple-bias", allow_random=True)
+    assert bias.bias and bias.aggregate
+    dm, info = learned.resolve_weights("dm", allow_random=True)
+    assert info == {"name": "dm", "arch": "dm", "fingerprint": info["fingerprint"], "random": True}
+    assert torch.count_nonzero(dm.out.bias) == 0  # init_net's "small-output", the LSTM nets' start
+    # seeded: the same stand-in every time, so cached runs stay valid
+    assert learned.resolve_weights("dm", allow_random=True)[1]["fingerprint"] == info["fingerprint"]
+
+
+def test_untrained_weights_are_flagged_in_the_summary_and_the_report(tmp_path, data_root, monkeypatch):
+    _no_shipped_weights(monkeypatch)
+    out = run(tmp_path, data_root, "fig3", "--steps", "3")
+    summary = json.loads((out / "fig3" / "summary.json").read_text())
+    assert summary["random_weights"] == ["simple", "simple-bias", "simple-noagg", "simple-uniform"]
+    text = write_report(out, tmp_path / "RESULTS.md").read_text()
+    assert "smoke-test numbers" in text and "(untrained weights)" in text
+
+
+def test_every_finetune_setting_has_a_finetune_keyword():
+    import inspect
+
+    from l2l_optim.finetune import finetune
+    from l2l_optim.repro.experiments import FINETUNE_DEFAULTS
+    from l2l_optim.repro.runner import FINETUNE_KWARGS
+
+    accepted = set(inspect.signature(finetune).parameters)
+    for settings in [FINETUNE_DEFAULTS, *(e.finetune for e in EXPERIMENTS.values() if e.finetune)]:
+        assert {FINETUNE_KWARGS[k] for k in [*settings, "out"]} <= accepted
+
+
+def test_final_window():
     assert final_window(10_000) == 500
     assert final_window(2000) == 200
     assert final_window(20) == 2
     assert final_window(3) == 1
-    curves = [[4.0, 3.0, 2.0, 1.0] * 5]
-    assert R.loss_at(curves, [{}], 20) == pytest.approx(1.5)  # the last 2 of 20
-    assert R.loss_at([[1.0] * 5], [{"diverged": True}], 20) == float("inf")
 
 
-def test_comparison_treats_divergence_as_worst():
-    c = {"better_label": "A", "worse_label": "B", "better_loss": 0.1, "worse_loss": None, "holds": True,
-         "claimed": True, "horizon": 10}
-    assert R.comparison_text(c) == "the final loss of A (0.1) is below that of B (inf): agrees"
+# ----------------------------------------------------------------------------------------
+# the claim rules, on hand-made curves
+
+LOW = [4.0, 3.0, 2.0, 1.0] * 5  # 20 steps; final window 2: mean 1.5
+HIGH = [5.0] * 20
 
 
-def test_git_commit_commits_only_the_given_paths(tmp_path, monkeypatch):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    for k, v in (("user.email", "t@example.com"), ("user.name", "t")):
-        subprocess.run(["git", "config", k, v], cwd=repo, check=True)
-    (repo / "results").mkdir()
-    (repo / "results" / "a.csv").write_text("step,train_loss\n")
-    (repo / "other.txt").write_text("x")
-    monkeypatch.chdir(repo)
-    assert R.git_commit([repo / "results"], "results: test")
-    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()
-    assert tracked == ["results/a.csv"]
-    assert not R.git_commit([repo / "results"], "nothing new")
+def test_loss_at_is_the_final_window_mean_cut_at_the_horizon():
+    assert loss_at(LOW, False, 20) == pytest.approx(1.5)
+    assert loss_at(LOW + [100.0] * 20, False, 20) == pytest.approx(1.5)  # later steps do not count
+    # a run that diverged before the horizon is inf; one that diverged after it counts its loss there
+    assert loss_at([1.0] * 5, True, 20) == math.inf
+    assert loss_at(LOW + [1e9], True, 20) == pytest.approx(1.5)
+
+
+def test_one_diverged_seed_makes_the_mean_inf():
+    assert mean_loss_at([(LOW, False), (LOW, False)], 20) == pytest.approx(1.5)
+    assert mean_loss_at([(LOW, False), ([1.0] * 3, True), (LOW, False)], 20) == math.inf
+    assert math.isnan(mean_loss_at([], 20))
+
+
+def test_divergence_ranks_worst():
+    diverged = [([0.1] * 4, True)]  # a low loss until it blew up at step 4
+    c = compare([(HIGH, False)], diverged, 20)
+    assert c["worse_loss"] == math.inf and c["holds"]  # even a high finite loss beats a diverged run
+    assert not compare(diverged, [(HIGH, False)], 20)["holds"]
+    assert not compare(diverged, diverged, 20)["holds"]
+
+
+def test_the_lower_mean_final_loss_wins():
+    assert compare([(LOW, False)], [(HIGH, False)], 20)["holds"]
+    assert not compare([(HIGH, False)], [(LOW, False)], 20)["holds"]
+    assert not compare([(LOW, False)], [(LOW, False)], 20)["holds"]  # a tie is not "lower"
+    # a missing side (no runs: nan) decides nothing
+    assert not compare([], [(HIGH, False)], 20)["holds"]
+    assert not compare([(LOW, False)], [], 20)["holds"]
+    assert beats(1.0, math.inf) and not beats(math.inf, math.inf) and not beats(1.0, math.nan)
+
+
+def test_seed_ranges_overlap_flags_noise_but_the_means_decide():
+    a = [([1.0] * 20, False), ([3.0] * 20, False)]  # seeds 1 and 3: mean 2
+    b = [([2.5] * 20, False), ([2.7] * 20, False)]  # seeds 2.5 and 2.7: mean 2.6
+    c = compare(a, b, 20)
+    assert c["holds"] and c["seed_ranges_overlap"]
+    c = compare([([2.55] * 20, False)], b, 20)
+    assert c["holds"] and not c["seed_ranges_overlap"]  # one seed, inside b's range: no range of its own
+    assert not compare([([1.0] * 20, False), ([1.2] * 20, False)], b, 20)["seed_ranges_overlap"]  # disjoint
+    assert seed_ranges_overlap([1.0, 3.0], [2.0, 2.5])
+    assert not seed_ranges_overlap([1.0, 3.0], [2.0, math.inf])  # a diverged seed has no range
+
+
+def test_comparison_text_reads_the_stored_verdict(tmp_path):
+    base = {"better": "a", "worse": "b", "better_label": "A", "worse_label": "B", "horizon": 20,
+            "at_shorter_horizon": False}
+    path = tmp_path / "summary.json"
+    # through JSON, as the report reads it: the diverged (inf) loss is stored as null
+    write_json(path, [dict(base, claimed=True, **compare([(LOW, False)], [([9.0], True)], 20)),
+                      dict(base, claimed=True, **compare([(HIGH, False)], [(LOW, False)], 20)),
+                      dict(base, claimed=False, **compare([(LOW, False)], [(HIGH, False)], 20))])
+    won, lost, context = read_json(path)
+    assert won["worse_loss"] is None
+    assert comparison_text(won) == "the final loss of A (1.5) is below that of B (inf): agrees"
+    assert comparison_text(lost) == "the final loss of A (5) is not below that of B (1.5, +233.3%): disagrees"
+    assert comparison_text(context).endswith("below that of B (5, -70.0%): context, not a claim of the paper")
+
+
+# ----------------------------------------------------------------------------------------
+# the benchmark's timer and seeded construction, which table1 uses
+
+
+class _CountingOptimizer:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+def test_time_steps_times_after_warmup_and_stops_at_the_budget():
+    opt, prepared = _CountingOptimizer(), []
+    step_s, whole_s = bench.time_steps(opt, 5, warmup=2, prepare=lambda: prepared.append(1))
+    assert (len(step_s), len(whole_s), opt.steps, len(prepared)) == (5, 5, 7, 7)
+    assert all(0 <= s <= w for s, w in zip(step_s, whole_s))
+    opt = _CountingOptimizer()
+    step_s, _ = bench.time_steps(opt, 1000, warmup=1, budget=0.0)
+    assert len(step_s) == 1 and opt.steps == 2
+
+
+def test_seeded_construction_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, x = bench.untrained_net("dm"), bench.seeded(lambda: torch.randn(3), seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # the same values whatever the global RNG's state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        b, y = bench.untrained_net("dm"), bench.seeded(lambda: torch.randn(3), seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and torch.equal(x, y)
 
 
 def test_run_claims_let_two_processes_share_an_experiment(tmp_path):
@@ -200,31 +325,31 @@ def test_run_claims_let_two_processes_share_an_experiment(tmp_path):
     import sys
 
     path = tmp_path / "simple_seed0.claim"
-    assert R.claim_run(path)
-    assert R.claim_run(path)  # our own claim
+    assert claim_run(path)
+    assert claim_run(path)  # our own claim
     path.unlink()
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         path.write_text(json.dumps({"pid": live.pid, "host": platform.node()}))
-        assert not R.claim_run(path)
+        assert not claim_run(path)
     finally:
         live.kill()
         live.wait()
-    assert R.claim_run(path)  # its owner is gone now
+    assert claim_run(path)  # its owner is gone now
     assert json.loads(path.read_text())["pid"] == os.getpid()
 
     path.write_text(json.dumps({"pid": live.pid, "host": "another-machine"}))
-    assert not R.claim_run(path)  # we cannot tell whether a process elsewhere is alive
+    assert not claim_run(path)  # we cannot tell whether a process elsewhere is alive
 
 
 def test_report_quotes_the_remedies_when_present(tmp_path):
     out = tmp_path / "results"
     (out / "remedies" / "mnist-lenet").mkdir(parents=True)
-    assert "Beyond the paper's protocol" not in R.write_report(out, tmp_path / "RESULTS.md").read_text()
+    assert "Beyond the paper's protocol" not in write_report(out, tmp_path / "RESULTS.md").read_text()
     (out / "remedies" / "README.md").write_text("# Remedies\n\nHow these were made.\n")
     (out / "remedies" / "mnist-lenet" / "summary.md").write_text("| variant | loss |\n|---|---|\n| simple | 0.5 |\n")
-    text = R.write_report(out, tmp_path / "RESULTS.md").read_text()
+    text = write_report(out, tmp_path / "RESULTS.md").read_text()
     assert "## Beyond the paper's protocol" in text
     assert "How these were made." in text and "# Remedies" not in text
     assert "`results/remedies/mnist-lenet/summary.md`:" in text and "| simple | 0.5 |" in text

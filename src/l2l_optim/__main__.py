@@ -3,7 +3,7 @@
 Commands:
     meta-fit    meta-train an optimizer net (l2l_optim.meta)
     bench       step-time benchmark (l2l_optim.bench)
-    reproduce   the paper's experiments (l2l_optim.reproduce)
+    reproduce   the paper's experiments (l2l_optim.repro)
     weights     list the shipped weights and their metadata
 """
 
@@ -16,7 +16,7 @@ import sys
 COMMANDS = {
     "meta-fit": "l2l_optim.meta",
     "bench": "l2l_optim.bench",
-    "reproduce": "l2l_optim.reproduce",
+    "reproduce": "l2l_optim.repro.cli",
     "weights": "l2l_optim.weights",
 }
 

@@ -4,9 +4,9 @@ Times ``optimizer.step()`` alone (gradients pre-filled with random values, no fo
 backward) for SimpleOptimizer (reference and fused kernel), torch's Adam (foreach and fused),
 SGD, DMOptimizer and RNNProp, on three parameter sets:
 
-* ``base``: the paper's base MLP, 784-500-10 (``tasks.base_mlp``, 397,510 parameters);
+* ``base``: the paper's base MLP, 784-500-10 (``models.base_mlp``, 397,510 parameters);
 * ``mlp5``: the 5-layer MLP with 16x the parameters, 784-1330-1330-1330-1330-10
-  (``tasks.mlp5``, 6,368,050 parameters);
+  (``models.mlp5``, 6,368,050 parameters);
 * ``100m``: a synthetic list of 25 tensors of 2000 x 2000 (100,000,000 parameters).
 
 For each (size, optimizer) it reports the median (and the fastest) step time after warm-up,
@@ -39,35 +39,33 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["main", "SIZES", "OPTIMIZERS", "run", "format_table"]
+from .kernels import get_kernel, resolve_impl
+from .nets import init_net
+from .registry import build_net, get_architecture
+from .models import base_mlp, mlp5
+
+__all__ = ["main", "SIZES", "OPTIMIZERS", "run", "format_table", "time_steps", "seeded", "untrained_net",
+           "resolved_impl"]
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------ parameter sets
 
 
 def _model_shapes(builder) -> list[tuple[int, ...]]:
-    return [tuple(p.shape) for p in builder().parameters()]
-
-
-def _base_shapes():
-    from .models import base_mlp
-
-    return _model_shapes(base_mlp)
-
-
-def _mlp5_shapes():
-    from .models import mlp5
-
-    return _model_shapes(mlp5)
+    with torch.device("meta"):  # shapes only: no memory, no draws from the global RNG
+        return [tuple(p.shape) for p in builder().parameters()]
 
 
 SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
-    "base": ("base MLP 784-500-10", _base_shapes),
-    "mlp5": ("5-layer MLP 784-1330x4-10 (16x)", _mlp5_shapes),
+    "base": ("base MLP 784-500-10", lambda: _model_shapes(base_mlp)),
+    "mlp5": ("5-layer MLP 784-1330x4-10 (16x)", lambda: _model_shapes(mlp5)),
     "100m": ("synthetic 25 x (2000, 2000)", lambda: [(2000, 2000)] * 25),
 }
 
@@ -75,22 +73,26 @@ SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
 # ---------------------------------------------------------------------------- optimizers
 
 
-def _simple(impl: str, state_dtype=torch.float32):
+def seeded(build: Callable[[], T], seed: int = 0) -> T:
+    """``build()`` with torch's global RNG seeded by ``seed``; the caller's RNG state is restored
+    afterwards, so seeded construction (module inits draw from the global RNG) has no side effect."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def untrained_net(arch: str, config: dict | None = None, *, init: str = "default", seed: int = 0):
+    """A net of ``arch`` drawn under ``seed`` and started with :func:`~l2l_optim.nets.init_net`.
+
+    For timing (a step's cost does not depend on the weights' values) and for smoke runs
+    without trained weights.
+    """
+    return seeded(lambda: init_net(build_net(arch, config), init), seed)
+
+
+def _learned(arch: str, **options):
     def build(params):
-        from .nets import SimpleOptimizerNet
-        from .optimizer import SimpleOptimizer
-
-        return SimpleOptimizer(params, lr=1e-3, weights=_net(SimpleOptimizerNet), impl=impl,
-                               state_dtype=state_dtype)
-
-    return build
-
-
-def _learned(cls_name: str, net_name: str):
-    def build(params):
-        from . import nets, optimizer
-
-        return getattr(optimizer, cls_name)(params, lr=1e-3, weights=_net(getattr(nets, net_name)))
+        return get_architecture(arch).optimizer_class(params, lr=1e-3, weights=untrained_net(arch), **options)
 
     return build
 
@@ -100,14 +102,11 @@ class _KernelOnly:
     non-finite check): what the kernel itself costs, to set against the optimizer step."""
 
     def __init__(self, params):
-        from .kernels import get_kernel, resolve_impl
-        from .nets import SimpleOptimizerNet
-
         self.params = list(params)
         self.impl = "auto"
         self.param_groups = [{"params": self.params}]
         self.kernel = get_kernel(resolve_impl("auto", self.params[0].device.type))
-        self.weights = _net(SimpleOptimizerNet).fused_weights(device=self.params[0].device)
+        self.weights = untrained_net("simple").fused_weights(device=self.params[0].device)
         self.hiddens = [torch.zeros(10, p.numel(), device=p.device) for p in self.params]
         self.state = {p: {"h": h} for p, h in zip(self.params, self.hiddens)}
         self.lrs = [1e-3] * len(self.params)
@@ -116,17 +115,6 @@ class _KernelOnly:
         with torch.no_grad():
             self.kernel(self.params, [p.grad for p in self.params], self.hiddens, self.lrs,
                         self.weights)
-
-
-_NETS: dict = {}
-
-
-def _net(cls):
-    # one random net per architecture and process (seeded): timing does not depend on values
-    if cls not in _NETS:
-        torch.manual_seed(0)
-        _NETS[cls] = cls()
-    return _NETS[cls]
 
 
 @dataclass
@@ -145,13 +133,13 @@ OPTIMIZERS: dict[str, Spec] = {
                          "torch.optim.Adam(foreach=True)"),
     "adam-fused": Spec(lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), 8, 0,
                        "torch.optim.Adam(fused=True)"),
-    "simple-ref": Spec(_simple("reference"), 40, 48, "SimpleOptimizer(impl='reference')"),
-    "simple-fused": Spec(_simple("auto"), 40, 0, "SimpleOptimizer(impl='auto')"),
+    "simple-ref": Spec(_learned("simple", impl="reference"), 40, 48, "SimpleOptimizer(impl='reference')"),
+    "simple-fused": Spec(_learned("simple", impl="auto"), 40, 0, "SimpleOptimizer(impl='auto')"),
     "simple-kernel": Spec(_KernelOnly, 40, 0, "the fused kernel alone (no optimizer wrapper)"),
-    "simple-fused-bf16": Spec(_simple("auto", torch.bfloat16), 20, 4,
+    "simple-fused-bf16": Spec(_learned("simple", impl="auto", state_dtype=torch.bfloat16), 20, 4,
                               "SimpleOptimizer(impl='auto', state_dtype=torch.bfloat16)"),
-    "dm": Spec(_learned("DMOptimizer", "DMOptimizerNet"), 320, 1400, "DMOptimizer"),
-    "rnnprop": Spec(_learned("RNNProp", "RNNPropNet"), 332, 1600, "RNNProp"),
+    "dm": Spec(_learned("dm"), 320, 1400, "DMOptimizer"),
+    "rnnprop": Spec(_learned("rnnprop"), 332, 1600, "RNNProp"),
 }
 DEFAULT_OPTIMIZERS = ["sgd", "adam-foreach", "adam-fused", "simple-ref", "simple-fused",
                       "simple-kernel", "simple-fused-bf16", "dm", "rnnprop"]
@@ -207,14 +195,53 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _resolved_impl(opt) -> str:
-    impl = getattr(opt, "impl", None)
+def resolved_impl(opt) -> str:
+    """The concrete update path of a SimpleOptimizer (``"cpu"``, ``"triton"``, ...); ``""`` for
+    optimizers without one."""
+    impl = opt.param_groups[0].get("impl", getattr(opt, "impl", None))
     if impl is None:
         return ""
-    from .kernels import resolve_impl
-
     p = opt.param_groups[0]["params"][0]
     return resolve_impl(impl, p.device.type)
+
+
+def time_steps(opt, steps: int, *, warmup: int = 3, prepare: Callable[[], object] | None = None,
+               device: torch.device | str = "cpu",
+               budget: float = math.inf) -> tuple[list[float], list[float]]:
+    """Time ``steps`` calls of ``opt.step()`` after ``warmup`` untimed ones.
+
+    Args:
+        prepare: called before every step, e.g. a forward and backward pass that fills the
+            gradients; timed into the whole-step times only. Without it the gradients in
+            place are reused.
+        device: synchronised after ``prepare`` and after each step (CUDA runs asynchronously).
+        budget: stop timing after about this many seconds of timed steps.
+
+    Returns:
+        ``(step_seconds, whole_seconds)``: per timed step, ``opt.step()`` alone, and
+        ``prepare`` plus ``opt.step()``.
+    """
+    device = torch.device(device)
+    step_s: list[float] = []
+    whole_s: list[float] = []
+    t_timed = math.inf
+    for i in range(warmup + steps):
+        if i == warmup:
+            t_timed = time.perf_counter()
+        t0 = time.perf_counter()
+        if prepare is not None:
+            prepare()
+            _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            step_s.append(t2 - t1)
+            whole_s.append(t2 - t0)
+            if t2 - t_timed > budget:
+                break
+    return step_s, whole_s
 
 
 def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device="cpu",
@@ -253,23 +280,14 @@ def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device
                     continue
                 opt = None
                 try:
-                    t_build = time.perf_counter()
+                    t_build = time.perf_counter()  # building and warming up count too
                     opt = OPTIMIZERS[name].build(params)
-                    for _ in range(warmup):
-                        opt.step()
-                    _sync(device)
-                    spent[name] += time.perf_counter() - t_build  # warm-up counts too
-                    t_round = time.perf_counter()
-                    for _ in range(per_round):
-                        t0 = time.perf_counter()
-                        opt.step()
-                        _sync(device)
-                        result.times.append(time.perf_counter() - t0)
-                        if time.perf_counter() - t_round > budget / rounds:
-                            break
-                    spent[name] += time.perf_counter() - t_round
+                    times, _ = time_steps(opt, per_round, warmup=warmup, device=device,
+                                          budget=budget / rounds)
+                    result.times.extend(times)
+                    spent[name] += time.perf_counter() - t_build
                     result.state_bytes = _state_bytes(opt)
-                    result.impl = result.impl or _resolved_impl(opt)
+                    result.impl = result.impl or resolved_impl(opt)
                 except (RuntimeError, MemoryError) as e:  # out of memory, unavailable kernel
                     msg = str(e).strip().splitlines()[0][:120]
                     result.skipped = f"{type(e).__name__}: {msg}"

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -40,11 +39,6 @@ from .meta import META_LOSSES, meta_lr_scales, run_trajectory
 from .nets import CoordinatewiseNet
 from .tasks import task_from_model
 from .weights import resolve_net, save_weights
-
-# TEMPORARY re-exports for reproduce.py, which imports them from here: delete once it is
-# repointed at l2l_optim.training / l2l_optim.tasks.
-from .tasks import subsample_task  # noqa: F401
-from .training import evaluate_model, search_lr, train_task  # noqa: F401
 
 __all__ = ["FinetuneResult", "finetune", "subsample_loader"]
 
@@ -279,23 +273,3 @@ def finetune(
         }
         weights_path = save_weights(net, out_dir, metadata={"finetune": settings, "finetune_log": log})
     return FinetuneResult(net=net, weights_path=weights_path, log=log, subsample=(x, y), batch_size=batch_size)
-
-
-# TEMPORARY, for reproduce.py until it is repointed: it calls finetune with the keyword names
-# below and reads "episode" from the log. Delete this block (and the re-exports above) then.
-_OLD_KEYWORDS = {"episodes": "trajectories", "steps_per_unroll": "unroll",
-                 "max_unrolls_per_episode": "max_unrolls", "out": "out_dir"}
-
-
-def _accept_old_keywords(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        old = {k for k in kwargs if k in _OLD_KEYWORDS}
-        result = fn(*args, **{_OLD_KEYWORDS.get(k, k): v for k, v in kwargs.items()})
-        for entry in result.log if old else ():
-            entry["episode"] = entry["trajectory"]
-        return result
-    return wrapper
-
-
-finetune = _accept_old_keywords(finetune)
