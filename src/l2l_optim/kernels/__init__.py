@@ -6,7 +6,7 @@ Every path has the signature of :func:`simple_update_reference` and must agree w
 ==============  ========================================================================
 ``reference``   plain torch ops (``reference.py``): the oracle; any device, slow.
 ``cpu``         fused C++/OpenMP kernel (``cpu.py`` + ``simple_cpu.cpp``), CPU tensors;
-                compiled on first use (about a minute) and cached.
+                compiled on first use and cached.
 ``triton``      fused Triton kernels (``triton.py``), CUDA tensors (or CPU tensors under
                 ``TRITON_INTERPRET=1``, which is how the tests run it without a GPU).
 ==============  ========================================================================

@@ -1,8 +1,8 @@
 """The fused SimpleOptimizer update on CPU: a C++/OpenMP kernel (``simple_cpu.cpp``).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (flags
-``-O3 -march=native -fopenmp``; about a minute on 2 cores) and cached in torch's extension
-directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The cache name
+``-O3 -march=native -fopenmp``) and cached in torch's extension directory
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The cache name
 includes a hash of the source, the flags, the torch version and this CPU's feature flags, so a
 home directory shared between machines never loads a ``-march=native`` binary built for another
 CPU.

@@ -19,9 +19,8 @@ So a step is ``2 * groups + 1`` launches whatever the number of tensors, reads n
 to the host (no ``.item()``) and is CUDA-graph capturable once warmed up: the pointer/block
 tables are built on the host and uploaded on the first call for a given set of tensors, and
 kept in the kernels' one cache (``_common.CACHE``, keyed on the tensors' addresses), so a
-captured step finds them ready. Learning rates
-given as Python floats are part of a small cached table too; pass 0-dim device tensors as
-``lrs`` to change them inside a captured graph.
+captured step finds them ready. Learning rates given as Python floats are part of a small
+cached table too; pass 0-dim device tensors as ``lrs`` to change them inside a captured graph.
 
 The weights live in a tiny device tensor (fp32 or fp64), read with scalar loads that the
 compiler keeps in registers; ``H`` is a compile-time constant. The ``skip`` flag (0-dim bool
