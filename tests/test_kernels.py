@@ -2,7 +2,7 @@
 
 Paths under test, where they can run:
 
-* ``cpu``: the C++/OpenMP extension (compiled on first use, ~15-60 s, then cached). Skipped,
+* ``cpu``: the C++/OpenMP extension (compiled on first use, then cached). Skipped,
   with the build error as the reason, where no compiler is available.
 * ``triton`` on CUDA tensors, when a GPU is present (``examples/gpu_check.sh``).
 * ``triton`` on CPU tensors in Triton's interpreter. The interpreter is chosen when Triton
@@ -10,7 +10,7 @@ Paths under test, where they can run:
   imported, so :func:`test_triton_interpreter_suite` re-runs this file's ``triton`` tests in a
   subprocess with that variable set; the variable never touches this process.
 
-Tolerances (the issue's): max abs error on theta <= 1e-6 * scale, with scale the parameter
+Tolerances: max abs error on theta <= 1e-6 * scale, with scale the parameter
 scale max(1, max |theta|), and on h <= 1e-6, after 20 steps; fp64 must agree to 1e-12.
 """
 
@@ -172,8 +172,8 @@ def path(request):
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # The machines these tests run on are shared: with 2 intra-op threads on a loaded 2-core
-    # box every torch op pays for OpenMP barriers (20x slower here). One thread keeps the file
-    # fast; test_cpu_thread_count_independence sets its own counts.
+    # box every torch op pays for OpenMP barriers. One thread keeps the file fast;
+    # test_cpu_thread_count_independence sets its own counts.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -181,7 +181,7 @@ def _one_thread():
 
 
 def _fast(device):
-    """The interpreter pays ~0.1 s of Python per program: keep its secondary cases short."""
+    """The interpreter runs each program in Python: keep its secondary cases short."""
     return INTERPRET and device == "cpu"
 
 
@@ -708,7 +708,7 @@ def test_build_failure_is_reported_not_raised(monkeypatch):
 
 @pytest.mark.slow
 def test_bf16_state_trains_like_fp32():
-    """Issue 3: a bf16 hidden state trains the base MLP (shipped weights, MNIST, batches of 128,
+    """A bf16 hidden state trains the base MLP (shipped weights, MNIST, batches of 128,
     2,000 steps) to a training loss no more than 2% above the fp32 state's. The loss is measured
     at the end on a fixed 10,000-example slice of the training set (not on the last minibatches,
     whose noise alone is a few percent)."""

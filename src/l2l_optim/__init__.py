@@ -25,6 +25,7 @@ _EXPORTS = {
     "SimpleOptimizerNet": "nets",
     "DMOptimizerNet": "nets",
     "RNNPropNet": "nets",
+    "simple_update": "functional",
     "meta_fit": "meta",
     "finetune": "finetune",
     "search_lr": "training",

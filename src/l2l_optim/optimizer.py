@@ -2,8 +2,14 @@
 
 :class:`LearnedOptimizer` knows the ``torch.optim`` contract (parameter groups, lazy state,
 closures, ``state_dict``, validation) and nothing about how an update is computed: it hands
-all gradients and states of a step to the net (the generic path) or, for
-:class:`SimpleOptimizer`, to a fused kernel from :mod:`l2l_optim.kernels`.
+all gradients and states of a step to :func:`l2l_optim.functional.coordinatewise_update`
+(the generic path) or, for :class:`SimpleOptimizer`, to
+:func:`l2l_optim.functional.simple_update` and its fused kernels.
+
+The file is longer than most in the package (about 650 lines, half of them docstrings)
+because it is the one place that holds the whole ``torch.optim`` contract: options,
+validation, the non-finite policy, and checkpoints; the three optimizers are thin subclasses
+that only configure it.
 
 Example:
     >>> import torch
@@ -29,10 +35,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
+from .functional import coordinatewise_update, simple_update
+from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet
 from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
 
-__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp", "coordinatewise_update"]
+__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
 
 WeightsT = str | os.PathLike | CoordinatewiseNet | LoadedWeights
 _NONFINITE = ("skip", "raise")
@@ -398,7 +406,7 @@ class LearnedOptimizer(Optimizer):
         lrs: list[float | Tensor],
         skip: Tensor | None,
     ) -> None:
-        cd = compute_dtype(params)
+        cd = compute_dtype(*(p.dtype for p in params))
         coordinatewise_update(
             self._net_for(params[0].device, cd), params, grads, states, lrs, skip=skip
         )
@@ -538,8 +546,8 @@ class SimpleOptimizer(LearnedOptimizer):
     Per coordinate ``i`` with gradient ``g_i`` and hidden state ``h_i``:
     ``h_i' = tanh(W_ih g_i + W_hh h_i)``, ``u_i = w_a . h_i' + w_b . mean_j h_j'``,
     ``theta_i <- theta_i + lr * u_i``, where the mean runs over every coordinate of every
-    parameter stepped (all groups). The net's weights are folded once per device and dtype
-    (``SimpleOptimizerNet.fused_weights``) and the kernel chosen by ``impl`` does the rest.
+    parameter stepped (all groups). :func:`l2l_optim.functional.simple_update` folds the net's
+    weights (cached per device and dtype) and runs the kernel chosen by ``impl``.
     Everything else (groups, NaN policy, state, ``state_dict``) is as in
     :class:`LearnedOptimizer`.
 
@@ -594,12 +602,8 @@ class SimpleOptimizer(LearnedOptimizer):
         super()._check_options(options)
 
     def _update(self, params, grads, states, lrs, skip) -> None:
-        device = params[0].device
-        cd = compute_dtype(params)
-        kernel = kernels.get_kernel(kernels.resolve_impl(self.defaults["impl"], device.type))
-        # fold from a copy already in the compute dtype, so float64 parameters fold in float64
-        weights = self._net_for(device, cd).fused_weights(dtype=cd, device=device)
-        kernel(params, grads, [s["h"] for s in states], lrs, weights, skip)
+        simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
+                      impl=self.defaults["impl"], skip=skip)
 
 
 class DMOptimizer(LearnedOptimizer):
@@ -661,73 +665,3 @@ class RNNProp(LearnedOptimizer):
         nonfinite: str = "skip",
     ) -> None:
         super().__init__(params, lr, weights=weights, nonfinite=nonfinite)
-
-
-def compute_dtype(params: list[Tensor]) -> torch.dtype:
-    """float64 if any parameter is float64, else float32 (half-precision ones included)."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
-
-def coordinatewise_update(
-    net: CoordinatewiseNet,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    lrs: list[float | Tensor],
-    *,
-    skip: Tensor | None = None,
-) -> None:
-    """One step of any coordinate-wise net on ``params``, in place (the generic path).
-
-    A net that couples coordinates (the mean aggregation) sees them all in one call. A net
-    whose coordinates are independent runs once per parameter, which gives the same result
-    without concatenating and splitting every state tensor.
-
-    Args:
-        net: the net, already in the compute dtype and on the parameters' device.
-        params: the parameters (updated in place: ``p += lr * u``).
-        grads: their gradients.
-        states: one state dict per parameter (the net's tensors, coordinate last; other keys
-            such as ``"step"`` are left alone); updated in place.
-        lrs: one learning rate per parameter, a float or a 0-dim tensor.
-        skip: optional 0-dim bool tensor; where true, nothing changes (read on the device,
-            never on the host).
-    """
-    if net.independent_coordinates and len(params) > 1:
-        for i in range(len(params)):
-            _net_update(net, params[i : i + 1], grads[i : i + 1], states[i : i + 1], lrs[i : i + 1], skip)
-    elif params:
-        _net_update(net, params, grads, states, lrs, skip)
-
-
-def _net_update(net, params, grads, states, lrs, skip) -> None:
-    cd = compute_dtype(params)
-    keys = [k for k in states[0] if k != "step"]
-    sizes = [p.numel() for p in params]
-    if len(params) == 1:
-        g = grads[0].reshape(-1).to(cd)
-        old = {k: states[0][k].to(cd) for k in keys}
-    else:
-        g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
-        old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
-    update, new = net(g, old)
-    if skip is not None:
-        # keep NaN/Inf out of the state without reading the flag on the host
-        new = {k: torch.where(skip, old[k], new[k]) for k in keys}
-    for k in keys:
-        if len(params) == 1 and new[k].dtype == states[0][k].dtype and new[k].shape == states[0][k].shape:
-            states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
-            continue
-        for s, part in zip(states, new[k].split(sizes, dim=-1)):
-            s[k].copy_(part)
-    for p, u, lr in zip(params, update.split(sizes), lrs):
-        if not isinstance(lr, Tensor) and lr == 0.0:
-            continue
-        u = u.view(p.shape)
-        if skip is None:
-            if isinstance(lr, Tensor):
-                p.add_(u * lr.to(u.dtype))
-            else:
-                p.add_(u, alpha=lr)
-        else:
-            p.copy_(torch.where(skip, p, p + lr * u))

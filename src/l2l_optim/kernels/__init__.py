@@ -6,7 +6,7 @@ Every path has the signature of :func:`simple_update_reference` and must agree w
 ==============  ========================================================================
 ``reference``   plain torch ops (``reference.py``): the oracle; any device, slow.
 ``cpu``         fused C++/OpenMP kernel (``cpu.py`` + ``simple_cpu.cpp``), CPU tensors;
-                compiled on first use (about a minute) and cached.
+                compiled on first use and cached.
 ``triton``      fused Triton kernels (``triton.py``), CUDA tensors (or CPU tensors under
                 ``TRITON_INTERPRET=1``, which is how the tests run it without a GPU).
 ==============  ========================================================================
@@ -15,6 +15,10 @@ Every path has the signature of :func:`simple_update_reference` and must agree w
 ``reference``, with a one-line warning), ``triton`` on CUDA when Triton is importable
 (otherwise ``reference``), ``reference`` anywhere else. A forced ``impl`` that cannot run
 raises :class:`RuntimeError` saying why.
+
+The checks, the precision rule, the contiguity handling and the one cache of packed weights
+that every path uses live in ``_common.py``; :func:`l2l_optim.functional.simple_update` is
+the public entry point that picks a path and folds the net.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from __future__ import annotations
 import functools
 import warnings
 
+from ._common import compute_dtype
 from .reference import simple_update_reference
 
 __all__ = [
     "simple_update_reference",
+    "compute_dtype",
     "IMPLS",
     "resolve_impl",
     "get_kernel",

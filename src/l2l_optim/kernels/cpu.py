@@ -1,8 +1,8 @@
 """The fused SimpleOptimizer update on CPU: a C++/OpenMP kernel (``simple_cpu.cpp``).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (flags
-``-O3 -march=native -fopenmp``; about a minute on 2 cores) and cached in torch's extension
-directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The cache name
+``-O3 -march=native -fopenmp``) and cached in torch's extension directory
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The cache name
 includes a hash of the source, the flags, the torch version and this CPU's feature flags, so a
 home directory shared between machines never loads a ``-march=native`` binary built for another
 CPU.
@@ -35,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
+from ._common import check_inputs, contiguous_inplace, packed_weights, split_skip
 
 __all__ = [
     "simple_update_cpu",
     "is_available",
     "build_error",
     "load_extension",
-    "pack_weights",
     "CFLAGS",
 ]
 
@@ -49,6 +49,7 @@ SOURCE = Path(__file__).with_name("simple_cpu.cpp")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
+_CPU = torch.device("cpu")
 
 _lock = threading.Lock()
 _ext = None
@@ -146,93 +147,32 @@ def build_error() -> str | None:
     return _error
 
 
-def bump_versions(*lists) -> None:
-    """Increment the autograd version counter of every tensor in ``lists``."""
-    from torch.autograd.graph import increment_version
-
-    for ts in lists:
-        for t in ts:
-            increment_version(t)
-
-
-_pack_cache: tuple[tuple, Tensor] | None = None
-
-
-def pack_weights(weights: SimpleWeights) -> Tensor:
-    """The weights as one contiguous fp64 CPU vector [w_ih, w_hh, b_h, w_a, w_b, b_out].
-
-    Cached on the identity and version counters of the weight tensors, so the usual call with
-    the same ``SimpleWeights`` object every step costs nothing.
-    """
-    global _pack_cache
-    key = tuple((id(t), t.data_ptr(), t._version) for t in weights)
-    cache = _pack_cache
-    if cache is not None and cache[0] == key:
-        return cache[1]
-    H = weights.w_ih.numel()
-    parts = [weights.w_ih.reshape(H), weights.w_hh.reshape(H * H), weights.b_h.reshape(H),
-             weights.w_a.reshape(H), weights.w_b.reshape(H), weights.b_out.reshape(1)]
-    packed = torch.cat([t.detach().to(device="cpu", dtype=torch.float64) for t in parts])
-    _pack_cache = (key, packed)
-    return packed
-
-
 def simple_update_cpu(
     params: list[Tensor],
     grads: list[Tensor],
     hiddens: list[Tensor],
     lrs: list[float | Tensor],
     weights: SimpleWeights,
-    skip: Tensor | None = None,
+    skip: Tensor | bool | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
 
     Raises:
         RuntimeError: the extension is unavailable, or a tensor is not on the CPU.
-        ValueError: the lists differ in length, or a gradient is sparse.
+        ValueError: as the reference.
     """
     ext = load_extension()
-    n = len(params)
-    if not (len(grads) == len(hiddens) == len(lrs) == n):
-        raise ValueError(
-            f"params, grads, hiddens and lrs must have the same length, got "
-            f"{n}, {len(grads)}, {len(hiddens)}, {len(lrs)}"
-        )
-    if skip is not None:
-        if isinstance(skip, Tensor):
-            if skip.device.type != "cpu":
-                raise RuntimeError("impl='cpu': the skip flag must be a CPU tensor")
-        elif skip:
-            return
-        else:
-            skip = None
-    if n == 0:
+    check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
+                 device_rule="runs on CPU tensors only")
+    done, skip = split_skip(skip)
+    if skip is not None and skip.device.type != "cpu":
+        raise RuntimeError("impl='cpu': the skip flag must be a CPU tensor")
+    if done or not params:
         return
-    with torch.no_grad():
-        ps, gs, hs, copy_back = [], [], [], []
-        for p, g, h in zip(params, grads, hiddens):
-            if p.device.type != "cpu" or g.device.type != "cpu" or h.device.type != "cpu":
-                raise RuntimeError(
-                    "impl='cpu' runs on CPU tensors only; got a tensor on "
-                    f"{next(t.device for t in (p, g, h) if t.device.type != 'cpu')}"
-                )
-            if g.is_sparse:
-                raise ValueError("SimpleOptimizer kernels do not support sparse gradients")
-            pc = p if p.is_contiguous() else p.contiguous()
-            hc = h if h.is_contiguous() else h.contiguous()
-            if pc is not p:
-                copy_back.append((p, pc))
-            if hc is not h:
-                copy_back.append((h, hc))
-            ps.append(pc)
-            gs.append(g if g.is_contiguous() else g.contiguous())
-            hs.append(hc)
-        ext.simple_update(ps, gs, hs, [float(lr) for lr in lrs], pack_weights(weights), skip)
-        for dst, src in copy_back:
-            dst.copy_(src)
-        # the kernel writes through raw pointers: tell autograd that these tensors changed, so
-        # that a backward through a graph that saved them fails loudly, as after p.add_()
-        bump_versions(params, hiddens)
+    # the kernel reads every weight in fp64 and rounds to the compute dtype itself
+    packed = packed_weights(weights, _CPU, torch.float64, flat=True)
+    with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
+        ext.simple_update(ps, gs, hs, [float(lr) for lr in lrs], packed, skip)
 
 
 def kernel_tanh(x: Tensor) -> Tensor:

@@ -11,12 +11,9 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
+from ._common import check_inputs, compute_dtype, packed_weights, split_skip
 
 __all__ = ["simple_update_reference"]
-
-
-def _compute_dtype(param: Tensor) -> torch.dtype:
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def simple_update_reference(
@@ -37,20 +34,26 @@ def simple_update_reference(
         lrs: one learning rate per parameter, a float or a 1-element tensor; the update
             applied is ``lr * u``.
         weights: the folded net weights (``SimpleOptimizerNet.fused_weights``).
-        skip: optional 0-dim bool tensor; when true nothing is changed (the non-finite
-            gradient policy).
+        skip: optional 0-dim bool tensor or Python bool; when true nothing is changed (the
+            non-finite gradient policy).
 
     The aggregate is the mean of ``h'`` over every coordinate of every tensor in the call.
+
+    Raises:
+        ValueError: the lists differ in length, a gradient is sparse, a dtype is unsupported
+            or a hidden state has the wrong shape.
     """
-    if skip is not None and bool(skip):
-        return
     H = weights.w_ih.numel()
+    check_inputs("reference", params, grads, hiddens, lrs, H)
+    done, skip = split_skip(skip)
+    if done or (skip is not None and bool(skip)):
+        return
     new_hiddens = []
     total = torch.zeros(H, dtype=torch.float64)
     count = 0
     for p, g, h in zip(params, grads, hiddens):
-        cd = _compute_dtype(p)
-        w = SimpleWeights(*(t.to(device=p.device, dtype=cd) for t in weights))
+        cd = compute_dtype(p.dtype)
+        w = packed_weights(weights, p.device, cd)
         g_flat = g.reshape(-1).to(cd)
         h_old = h.to(cd)
         pre = w.w_ih.unsqueeze(1) * g_flat.unsqueeze(0) + w.w_hh @ h_old + w.b_h.unsqueeze(1)
@@ -61,7 +64,7 @@ def simple_update_reference(
     mean = total / max(count, 1)
     for p, h, h_new, lr in zip(params, hiddens, new_hiddens, lrs):
         cd = h_new.dtype
-        w = SimpleWeights(*(t.to(device=p.device, dtype=cd) for t in weights))
+        w = packed_weights(weights, p.device, cd)
         shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
         update = w.w_a @ h_new + shared + w.b_out
         p_new = p.to(cd) + lr * update.reshape(p.shape)

@@ -18,9 +18,9 @@ Structure (the same two passes as the CPU kernel, see ``simple_cpu.cpp``):
 So a step is ``2 * groups + 1`` launches whatever the number of tensors, reads no value back
 to the host (no ``.item()``) and is CUDA-graph capturable once warmed up: the pointer/block
 tables are built on the host and uploaded on the first call for a given set of tensors, and
-cached (keyed on the tensors' addresses), so a captured step finds them ready. Learning rates
-given as Python floats are part of a small cached table too; pass 0-dim device tensors as
-``lrs`` to change them inside a captured graph.
+kept in the kernels' one cache (``_common.CACHE``, keyed on the tensors' addresses), so a
+captured step finds them ready. Learning rates given as Python floats are part of a small
+cached table too; pass 0-dim device tensors as ``lrs`` to change them inside a captured graph.
 
 The weights live in a tiny device tensor (fp32 or fp64), read with scalar loads that the
 compiler keeps in registers; ``H`` is a compile-time constant. The ``skip`` flag (0-dim bool
@@ -43,13 +43,19 @@ copy lands at a new address).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
-from .cpu import bump_versions
+from ._common import (
+    CACHE,
+    check_inputs,
+    compute_dtype,
+    contiguous_inplace,
+    packed_weights,
+    split_skip,
+)
 
 __all__ = ["simple_update_triton", "is_available", "import_error", "interpret_mode"]
 
@@ -237,22 +243,18 @@ if triton is not None:
         torch.bfloat16: tl.bfloat16,
         torch.float16: tl.float16,
     }
-_HIDDEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 class _Group:
     """One (param dtype, grad dtype, hidden dtype) group and its device tables."""
 
-    __slots__ = ("pdt", "gdt", "hdt", "idx", "n_blocks", "part_base", "tab", "inplace", "c64")
+    __slots__ = ("pdt", "gdt", "hdt", "idx", "n_blocks", "part_base", "tab", "inplace", "cdt")
 
 
 class _Plan:
-    __slots__ = ("groups", "n_blocks", "n_total", "scratch_numel", "block", "lr_key", "lr_tabs")
-
-
-_plans: OrderedDict = OrderedDict()
-_weight_cache: OrderedDict = OrderedDict()
-_MAX_CACHE = 8
+    # lr_tables: (the float lrs, their device tables), replaced as one tuple so that two
+    # threads stepping with one plan never pair one's lrs with the other's tables
+    __slots__ = ("groups", "n_blocks", "n_total", "scratch_numel", "block", "lr_tables")
 
 
 def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -263,14 +265,16 @@ def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.d
 
 
 def _plan(params, grads, hiddens, device, block) -> _Plan:
-    key = (device, block) + tuple(
+    # the tables hold addresses, not tensors: a key of addresses, sizes and dtypes is exact
+    # (a tensor freed and another allocated at the same address reuses a correct table)
+    key = ("triton-plan", device, block) + tuple(
         (p.data_ptr(), g.data_ptr(), h.data_ptr(), p.numel(), p.dtype, g.dtype, h.dtype)
         for p, g, h in zip(params, grads, hiddens)
     )
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
+    return CACHE.get(key, lambda: _make_plan(params, grads, hiddens, device, block))
+
+
+def _make_plan(params, grads, hiddens, device, block) -> _Plan:
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
         if p.numel() == 0:
@@ -285,7 +289,7 @@ def _plan(params, grads, hiddens, device, block) -> _Plan:
     for (pdt, gdt, hdt), idx in groups.items():
         grp = _Group()
         grp.pdt, grp.gdt, grp.hdt, grp.idx = pdt, gdt, hdt, idx
-        grp.c64 = pdt == torch.float64
+        grp.cdt = compute_dtype(pdt)
         grp.inplace = pdt in (torch.float32, torch.float64)
         T = len(idx)
         p_tab = [params[i].data_ptr() for i in idx]
@@ -316,11 +320,7 @@ def _plan(params, grads, hiddens, device, block) -> _Plan:
         plan.groups.append(grp)
     plan.n_blocks = part_base
     plan.scratch_numel = scratch
-    plan.lr_key = None
-    plan.lr_tabs = None
-    _plans[key] = plan
-    while len(_plans) > _MAX_CACHE:
-        _plans.popitem(last=False)
+    plan.lr_tables = (None, None)
     return plan
 
 
@@ -335,26 +335,11 @@ def _lr_tables(plan: _Plan, lrs, device) -> list[Tensor]:
             ]))
         return out
     key = tuple(float(lr) for lr in lrs)
-    if plan.lr_key != key:
-        plan.lr_tabs = [_upload([key[i] for i in grp.idx], torch.float64, device)
-                        for grp in plan.groups]
-        plan.lr_key = key
-    return plan.lr_tabs
-
-
-def _weights_on(weights: SimpleWeights, device, dtype) -> Tensor:
-    key = (device, dtype) + tuple((id(t), t.data_ptr(), t._version, t.device) for t in weights)
-    w = _weight_cache.get(key)
-    if w is None:
-        H = weights.w_ih.numel()
-        parts = [weights.w_ih.reshape(H), weights.w_hh.reshape(H * H), weights.b_h.reshape(H),
-                 weights.w_a.reshape(H), weights.w_b.reshape(H), weights.b_out.reshape(1)]
-        # cast like the reference: each weight tensor .to(compute dtype)
-        w = torch.cat([t.detach().to(device=device, dtype=dtype) for t in parts]).contiguous()
-        _weight_cache[key] = w
-        while len(_weight_cache) > _MAX_CACHE:
-            _weight_cache.popitem(last=False)
-    return w
+    cached_key, tabs = plan.lr_tables
+    if cached_key != key:
+        tabs = [_upload([key[i] for i in grp.idx], torch.float64, device) for grp in plan.groups]
+        plan.lr_tables = (key, tabs)
+    return tabs
 
 
 def simple_update_triton(
@@ -363,69 +348,31 @@ def simple_update_triton(
     hiddens: list[Tensor],
     lrs: list[float | Tensor],
     weights: SimpleWeights,
-    skip: Tensor | None = None,
+    skip: Tensor | bool | None = None,
 ) -> None:
     """The fused Triton update; same contract as :func:`~.reference.simple_update_reference`.
 
     Raises:
         RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device (CPU
             tensors are accepted in interpret mode, ``TRITON_INTERPRET=1``).
-        ValueError: the lists differ in length, a gradient is sparse, or a dtype is unsupported.
+        ValueError: as the reference.
     """
     if triton is None:
         raise RuntimeError(f"impl='triton' needs Triton, which cannot be imported: {_IMPORT_ERROR}")
-    n = len(params)
-    if not (len(grads) == len(hiddens) == len(lrs) == n):
-        raise ValueError(
-            f"params, grads, hiddens and lrs must have the same length, got "
-            f"{n}, {len(grads)}, {len(hiddens)}, {len(lrs)}"
-        )
-    if n == 0:
-        return
-    if skip is not None and not isinstance(skip, Tensor):
-        if skip:
-            return
-        skip = None
-    device = params[0].device
+    device = params[0].device if params else None
     interp = interpret_mode()
-    if device.type != "cuda" and not (interp and device.type == "cpu"):
+    if device is not None and device.type != "cuda" and not (interp and device.type == "cpu"):
         raise RuntimeError(
             f"impl='triton' runs on CUDA tensors (got {device}); on CPU use impl='cpu' or "
             "'reference' (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
         )
     H = weights.w_ih.numel()
-    with torch.no_grad():
-        ps, gs, hs, copy_back = [], [], [], []
-        for p, g, h in zip(params, grads, hiddens):
-            for x in (p, g, h):
-                if x.device != device:
-                    raise RuntimeError(
-                        f"impl='triton' needs all tensors on one device; got {device} and "
-                        f"{x.device} (use impl='reference' for a multi-device call)"
-                    )
-            if g.is_sparse:
-                raise ValueError("SimpleOptimizer kernels do not support sparse gradients")
-            if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES:
-                raise ValueError(f"impl='triton': unsupported dtype {p.dtype} / {g.dtype}")
-            if h.dtype not in _HIDDEN_DTYPES:
-                raise ValueError(
-                    f"impl='triton': unsupported hidden-state dtype {h.dtype} "
-                    "(use float32, bfloat16 or float64)"
-                )
-            if tuple(h.shape) != (H, p.numel()):
-                raise ValueError(
-                    f"hidden state must have shape ({H}, {p.numel()}), got {tuple(h.shape)}"
-                )
-            pc = p if p.is_contiguous() else p.contiguous()
-            hc = h if h.is_contiguous() else h.contiguous()
-            if pc is not p:
-                copy_back.append((p, pc))
-            if hc is not h:
-                copy_back.append((h, hc))
-            ps.append(pc)
-            gs.append(g if g.is_contiguous() else g.contiguous())
-            hs.append(hc)
-
+    check_inputs("triton", params, grads, hiddens, lrs, H, device=device,
+                 device_rule="needs all tensors on one device (impl='reference' takes several)")
+    done, skip = split_skip(skip)
+    if done or not params:
+        return
+    with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
         block = BLOCK_INTERPRET if interp else BLOCK_GPU
         plan = _plan(ps, gs, hs, device, block)
         if plan.n_total == 0:
@@ -440,28 +387,21 @@ def simple_update_triton(
         warps = {} if interp else {"num_warps": NUM_WARPS}
 
         for grp, lr_tab in zip(plan.groups, lr_tabs):
-            c_dt = torch.float64 if grp.c64 else torch.float32
-            w = _weights_on(weights, device, c_dt)
+            w = packed_weights(weights, device, grp.cdt, flat=True)
             tb = grp.tab
             _pass1_kernel[(grp.n_blocks,)](
                 tb["p"], tb["g"], tb["h"], tb["n"], tb["sc"], lr_tab, tb["bt"], tb["bs"],
                 w, partials[grp.part_base :], scratch, skip_t,
                 H=H, HP=HP, BLOCK=block,
                 P_DT=_TL_DTYPES[grp.pdt], G_DT=_TL_DTYPES[grp.gdt], H_DT=_TL_DTYPES[grp.hdt],
-                C_DT=_TL_DTYPES[c_dt], INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
+                C_DT=_TL_DTYPES[grp.cdt], INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
             )
         _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
                              R=REDUCE_BLOCK, **warps)
         for grp, lr_tab in zip(plan.groups, lr_tabs):
-            c_dt = torch.float64 if grp.c64 else torch.float32
             tb = grp.tab
             _pass2_kernel[(grp.n_blocks,)](
                 tb["p"], tb["n"], tb["sc"], lr_tab, tb["bt"], tb["bs"], shared, scratch, skip_t,
-                BLOCK=block, P_DT=_TL_DTYPES[grp.pdt], C_DT=_TL_DTYPES[c_dt],
+                BLOCK=block, P_DT=_TL_DTYPES[grp.pdt], C_DT=_TL_DTYPES[grp.cdt],
                 INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
             )
-        for dst, src in copy_back:
-            dst.copy_(src)
-        # the kernel writes through raw pointers: tell autograd that these tensors changed, so
-        # that a backward through a graph that saved them fails loudly, as after p.add_()
-        bump_versions(params, hiddens)

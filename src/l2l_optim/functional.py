@@ -1,0 +1,162 @@
+"""Functional forms of the optimizers' updates (as :func:`torch.optim.adam.adam` is Adam's).
+
+:class:`~l2l_optim.optimizer.SimpleOptimizer` keeps the state and the policies (parameter
+groups, non-finite gradients, ``state_dict``); :func:`simple_update` is the step itself, for
+callers that hold their own state. :func:`coordinatewise_update` is the same for any
+coordinate-wise net run through its plain ``forward`` (the generic path of
+:class:`~l2l_optim.optimizer.LearnedOptimizer`, used by DMOptimizer and RNNProp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels._common import check_lengths, compute_dtype, packed_weights, split_skip
+from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
+
+__all__ = ["simple_update", "coordinatewise_update"]
+
+
+def simple_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hiddens: list[Tensor],
+    lrs: list[float | Tensor],
+    weights: SimpleOptimizerNet | SimpleWeights,
+    *,
+    impl: str = "auto",
+    skip: Tensor | bool | None = None,
+) -> None:
+    r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
+
+    Per coordinate ``i`` of every tensor in the call, with gradient ``g_i`` and hidden state
+    ``h_i``: ``h_i' = tanh(w_ih g_i + w_hh h_i + b_h)`` and
+    ``theta_i <- theta_i + lr * (w_a . h_i' + w_b . mean_j h_j' + b_out)``, the mean running
+    over every coordinate of every tensor in the call. Coordinates of float64 parameters are
+    computed in float64, all others in float32; bfloat16 / float16 storage is rounded once.
+
+    Args:
+        params: parameter tensors of any shape, float32 / float64 / bfloat16 / float16, all on
+            one device (updated in place; non-contiguous ones keep their strides).
+        grads: their dense gradients, one per parameter, with as many elements.
+        hiddens: one hidden state per parameter, of shape ``(H, p.numel())`` and dtype
+            float32 / bfloat16 / float64 (updated in place); ``net.init_state(p.numel())``
+            makes one.
+        lrs: one learning rate per parameter: a float, or a 0-dim / 1-element tensor (on
+            CUDA a device tensor keeps the step free of host synchronisation).
+        weights: a :class:`~l2l_optim.nets.SimpleOptimizerNet`, folded here in float64 if
+            any parameter is float64 and float32 otherwise, on the parameters' device; or
+            :class:`~l2l_optim.nets.SimpleWeights` already folded, used as given. The folded
+            and packed forms are cached and derived afresh when a weight changes (in place
+            or re-bound).
+        impl: the kernel: ``"auto"`` (the fastest available for the parameters' device),
+            ``"reference"``, ``"cpu"`` or ``"triton"`` (see :mod:`l2l_optim.kernels`).
+        skip: a Python bool, or a 0-dim bool tensor on the parameters' device read inside the
+            kernel (no host synchronisation); when true nothing is changed.
+
+    Returns:
+        None; ``params`` and ``hiddens`` are updated in place and their autograd version
+        counters bumped.
+
+    Raises:
+        ValueError: an unknown ``impl``, lists of different lengths, a sparse gradient, an
+            unsupported dtype or a hidden state of the wrong shape.
+        TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights.
+        RuntimeError: ``impl`` cannot run here (no compiler, no Triton, another device), or
+            the tensors are on several devices for a fused kernel.
+
+    Example:
+        >>> import torch
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> from l2l_optim.functional import simple_update
+        >>> net = SimpleOptimizerNet()
+        >>> w = torch.zeros(3)
+        >>> h = net.init_state(w.numel())["h"]
+        >>> simple_update([w], [torch.ones(3)], [h], [0.1], net, impl="reference")
+        >>> w.shape, h.shape
+        (torch.Size([3]), torch.Size([10, 3]))
+    """
+    if impl not in kernels.IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r}; expected one of {kernels.IMPLS}")
+    if not isinstance(weights, (SimpleOptimizerNet, SimpleWeights)):
+        raise TypeError(
+            "simple_update needs a SimpleOptimizerNet or SimpleWeights, got "
+            f"{type(weights).__name__}"
+        )
+    check_lengths(params, grads, hiddens, lrs)
+    done, skip = split_skip(skip)
+    if done or not params:
+        return
+    device = params[0].device
+    kernel = kernels.get_kernel(kernels.resolve_impl(impl, device.type))
+    if isinstance(weights, SimpleOptimizerNet):
+        weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
+    with torch.no_grad():
+        kernel(params, grads, hiddens, lrs, weights, skip)
+
+
+def coordinatewise_update(
+    net: CoordinatewiseNet,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    lrs: list[float | Tensor],
+    *,
+    skip: Tensor | None = None,
+) -> None:
+    """One step of any coordinate-wise net on ``params``, in place (the generic path).
+
+    A net that couples coordinates (the mean aggregation) sees them all in one call. A net
+    whose coordinates are independent runs once per parameter, which gives the same result
+    without concatenating and splitting every state tensor.
+
+    Args:
+        net: the net, already in the compute dtype and on the parameters' device.
+        params: the parameters (updated in place: ``p += lr * u``).
+        grads: their gradients.
+        states: one state dict per parameter (the net's tensors, coordinate last; other keys
+            such as ``"step"`` are left alone); updated in place.
+        lrs: one learning rate per parameter, a float or a 0-dim tensor.
+        skip: optional 0-dim bool tensor; where true, nothing changes (read on the device,
+            never on the host).
+    """
+    if net.independent_coordinates and len(params) > 1:
+        for i in range(len(params)):
+            _net_update(net, params[i : i + 1], grads[i : i + 1], states[i : i + 1], lrs[i : i + 1], skip)
+    elif params:
+        _net_update(net, params, grads, states, lrs, skip)
+
+
+def _net_update(net, params, grads, states, lrs, skip) -> None:
+    cd = compute_dtype(*(p.dtype for p in params))
+    keys = [k for k in states[0] if k != "step"]
+    sizes = [p.numel() for p in params]
+    if len(params) == 1:
+        g = grads[0].reshape(-1).to(cd)
+        old = {k: states[0][k].to(cd) for k in keys}
+    else:
+        g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
+        old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
+    update, new = net(g, old)
+    if skip is not None:
+        # keep NaN/Inf out of the state without reading the flag on the host
+        new = {k: torch.where(skip, old[k], new[k]) for k in keys}
+    for k in keys:
+        if len(params) == 1 and new[k].dtype == states[0][k].dtype and new[k].shape == states[0][k].shape:
+            states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
+            continue
+        for s, part in zip(states, new[k].split(sizes, dim=-1)):
+            s[k].copy_(part)
+    for p, u, lr in zip(params, update.split(sizes), lrs):
+        if not isinstance(lr, Tensor) and lr == 0.0:
+            continue
+        u = u.view(p.shape)
+        if skip is None:
+            if isinstance(lr, Tensor):
+                p.add_(u * lr.to(u.dtype))
+            else:
+                p.add_(u, alpha=lr)
+        else:
+            p.copy_(torch.where(skip, p, p + lr * u))

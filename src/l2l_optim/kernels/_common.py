@@ -1,0 +1,252 @@
+"""What every SimpleOptimizer kernel path shares, written once.
+
+* :func:`compute_dtype`: the precision rule (float64 for float64 parameters, float32 for
+  everything else), used per tensor by the kernels and per call to fold the net's weights.
+* :func:`check_inputs`, :func:`split_skip`: the argument checks and the ``skip`` convention,
+  so that every path accepts and rejects the same calls with the same messages.
+* :func:`contiguous_inplace`: contiguous working copies of non-contiguous tensors, copied back
+  after the kernel, and the autograd version bump that in-place writes through raw pointers
+  need.
+* :data:`CACHE` and :func:`packed_weights`: the one cache of everything the kernels derive
+  from their arguments (the net folded to :class:`~l2l_optim.nets.SimpleWeights`, the weights
+  cast or packed into the flat vector a fused kernel reads, Triton's launch tables). It is
+  bounded (least recently used entries go first) and guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..nets import SimpleOptimizerNet, SimpleWeights
+
+__all__ = [
+    "PARAM_DTYPES",
+    "HIDDEN_DTYPES",
+    "compute_dtype",
+    "split_skip",
+    "check_lengths",
+    "check_inputs",
+    "contiguous_inplace",
+    "bump_versions",
+    "KernelCache",
+    "CACHE",
+    "packed_weights",
+]
+
+# what the fused kernels implement; the reference accepts the same, so that every path takes
+# the same calls (impl="auto" may fall back to the reference)
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+HIDDEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any of ``dtypes`` is float64, else float32.
+
+    Per tensor (``compute_dtype(p.dtype)``) it is the precision a coordinate's update is
+    computed in; per call (``compute_dtype(*(p.dtype for p in params))``) it is the precision
+    the net's weights are folded in, so that float64 parameters never see a float32 fold.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def split_skip(skip: Tensor | bool | None) -> tuple[bool, Tensor | None]:
+    """``(done, flag)``: ``done`` for a true Python ``skip`` (nothing to do); ``flag`` is the
+    tensor the kernel must read (``None`` for no flag). A tensor flag is never read on the
+    host here: on an accelerator that would synchronise every step."""
+    if skip is None or isinstance(skip, Tensor):
+        return False, skip
+    return bool(skip), None
+
+
+def check_lengths(params, grads, hiddens, lrs) -> None:
+    """Raise ValueError unless the four lists have one entry per parameter."""
+    n = len(params)
+    if not (len(grads) == len(hiddens) == len(lrs) == n):
+        raise ValueError(
+            f"params, grads, hiddens and lrs must have the same length, got "
+            f"{n}, {len(grads)}, {len(hiddens)}, {len(lrs)}"
+        )
+
+
+def check_inputs(
+    impl: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    hiddens: list[Tensor],
+    lrs: list,
+    hidden_size: int,
+    *,
+    device: torch.device | None = None,
+    device_rule: str = "",
+) -> None:
+    """The checks every path makes before it touches anything.
+
+    Args:
+        impl: the path's name, for the messages.
+        hidden_size: ``H``; each hidden state must have shape ``(H, p.numel())``.
+        device: when given, every tensor must be on it (the fused paths); ``None`` allows any
+            devices (the reference).
+        device_rule: the phrase that says which device, e.g. ``"runs on CPU tensors only"``.
+
+    Raises:
+        ValueError: lists of different lengths, a sparse gradient, an unsupported dtype or a
+            hidden state of the wrong shape.
+        RuntimeError: a tensor on another device than ``device``.
+    """
+    check_lengths(params, grads, hiddens, lrs)
+    for p, g, h in zip(params, grads, hiddens):
+        if device is not None:
+            for x in (p, g, h):
+                if x.device != device:
+                    raise RuntimeError(
+                        f"impl={impl!r} {device_rule}; got a tensor on {x.device}"
+                    )
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError("SimpleOptimizer kernels do not support sparse gradients")
+        if p.dtype not in PARAM_DTYPES or g.dtype not in PARAM_DTYPES:
+            raise ValueError(f"impl={impl!r}: unsupported dtype {p.dtype} / {g.dtype}")
+        if h.dtype not in HIDDEN_DTYPES:
+            raise ValueError(
+                f"impl={impl!r}: unsupported hidden-state dtype {h.dtype} "
+                "(use float32, bfloat16 or float64)"
+            )
+        if g.numel() != p.numel():
+            raise ValueError(
+                f"a gradient of {g.numel()} elements for a parameter of {p.numel()}"
+            )
+        if tuple(h.shape) != (hidden_size, p.numel()):
+            raise ValueError(
+                f"hidden state must have shape ({hidden_size}, {p.numel()}), "
+                f"got {tuple(h.shape)}"
+            )
+
+
+def bump_versions(*lists: list[Tensor]) -> None:
+    """Increment the autograd version counter of every tensor in ``lists``."""
+    from torch.autograd.graph import increment_version
+
+    for ts in lists:
+        for t in ts:
+            increment_version(t)
+
+
+@contextlib.contextmanager
+def contiguous_inplace(
+    params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor]
+) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+    """Yield contiguous ``(params, grads, hiddens)`` for a kernel that writes raw memory.
+
+    Non-contiguous parameters and hidden states get contiguous copies, written back into the
+    originals (strides kept) when the block ends without an exception. Then the version
+    counters of the originals are bumped: the kernel's writes bypass autograd, and a backward
+    through a graph that saved these tensors must fail loudly, as after ``p.add_()``.
+    """
+    ps, gs, hs, copy_back = [], [], [], []
+    for p, g, h in zip(params, grads, hiddens):
+        pc = p if p.is_contiguous() else p.contiguous()
+        hc = h if h.is_contiguous() else h.contiguous()
+        if pc is not p:
+            copy_back.append((p, pc))
+        if hc is not h:
+            copy_back.append((h, hc))
+        ps.append(pc)
+        gs.append(g if g.is_contiguous() else g.contiguous())
+        hs.append(hc)
+    yield ps, gs, hs
+    for dst, src in copy_back:
+        dst.copy_(src)
+    bump_versions(params, hiddens)
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+class KernelCache:
+    """A small least-recently-used map from keys to values derived from kernel arguments.
+
+    Keys name their source tensors by ``id``, ``data_ptr`` and version counter; the entry
+    keeps those sources alive (``keep``), so an ``id`` in a live key can never be reused by
+    another object. An in-place edit bumps the version and a re-bound tensor changes
+    ``data_ptr`` or ``id``: either way the key changes and the value is derived afresh.
+    """
+
+    def __init__(self, maxsize: int = 16) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Any], keep: Any = None) -> Any:
+        """The value for ``key``, made by ``make()`` (and stored with ``keep``) on a miss."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit[1]
+            value = make()
+            self._entries[key] = (keep, value)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# One step of an optimizer uses a fold, one or two packings and (Triton) one launch plan;
+# sixteen entries hold that for a few optimizers stepping in turn.
+CACHE = KernelCache(16)
+
+
+def _tensor_key(tensors) -> tuple:
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+def packed_weights(
+    weights: SimpleWeights | SimpleOptimizerNet,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    flat: bool = False,
+) -> SimpleWeights | Tensor:
+    """``weights`` in the form a kernel reads, on ``device`` in ``dtype``, from :data:`CACHE`.
+
+    A :class:`SimpleOptimizerNet` is folded with ``net.fused_weights(dtype=dtype,
+    device=device)``; :class:`SimpleWeights` are cast tensor by tensor. With ``flat`` the
+    result is one contiguous vector ``[w_ih, w_hh, b_h, w_a, w_b, b_out]`` (the fused
+    kernels' layout), else a :class:`SimpleWeights`. The values are detached; treat them as
+    read-only (they are shared by every call with the same weights).
+    """
+    device = torch.device(device)
+    if isinstance(weights, SimpleOptimizerNet):
+        sources = tuple(weights.parameters())
+        # the net's identity too: its flags (bias, aggregate) shape the fold
+        key = ("net", id(weights)) + _tensor_key(sources)
+    elif isinstance(weights, SimpleWeights):
+        sources = tuple(weights)
+        key = ("weights",) + _tensor_key(sources)
+    else:
+        raise TypeError(
+            "expected a SimpleOptimizerNet or SimpleWeights, got " f"{type(weights).__name__}"
+        )
+
+    def fold() -> SimpleWeights:
+        if isinstance(weights, SimpleOptimizerNet):
+            return weights.fused_weights(dtype=dtype, device=device)
+        return SimpleWeights(*(t.detach().to(device=device, dtype=dtype) for t in weights))
+
+    def pack() -> Tensor:
+        return torch.cat([t.reshape(-1) for t in fold()]).contiguous()
+
+    return CACHE.get(key + (device, dtype, flat), pack if flat else fold, keep=(weights, sources))

@@ -1,0 +1,306 @@
+"""l2l_optim.functional.simple_update: every path against the reference, skip, and the one
+cache of packed weights (kernels/_common.py).
+
+The ``triton`` cases run where Triton can: on CUDA tensors when a GPU is present, else on CPU
+tensors in Triton's interpreter, in a subprocess (:func:`test_triton_interpreter_functional`)
+because ``TRITON_INTERPRET=1`` must be set before the kernels are decorated.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2l_optim import kernels
+from l2l_optim.functional import simple_update
+from l2l_optim.kernels import simple_update_reference
+from l2l_optim.kernels._common import CACHE, compute_dtype, packed_weights
+from l2l_optim.nets import DMOptimizerNet, SimpleOptimizerNet
+from l2l_optim.optimizer import SimpleOptimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+H = 10
+
+
+def _paths() -> list[tuple[str, str]]:
+    """(impl, device) pairs that run in this process; the interpreter subprocess runs triton
+    only (the parent covers the rest)."""
+    if INTERPRET:
+        try:
+            kernels.resolve_impl("triton", "cpu")  # no C++ build: this process tests triton only
+        except RuntimeError:
+            return []
+        return [("triton", "cpu")]
+    out = [(impl, "cpu") for impl in kernels.available_impls("cpu")]
+    if torch.cuda.is_available():
+        out += [(impl, "cuda") for impl in kernels.available_impls("cuda") if impl != "reference"]
+    return out
+
+
+PATHS = _paths()
+FUSED = [p for p in PATHS if p[0] != "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # shared 2-core machines: intra-op threads only add barrier waits to these small cases
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_net(seed: int = 0, **config) -> SimpleOptimizerNet:
+    g = torch.Generator().manual_seed(seed)
+    net = SimpleOptimizerNet(**config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / 10**0.5)
+    return net
+
+
+def make_state(specs, device, seed=0):
+    """specs: (shape, param dtype, hidden dtype); returns params, grads, hiddens."""
+    g = torch.Generator().manual_seed(seed)
+    params, grads, hiddens = [], [], []
+    for shape, pdt, hdt in specs:
+        params.append(torch.randn(shape, generator=g, dtype=torch.float64).to(device, pdt))
+        grads.append(torch.randn(shape, generator=g, dtype=torch.float64).to(device, pdt))
+        n = params[-1].numel()
+        hiddens.append(torch.tanh(torch.randn(H, n, generator=g, dtype=torch.float64)).to(device, hdt))
+    return params, grads, hiddens
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def max_err(a, b):
+    return max(((x.cpu().double() - y.cpu().double()).abs().max().item()
+                for x, y in zip(a, b) if x.numel()), default=0.0)
+
+
+def equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def step_both(impl, device, specs, net, steps=3, lrs=None):
+    """`steps` steps of simple_update(impl) and of the reference on the same start; returns
+    (ref params, ref hiddens, params, hiddens)."""
+    p, g, h = make_state(specs, device)
+    p_ref, g_ref, h_ref = clone(p), clone(g), clone(h)
+    lrs = lrs or [0.05] * len(specs)
+    cd = compute_dtype(*(x.dtype for x in p))
+    for _ in range(steps):
+        simple_update(p, g, h, lrs, net, impl=impl)
+        simple_update_reference(p_ref, g_ref, h_ref, lrs, net.fused_weights(dtype=cd, device=device))
+    return p_ref, h_ref, p, h
+
+
+# ---------------------------------------------------------------------- against the reference
+
+SPECS = {
+    "fp32": [((7,), torch.float32, torch.float32), ((), torch.float32, torch.float32),
+             ((3, 5), torch.float32, torch.float32)],
+    "fp64": [((7,), torch.float64, torch.float64), ((), torch.float64, torch.float64),
+             ((40,), torch.float64, torch.float64)],
+    "bf16-hidden": [((7,), torch.float32, torch.bfloat16), ((33,), torch.float32, torch.bfloat16)],
+    "mixed": [((9,), torch.float32, torch.float32), ((5,), torch.float64, torch.float64),
+              ((6,), torch.bfloat16, torch.float32)],
+}
+
+
+@pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_matches_reference(impl, device, case):
+    p_ref, h_ref, p, h = step_both(impl, device, SPECS[case], random_net(1))
+    for a, b in zip(p + h, p_ref + h_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device.type == device
+    if impl == "reference":
+        assert equal([x.cpu() for x in p + h], p_ref + h_ref)
+        return
+    tol = {"fp32": 1e-6, "fp64": 1e-12, "bf16-hidden": 4 * 2.0**-8, "mixed": 3 * 2.0**-8}[case]
+    assert max_err(p, p_ref) <= tol * 10 and max_err(h, h_ref) <= tol
+
+
+@pytest.mark.parametrize("impl", [i for i, d in PATHS if d == "cpu" and i != "triton"])
+def test_matches_simple_optimizer_step(impl):
+    # SimpleOptimizer.step() on CPU (a host-side non-finite check, so skip=None) with a fresh
+    # zero hidden state is simple_update with the net, bitwise; float64 next to float32
+    # parameters makes the fold precision (the whole call's) matter
+    net = random_net(2)
+    torch.manual_seed(0)
+    params = [torch.randn(7, dtype=torch.float64), torch.randn(3, 4), torch.randn((), dtype=torch.bfloat16)]
+    grads = [torch.randn_like(p) for p in params]
+    mine = clone(params)
+    opt_params = [torch.nn.Parameter(p.clone()) for p in params]
+    for q, g in zip(opt_params, grads):
+        q.grad = g.clone()
+    opt = SimpleOptimizer(opt_params, lr=0.3, weights=net, impl=impl)
+    hiddens = [torch.zeros(H, p.numel(), dtype=compute_dtype(p.dtype)) for p in params]
+    for _ in range(3):
+        opt.step()
+        simple_update(mine, grads, hiddens, [0.3] * 3, net, impl=impl)
+    assert equal([q.detach() for q in opt_params], mine)
+    assert equal([opt.state[q]["h"] for q in opt_params], hiddens)
+
+
+# ----------------------------------------------------------------------------------- skip
+
+
+@pytest.mark.parametrize("how", ["tensor", "bool"])
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_skip_leaves_everything_untouched(impl, device, how):
+    # finite gradients: only the flag can stop the step
+    p, g, h = make_state(SPECS["mixed"], device)
+    p0, h0 = clone(p), clone(h)
+    skip = torch.tensor(True, device=device) if how == "tensor" else True
+    simple_update(p, g, h, [0.1] * 3, random_net(3), impl=impl, skip=skip)
+    assert equal(p, p0) and equal(h, h0)
+    no = torch.tensor(False, device=device) if how == "tensor" else False
+    simple_update(p, g, h, [0.1] * 3, random_net(3), impl=impl, skip=no)
+    assert not equal(p, p0) and not equal(h, h0)
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_in_place_weight_change_is_repacked(impl, device):
+    # the cache must notice an in-place edit (a version bump) of the net, and of SimpleWeights
+    net = random_net(4)
+    specs = SPECS["fp32"][:2] + SPECS["fp64"][:1]
+    p, g, h = make_state(specs, device)
+    simple_update(clone(p), g, clone(h), [0.1] * 3, net, impl=impl)  # fills the cache
+    with torch.no_grad():
+        net.w_hh.mul_(-0.5)
+        net.alpha.add_(1.0)
+    fresh = copy.deepcopy(net)  # the same values under new identities: packed afresh
+    p1, h1, p2, h2 = clone(p), clone(h), clone(p), clone(h)
+    simple_update(p1, g, h1, [0.1] * 3, net, impl=impl)
+    simple_update(p2, g, h2, [0.1] * 3, fresh, impl=impl)
+    assert equal(p1, p2) and equal(h1, h2)
+
+    w = random_net(5).fused_weights(dtype=torch.float64, device=device)
+    simple_update(clone(p), g, clone(h), [0.1] * 3, w, impl=impl)
+    with torch.no_grad():
+        w.w_ih.mul_(3.0)
+    p1, h1, p2, h2 = clone(p), clone(h), clone(p), clone(h)
+    simple_update(p1, g, h1, [0.1] * 3, w, impl=impl)
+    simple_update(p2, g, h2, [0.1] * 3, type(w)(*(t.clone() for t in w)), impl=impl)
+    assert equal(p1, p2) and equal(h1, h2)
+
+
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_different_nets_do_not_collide(impl, device):
+    # nets made and dropped one after another (their ids and addresses are free to be
+    # reused) and two live nets of the same shapes: each call sees its own weights
+    p, g, h = make_state(SPECS["fp32"], device)
+    outs = []
+    for seed in range(4):
+        p1, h1 = clone(p), clone(h)
+        simple_update(p1, g, h1, [0.1] * 3, random_net(seed), impl=impl)
+        p2, h2 = clone(p), clone(h)
+        w = random_net(seed).fused_weights(device=device)
+        kernels.get_kernel(impl)(p2, g, h2, [0.1] * 3, type(w)(*(t.clone() for t in w)))
+        assert equal(p1, p2) and equal(h1, h2)
+        outs.append(p1)
+    assert not equal(outs[0], outs[1])
+    a, b = random_net(6), random_net(7)
+    pa, ha, pb, hb = clone(p), clone(h), clone(p), clone(h)
+    simple_update(pa, g, ha, [0.1] * 3, a, impl=impl)
+    simple_update(pb, g, hb, [0.1] * 3, b, impl=impl)
+    pc, hc = clone(p), clone(h)
+    simple_update(pc, g, hc, [0.1] * 3, copy.deepcopy(b), impl=impl)
+    assert equal(pb, pc) and not equal(pa, pb)
+
+
+def test_cache_stays_bounded_and_keeps_the_newest():
+    CACHE.clear()
+    nets = [random_net(s) for s in range(3 * CACHE.maxsize)]
+    for net in nets:
+        packed_weights(net, "cpu", torch.float32)
+        assert len(CACHE) <= CACHE.maxsize
+    assert len(CACHE) == CACHE.maxsize
+    # the newest entry is served from the cache: the same tensors, not a new fold
+    assert packed_weights(nets[-1], "cpu", torch.float32) is packed_weights(nets[-1], "cpu", torch.float32)
+    first = packed_weights(nets[0], "cpu", torch.float32)  # evicted long ago: folded again
+    assert first is packed_weights(nets[0], "cpu", torch.float32)
+    assert len(CACHE) == CACHE.maxsize
+
+
+def test_cache_entries_keep_their_sources_alive():
+    # keys name tensors by id and address; an entry holds its sources, so that a net dropped
+    # by its owner cannot hand its id and addresses to a new net while the entry still serves
+    net = random_net(9)
+    packed_weights(net, "cpu", torch.float32)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is not None
+    CACHE.clear()
+    gc.collect()
+    assert ref() is None
+
+
+def test_packed_forms_match_the_fold():
+    net = random_net(8, bias=True)
+    w = net.fused_weights(dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(packed_weights(net, "cpu", torch.float64), w))
+    flat = packed_weights(w, "cpu", torch.float32, flat=True)
+    assert flat.dtype == torch.float32 and flat.is_contiguous()
+    assert torch.equal(flat, torch.cat([t.reshape(-1).float() for t in w]))
+    assert flat.numel() == 4 * H + H * H + 1
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def test_bad_arguments():
+    p, g, h = make_state(SPECS["fp32"][:1], "cpu")
+    with pytest.raises(ValueError, match="^Invalid impl: 'cuda'"):
+        simple_update(p, g, h, [0.1], random_net(), impl="cuda")
+    with pytest.raises(TypeError, match="SimpleOptimizerNet or SimpleWeights, got DMOptimizerNet"):
+        simple_update(p, g, h, [0.1], DMOptimizerNet())
+    with pytest.raises(ValueError, match="same length"):
+        simple_update(p, g, [], [0.1], random_net())
+    with pytest.raises(ValueError, match=r"hidden state must have shape \(10, 7\)"):
+        simple_update(p, g, [torch.zeros(4, 7)], [0.1], random_net(), impl="reference")
+    with pytest.raises(ValueError, match="sparse"):
+        simple_update(p, [g[0].to_sparse()], h, [0.1], random_net(), impl="reference")
+    simple_update([], [], [], [], random_net())  # nothing to do
+
+
+def test_compute_dtype_rule():
+    assert compute_dtype(torch.float32, torch.float64) == torch.float64
+    assert compute_dtype(torch.bfloat16) == torch.float32
+    assert compute_dtype(torch.float16, torch.float32) == torch.float32
+
+
+# ---------------------------------------------------------------- triton in the interpreter
+
+
+def test_triton_interpreter_functional():
+    """This file's triton cases on CPU tensors in Triton's interpreter, in a subprocess."""
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("the triton cases run in this process")
+    from l2l_optim.kernels import triton as tk
+
+    if not tk.is_available():
+        pytest.skip(f"Triton not importable: {tk.import_error()}")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "triton and not interpreter"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " passed" in out and "failed" not in out and "skipped" not in out, out[-3000:]
