@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA path (issue 3), for a machine with an NVIDIA GPU. Run it from
+# One prepared check of the CUDA path, for a machine with an NVIDIA GPU. Run it from
 # the repository root:
 #
 #     bash examples/gpu_check.sh            # ~3-5 minutes on an H100

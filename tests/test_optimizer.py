@@ -408,7 +408,7 @@ def test_generic_path_matches_kernel_path(shapes, log_scale, seed, aggregate, lr
 
 @pytest.mark.parametrize("cls", [SimpleOptimizer, LearnedOptimizer])
 def test_update_matches_the_net_forward(cls):
-    """One step equals theta + lr * u with u from the net's own forward (method.md)."""
+    """One step equals theta + lr * u with u from the net's own forward."""
     net = random_simple(9)
     params = [leaf(4, 3, seed=1), leaf(seed=2), leaf(6, seed=3)]
     lrs = [1.0, 1.0, 0.25]

@@ -38,15 +38,13 @@ def test_shipped_file_is_valid_and_documented(name):
     loaded = W.load_weights(name)  # verifies shapes, dtypes and the fingerprint
     assert type(loaded.net) is cls
     assert loaded.net.num_parameters() == n_params
-    if config is not None:
-        assert loaded.net.config == config
+    assert config is None or loaded.net.config == config  # None: the LSTMs' own defaults
+    assert config is not None or loaded.net.config == cls().config
     md = loaded.metadata
     assert md["fingerprint"] == loaded.fingerprint == W.fingerprint(loaded.net)
     for key in ("recipe", "command", "seed"):  # the model card's provenance
         assert key in md, f"{name}: metadata lacks {key!r}"
-    final = json.loads(md.get("final_meta_loss", "null"))
-    if final is not None:
-        assert math.isfinite(float(final))
+    assert math.isfinite(float(json.loads(md["final_meta_loss"])))
 
 
 def test_cli_lists_the_shipped_weights(capsys):

@@ -17,7 +17,7 @@ treat them alike:
 * :func:`init_net` sets a net's starting point for meta-training (``"sign"``, ``"sgd"``,
   ``"small-output"``); :mod:`l2l_optim.registry` says which one each architecture uses.
 
-SimpleOptimizerNet's update, per coordinate i (docs/method.md):
+SimpleOptimizerNet's update, per coordinate i:
 
     h_i' = tanh(W_ih g_i + W_hh h_i)            (+ b_h with bias=True)
     m    = mean_j h_j'                          (over all n coordinates given)
