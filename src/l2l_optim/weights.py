@@ -1,5 +1,8 @@
 """Meta-weight files: safetensors I/O with metadata and validation, fingerprints, the registry.
 
+(Longer than most modules: reading files that may be truncated, tampered with or not ours is
+most of it, and the shipped-name lookup, the Hub download and the listing share that reader.)
+
 A weight file is a ``.safetensors`` file holding one coordinate-wise net's ``state_dict`` in
 float32 plus string metadata:
 

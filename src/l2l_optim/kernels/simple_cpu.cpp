@@ -1,4 +1,6 @@
 // Fused SimpleOptimizer update for CPU tensors (C++ / OpenMP), loaded by kernels/cpu.py.
+// One file on purpose: the extension is compiled from a single source, and the two passes,
+// the dtype dispatch and the vectorised tanh share their block layout.
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
 //
