@@ -30,6 +30,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m l2l_optim bench
+	$(PY) -m l2l_optim meta-bench
 
 # JOBS=2 (or more) runs that many workers side by side on the figures (each takes the next
 # run nobody holds, one thread each); the last pass times table1 alone, fills any gap and

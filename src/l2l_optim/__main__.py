@@ -3,6 +3,7 @@
 Commands:
     meta-fit    meta-train an optimizer net (l2l_optim.meta)
     bench       step-time benchmark (l2l_optim.bench)
+    meta-bench  meta-training throughput, BPTT against ES (l2l_optim.meta.throughput)
     reproduce   the paper's experiments (l2l_optim.repro)
     weights     list the shipped weights and their metadata
 """
@@ -16,6 +17,7 @@ import sys
 COMMANDS = {
     "meta-fit": "l2l_optim.meta",
     "bench": "l2l_optim.bench",
+    "meta-bench": "l2l_optim.meta.throughput",
     "reproduce": "l2l_optim.repro.cli",
     "weights": "l2l_optim.weights",
 }

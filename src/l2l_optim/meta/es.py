@@ -1,0 +1,207 @@
+"""Meta-training by antithetic evolution strategies over a vectorised task population.
+
+Each *generation* draws one task from the families (:mod:`.families`), ``instances`` fresh
+inits of it, a horizon, and ``pairs`` random directions ``eps_p`` in the net's 132-dimensional
+parameter space. Every instance is trained by ``2 * pairs + 1`` members at once: the current
+rule and ``theta +- sigma * eps_p`` (common random numbers: a pair shares the init, the
+minibatches and the scale augmentation, so their difference measures the rule alone). Only
+forward runs are needed, so the update is the optimizer's own fused kernel, horizons can be
+thousands of steps, and the objective (:func:`~.population.fitness`, the horizon-weighted
+log of the loss relative to its start) need not be differentiable.
+
+Perturbations and steps are taken in *relative* coordinates ``z = theta / s``, where ``s`` is
+each element's starting magnitude (:func:`~.trajectory.meta_lr_scales`): the starting rule
+spans input gains of 10..1e4 and output weights of 1e-4, and one absolute step size cannot
+suit both.
+
+The gradient estimate of ``E[fitness]`` with respect to ``z`` is
+
+    g = 1 / (2 sigma P) * sum_p mean_i (F_ip+ - F_ip-) / scale_i * eps_p
+
+where ``scale_i`` is the spread of instance i's fitness values (fitness shaping: an easy and
+a hard task contribute on the same footing). Adam takes the step. Every generation is
+seeded from ``(seed, generation)``, and the checkpoint holds ``z``, Adam's state and the
+generation, so a stopped run resumes to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..nets import SimpleOptimizerNet
+from .families import FAMILIES, ImageData, build_task, sample_spec
+from .population import diverged, fitness, flatten, load_flat, run_population
+from .trajectory import meta_lr_scales
+
+__all__ = ["ESConfig", "es_generation", "meta_train_es"]
+
+
+@dataclass
+class ESConfig:
+    """Settings of ES meta-training (all recorded in the checkpoint and the weight file).
+
+    Args:
+        families: the task families generations draw from.
+        instances: task instances (inits, batches, scales) per generation.
+        pairs: antithetic direction pairs per generation (shared by all instances).
+        horizons: optimizee steps of a generation, drawn uniformly from this tuple.
+        sigma: perturbation size in relative coordinates.
+        meta_lr: Adam's learning rate in relative coordinates.
+        generations: total generations of the run.
+        scaled_fraction: fraction of instances with scale augmentation.
+        scale_range: the log-uniform range of parameter and loss scales.
+        seed: seeds every generation.
+    """
+
+    families: tuple[str, ...] = FAMILIES
+    instances: int = 4
+    pairs: int = 8
+    horizons: tuple[int, ...] = (300, 1000, 2000)
+    sigma: float = 0.05
+    meta_lr: float = 0.01
+    generations: int = 500
+    scaled_fraction: float = 0.25
+    scale_range: tuple[float, float] = (1e-3, 1e3)
+    seed: int = 0
+
+    def validate(self) -> None:
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise ValueError(f"unknown task families {bad}; known: {FAMILIES}")
+        if self.instances < 1 or self.pairs < 1 or not self.horizons or min(self.horizons) < 1:
+            raise ValueError("instances, pairs and every horizon must be >= 1")
+        if not (self.sigma > 0 and self.meta_lr > 0):
+            raise ValueError(f"sigma and meta_lr must be positive, got {self.sigma}, {self.meta_lr}")
+
+
+def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
+                  images: ImageData | None) -> tuple[Tensor, dict]:
+    """One generation: the gradient estimate in relative coordinates and a log entry."""
+    seed = cfg.seed * 1_000_003 + generation
+    rng = random.Random(seed)
+    spec = sample_spec(rng, cfg.families)
+    horizon = rng.choice(cfg.horizons)
+    P, K = cfg.pairs, cfg.instances
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(P, theta.numel(), generator=gen)
+    # members of one instance: [centre, +eps_1, -eps_1, +eps_2, -eps_2, ...]
+    signs = torch.tensor([0.0] + [1.0, -1.0] * P)
+    dirs = torch.cat([torch.zeros(1, theta.numel()), eps.repeat_interleave(2, 0)])
+    members = theta + (cfg.sigma * signs[:, None] * dirs) * scales
+    task = build_task(spec, K, 2 * P + 1, seed=seed, images=images,
+                      scale_range=cfg.scale_range, scaled_fraction=cfg.scaled_fraction)
+    t0 = time.perf_counter()
+    losses = run_population(task, members.repeat(K, 1), horizon)
+    seconds = time.perf_counter() - t0
+    fit = fitness(losses).view(K, 2 * P + 1)
+    div = diverged(losses).view(K, 2 * P + 1)
+    diff = fit[:, 1::2] - fit[:, 2::2]  # (K, P): F+ - F-
+    spread = fit.std(1, keepdim=True).clamp_min(1e-8)
+    grad = ((diff / spread).mean(0) @ eps) / (2 * cfg.sigma * P)
+    entry = {
+        "generation": generation,
+        "family": spec.family,
+        "config": spec.config,
+        "horizon": horizon,
+        "fitness_centre": fit[:, 0].mean().item(),
+        "fitness_perturbed": fit[:, 1:].mean().item(),
+        "diverged_centre": int(div[:, 0].sum()),
+        "diverged_perturbed": int(div[:, 1:].sum()),
+        "final_over_initial": (losses[-1, ::2 * P + 1] / losses[0, ::2 * P + 1]).tolist(),
+        "optimizee_steps": losses.shape[1] * horizon,
+        "seconds": round(seconds, 2),
+    }
+    return grad, entry
+
+
+def meta_train_es(
+    out_dir: str | Path,
+    *,
+    init: str | Path | SimpleOptimizerNet = "simple",
+    config: ESConfig | None = None,
+    images: ImageData | None = None,
+    until: int | None = None,
+    time_budget: float | None = None,
+    progress: bool = True,
+) -> SimpleOptimizerNet:
+    """Run (or resume) ES meta-training in ``out_dir``; returns the current net.
+
+    Args:
+        out_dir: holds ``config.json``, ``log.jsonl`` (one line per generation),
+            ``checkpoint.pt`` (written after every generation) and ``weights.safetensors``.
+        init: the starting weights (anything :func:`~l2l_optim.weights.resolve_net` takes).
+        config: the settings (ignored when resuming: the checkpoint's are used, and a
+            different config raises).
+        images: image data for the image families (None: those families are skipped).
+        until: stop after this generation (default: ``config.generations``).
+        time_budget: stop after the first generation that ends past this many seconds.
+        progress: print one line per generation.
+
+    Raises:
+        ValueError: a checkpoint written with another configuration.
+    """
+    from ..weights import resolve_net, save_weights
+
+    cfg = config or ESConfig()
+    if images is None or not images.available:
+        cfg.families = tuple(f for f in cfg.families if f not in ("mlp", "conv", "autoencoder"))
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    cfg_json = json.loads(json.dumps(asdict(cfg)))
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        # the length of the run may grow between sessions; nothing else may change
+        if {**ckpt["config"], "generations": cfg.generations} != cfg_json:
+            raise ValueError(f"{ckpt_path} was written with another configuration: {ckpt['config']}")
+        net = SimpleOptimizerNet()
+        z0, scales, start = ckpt["z"], ckpt["scales"], ckpt["next_generation"]
+        adam_state = ckpt["adam"]
+    else:
+        net, _ = resolve_net(init, arch="simple")
+        scales = torch.cat([s.reshape(-1) for s in meta_lr_scales(net).values()])
+        z0 = flatten(net) / scales
+        start, adam_state = 0, None
+        (out / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+    # z is the state (theta = z * scales does not round-trip exactly through theta / scales)
+    z = z0.clone().requires_grad_()
+    adam = torch.optim.Adam([z], lr=cfg.meta_lr)
+    if adam_state is not None:
+        adam.load_state_dict(adam_state)
+    t_start = time.perf_counter()
+    last = min(cfg.generations, until if until is not None else cfg.generations)
+    for g in range(start, last):
+        grad, entry = es_generation((z * scales).detach(), scales, cfg, g, images)
+        adam.zero_grad()
+        # Adam minimises: the fitness is a loss, so its estimated gradient is the gradient
+        z.grad = grad.clone()
+        adam.step()
+        entry["z_step_norm"] = round(float(grad.norm()), 4)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        state = {"config": cfg_json, "z": z.detach().clone(), "scales": scales,
+                 "adam": adam.state_dict(), "next_generation": g + 1}
+        torch.save(state, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        if progress:
+            print(f"gen {g:5d} {entry['family']:11s} T={entry['horizon']:5d} "
+                  f"fit {entry['fitness_centre']:+.4f} (perturbed {entry['fitness_perturbed']:+.4f}) "
+                  f"div {entry['diverged_centre']}/{entry['diverged_perturbed']} {entry['seconds']:.1f}s",
+                  flush=True)
+        if time_budget is not None and time.perf_counter() - t_start > time_budget:
+            break
+    load_flat(net, (z * scales).detach())
+    net.eval()
+    save_weights(net, out / "weights.safetensors",
+                 metadata={"es_config": cfg_json, "generations": int(torch.load(ckpt_path, weights_only=False)["next_generation"])
+                           if ckpt_path.exists() else 0})
+    return net

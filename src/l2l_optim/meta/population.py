@@ -1,0 +1,172 @@
+"""A population of optimizees, each trained by its own SimpleOptimizer weights, in one batched loop.
+
+Member m of a :class:`~l2l_optim.meta.families.BatchedTask` is trained by SimpleOptimizerNet
+weights ``theta[m]`` (a row of a ``(M, 132)`` matrix in the net's ``named_parameters`` order),
+so an ES generation (``theta +- sigma * eps``) or a population of BPTT trajectories is one
+loop of batched tensor ops. :func:`population_step` is the net's own ``forward`` with a
+leading member dimension; a test pins the two together, so the rule meta-trained here is the
+rule the optimizer runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..nets import SimpleOptimizerNet
+from .families import BatchedTask
+
+__all__ = ["PopulationWeights", "unflatten", "flatten", "population_step", "run_population", "fitness"]
+
+
+class PopulationWeights(NamedTuple):
+    """Per-member SimpleOptimizerNet weights, folded: ``u = w_a . h' + w_b . mean(h')``."""
+
+    w_ih: Tensor  # (M, H, 1)
+    w_hh: Tensor  # (M, H, H)
+    w_a: Tensor  # (M, 1, H)
+    w_b: Tensor  # (M, H)
+
+
+def flatten(net: SimpleOptimizerNet) -> Tensor:
+    """The net's parameters as one vector, in ``named_parameters`` order (bias-free nets only)."""
+    if net.bias or not net.aggregate:
+        raise ValueError("population training supports the paper's net (no bias, with aggregation)")
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def unflatten(theta: Tensor, hidden_size: int = 10) -> PopulationWeights:
+    """``(M, P)`` parameter rows -> :class:`PopulationWeights` (differentiable)."""
+    H = hidden_size
+    M = theta.shape[0]
+    w_ih = theta[:, :H].reshape(M, H, 1)
+    w_hh = theta[:, H : H + H * H].reshape(M, H, H)
+    alpha, beta = theta[:, H + H * H], theta[:, H + H * H + 1]
+    w_out = theta[:, H + H * H + 2 : H + H * H + 2 + 2 * H]
+    return PopulationWeights(w_ih, w_hh, (alpha[:, None] * w_out[:, :H]).unsqueeze(1), beta[:, None] * w_out[:, H:])
+
+
+def load_flat(net: SimpleOptimizerNet, theta: Tensor) -> SimpleOptimizerNet:
+    """Write a parameter vector (one row of ``theta``) into ``net``; returns ``net``."""
+    with torch.no_grad():
+        i = 0
+        for p in net.parameters():
+            p.copy_(theta[i : i + p.numel()].view_as(p))
+            i += p.numel()
+    return net
+
+
+def population_step(w: PopulationWeights, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """One step for every member: gradients ``g`` ``(M, N)``, hidden ``h`` ``(M, H, N)``.
+
+    Returns:
+        ``(update (M, N), new hidden (M, H, N))``, as ``SimpleOptimizerNet.forward`` computes
+        them for each member.
+    """
+    h_new = torch.tanh(torch.baddbmm(w.w_ih * g.unsqueeze(1), w.w_hh, h))
+    shared = (w.w_b * h_new.mean(2)).sum(1, keepdim=True)  # (M, 1)
+    update = torch.bmm(w.w_a, h_new).squeeze(1) + shared
+    return update, h_new
+
+
+def _flat(params: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1) for t in params.values()], 1)
+
+
+def _unflat(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, i = {}, 0
+    for k, t in like.items():
+        n = t[0].numel()
+        out[k] = flat[:, i : i + n].view_as(t)
+        i += n
+    return out
+
+
+def _kernel_stepper(theta: Tensor, hidden_size: int):
+    """Per-member calls of the fused CPU kernel (the optimizer's own), or None if unavailable."""
+    from .. import kernels
+
+    if theta.device.type != "cpu" or kernels.resolve_impl("auto", "cpu") != "cpu":
+        return None
+    kernel = kernels.get_kernel("cpu")
+    net = SimpleOptimizerNet(hidden_size)
+    folded = [load_flat(net, row).fused_weights() for row in theta]
+
+    def step(flat: Tensor, g: Tensor, h: Tensor, alive: Tensor) -> None:
+        for m in alive.nonzero().flatten().tolist():
+            kernel([flat[m]], [g[m]], [h[m]], [1.0], folded[m])
+
+    return step
+
+
+def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size: int = 10,
+                   diverge_factor: float = 1e3, impl: str = "auto") -> Tensor:
+    """Train every member for ``steps`` steps with its own weights; no meta-gradient.
+
+    A member whose loss turns non-finite or exceeds ``diverge_factor`` times its initial loss
+    is frozen from then on (its parameters stop moving) and its later losses read as that
+    bound, so one diverged member cannot poison the batch.
+
+    Args:
+        impl: ``"auto"`` runs each member's update through the fused CPU kernel (one call per
+            member, in place) when it is available, else :func:`population_step`;
+            ``"torch"`` forces :func:`population_step`.
+
+    Returns:
+        ``(steps + 1, M)`` losses: the initial loss, then the loss after each step (each on
+        that step's minibatch, before the update it feeds).
+    """
+    with torch.no_grad():
+        params = task.init_params()
+        flat = _flat(params).contiguous()
+        M, N = flat.shape
+        h = torch.zeros(M, hidden_size, N)
+        kernel_step = _kernel_stepper(theta, hidden_size) if impl == "auto" else None
+        w = unflatten(theta, hidden_size)
+        losses = torch.empty(steps + 1, M)
+        alive = torch.ones(M, dtype=torch.bool)
+        bound = None
+        for t in range(steps + 1):
+            # one leaf per tensor, each a view of `flat`: a leaf sliced out of one flat vector
+            # would make every slice's backward allocate and zero a full-size gradient
+            leaves = {k: v.detach().requires_grad_() for k, v in _unflat(flat, params).items()}
+            with torch.enable_grad():
+                f = task.losses(leaves, task.sample_batch())
+                g = torch.cat([gr.reshape(M, -1) for gr in torch.autograd.grad(f.sum(), list(leaves.values()))], 1)
+            f = f.detach()
+            if bound is None:
+                bound = f.abs().clamp_min(1e-12) * diverge_factor
+            bad = ~torch.isfinite(f) | (f > bound) | ~torch.isfinite(g).all(1)
+            alive &= ~bad
+            losses[t] = torch.where(alive, f, bound)
+            if t == steps:
+                break
+            if kernel_step is not None:
+                kernel_step(flat, g, h, alive)
+            else:
+                g = torch.where(alive[:, None], g, torch.zeros((), dtype=g.dtype))
+                u, h = population_step(w, g, h)
+                flat = flat + torch.where(alive[:, None], u, torch.zeros((), dtype=u.dtype))
+        return losses
+
+
+def fitness(losses: Tensor, *, floor: float = 1e-6) -> Tensor:
+    """Per-member score (lower is better): mean of ``log(f_t / f_0)`` over the run, weighted by t.
+
+    The log of the loss relative to the initial loss is comparable across tasks of any loss
+    scale; weighting step t by t puts the end of training first without ignoring the way
+    there. ``floor`` (relative to f_0) keeps a task that reaches zero loss from dominating.
+    """
+    f0 = losses[0].abs().clamp_min(1e-12)
+    rel = (losses[1:].clamp_min(0) / f0).clamp_min(floor).log()
+    t = torch.arange(1, losses.shape[0], dtype=rel.dtype)[:, None]
+    return (rel * t).sum(0) / t.sum()
+
+
+def diverged(losses: Tensor, factor: float = 1e3) -> Tensor:
+    """Which members hit the divergence bound (``(M,)`` bool)."""
+    f0 = losses[0].abs().clamp_min(1e-12)
+    return (losses[-1] >= f0 * factor * (1 - 1e-6)) | ~torch.isfinite(losses[-1])
