@@ -41,7 +41,7 @@ from .families import FAMILIES, ImageData, build_task, sample_spec
 from .population import diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
-__all__ = ["ESConfig", "es_generation", "meta_train_es"]
+__all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint"]
 
 # the families whose step costs several times the others' (meta-bench prints the rates)
 _SLOW_FAMILIES = ("conv", "lm")
@@ -223,3 +223,11 @@ def meta_train_es(
                  metadata={"es_config": cfg_json, "generations": int(torch.load(ckpt_path, weights_only=False)["next_generation"])
                            if ckpt_path.exists() else 0})
     return net
+
+
+def net_from_checkpoint(path: str | Path) -> tuple[SimpleOptimizerNet, dict]:
+    """The rule an ES checkpoint holds, and ``{"generation", "config"}`` for its metadata."""
+    ckpt = torch.load(path, weights_only=False)
+    net = load_flat(SimpleOptimizerNet(), (ckpt["z"] * ckpt["scales"]).detach())
+    net.eval()
+    return net, {"generation": int(ckpt["next_generation"]), "config": ckpt["config"]}
