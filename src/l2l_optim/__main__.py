@@ -3,6 +3,7 @@
 Commands:
     meta-fit    meta-train an optimizer net (l2l_optim.meta)
     bench       step-time benchmark (l2l_optim.bench)
+    meta-es     meta-training by ES on the task population (l2l_optim.meta.es)
     meta-bench  meta-training throughput, BPTT against ES (l2l_optim.meta.throughput)
     reproduce   the paper's experiments (l2l_optim.repro)
     weights     list the shipped weights and their metadata
@@ -18,6 +19,7 @@ COMMANDS = {
     "meta-fit": "l2l_optim.meta",
     "bench": "l2l_optim.bench",
     "meta-bench": "l2l_optim.meta.throughput",
+    "meta-es": "l2l_optim.meta.es",
     "reproduce": "l2l_optim.repro.cli",
     "weights": "l2l_optim.weights",
 }

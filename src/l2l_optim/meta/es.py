@@ -26,9 +26,11 @@ generation, so a stopped run resumes to the same weights.
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import random
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from .families import FAMILIES, ImageData, build_task, sample_spec
 from .population import diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
-__all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint"]
+__all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint", "main"]
 
 # the families whose step costs several times the others' (meta-bench prints the rates)
 _SLOW_FAMILIES = ("conv", "lm")
@@ -231,3 +233,39 @@ def net_from_checkpoint(path: str | Path) -> tuple[SimpleOptimizerNet, dict]:
     net = load_flat(SimpleOptimizerNet(), (ckpt["z"] * ckpt["scales"]).detach())
     net.eval()
     return net, {"generation": int(ckpt["next_generation"]), "config": ckpt["config"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m l2l_optim meta-es``: run or resume ES meta-training in ``--out-dir``."""
+    d = ESConfig()
+    p = argparse.ArgumentParser(prog="python -m l2l_optim meta-es", description=main.__doc__)
+    p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
+    p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path)")
+    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from")
+    p.add_argument("--instances", type=int, default=d.instances, help="task instances per generation")
+    p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs per generation")
+    p.add_argument("--horizons", type=int, nargs="+", default=list(d.horizons), help="optimizee steps, drawn per generation")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="perturbation size (relative)")
+    p.add_argument("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate (relative)")
+    p.add_argument("--generations", type=int, default=d.generations, help="length of the whole run")
+    p.add_argument("--scaled-fraction", type=float, default=d.scaled_fraction, help="instances with scale augmentation")
+    p.add_argument("--slow-horizon", type=int, default=d.slow_horizon, help="horizon cap of the conv and lm families")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--engine", choices=["es", "bptt"], default="es")
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--data-root", default=None)
+    args = p.parse_args(argv)
+    from ..data import load_dataset
+
+    torch.set_num_threads(args.threads)
+    cfg = ESConfig(families=tuple(args.families), instances=args.instances, pairs=args.pairs,
+                   horizons=tuple(args.horizons), sigma=args.sigma, meta_lr=args.meta_lr,
+                   generations=args.generations, scaled_fraction=args.scaled_fraction,
+                   slow_horizon=args.slow_horizon, seed=args.seed)
+    images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
+    meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, time_budget=args.time_budget,
+                  engine=args.engine)
+    command = "python -m l2l_optim meta-es " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    print(f"wrote {Path(args.out_dir) / 'weights.safetensors'} ({command})")
+    return 0

@@ -23,9 +23,9 @@ run.
 The families (each draws its sizes, depth, activation, batch size and init scale per task):
 
 ==============  ===========================================================================
-``mlp``         MLP classifier on MNIST or Fashion-MNIST, downsampled to 7x7 or 14x14
+``mlp``         MLP classifier on MNIST or Fashion-MNIST, at 7x7, 14x14 or 28x28
 ``conv``        small CNN on 14x14 MNIST / Fashion-MNIST, with or without batch norm
-``autoencoder`` MLP autoencoder on downsampled images, MSE
+``autoencoder`` MLP autoencoder on 7x7, 14x14 or 28x28 images, MSE
 ``lm``          one-layer causal transformer, next token of a random Markov chain
 ``regression``  MLP regression on a random teacher network, MSE
 ``quadratic``   noisy quadratic with a log-uniform spectrum
@@ -93,8 +93,11 @@ def sample_spec(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> Tas
     if family in ("mlp", "autoencoder", "conv"):
         c["dataset"] = rng.choice(["mnist", "fashion-mnist"])
     if family == "mlp":
-        c["side"] = rng.choice([7, 14])
-        c["hidden"] = [rng.choice([16, 32, 64, 128]) for _ in range(rng.randint(1, 3))]
+        # full-size inputs give the gradient scales of real models (fan-in 784); they are
+        # drawn as often as the small ones, with narrower layers to bound the cost
+        c["side"] = rng.choice([7, 14, 28, 28])
+        widths = [32, 64] if c["side"] == 28 else [16, 32, 64, 128]
+        c["hidden"] = [rng.choice(widths) for _ in range(rng.randint(1, 3))]
         c["act"] = rng.choice(list(_ACTS))
     elif family == "conv":
         c["channels"] = [rng.choice([4, 8, 16]) for _ in range(rng.randint(1, 2))]
@@ -102,7 +105,7 @@ def sample_spec(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> Tas
         c["act"] = rng.choice(["relu", "gelu"])
         c["batch_size"] = rng.choice([16, 32])
     elif family == "autoencoder":
-        c["side"] = rng.choice([7, 14])
+        c["side"] = rng.choice([7, 14, 28])
         c["hidden"] = [rng.choice([32, 64]), rng.choice([4, 8, 16])]
         c["act"] = rng.choice(list(_ACTS))
     elif family == "lm":
