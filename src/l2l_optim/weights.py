@@ -32,7 +32,9 @@ import argparse
 import copy
 import ctypes
 import hashlib
+import inspect
 import json
+import math
 import os
 import struct
 import sys
@@ -55,6 +57,9 @@ __all__ = [
     "resolve_net",
     "list_weights",
     "weights_dirs",
+    "hub_download",
+    "check_hub_filename",
+    "MAX_HIDDEN_SIZE",
     "main",
 ]
 
@@ -66,6 +71,9 @@ _HF_PREFIX = "hf://"
 _RESERVED = ("format", "arch", "config", "package_version", "fingerprint")
 # safetensors itself refuses headers above 100 MB; a larger length means a corrupt file
 _MAX_HEADER = 100_000_000
+#: the largest ``hidden_size`` a weight file may ask for: 50x the shipped nets, and a 2-layer
+#: LSTM net of this size still fits in 40 MB
+MAX_HIDDEN_SIZE = 1024
 
 
 class WeightsError(ValueError):
@@ -210,25 +218,17 @@ def save_weights(
     return path
 
 
-def _read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, str], dict[str, dict]]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """Parse a safetensors header: (metadata, tensor entries). Reads only the header bytes."""
     try:
-        if data is None:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER:
-                    raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
-                raw = f.read(n)
-        else:
-            if len(data) < 8:
-                raise WeightsError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-            (n,) = struct.unpack("<Q", data[:8])
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+            (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
                 raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
-            raw = data[8 : 8 + n]
+            raw = f.read(n)
     except OSError as e:
         raise WeightsError(f"{path}: cannot read weight file ({e})") from e
     if len(raw) < n:
@@ -262,16 +262,56 @@ def _check_metadata(path: Path, meta: dict[str, str]) -> None:
         )
 
 
+def _check_config(path: Path, arch: str, config: Any) -> dict:
+    """Refuse a config the net's constructor would not get from us, before building anything.
+
+    Known keys only, each of its default's type, finite numbers and a bounded
+    ``hidden_size``: a config decides how much memory the net takes, and a file may come
+    from anywhere.
+    """
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: bad config: {config!r} is not a JSON object")
+    cls = get_architecture(arch).net_class
+    known = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
+    }
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise WeightsError(
+            f"{path}: bad config: unknown keys {unknown} for a {arch!r} net (known: {sorted(known)})"
+        )
+    for key, value in config.items():
+        default = known[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+        else:
+            ok = value is None or isinstance(value, type(default))
+        if not ok:
+            kind = "bool" if isinstance(default, bool) else f"finite {type(default).__name__}"
+            raise WeightsError(f"{path}: bad config: {key}={value!r} is not a {kind}")
+    hidden = config.get("hidden_size", known.get("hidden_size"))
+    if isinstance(hidden, int) and not 1 <= hidden <= MAX_HIDDEN_SIZE:
+        raise WeightsError(
+            f"{path}: bad config: hidden_size={hidden} is outside [1, {MAX_HIDDEN_SIZE}]"
+        )
+    return config
+
+
 def _load_file(path: Path, arch: str | None) -> LoadedWeights:
     from safetensors.torch import load as st_load
 
     if not path.is_file():
         raise WeightsError(f"{path}: no such weight file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
-    meta, entries = _read_header(path, data)
+    # the header alone first: a file that is not ours, or whose config or shapes are wrong,
+    # is refused without reading its body
+    meta, entries = _read_header(path)
     _check_metadata(path, meta)
     file_arch = meta["arch"]
     if file_arch not in ARCHITECTURES:
@@ -280,9 +320,13 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
         raise WeightsError(f"{path}: holds {file_arch!r} weights, but {arch!r} was requested")
     try:
         config = json.loads(meta["config"])
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-        net = build_net(file_arch, config)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
+    _check_config(path, file_arch, config)
+    try:
+        # on the meta device: shapes without memory, and no draw from the global RNG
+        with torch.device("meta"):
+            net = build_net(file_arch, config)
     except ValueError as e:
         raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
 
@@ -295,6 +339,7 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
             + (f"; missing {missing}" if missing else "")
             + (f"; unexpected {extra}" if extra else "")
         )
+    body = 0
     for key, entry in entries.items():
         if entry["dtype"] != "F32":
             raise WeightsError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, expected F32")
@@ -303,6 +348,18 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
                 f"{path}: tensor {key!r} has shape {list(entry['shape'])}, "
                 f"expected {list(expected[key].shape)}"
             )
+        body += 4 * expected[key].numel()
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        size = path.stat().st_size
+        if size != 8 + n + body:
+            raise WeightsError(
+                f"{path}: corrupted weight file ({size} bytes, the header describes {8 + n + body})"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own untyped error on corrupt bodies
@@ -310,7 +367,11 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise WeightsError(f"{path}: tensor {key!r} holds NaN or Inf")
-    net.load_state_dict(tensors, strict=True)
+    net = net.to_empty(device="cpu")
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: tensors do not fit the net ({e})") from None
     net.eval()
     fp = fingerprint(net)
     if fp != meta["fingerprint"]:
@@ -357,6 +418,94 @@ def _looks_like_name(source: str) -> bool:
     return os.sep not in source and "/" not in source and not source.endswith(_SUFFIX)
 
 
+_HINT = "use a shipped name (see `l2l-optim info`) or a local path instead"
+
+
+def _offline() -> bool:
+    # read at call time (the hub library reads it once, at import), so that offline mode set
+    # later is still honoured and never waits on the network
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None) -> str:
+    """Why a Hub download failed, in words, from the exception the hub library raised."""
+    from huggingface_hub import utils as hf
+
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(e, hf.HFValidationError):
+        return f"invalid repo id {repo_id!r} ({e})"
+    if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base
+        if _offline():
+            return f"{filename!r} of {repo_id!r}{at} is not in the local cache and HF_HUB_OFFLINE is set"
+        return (f"the Hub cannot be reached and {filename!r} of {repo_id!r}{at} is not in the "
+                "local cache")
+    if isinstance(e, hf.GatedRepoError):
+        return f"{repo_id!r} is gated: accept its conditions on the Hub and log in (`hf auth login`)"
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return f"no repo {repo_id!r} on the Hub (or it is private: log in with `hf auth login`)"
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"no revision {revision!r} in the Hub repo {repo_id!r}"
+    if isinstance(e, hf.EntryNotFoundError):
+        return f"no file {filename!r} in the Hub repo {repo_id!r}{at}"
+    return f"{type(e).__name__}: {e}"
+
+
+def check_hub_filename(filename: str) -> None:
+    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo."""
+    parts = filename.split("/")
+    if (not filename.endswith(_SUFFIX) or "\\" in filename
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(
+            f"invalid filename {filename!r}: weights on the Hub are .safetensors files "
+            "inside the repo (no '..', no empty path parts)"
+        )
+
+
+def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | None = None) -> Path:
+    """One file of a Hugging Face Hub repo, from the local cache or downloaded into it.
+
+    ``HF_HUB_OFFLINE=1`` uses the cache only; ``HF_HUB_CACHE``, when set, names the cache
+    directory. Both are read at call time.
+
+    Args:
+        repo_id: ``"<owner>/<repo>"``.
+        filename: a ``.safetensors`` path inside the repo.
+        revision: a branch, tag or commit (default: the main branch).
+
+    Returns:
+        The local path of the file.
+
+    Raises:
+        WeightsError: an invalid repo id or filename, no such repo, revision or file, no
+            network and nothing cached, or ``huggingface_hub`` is not installed; the message
+            says which.
+
+    Example:
+        >>> hub_download("someone/their-optimizer")  # doctest: +SKIP
+        PosixPath('.../snapshots/.../weights.safetensors')
+    """
+    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
+    try:
+        check_hub_filename(filename)
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"{where}: huggingface_hub is not installed; {_HINT}") from None
+    try:
+        local = hf_hub_download(
+            repo_id, filename, revision=revision, local_files_only=_offline(),
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None, etag_timeout=10,
+        )
+    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
+        raise WeightsError(
+            f"{where}: cannot get it from the Hugging Face Hub: "
+            f"{_hub_error(e, repo_id, filename, revision)}; {_HINT}"
+        ) from None
+    return Path(local)
+
+
 def _download(source: str) -> Path:
     rest = source[len(_HF_PREFIX) :]
     parts = rest.split("/")
@@ -367,27 +516,8 @@ def _download(source: str) -> Path:
     repo, revision = parts[1], None
     if "@" in repo:
         repo, revision = repo.split("@", 1)
-    repo_id = f"{parts[0]}/{repo}"
     filename = "/".join(parts[2:]) or DIR_FILENAME
-    hint = "use a shipped name (see `python -m l2l_optim weights`) or a local path instead"
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError(f"{source}: huggingface_hub is not installed; {hint}") from None
-    # read the variable at call time (the hub library reads it once, at import), so that
-    # offline mode set later is still honoured and never waits on the network
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        local = hf_hub_download(
-            repo_id, filename, revision=revision, local_files_only=offline, etag_timeout=10
-        )
-    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
-        why = "not in the local cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
-        raise WeightsError(
-            f"{source}: cannot get {filename!r} from the Hugging Face Hub repo {repo_id!r} "
-            f"({why}: {e}); {hint}"
-        ) from None
-    return Path(local)
+    return hub_download(f"{parts[0]}/{repo}", filename, revision=revision)
 
 
 def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> LoadedWeights:
@@ -434,6 +564,15 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
     return _load_file(path, arch)
 
 
+def _result_net(obj: Any) -> CoordinatewiseNet | None:
+    """The net of a :class:`~l2l_optim.finetune.FinetuneResult` or ``MetaFitResult``, else None."""
+    # imported here: both modules import this one
+    from .finetune import FinetuneResult
+    from .meta.fit import MetaFitResult
+
+    return obj.net if isinstance(obj, (FinetuneResult, MetaFitResult)) else None
+
+
 def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
     """A private copy of the net that ``weights`` names, and a short description of it.
 
@@ -442,9 +581,11 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
 
     Args:
         weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
-            address (all via :func:`load_weights`), a :class:`LoadedWeights`, or a
-            :class:`~l2l_optim.nets.CoordinatewiseNet` (deep-copied, so later changes to it
-            do not reach the copy).
+            address (all via :func:`load_weights`), a :class:`LoadedWeights`, a
+            :class:`~l2l_optim.nets.CoordinatewiseNet`, or the result of
+            :func:`~l2l_optim.finetune.finetune` or :func:`~l2l_optim.meta.meta_fit`
+            (nets and results are deep-copied, so later changes to them do not reach the
+            copy).
         arch: if given, the architecture the net must have.
 
     Returns:
@@ -452,9 +593,13 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         ``"simple (3f2a...)"``, for logs and metadata.
 
     Raises:
-        TypeError: ``weights`` has an unsupported type (a result object of ``meta_fit`` or
-            ``finetune`` gets a hint to pass its ``.net``).
+        TypeError: ``weights`` has an unsupported type.
         ValueError: the net is not of architecture ``arch`` (:class:`WeightsError` for files).
+
+    Example:
+        >>> net, description = resolve_net("simple", arch="simple")  # doctest: +SKIP
+        >>> net.num_parameters()  # doctest: +SKIP
+        132
     """
     if isinstance(weights, CoordinatewiseNet):
         net, source = copy.deepcopy(weights), "net"
@@ -462,13 +607,12 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         net, source = copy.deepcopy(weights.net), str(weights.path)
     elif isinstance(weights, (str, os.PathLike)):
         net, source = load_weights(weights, arch=arch).net, os.fspath(weights)
+    elif isinstance(result_net := _result_net(weights), CoordinatewiseNet):
+        net, source = copy.deepcopy(result_net), type(weights).__name__
     else:
-        hint = ""
-        if isinstance(getattr(weights, "net", None), CoordinatewiseNet):
-            hint = "; pass its .net (weights=result.net)"
         raise TypeError(
-            "weights must be a shipped name, a path, an hf:// address, LoadedWeights or a "
-            f"CoordinatewiseNet, got {type(weights).__name__}{hint}"
+            "weights must be a shipped name, a path, an hf:// address, LoadedWeights, a "
+            f"CoordinatewiseNet or a finetune / meta_fit result, got {type(weights).__name__}"
         )
     if arch is not None and net.arch != arch:
         wanted = get_architecture(arch).net_class.__name__
