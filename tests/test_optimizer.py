@@ -1039,3 +1039,57 @@ def test_a_finetune_or_meta_fit_result_is_accepted_as_weights():
         assert opt.meta_fingerprint == fingerprint(net) and opt.net is not net
     with pytest.raises(ValueError, match="needs DMOptimizerNet weights, got SimpleOptimizerNet"):
         DMOptimizer([leaf(2)], weights=MetaFitResult(net=net, log=[]))
+
+
+COMPILED = [
+    pytest.param(lambda p, **kw: SimpleOptimizer(p, weights=random_simple(3), **kw), id="simple-auto"),
+    *EVERY_PATH[1:],
+]
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_a_compiled_step_has_no_graph_breaks(make):
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = make(model.parameters(), weight_decay=0.01)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    explained = torch._dynamo.explain(opt.step)()  # the first step: the state is created in it
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    explained = torch._dynamo.explain(opt.step)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def _compiled_against_eager(make, backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    twin_model = copy.deepcopy(model)
+    opt = make(model.parameters(), weight_decay=0.01)
+    ref = make(twin_model.parameters(), weight_decay=0.01)
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for i in range(4):
+        x = torch.randn(5, 4)
+        for m in (model, twin_model):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+            if i == 2:
+                m[0].weight.grad[0, 0] = float("nan")  # skipped by both, without a graph break
+        step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref.step()
+    assert opt.skipped_steps == ref.skipped_steps == 1
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in opt.state[p])
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_a_compiled_fullgraph_step_matches_the_eager_one(make):
+    _compiled_against_eager(make, "aot_eager")
+
+
+@pytest.mark.slow
+def test_an_inductor_compiled_step_matches_the_eager_one():
+    _compiled_against_eager(COMPILED[0].values[0], "inductor")

@@ -84,6 +84,8 @@ def _outside_inference_mode(groups: list[dict[str, Any]]):
     outside it can neither update in place nor version; the step leaves inference mode for
     its own work unless the parameters themselves are inference tensors.
     """
+    if torch.compiler.is_compiling():  # a graph has no inference mode to leave
+        return contextlib.nullcontext()
     if torch.is_inference_mode_enabled() and not any(
         p.is_inference() for g in groups for p in g["params"]
     ):
@@ -117,6 +119,11 @@ class LearnedOptimizer(Optimizer):
     and ``skipped_steps`` synchronises only when it is read. With ``nonfinite="raise"``, the
     step raises :class:`FloatingPointError` naming the first bad parameter before changing
     anything (this synchronises).
+
+    **torch.compile.** ``torch.compile(opt.step, fullgraph=True)`` traces one graph with
+    ``nonfinite="skip"``: inside it a CPU step takes the device-flag path too (no warning;
+    ``skipped_steps`` counts), and the fused kernel is one opaque op. ``nonfinite="raise"``
+    reads the flag on the host, which breaks the graph once.
 
     **State.** Per parameter, created at its first step: the net's state tensors for
     ``p.numel()`` coordinates (coordinate last) and ``step``, the number of updates applied
@@ -270,6 +277,14 @@ class LearnedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._make_skip_counter()
+
+    def _make_skip_counter(self) -> None:
+        # the device counter of skipped steps exists before any step is traced: a compiled
+        # step updates the tensors an optimizer holds but drops attributes it creates
+        if self._skipped_device is None and self.param_groups and self.param_groups[0]["params"]:
+            device = self.param_groups[0]["params"][0].device
+            self._skipped_device = torch.zeros((), dtype=torch.int64, device=device)
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -392,7 +407,9 @@ class LearnedOptimizer(Optimizer):
                     f"{tuple(params[bad].shape)}); nothing was changed"
                 )
             return True, None
-        if params[0].device.type == "cpu":  # reading the flag is free on the host
+        # reading the flag is free on the host, but not in a compiled graph, where the
+        # device-flag path below keeps the step in one graph
+        if params[0].device.type == "cpu" and not torch.compiler.is_compiling():
             if bool(finite.all()):
                 return True, None
             self._skipped_host += 1
@@ -439,7 +456,8 @@ class LearnedOptimizer(Optimizer):
         if skip is None:
             torch._foreach_add_(steps, 1)
         else:
-            torch._foreach_add_(steps, (~skip).to(torch.int64))
+            # a list of tensors: a 0-dim tensor as the scalar operand is read on the host
+            torch._foreach_add_(steps, [(~skip).to(torch.int64)] * len(steps))
 
     def _update(
         self,
@@ -577,6 +595,7 @@ class LearnedOptimizer(Optimizer):
             self.net = net
             self._init_runtime()
             self._skipped_host = skipped
+            self._make_skip_counter()
 
     def __repr__(self) -> str:
         head = super().__repr__()

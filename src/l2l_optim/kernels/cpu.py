@@ -109,7 +109,26 @@ def _build():
         )
     finally:
         log.setLevel(level)
+    _register_fake()
     return torch.ops.l2l_optim_cpu
+
+
+def _register_fake() -> None:
+    """Shape-only versions of the ops, which torch.compile traces instead of running them.
+
+    The update mutates its inputs in place (the schema says so) and returns nothing, so its
+    fake version does nothing; with it a compiled ``opt.step()`` holds the kernel call as
+    one opaque op instead of breaking the graph around it.
+    """
+    lib = "l2l_optim_cpu"
+    try:
+        torch.library.register_fake(f"{lib}::simple_update")(
+            lambda params, grads, hiddens, lrs, weights, skip: None
+        )
+        torch.library.register_fake(f"{lib}::tanh")(lambda x: torch.empty_like(x))
+    except RuntimeError as e:
+        if "already has" not in str(e):  # a second load in the same process
+            raise
 
 
 def _explain(e: BaseException) -> tuple[str, str]:
