@@ -455,7 +455,7 @@ def test_cli_json_and_empty(registry, capsys):
 # -------------------------------------------------------------------------------- hub
 
 
-def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch):
+def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError) as e:
@@ -475,7 +475,7 @@ def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch):
     ],
     ids=["suffix", "dotdot", "empty-part", "repo-id"],
 )
-def test_hub_address_errors_name_their_cause_even_offline(tmp_path, monkeypatch, source, match):
+def test_hub_address_errors_name_their_cause_even_offline(tmp_path, monkeypatch, no_network, source, match):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     t0 = time.perf_counter()
@@ -485,7 +485,7 @@ def test_hub_address_errors_name_their_cause_even_offline(tmp_path, monkeypatch,
     assert "not in the local cache" not in str(e.value)
 
 
-def test_hub_download_is_used_and_validated(tmp_path, monkeypatch):
+def test_hub_download_is_used_and_validated(tmp_path, monkeypatch, no_network):
     import huggingface_hub
 
     net = random_simple(17)
@@ -501,6 +501,8 @@ def test_hub_download_is_used_and_validated(tmp_path, monkeypatch):
         return str(local)
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(W, "_hub_reachable", lambda: True)  # the fake download is the Hub here
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     loaded = load_weights("hf://org/repo@v1/sub/w.safetensors", arch="simple")
     assert same_weights(loaded.net, net)

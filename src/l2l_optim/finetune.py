@@ -40,7 +40,7 @@ from .data import materialize
 from .meta import META_LOSSES, meta_lr_scales, run_trajectory
 from .nets import CoordinatewiseNet
 from .tasks import task_from_model
-from .weights import resolve_net, save_weights
+from .weights import attach_metadata, resolve_net, save_weights
 
 __all__ = ["FinetuneResult", "finetune", "subsample_loader"]
 
@@ -91,6 +91,11 @@ class FinetuneResult:
         subsample: the ``(x, y)`` tensors fine-tuned on (use them for
             :func:`~l2l_optim.training.search_lr`).
         batch_size: the minibatch size used.
+        metadata: what a weight file of the result records: ``finetune`` (the settings and
+            the base weights) and ``finetune_log``.
+
+    ``weights=result`` passes the fine-tuned net to an optimizer; :meth:`save_pretrained`
+    and :meth:`push_to_hub` share it with a model card.
     """
 
     net: CoordinatewiseNet
@@ -98,11 +103,50 @@ class FinetuneResult:
     log: list[dict]
     subsample: tuple[Tensor, Tensor] = field(repr=False)
     batch_size: int = 128
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def reached_target(self) -> int:
         """How many trajectories reached the target loss."""
         return sum(bool(e["reached_target"]) for e in self.log)
+
+    def save_pretrained(self, save_directory: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write the fine-tuned weights and a model card (settings, log) into a directory.
+
+        Args:
+            save_directory: the directory (created if missing).
+            repo_id: the Hub repo the card's usage example names.
+
+        Returns:
+            The directory; ``SimpleOptimizer.from_pretrained(directory, params)`` loads it.
+
+        Example:
+            >>> result.save_pretrained("my-finetuned-optimizer")  # doctest: +SKIP
+        """
+        from .hub import save_pretrained
+
+        return save_pretrained(self.net, save_directory, metadata=self.metadata, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        """Upload the fine-tuned weights and a model card to a Hub repo.
+
+        Args:
+            repo_id: ``"<owner>/<name>"``.
+            **kwargs: ``private``, ``token``, ``revision``, ``commit_message``
+                (see :func:`l2l_optim.hub.push_to_hub`).
+
+        Returns:
+            The commit info of the upload.
+
+        Raises:
+            WeightsError: the upload failed.
+
+        Example:
+            >>> result.push_to_hub("me/my-finetuned-optimizer")  # doctest: +SKIP
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self.net, repo_id, metadata=self.metadata, **kwargs)
 
 
 def _mean_of_last_unroll(losses: list[float], unroll: int) -> float:
@@ -306,23 +350,24 @@ def finetune(
     net.eval()
     net.requires_grad_(False)
 
-    weights_path = None
-    if out_dir is not None:
-        settings = {
-            "base_weights": source,
-            "model": type(model).__name__,
-            "subsample": subsample,
-            "subsample_examples": int(x.shape[0]),
-            "batch_size": batch_size,
-            "trajectories": trajectories,
-            "unroll": unroll,
-            "max_unrolls": max_unrolls,
-            "target": target,
-            "meta_lr": meta_lr,
-            "relative_meta_lr": relative_meta_lr,
-            "meta_loss": meta_loss,
-            "grad_clip": grad_clip,
-            "seed": seed,
-        }
-        weights_path = save_weights(net, out_dir, metadata={"finetune": settings, "finetune_log": log})
-    return FinetuneResult(net=net, weights_path=weights_path, log=log, subsample=(x, y), batch_size=batch_size)
+    settings = {
+        "base_weights": source,
+        "model": type(model).__name__,
+        "subsample": subsample,
+        "subsample_examples": int(x.shape[0]),
+        "batch_size": batch_size,
+        "trajectories": trajectories,
+        "unroll": unroll,
+        "max_unrolls": max_unrolls,
+        "target": target,
+        "meta_lr": meta_lr,
+        "relative_meta_lr": relative_meta_lr,
+        "meta_loss": meta_loss,
+        "grad_clip": grad_clip,
+        "seed": seed,
+    }
+    metadata = {"finetune": settings, "finetune_log": log}
+    attach_metadata(net, metadata)
+    weights_path = None if out_dir is None else save_weights(net, out_dir, metadata=metadata)
+    return FinetuneResult(net=net, weights_path=weights_path, log=log, subsample=(x, y),
+                          batch_size=batch_size, metadata=metadata)

@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .functional import coordinatewise_update, simple_update
+from .hub import HubMixin
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet
 from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
@@ -93,7 +94,7 @@ def _outside_inference_mode(groups: list[dict[str, Any]]):
     return contextlib.nullcontext()
 
 
-class LearnedOptimizer(Optimizer):
+class LearnedOptimizer(HubMixin, Optimizer):
     r"""An optimizer whose update rule is a meta-trained coordinate-wise network.
 
     Every step gathers the gradient of every parameter that has one, across all parameter
@@ -131,6 +132,10 @@ class LearnedOptimizer(Optimizer):
     parameters and the group's ``state_dtype`` otherwise; float16 and bfloat16 parameters
     are computed in float32.
 
+    **The Hub.** :meth:`from_pretrained`, :meth:`save_pretrained` and :meth:`push_to_hub`
+    (from :class:`~l2l_optim.hub.HubMixin`) read and write the meta-weights with a model
+    card, in a local directory or a Hugging Face Hub repo.
+
     **Checkpoints.** :meth:`state_dict` stamps the fingerprint of the meta-weights into every
     parameter group (``"meta_fingerprint"``), where torch's distributed checkpoint tools keep
     group options, so a dict rebuilt from ``state`` and ``param_groups`` still loads.
@@ -141,9 +146,9 @@ class LearnedOptimizer(Optimizer):
         lr: multiplier of the learned update (default: 1.0, the update as meta-trained).
         weights: the meta-weights: a shipped name, a ``.safetensors`` path, a run directory,
             an ``hf://`` address (see :func:`~l2l_optim.weights.load_weights`), a
-            :class:`~l2l_optim.weights.LoadedWeights`, or a
-            :class:`~l2l_optim.nets.CoordinatewiseNet` (deep-copied: later changes to it do
-            not reach the optimizer).
+            :class:`~l2l_optim.weights.LoadedWeights`, a
+            :class:`~l2l_optim.nets.CoordinatewiseNet` or the result of ``finetune`` or
+            ``meta_fit`` (deep-copied: later changes to it do not reach the optimizer).
         nonfinite: ``"skip"`` or ``"raise"``, the policy for NaN/Inf gradients (see above).
         state_dtype: dtype of the state for non-float64 parameters, ``torch.float32`` or
             ``torch.bfloat16`` (halves the state memory; computation stays float32).

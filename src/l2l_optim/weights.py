@@ -58,6 +58,8 @@ __all__ = [
     "list_weights",
     "weights_dirs",
     "hub_download",
+    "attach_metadata",
+    "source_metadata",
     "check_hub_filename",
     "MAX_HIDDEN_SIZE",
     "main",
@@ -379,7 +381,55 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
             f"{path}: fingerprint mismatch (metadata says {meta['fingerprint']}, tensors give "
             f"{fp}); the file was modified or corrupted after it was written"
         )
+    attach_metadata(net, meta)
     return LoadedWeights(net=net, metadata=dict(meta), fingerprint=fp, path=path)
+
+
+# where a net keeps the metadata of the file (or fine-tuning run) its weights came from; an
+# instance attribute, so that copies and pickles of the net carry it
+_METADATA_ATTR = "_l2l_weights_metadata"
+
+
+def attach_metadata(net: CoordinatewiseNet, metadata: dict[str, Any]) -> None:
+    """Remember ``metadata`` (recipe, command, results, ...) as the provenance of ``net``'s weights.
+
+    :func:`source_metadata` gives it back while the weights are unchanged; values that are
+    not strings are stored as JSON, as in a weight file.
+
+    Args:
+        net: the net whose current weights the metadata describes.
+        metadata: string keys; reserved keys (format, arch, ...) are ignored.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> net = SimpleOptimizerNet()
+        >>> attach_metadata(net, {"seed": 3})
+        >>> source_metadata(net)
+        {'seed': '3'}
+    """
+    kept = {k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in metadata.items() if k not in _RESERVED}
+    setattr(net, _METADATA_ATTR, (fingerprint(net), kept))
+
+
+def source_metadata(net: CoordinatewiseNet) -> dict[str, str]:
+    """The metadata :func:`attach_metadata` stored with ``net``, if its weights are unchanged.
+
+    Returns:
+        The stored ``str -> str`` metadata; ``{"derived_from": <old fingerprint>}`` when the
+        weights changed since (the recipe and results no longer describe them); ``{}`` when
+        nothing was stored.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> source_metadata(SimpleOptimizerNet())
+        {}
+    """
+    stored = getattr(net, _METADATA_ATTR, None)
+    if stored is None:
+        return {}
+    fp, meta = stored
+    return dict(meta) if fp == fingerprint(net) else {"derived_from": fp}
 
 
 def weights_dirs() -> list[Path]:
@@ -422,12 +472,43 @@ _HINT = "use a shipped name (see `l2l-optim info`) or a local path instead"
 
 
 def _offline() -> bool:
-    # read at call time (the hub library reads it once, at import), so that offline mode set
-    # later is still honoured and never waits on the network
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    # the variable is read at call time too (the hub library reads it once, at import), so
+    # that offline mode set later is still honoured and never waits on the network
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None) -> str:
+# seconds to wait for a TCP connection to the Hub before taking it as unreachable
+_PROBE_TIMEOUT = 3.0
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within a few seconds.
+
+    The hub library retries a failed connection five times with back-off (about 25 s); one
+    short probe first turns "no network" into the local-cache-only path at once. With a
+    proxy configured the probe would test the wrong route, so the library decides.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None, offline: bool) -> str:
     """Why a Hub download failed, in words, from the exception the hub library raised."""
     from huggingface_hub import utils as hf
 
@@ -435,7 +516,7 @@ def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None) 
     if isinstance(e, hf.HFValidationError):
         return f"invalid repo id {repo_id!r} ({e})"
     if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base
-        if _offline():
+        if offline:
             return f"{filename!r} of {repo_id!r}{at} is not in the local cache and HF_HUB_OFFLINE is set"
         return (f"the Hub cannot be reached and {filename!r} of {repo_id!r}{at} is not in the "
                 "local cache")
@@ -465,7 +546,8 @@ def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | 
     """One file of a Hugging Face Hub repo, from the local cache or downloaded into it.
 
     ``HF_HUB_OFFLINE=1`` uses the cache only; ``HF_HUB_CACHE``, when set, names the cache
-    directory. Both are read at call time.
+    directory. Both are read at call time. When the Hub cannot be reached within a few
+    seconds, the cache is used as if offline, so that no network fails fast too.
 
     Args:
         repo_id: ``"<owner>/<repo>"``.
@@ -493,15 +575,17 @@ def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | 
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise WeightsError(f"{where}: huggingface_hub is not installed; {_HINT}") from None
+    offline = _offline()
+    local_only = offline or not _hub_reachable()
     try:
         local = hf_hub_download(
-            repo_id, filename, revision=revision, local_files_only=_offline(),
+            repo_id, filename, revision=revision, local_files_only=local_only,
             cache_dir=os.environ.get("HF_HUB_CACHE") or None, etag_timeout=10,
         )
     except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
         raise WeightsError(
             f"{where}: cannot get it from the Hugging Face Hub: "
-            f"{_hub_error(e, repo_id, filename, revision)}; {_HINT}"
+            f"{_hub_error(e, repo_id, filename, revision, offline)}; {_HINT}"
         ) from None
     return Path(local)
 
@@ -566,11 +650,14 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
 
 def _result_net(obj: Any) -> CoordinatewiseNet | None:
     """The net of a :class:`~l2l_optim.finetune.FinetuneResult` or ``MetaFitResult``, else None."""
-    # imported here: both modules import this one
-    from .finetune import FinetuneResult
-    from .meta.fit import MetaFitResult
-
-    return obj.net if isinstance(obj, (FinetuneResult, MetaFitResult)) else None
+    # looked up, not imported: an object of a class whose module was never imported cannot
+    # be an instance of it, and importing l2l_optim.finetune would make the package's
+    # ``finetune`` attribute the module instead of the function
+    for module, name in (("l2l_optim.finetune", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(obj, cls):
+            return obj.net
+    return None
 
 
 def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
