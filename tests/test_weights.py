@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import l2l_optim
+from l2l_optim import hub
 from l2l_optim import weights as W
 from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 from l2l_optim.weights import (
@@ -417,41 +418,6 @@ def test_default_dirs_include_the_repository_weights():
     assert all(d.is_dir() for d in W.weights_dirs())
 
 
-def test_cli_table(registry, capsys):
-    pkg, repo = registry
-    save_weights(random_simple(16), pkg / "simple.safetensors", metadata={"recipe": "x" * 100})
-    save_weights(DMOptimizerNet(), repo / "dm.safetensors", metadata={"recipe": "dm recipe"})
-    recipe = {"arch": "simple", "net_config": {"bias": True}, "task": "mnist-mlp",
-              "loss": "uniform", "trajectories": 20, "batch_size": 128}
-    save_weights(random_simple(bias=True), repo / "simple-bias.safetensors",
-                 metadata={"recipe": recipe})  # a dict, as meta_fit writes it
-    (repo / "broken.safetensors").write_bytes(b"\x01")
-    assert W.main([]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0].split()[:4] == ["name", "arch", "params", "fingerprint"]
-    row = {line.split()[0]: line.split() for line in lines[1:]}
-    assert row["simple"][1:4] == ["simple", "132", fingerprint(random_simple(16))]
-    assert row["dm"][1:3] == ["dm", "5301"] and "dm recipe" in out
-    assert "..." in row["simple"][-1]  # long recipes are shortened
-    assert "error" in " ".join(row["broken"])
-    assert row["simple-bias"][4:] == ['{"bias":true}', "task=mnist-mlp", "loss=uniform",
-                                      "trajectories=20"]
-    from l2l_optim.__main__ import main as cli
-
-    assert cli(["weights"]) == 0
-    assert "simple" in capsys.readouterr().out
-
-
-def test_cli_json_and_empty(registry, capsys):
-    assert W.main([]) == 0
-    assert "no shipped weights" in capsys.readouterr().out
-    pkg, _ = registry
-    save_weights(random_simple(), pkg / "simple.safetensors")
-    assert W.main(["--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["simple"]["arch"] == "simple"
-
-
 # -------------------------------------------------------------------------------- hub
 
 
@@ -502,7 +468,7 @@ def test_hub_download_is_used_and_validated(tmp_path, monkeypatch, no_network):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(W, "_hub_reachable", lambda: True)  # the fake download is the Hub here
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: True)  # the fake download is the Hub here
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     loaded = load_weights("hf://org/repo@v1/sub/w.safetensors", arch="simple")
     assert same_weights(loaded.net, net)

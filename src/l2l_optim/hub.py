@@ -35,17 +35,26 @@ from typing import Any
 from .nets import CoordinatewiseNet
 from .registry import get_architecture
 from .weights import (
+    _SUFFIX,
     DIR_FILENAME,
     LoadedWeights,
     WeightsError,
     fingerprint,
-    hub_download,
     load_weights,
     save_weights,
     source_metadata,
 )
 
-__all__ = ["CARD_FILENAME", "HubMixin", "save_pretrained", "load_pretrained", "push_to_hub", "model_card"]
+__all__ = [
+    "CARD_FILENAME",
+    "HubMixin",
+    "save_pretrained",
+    "load_pretrained",
+    "push_to_hub",
+    "model_card",
+    "hub_download",
+    "check_hub_filename",
+]
 
 CARD_FILENAME = "README.md"
 _LIBRARY = "l2l-optim"
@@ -57,6 +66,133 @@ _RESULTS = {
     "final_meta_loss": "meta-loss of the last trajectory",
     "selected_trajectory": "trajectory the saved net was selected after",
 }
+
+
+# ------------------------------------------------------------------------ downloading
+
+_HINT = "use a shipped name (see `l2l-optim info`) or a local path instead"
+
+
+def _offline() -> bool:
+    # the variable is read at call time too (the hub library reads it once, at import), so
+    # that offline mode set later is still honoured and never waits on the network
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# seconds to wait for a TCP connection to the Hub before taking it as unreachable
+_PROBE_TIMEOUT = 3.0
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within a few seconds.
+
+    The hub library retries a failed connection five times with back-off (about 25 s); one
+    short probe first turns "no network" into the local-cache-only path at once. With a
+    proxy configured the probe would test the wrong route, so the library decides.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None, offline: bool) -> str:
+    """Why a Hub download failed, in words, from the exception the hub library raised."""
+    from huggingface_hub import utils as hf
+
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(e, hf.HFValidationError):
+        return f"invalid repo id {repo_id!r} ({e})"
+    if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base
+        if offline:
+            return f"{filename!r} of {repo_id!r}{at} is not in the local cache and HF_HUB_OFFLINE is set"
+        return (f"the Hub cannot be reached and {filename!r} of {repo_id!r}{at} is not in the "
+                "local cache")
+    if isinstance(e, hf.GatedRepoError):
+        return f"{repo_id!r} is gated: accept its conditions on the Hub and log in (`hf auth login`)"
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return f"no repo {repo_id!r} on the Hub (or it is private: log in with `hf auth login`)"
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"no revision {revision!r} in the Hub repo {repo_id!r}"
+    if isinstance(e, hf.EntryNotFoundError):
+        return f"no file {filename!r} in the Hub repo {repo_id!r}{at}"
+    return f"{type(e).__name__}: {e}"
+
+
+def check_hub_filename(filename: str) -> None:
+    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo."""
+    parts = filename.split("/")
+    if (not filename.endswith(_SUFFIX) or "\\" in filename
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(
+            f"invalid filename {filename!r}: weights on the Hub are .safetensors files "
+            "inside the repo (no '..', no empty path parts)"
+        )
+
+
+def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | None = None) -> Path:
+    """One file of a Hugging Face Hub repo, from the local cache or downloaded into it.
+
+    ``HF_HUB_OFFLINE=1`` uses the cache only; ``HF_HUB_CACHE``, when set, names the cache
+    directory. Both are read at call time. When the Hub cannot be reached within a few
+    seconds, the cache is used as if offline, so that no network fails fast too.
+
+    Args:
+        repo_id: ``"<owner>/<repo>"``.
+        filename: a ``.safetensors`` path inside the repo.
+        revision: a branch, tag or commit (default: the main branch).
+
+    Returns:
+        The local path of the file.
+
+    Raises:
+        WeightsError: an invalid repo id or filename, no such repo, revision or file, no
+            network and nothing cached, or ``huggingface_hub`` is not installed; the message
+            says which.
+
+    Example:
+        >>> hub_download("someone/their-optimizer")  # doctest: +SKIP
+        PosixPath('.../snapshots/.../weights.safetensors')
+    """
+    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
+    try:
+        check_hub_filename(filename)
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"{where}: huggingface_hub is not installed; {_HINT}") from None
+    offline = _offline()
+    local_only = offline or not _hub_reachable()
+    try:
+        local = hf_hub_download(
+            repo_id, filename, revision=revision, local_files_only=local_only,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None, etag_timeout=10,
+        )
+    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
+        raise WeightsError(
+            f"{where}: cannot get it from the Hugging Face Hub: "
+            f"{_hub_error(e, repo_id, filename, revision, offline)}; {_HINT}"
+        ) from None
+    return Path(local)
+
+
+# ------------------------------------------------------------------------ model cards
 
 
 def _json_or_text(value: str) -> Any:

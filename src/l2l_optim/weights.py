@@ -1,7 +1,9 @@
 """Meta-weight files: safetensors I/O with metadata and validation, fingerprints, the registry.
 
 (Longer than most modules: reading files that may be truncated, tampered with or not ours is
-most of it, and the shipped-name lookup, the Hub download and the listing share that reader.)
+most of it, checked from the header before any byte of the body is read, and the shipped-name
+lookup, ``hf://`` addresses (downloaded by :mod:`l2l_optim.hub`) and the listing share that
+reader.)
 
 A weight file is a ``.safetensors`` file holding one coordinate-wise net's ``state_dict`` in
 float32 plus string metadata:
@@ -28,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import hashlib
@@ -57,12 +58,9 @@ __all__ = [
     "resolve_net",
     "list_weights",
     "weights_dirs",
-    "hub_download",
     "attach_metadata",
     "source_metadata",
-    "check_hub_filename",
     "MAX_HIDDEN_SIZE",
-    "main",
 ]
 
 FORMAT = "l2l-optim-weights/1"
@@ -468,128 +466,6 @@ def _looks_like_name(source: str) -> bool:
     return os.sep not in source and "/" not in source and not source.endswith(_SUFFIX)
 
 
-_HINT = "use a shipped name (see `l2l-optim info`) or a local path instead"
-
-
-def _offline() -> bool:
-    # the variable is read at call time too (the hub library reads it once, at import), so
-    # that offline mode set later is still honoured and never waits on the network
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-# seconds to wait for a TCP connection to the Hub before taking it as unreachable
-_PROBE_TIMEOUT = 3.0
-
-
-def _hub_reachable() -> bool:
-    """Whether a TCP connection to the Hub's endpoint opens within a few seconds.
-
-    The hub library retries a failed connection five times with back-off (about 25 s); one
-    short probe first turns "no network" into the local-cache-only path at once. With a
-    proxy configured the probe would test the wrong route, so the library decides.
-    """
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlsplit(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
-    except OSError:
-        return False
-    return True
-
-
-def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None, offline: bool) -> str:
-    """Why a Hub download failed, in words, from the exception the hub library raised."""
-    from huggingface_hub import utils as hf
-
-    at = f" at revision {revision!r}" if revision else ""
-    if isinstance(e, hf.HFValidationError):
-        return f"invalid repo id {repo_id!r} ({e})"
-    if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base
-        if offline:
-            return f"{filename!r} of {repo_id!r}{at} is not in the local cache and HF_HUB_OFFLINE is set"
-        return (f"the Hub cannot be reached and {filename!r} of {repo_id!r}{at} is not in the "
-                "local cache")
-    if isinstance(e, hf.GatedRepoError):
-        return f"{repo_id!r} is gated: accept its conditions on the Hub and log in (`hf auth login`)"
-    if isinstance(e, hf.RepositoryNotFoundError):
-        return f"no repo {repo_id!r} on the Hub (or it is private: log in with `hf auth login`)"
-    if isinstance(e, hf.RevisionNotFoundError):
-        return f"no revision {revision!r} in the Hub repo {repo_id!r}"
-    if isinstance(e, hf.EntryNotFoundError):
-        return f"no file {filename!r} in the Hub repo {repo_id!r}{at}"
-    return f"{type(e).__name__}: {e}"
-
-
-def check_hub_filename(filename: str) -> None:
-    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo."""
-    parts = filename.split("/")
-    if (not filename.endswith(_SUFFIX) or "\\" in filename
-            or any(part in ("", ".", "..") for part in parts)):
-        raise ValueError(
-            f"invalid filename {filename!r}: weights on the Hub are .safetensors files "
-            "inside the repo (no '..', no empty path parts)"
-        )
-
-
-def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | None = None) -> Path:
-    """One file of a Hugging Face Hub repo, from the local cache or downloaded into it.
-
-    ``HF_HUB_OFFLINE=1`` uses the cache only; ``HF_HUB_CACHE``, when set, names the cache
-    directory. Both are read at call time. When the Hub cannot be reached within a few
-    seconds, the cache is used as if offline, so that no network fails fast too.
-
-    Args:
-        repo_id: ``"<owner>/<repo>"``.
-        filename: a ``.safetensors`` path inside the repo.
-        revision: a branch, tag or commit (default: the main branch).
-
-    Returns:
-        The local path of the file.
-
-    Raises:
-        WeightsError: an invalid repo id or filename, no such repo, revision or file, no
-            network and nothing cached, or ``huggingface_hub`` is not installed; the message
-            says which.
-
-    Example:
-        >>> hub_download("someone/their-optimizer")  # doctest: +SKIP
-        PosixPath('.../snapshots/.../weights.safetensors')
-    """
-    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
-    try:
-        check_hub_filename(filename)
-    except ValueError as e:
-        raise WeightsError(f"{where}: {e}") from None
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError(f"{where}: huggingface_hub is not installed; {_HINT}") from None
-    offline = _offline()
-    local_only = offline or not _hub_reachable()
-    try:
-        local = hf_hub_download(
-            repo_id, filename, revision=revision, local_files_only=local_only,
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None, etag_timeout=10,
-        )
-    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
-        raise WeightsError(
-            f"{where}: cannot get it from the Hugging Face Hub: "
-            f"{_hub_error(e, repo_id, filename, revision, offline)}; {_HINT}"
-        ) from None
-    return Path(local)
-
-
 def _download(source: str) -> Path:
     rest = source[len(_HF_PREFIX) :]
     parts = rest.split("/")
@@ -601,6 +477,8 @@ def _download(source: str) -> Path:
     if "@" in repo:
         repo, revision = repo.split("@", 1)
     filename = "/".join(parts[2:]) or DIR_FILENAME
+    from .hub import hub_download  # imported here: the hub module imports this one
+
     return hub_download(f"{parts[0]}/{repo}", filename, revision=revision)
 
 
@@ -705,67 +583,3 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         wanted = get_architecture(arch).net_class.__name__
         raise ValueError(f"needs {wanted} weights, got {type(net).__name__}")
     return net, f"{source} ({fingerprint(net)})"
-
-
-def _num_params(entries: dict[str, dict]) -> int:
-    total = 0
-    for entry in entries.values():
-        n = 1
-        for s in entry["shape"]:
-            n *= int(s)
-        total += n
-    return total
-
-
-# the recipe fields worth a glance in the table, in order (MetaFitConfig names; "loss" is
-# what older files call meta_loss)
-_RECIPE_FIELDS = ("task", "meta_loss", "loss", "trajectories", "steps", "unroll", "meta_lr", "init", "seed")
-
-
-def _recipe_summary(recipe: str, width: int = 60) -> str:
-    try:
-        parsed = json.loads(recipe)
-    except json.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        picked = [f"{k}={parsed[k]}" for k in _RECIPE_FIELDS if k in parsed]
-        if parsed.get("net_config"):
-            picked.insert(0, _config_json(parsed["net_config"]))
-        recipe = " ".join(picked) if picked else recipe
-    return recipe if len(recipe) <= width else recipe[: width - 3] + "..."
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m l2l_optim weights``: print a table of the shipped weights."""
-    parser = argparse.ArgumentParser(
-        prog="l2l-optim weights", description="List the shipped meta-optimizer weights."
-    )
-    parser.add_argument("--json", action="store_true", help="print name -> metadata as JSON")
-    args = parser.parse_args(argv)
-    shipped = _shipped()
-    if args.json:
-        print(json.dumps(list_weights(), indent=2, sort_keys=True))
-        return 0
-    if not shipped:
-        dirs = [str(d) for d in weights_dirs()] or ["(no weights directory found)"]
-        print(f"no shipped weights in {', '.join(dirs)}")
-        return 0
-    rows = [("name", "arch", "params", "fingerprint", "recipe")]
-    for name, path in sorted(shipped.items()):
-        try:
-            meta, entries = _read_header(path)
-            recipe = _recipe_summary(meta.get("recipe", ""))
-            rows.append(
-                (name, meta.get("arch", "?"), str(_num_params(entries)),
-                 meta.get("fingerprint", "?"), recipe)
-            )
-        except WeightsError as e:
-            rows.append((name, "?", "?", "?", f"error: {e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
