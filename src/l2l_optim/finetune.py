@@ -206,7 +206,7 @@ def _check_loss_moves(task, loss_fn: Callable, seed: int) -> None:
                 if y.is_floating_point() else "")
         raise ValueError(
             f"loss_fn ({name}) does not change with the model's output {tuple(out.shape)} (its "
-            f"gradient is zero on the first batch, loss {float(loss):.4g}), so fine-tuning "
+            f"gradient is zero on the first batch, loss {float(loss.detach()):.4g}), so fine-tuning "
             f"would change nothing.{hint}"
         )
     if not any(moves[len(wrt):]):
