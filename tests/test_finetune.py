@@ -214,3 +214,53 @@ def test_subsample_loader_is_exact_seeded_and_without_replacement():
     assert torch.equal(xs[:, 0].long(), ys)  # pairs stay together
     assert torch.equal(subsample_loader(loader, 0.05, seed=0)[1], ys)
     assert not torch.equal(subsample_loader(loader, 0.05, seed=1)[1], ys)
+
+
+def regression_data(n=400):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    return x, x.sum(1, keepdim=True)
+
+
+def test_a_loss_that_ignores_the_output_is_refused_with_the_fix():
+    x, y = regression_data()
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    with pytest.raises(ValueError, match=r"^loss_fn \(cross_entropy\) does not change with the model's "
+                                         r"output \(20, 1\) .* pass loss_fn=torch.nn.functional.mse_loss\.$"):
+        finetune(model, loader, weights=start_net(), **QUICK)
+    result = finetune(model, loader, weights=start_net(), loss_fn=F.mse_loss, **QUICK)
+    assert fingerprint(result.net) != fingerprint(start_net())
+
+
+def test_a_loss_no_trainable_parameter_moves_is_refused():
+    class Unused(nn.Module):
+        """Trainable weights the output does not depend on; the layer that matters is frozen."""
+
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(5, 1).requires_grad_(False)
+            self.unused = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return self.frozen(x)
+
+    x, y = regression_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    with pytest.raises(ValueError, match=r"^the loss \(mse_loss\) does not change with any trainable "
+                                         r"parameter of the model"):
+        finetune(Unused(), loader, weights=start_net(), loss_fn=F.mse_loss, **QUICK)
+    with pytest.raises(ValueError, match=r"^model has no trainable parameters"):
+        finetune(nn.Linear(5, 1).requires_grad_(False), loader, weights=start_net(),
+                 loss_fn=F.mse_loss, **QUICK)
+    with pytest.raises(ValueError, match=r"^loss_fn \(<lambda>\) must return a scalar, got Tensor\(20, 1\)"):
+        finetune(nn.Linear(5, 1), loader, weights=start_net(), loss_fn=lambda o, t: (o - t) ** 2, **QUICK)
+
+
+def test_finetune_from_the_shipped_weights_leaves_the_global_rng_alone():
+    x, y = make_data()
+    model = TinyNet()
+    state = torch.get_rng_state()
+    finetune(model, DataLoader(TensorDataset(x, y), batch_size=32), weights="simple",
+             subsample=0.5, trajectories=1, unroll=2, max_unrolls=1, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -702,6 +702,68 @@ def test_build_failure_is_reported_not_raised(monkeypatch):
     # monkeypatch restores _tried/_ext/_error, so later tests see the real extension again
 
 
+def test_a_missing_compiler_gives_one_short_warning_that_names_it(tmp_path):
+    """A fresh extension cache and a PATH with ninja but no C++ compiler, as on a bare machine."""
+    import shutil
+
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        pytest.skip("ninja is not installed: the build stops before it looks for a compiler")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").symlink_to(ninja)
+    code = (
+        "import warnings, torch\n"
+        "from l2l_optim import SimpleOptimizer\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)])\n"
+        "print('WARNINGS', [str(w.message) for w in caught])\n"
+        "try:\n"
+        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)], impl='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    print('FORCED', e)\n"
+    )
+    import l2l_optim
+
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "PYTHONPATH": str(Path(l2l_optim.__file__).parents[1])}  # the package under test
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == ("WARNINGS ['l2l_optim: fused CPU kernel unavailable (c++: not found); using the "
+                      "slower reference update']")
+    assert out[1] == ("FORCED impl='cpu' is unavailable: c++: not found; it needs a C++ compiler with "
+                      "OpenMP and ninja (torch.utils.cpp_extension). Use impl='auto' (falls back to "
+                      "the reference) or impl='reference'.")
+    assert "CUDA" not in proc.stderr
+
+
+def test_an_unwritable_extension_cache_is_named_not_the_compiler(monkeypatch):
+    from l2l_optim.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.setattr(kernels, "_CPU_OK", None)
+    monkeypatch.delenv(cpu.DISABLE_ENV, raising=False)
+
+    def read_only():
+        # what cpp_extension raises when it cannot create its lock file in the cache
+        raise OSError(30, "Read-only file system", "/ro/torch_extensions/l2l/lock")
+
+    monkeypatch.setattr(cpu, "_build", read_only)
+    with pytest.raises(RuntimeError) as e:
+        resolve_impl("cpu", "cpu")
+    assert str(e.value) == (
+        "impl='cpu' is unavailable: cannot write the extension cache (Read-only file system: "
+        "/ro/torch_extensions/l2l/lock); set TORCH_EXTENSIONS_DIR to a writable directory. "
+        "Use impl='auto' (falls back to the reference) or impl='reference'."
+    )
+    assert "compiler" not in str(e.value)
+
+
 # ------------------------------------------------------------------ bf16 state, end to end
 
 

@@ -8,6 +8,7 @@ import math
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -886,3 +887,209 @@ def test_tensor_lr_is_used_as_a_tensor_and_matches_a_float(make, monkeypatch):
     assert not calls
     for p, q in zip(params, twins):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- rough edges a new user runs into
+
+def seeded(cls, **config):
+    torch.manual_seed(0)
+    return cls(**config)
+
+
+EVERY_PATH = [
+    pytest.param(lambda p, **kw: SimpleOptimizer(p, weights=random_simple(3), impl="cpu", **kw), id="simple-cpu"),
+    pytest.param(lambda p, **kw: SimpleOptimizer(p, weights=random_simple(3), impl="reference", **kw),
+                 id="simple-reference"),
+    pytest.param(lambda p, **kw: DMOptimizer(p, weights=seeded(DMOptimizerNet, hidden_size=4), **kw),
+                 id="dm"),
+    pytest.param(lambda p, **kw: RNNProp(p, weights=seeded(RNNPropNet, hidden_size=4), **kw),
+                 id="rnnprop"),
+]
+
+
+def _steps(opt, params, grads_per_step):
+    for grads in grads_per_step:
+        set_grads(params, grads)
+        opt.step()
+
+
+def _grads(params, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("make", EVERY_PATH)
+def test_zero_element_parameters_step_and_leave_the_others_as_without_them(make):
+    model = nn.Linear(0, 3)  # weight (3, 0): no elements, yet a gradient
+    model(torch.randn(2, 0)).pow(2).sum().backward()
+    assert model.weight.grad is not None and model.weight.grad.numel() == 0
+    other = leaf(4, seed=1)
+    alone = twin([other])
+    grads = _grads([other], 3)
+    opt = make([model.weight, other])
+    ref = make(alone)
+    for step_grads in grads:
+        other.grad = step_grads[0].clone()
+        alone[0].grad = step_grads[0].clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(other, alone[0]) and model.weight.shape == (3, 0)
+    only_empty = make([model.weight])
+    only_empty.step()  # nothing to update, and no error
+    assert len(only_empty.state) == 0
+
+
+@pytest.mark.parametrize("make", EVERY_PATH)
+def test_a_first_step_under_inference_mode_does_not_break_later_steps(make):
+    params = [leaf(3, 2, seed=0), leaf(4, seed=1)]
+    twins = twin(params)
+    grads = _grads(params, 4)
+    opt, ref = make(params), make(twins)
+    set_grads(params, grads[0])
+    with torch.inference_mode():
+        opt.step()
+    _steps(opt, params, grads[1:])
+    _steps(ref, twins, grads)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in opt.state[p])
+        assert not any(t.is_inference() for t in opt.state[p].values())
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.5), np.float64(0.5), np.int64(2)], ids=str)
+def test_numpy_scalars_are_accepted_as_lr(lr):
+    params = [leaf(5, seed=0)]
+    twins = twin(params)
+    opt = SimpleOptimizer(params, lr=lr, weights=random_simple(4))
+    ref = SimpleOptimizer(twins, lr=float(lr), weights=random_simple(4))
+    _steps(opt, params, _grads(params, 2))
+    _steps(ref, twins, _grads(params, 2))
+    assert torch.equal(params[0], twins[0])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$"),
+    (dict(weight_decay=float("nan")), r"^Invalid weight_decay value: nan$"),
+    (dict(weight_decay="0.1"), r"^Invalid weight_decay value: '0.1'$"),
+    (dict(maximize="yes"), r"^Invalid maximize: 'yes'; expected True or False$"),
+    (dict(lr=True), r"^Invalid learning rate: True$"),
+])
+def test_invalid_weight_decay_maximize_and_bool_lr(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SimpleOptimizer([leaf(2)], weights=random_simple(), **bad)
+    opt = SimpleOptimizer([leaf(2)], weights=random_simple())
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [leaf(3)], **bad})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("make", EVERY_PATH)
+def test_weight_decay_is_decoupled_and_scaled_by_lr_per_group(make):
+    """With decay d and rate lr, a step is the undecayed step taken from p * (1 - lr * d)."""
+    a, b = leaf(3, 2, seed=0), leaf(4, seed=1)
+    a2, b2 = twin([a, b])
+    grads = _grads([a, b], 1)[0]
+    opt = make([{"params": [a], "weight_decay": 0.1}, {"params": [b], "lr": 0.5}], weight_decay=0.2)
+    ref = make([{"params": [a2]}, {"params": [b2], "lr": 0.5}])
+    with torch.no_grad():
+        a2.mul_(1.0 - 1.0 * 0.1)
+        b2.mul_(1.0 - 0.5 * 0.2)
+    set_grads([a, b], grads)
+    set_grads([a2, b2], grads)
+    opt.step()
+    ref.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert opt.state_dict()["param_groups"][0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("make", EVERY_PATH)
+def test_maximize_steps_on_the_negated_gradient(make):
+    params = [leaf(3, 2, seed=0), leaf(4, seed=1)]
+    twins = twin(params)
+    grads = _grads(params, 3)
+    opt, ref = make(params, maximize=True), make(twins)
+    _steps(opt, params, grads)
+    _steps(ref, twins, [[-g for g in step] for step in grads])
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+
+
+def test_a_skipped_step_does_not_decay_either():
+    params = [leaf(3, seed=0)]
+    opt = SimpleOptimizer(params, weights=random_simple(), weight_decay=0.5)
+    before = params[0].detach().clone()
+    params[0].grad = torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert torch.equal(params[0], before)
+    with torch.no_grad():  # the device-flag path, as on an accelerator
+        ps, gs, lrs, groups, _ = opt._gather()
+        opt._apply(ps, gs, lrs, groups, skip=torch.tensor(True))
+    assert torch.equal(params[0], before)
+
+
+def test_a_finetune_or_meta_fit_result_is_accepted_as_weights():
+    from l2l_optim.finetune import FinetuneResult
+    from l2l_optim.meta.fit import MetaFitResult
+
+    net = random_simple(5)
+    for result in (FinetuneResult(net=net, weights_path=None, log=[], subsample=(None, None)),
+                   MetaFitResult(net=net, log=[])):
+        opt = SimpleOptimizer([leaf(2)], weights=result)
+        assert opt.meta_fingerprint == fingerprint(net) and opt.net is not net
+    with pytest.raises(ValueError, match="needs DMOptimizerNet weights, got SimpleOptimizerNet"):
+        DMOptimizer([leaf(2)], weights=MetaFitResult(net=net, log=[]))
+
+
+COMPILED = [
+    pytest.param(lambda p, **kw: SimpleOptimizer(p, weights=random_simple(3), **kw), id="simple-auto"),
+    *EVERY_PATH[1:],
+]
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_a_compiled_step_has_no_graph_breaks(make):
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = make(model.parameters(), weight_decay=0.01)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    explained = torch._dynamo.explain(opt.step)()  # the first step: the state is created in it
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    explained = torch._dynamo.explain(opt.step)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def _compiled_against_eager(make, backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    twin_model = copy.deepcopy(model)
+    opt = make(model.parameters(), weight_decay=0.01)
+    ref = make(twin_model.parameters(), weight_decay=0.01)
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for i in range(4):
+        x = torch.randn(5, 4)
+        for m in (model, twin_model):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+            if i == 2:
+                m[0].weight.grad[0, 0] = float("nan")  # skipped by both, without a graph break
+        step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref.step()
+    assert opt.skipped_steps == ref.skipped_steps == 1
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in opt.state[p])
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_a_compiled_fullgraph_step_matches_the_eager_one(make):
+    _compiled_against_eager(make, "aot_eager")
+
+
+@pytest.mark.slow
+def test_an_inductor_compiled_step_matches_the_eager_one():
+    _compiled_against_eager(COMPILED[0].values[0], "inductor")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import tracemalloc
 import re
 import struct
 from pathlib import Path
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import l2l_optim
+from l2l_optim import hub
 from l2l_optim import weights as W
 from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 from l2l_optim.weights import (
@@ -277,6 +280,71 @@ def test_invalid_files_are_rejected(tmp_path, change, match):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"hidden_size": 100000}, r"bad config: hidden_size=100000 is outside \[1, 1024\]"),
+        ({"hidden_size": 0}, r"bad config: hidden_size=0 is outside \[1, 1024\]"),
+        ({"hidden_size": 10.0}, r"bad config: hidden_size=10.0 is not a finite int"),
+        ({"hidden_size": True}, r"bad config: hidden_size=True is not a finite int"),
+        ({"bias": "yes"}, r"bad config: bias='yes' is not a bool"),
+        ({"hidden_size": 10, "layers": 4}, r"bad config: unknown keys \['layers'\] for a 'simple' net"),
+        ([10], r"bad config: \[10\] is not a JSON object"),
+    ],
+    ids=["huge", "zero", "float", "bool-as-int", "str-as-bool", "unknown-key", "list"],
+)
+def test_a_config_is_checked_before_any_net_is_built(tmp_path, monkeypatch, config, match):
+    net = random_simple(14)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = write_raw(tmp_path / "cfg.safetensors", tensors, valid_meta(net) | {"config": json.dumps(config)})
+    assert path.stat().st_size < 2000
+    built = []
+    monkeypatch.setattr(W, "build_net", lambda *a, **k: built.append(a) or pytest.fail("built a net"))
+    with pytest.raises(WeightsError, match=match) as e:
+        load_weights(path)
+    assert str(path) in str(e.value) and built == []
+
+
+def test_a_large_file_that_is_not_ours_is_refused_from_its_header_alone(tmp_path):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [75_000_000],
+                               "data_offsets": [0, 300_000_000]}}).encode()
+    path = tmp_path / "foreign-300mb.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 300_000_000)  # sparse: 300 MB long, no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsError, match="not an l2l-optim weight file"):
+            load_weights(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+
+
+def test_a_body_longer_than_its_header_says_is_refused_before_it_is_read(tmp_path):
+    good = save_weights(random_simple(15), tmp_path / "good.safetensors")
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(good.read_bytes())
+    with open(padded, "r+b") as f:
+        f.truncate(300_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsError, match=r"corrupted weight file \(300000000 bytes, the header describes"):
+            load_weights(padded)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+
+
+def test_loading_weights_leaves_the_global_rng_alone(tmp_path):
+    path = save_weights(DMOptimizerNet(hidden_size=3), tmp_path / "dm.safetensors")
+    state = torch.get_rng_state()
+    load_weights(path)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_foreign_safetensors_file(tmp_path):
     path = write_raw(tmp_path / "foreign.safetensors", {"x": torch.zeros(3)}, {})
     with pytest.raises(WeightsError, match="not an l2l-optim weight file"):
@@ -350,45 +418,10 @@ def test_default_dirs_include_the_repository_weights():
     assert all(d.is_dir() for d in W.weights_dirs())
 
 
-def test_cli_table(registry, capsys):
-    pkg, repo = registry
-    save_weights(random_simple(16), pkg / "simple.safetensors", metadata={"recipe": "x" * 100})
-    save_weights(DMOptimizerNet(), repo / "dm.safetensors", metadata={"recipe": "dm recipe"})
-    recipe = {"arch": "simple", "net_config": {"bias": True}, "task": "mnist-mlp",
-              "loss": "uniform", "trajectories": 20, "batch_size": 128}
-    save_weights(random_simple(bias=True), repo / "simple-bias.safetensors",
-                 metadata={"recipe": recipe})  # a dict, as meta_fit writes it
-    (repo / "broken.safetensors").write_bytes(b"\x01")
-    assert W.main([]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0].split()[:4] == ["name", "arch", "params", "fingerprint"]
-    row = {line.split()[0]: line.split() for line in lines[1:]}
-    assert row["simple"][1:4] == ["simple", "132", fingerprint(random_simple(16))]
-    assert row["dm"][1:3] == ["dm", "5301"] and "dm recipe" in out
-    assert "..." in row["simple"][-1]  # long recipes are shortened
-    assert "error" in " ".join(row["broken"])
-    assert row["simple-bias"][4:] == ['{"bias":true}', "task=mnist-mlp", "loss=uniform",
-                                      "trajectories=20"]
-    from l2l_optim.__main__ import main as cli
-
-    assert cli(["weights"]) == 0
-    assert "simple" in capsys.readouterr().out
-
-
-def test_cli_json_and_empty(registry, capsys):
-    assert W.main([]) == 0
-    assert "no shipped weights" in capsys.readouterr().out
-    pkg, _ = registry
-    save_weights(random_simple(), pkg / "simple.safetensors")
-    assert W.main(["--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["simple"]["arch"] == "simple"
-
-
 # -------------------------------------------------------------------------------- hub
 
 
-def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch):
+def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError) as e:
@@ -398,7 +431,27 @@ def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch):
     assert "shipped name" in msg and "local path" in msg
 
 
-def test_hub_download_is_used_and_validated(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        ("hf://org/repo/weights.bin", r"invalid filename 'weights.bin': weights on the Hub are .safetensors"),
+        ("hf://org/repo/../w.safetensors", r"invalid filename '../w.safetensors'"),
+        ("hf://org/repo/a//w.safetensors", r"invalid filename 'a//w.safetensors'"),
+        ("hf://org/re po/w.safetensors", r"invalid repo id 'org/re po'"),
+    ],
+    ids=["suffix", "dotdot", "empty-part", "repo-id"],
+)
+def test_hub_address_errors_name_their_cause_even_offline(tmp_path, monkeypatch, no_network, source, match):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match=match) as e:
+        load_weights(source)
+    assert time.perf_counter() - t0 < 5
+    assert "not in the local cache" not in str(e.value)
+
+
+def test_hub_download_is_used_and_validated(tmp_path, monkeypatch, no_network):
     import huggingface_hub
 
     net = random_simple(17)
@@ -414,13 +467,15 @@ def test_hub_download_is_used_and_validated(tmp_path, monkeypatch):
         return str(local)
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: True)  # the fake download is the Hub here
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     loaded = load_weights("hf://org/repo@v1/sub/w.safetensors", arch="simple")
     assert same_weights(loaded.net, net)
     assert calls[-1] == ("org/repo", "sub/w.safetensors", "v1", False)
     load_weights("hf://org/repo")
     assert calls[-1][:2] == ("org/repo", "weights.safetensors")
-    with pytest.raises(WeightsError, match="cannot get 'missing.safetensors'.*org/repo"):
+    with pytest.raises(WeightsError, match="no file 'missing.safetensors' in the Hub repo 'org/repo'"):
         load_weights("hf://org/repo/missing.safetensors")
     with pytest.raises(WeightsError, match="expected hf://"):
         load_weights("hf://just-a-name")

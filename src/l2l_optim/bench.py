@@ -364,7 +364,7 @@ def machine_info(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m l2l_optim bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="l2l-optim bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="base,mlp5,100m",
                     help=f"comma-separated, from {','.join(SIZES)} (default: all)")
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(results)
     after = "load average at the end %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(
         os, "getloadavg") else ""
-    command = "python -m l2l_optim bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "l2l-optim bench " + " ".join(argv if argv is not None else sys.argv[1:])
     text = f"{before}\n{after}\ncommand: {command}\n\n{table}\n"
     print()
     print(text)

@@ -34,11 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from torch.func import functional_call
+
 from .data import materialize
 from .meta import META_LOSSES, meta_lr_scales, run_trajectory
 from .nets import CoordinatewiseNet
 from .tasks import task_from_model
-from .weights import resolve_net, save_weights
+from .weights import attach_metadata, resolve_net, save_weights
 
 __all__ = ["FinetuneResult", "finetune", "subsample_loader"]
 
@@ -89,6 +91,11 @@ class FinetuneResult:
         subsample: the ``(x, y)`` tensors fine-tuned on (use them for
             :func:`~l2l_optim.training.search_lr`).
         batch_size: the minibatch size used.
+        metadata: what a weight file of the result records: ``finetune`` (the settings and
+            the base weights) and ``finetune_log``.
+
+    ``weights=result`` passes the fine-tuned net to an optimizer; :meth:`save_pretrained`
+    and :meth:`push_to_hub` share it with a model card.
     """
 
     net: CoordinatewiseNet
@@ -96,11 +103,50 @@ class FinetuneResult:
     log: list[dict]
     subsample: tuple[Tensor, Tensor] = field(repr=False)
     batch_size: int = 128
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def reached_target(self) -> int:
         """How many trajectories reached the target loss."""
         return sum(bool(e["reached_target"]) for e in self.log)
+
+    def save_pretrained(self, save_directory: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write the fine-tuned weights and a model card (settings, log) into a directory.
+
+        Args:
+            save_directory: the directory (created if missing).
+            repo_id: the Hub repo the card's usage example names.
+
+        Returns:
+            The directory; ``SimpleOptimizer.from_pretrained(directory, params)`` loads it.
+
+        Example:
+            >>> result.save_pretrained("my-finetuned-optimizer")  # doctest: +SKIP
+        """
+        from .hub import save_pretrained
+
+        return save_pretrained(self.net, save_directory, metadata=self.metadata, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        """Upload the fine-tuned weights and a model card to a Hub repo.
+
+        Args:
+            repo_id: ``"<owner>/<name>"``.
+            **kwargs: ``private``, ``token``, ``revision``, ``commit_message``
+                (see :func:`l2l_optim.hub.push_to_hub`).
+
+        Returns:
+            The commit info of the upload.
+
+        Raises:
+            WeightsError: the upload failed.
+
+        Example:
+            >>> result.push_to_hub("me/my-finetuned-optimizer")  # doctest: +SKIP
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self.net, repo_id, metadata=self.metadata, **kwargs)
 
 
 def _mean_of_last_unroll(losses: list[float], unroll: int) -> float:
@@ -112,6 +158,8 @@ def _mean_of_last_unroll(losses: list[float], unroll: int) -> float:
 def _check_settings(model, trajectories, unroll, max_unrolls, target, meta_lr, meta_loss) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (requires_grad=True); nothing to fine-tune on")
     for name, value in (("trajectories", trajectories), ("unroll", unroll), ("max_unrolls", max_unrolls)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -121,6 +169,51 @@ def _check_settings(model, trajectories, unroll, max_unrolls, target, meta_lr, m
         raise ValueError(f"meta_lr must be positive, got {meta_lr!r}")
     if meta_loss not in META_LOSSES:
         raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
+
+
+def _loss_name(loss_fn: Callable) -> str:
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def _check_loss_moves(task, loss_fn: Callable, seed: int) -> None:
+    """Refuse a loss that fine-tuning cannot move, before any trajectory runs.
+
+    One forward and backward pass on the first minibatch of the subsample, from the first
+    trajectory's initialisation: the loss must be a scalar whose gradient is not zero both
+    with respect to the model's output and with respect to its trainable parameters. The
+    default cross-entropy on a one-output regression model fails the first (a softmax over
+    one logit is always 1): every trajectory would log a constant loss and return the
+    starting weights.
+    """
+    params, buffers = task.init_params(seed)
+    x, y = task.train
+    x, y = x[: task.batch_size], y[: task.batch_size]
+    name = _loss_name(loss_fn)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        params = {k: v.requires_grad_() for k, v in params.items()}
+        out = functional_call(task.module, {**params, **buffers}, (x,))
+        loss = loss_fn(out, y)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else ""
+            raise ValueError(f"loss_fn ({name}) must return a scalar, got {type(loss).__name__}{shape}")
+        wrt = [out] if isinstance(out, Tensor) and out.requires_grad else []
+        grads = []
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, wrt + list(params.values()), allow_unused=True)
+    moves = [g is not None and bool(g.ne(0).any()) for g in grads]
+    if wrt and moves and not moves[0]:
+        hint = (" For regression, pass loss_fn=torch.nn.functional.mse_loss."
+                if y.is_floating_point() else "")
+        raise ValueError(
+            f"loss_fn ({name}) does not change with the model's output {tuple(out.shape)} (its "
+            f"gradient is zero on the first batch, loss {float(loss.detach()):.4g}), so fine-tuning "
+            f"would change nothing.{hint}"
+        )
+    if not any(moves[len(wrt):]):
+        raise ValueError(
+            f"the loss ({name}) does not change with any trainable parameter of the model (its "
+            "gradient is zero on the first batch), so fine-tuning would change nothing"
+        )
 
 
 def finetune(
@@ -194,8 +287,11 @@ def finetune(
         (or ``weights=result.weights_path``) uses the fine-tuned optimizer.
 
     Raises:
-        ValueError: an empty loader, a subsample smaller than one batch, or an invalid
-            setting.
+        ValueError: an empty loader, a subsample smaller than one batch, an invalid
+            setting, a model without trainable parameters, or a loss whose gradient with
+            respect to the model's output or to all its trainable parameters is zero on the
+            first batch (such as the default cross-entropy on a one-output regression model),
+            which no fine-tuning can move.
         TypeError: the loader does not yield ``(x, y)`` tensor pairs, or ``weights`` has an
             unsupported type.
     """
@@ -207,6 +303,7 @@ def finetune(
         x, y, batch_size = subsample_loader(loader, subsample, seed=seed, batch_size=batch_size)
     task = task_from_model(model, (x, y), batch_size=batch_size, loss_fn=loss_fn,
                            name=f"finetune:{type(model).__name__}")
+    _check_loss_moves(task, loss_fn, seed)
     meta_opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
     lr_scales = meta_lr_scales(net) if relative_meta_lr else None
     bar = tqdm(total=trajectories * max_unrolls, desc="finetune", unit="unroll", disable=not progress)
@@ -253,23 +350,24 @@ def finetune(
     net.eval()
     net.requires_grad_(False)
 
-    weights_path = None
-    if out_dir is not None:
-        settings = {
-            "base_weights": source,
-            "model": type(model).__name__,
-            "subsample": subsample,
-            "subsample_examples": int(x.shape[0]),
-            "batch_size": batch_size,
-            "trajectories": trajectories,
-            "unroll": unroll,
-            "max_unrolls": max_unrolls,
-            "target": target,
-            "meta_lr": meta_lr,
-            "relative_meta_lr": relative_meta_lr,
-            "meta_loss": meta_loss,
-            "grad_clip": grad_clip,
-            "seed": seed,
-        }
-        weights_path = save_weights(net, out_dir, metadata={"finetune": settings, "finetune_log": log})
-    return FinetuneResult(net=net, weights_path=weights_path, log=log, subsample=(x, y), batch_size=batch_size)
+    settings = {
+        "base_weights": source,
+        "model": type(model).__name__,
+        "subsample": subsample,
+        "subsample_examples": int(x.shape[0]),
+        "batch_size": batch_size,
+        "trajectories": trajectories,
+        "unroll": unroll,
+        "max_unrolls": max_unrolls,
+        "target": target,
+        "meta_lr": meta_lr,
+        "relative_meta_lr": relative_meta_lr,
+        "meta_loss": meta_loss,
+        "grad_clip": grad_clip,
+        "seed": seed,
+    }
+    metadata = {"finetune": settings, "finetune_log": log}
+    attach_metadata(net, metadata)
+    weights_path = None if out_dir is None else save_weights(net, out_dir, metadata=metadata)
+    return FinetuneResult(net=net, weights_path=weights_path, log=log, subsample=(x, y),
+                          batch_size=batch_size, metadata=metadata)

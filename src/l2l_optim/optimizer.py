@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -36,6 +38,7 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .functional import coordinatewise_update, simple_update
+from .hub import HubMixin
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet
 from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
@@ -61,16 +64,37 @@ def _caller_stacklevel() -> int:
     return level + 1
 
 
+def _is_real(x: Any) -> bool:
+    # numbers.Real covers int, float and numpy's scalars; a bool is not a rate
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, Tensor))
+
+
 def _check_lr(lr: Any) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         lr = lr.item()
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    if not _is_real(lr) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr!r}")
 
 
-class LearnedOptimizer(Optimizer):
+def _outside_inference_mode(groups: list[dict[str, Any]]):
+    """A context in which the state a step creates is made of normal tensors.
+
+    Under ``torch.inference_mode()`` new tensors are inference tensors, which later steps
+    outside it can neither update in place nor version; the step leaves inference mode for
+    its own work unless the parameters themselves are inference tensors.
+    """
+    if torch.compiler.is_compiling():  # a graph has no inference mode to leave
+        return contextlib.nullcontext()
+    if torch.is_inference_mode_enabled() and not any(
+        p.is_inference() for g in groups for p in g["params"]
+    ):
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
+class LearnedOptimizer(HubMixin, Optimizer):
     r"""An optimizer whose update rule is a meta-trained coordinate-wise network.
 
     Every step gathers the gradient of every parameter that has one, across all parameter
@@ -84,8 +108,8 @@ class LearnedOptimizer(Optimizer):
     kernel.
 
     **Options** live where torch keeps them: in ``defaults`` and every parameter group, so
-    ``state_dict``, pickling and ``copy.deepcopy`` carry them. ``lr`` and ``state_dtype`` may
-    differ between groups; ``nonfinite`` (and SimpleOptimizer's ``impl``) apply to the whole
+    ``state_dict``, pickling and ``copy.deepcopy`` carry them. ``lr``, ``state_dtype``,
+    ``weight_decay`` and ``maximize`` may differ between groups; ``nonfinite`` (and SimpleOptimizer's ``impl``) apply to the whole
     step, so a group that sets another value is refused.
 
     **Non-finite gradients.** With ``nonfinite="skip"`` (the default), a step in which any
@@ -97,11 +121,20 @@ class LearnedOptimizer(Optimizer):
     step raises :class:`FloatingPointError` naming the first bad parameter before changing
     anything (this synchronises).
 
+    **torch.compile.** ``torch.compile(opt.step, fullgraph=True)`` traces one graph with
+    ``nonfinite="skip"``: inside it a CPU step takes the device-flag path too (no warning;
+    ``skipped_steps`` counts), and the fused kernel is one opaque op. ``nonfinite="raise"``
+    reads the flag on the host, which breaks the graph once.
+
     **State.** Per parameter, created at its first step: the net's state tensors for
     ``p.numel()`` coordinates (coordinate last) and ``step``, the number of updates applied
     (an int64 tensor on the parameter's device). The state is float64 for float64
     parameters and the group's ``state_dtype`` otherwise; float16 and bfloat16 parameters
     are computed in float32.
+
+    **The Hub.** :meth:`from_pretrained`, :meth:`save_pretrained` and :meth:`push_to_hub`
+    (from :class:`~l2l_optim.hub.HubMixin`) read and write the meta-weights with a model
+    card, in a local directory or a Hugging Face Hub repo.
 
     **Checkpoints.** :meth:`state_dict` stamps the fingerprint of the meta-weights into every
     parameter group (``"meta_fingerprint"``), where torch's distributed checkpoint tools keep
@@ -113,15 +146,20 @@ class LearnedOptimizer(Optimizer):
         lr: multiplier of the learned update (default: 1.0, the update as meta-trained).
         weights: the meta-weights: a shipped name, a ``.safetensors`` path, a run directory,
             an ``hf://`` address (see :func:`~l2l_optim.weights.load_weights`), a
-            :class:`~l2l_optim.weights.LoadedWeights`, or a
-            :class:`~l2l_optim.nets.CoordinatewiseNet` (deep-copied: later changes to it do
-            not reach the optimizer).
+            :class:`~l2l_optim.weights.LoadedWeights`, a
+            :class:`~l2l_optim.nets.CoordinatewiseNet` or the result of ``finetune`` or
+            ``meta_fit`` (deep-copied: later changes to it do not reach the optimizer).
         nonfinite: ``"skip"`` or ``"raise"``, the policy for NaN/Inf gradients (see above).
         state_dtype: dtype of the state for non-float64 parameters, ``torch.float32`` or
             ``torch.bfloat16`` (halves the state memory; computation stays float32).
+        weight_decay: decoupled weight decay, as in AdamW: each step first multiplies every
+            parameter by ``1 - lr * weight_decay`` (default: 0, off; not part of the paper).
+        maximize: maximize the objective instead: the net sees the negated gradient
+            (default: False; not part of the paper).
 
     Raises:
-        ValueError: invalid ``lr``, ``nonfinite`` or ``state_dtype``; an empty parameter
+        ValueError: invalid ``lr``, ``nonfinite``, ``state_dtype``, ``weight_decay`` or
+            ``maximize``; an empty parameter
             list; complex or non-floating parameters; parameters on several devices;
             weights of the wrong architecture or a weight file that fails validation.
         TypeError: ``weights`` of an unsupported type.
@@ -153,8 +191,11 @@ class LearnedOptimizer(Optimizer):
         weights: WeightsT,
         nonfinite: str = "skip",
         state_dtype: torch.dtype = torch.float32,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
-        self._setup(params, weights, dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype))
+        self._setup(params, weights, dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype,
+                                          weight_decay=weight_decay, maximize=maximize))
 
     # ----------------------------------------------------------------------------- setup
 
@@ -167,6 +208,11 @@ class LearnedOptimizer(Optimizer):
 
     def _check_options(self, options: dict[str, Any]) -> None:
         _check_lr(options["lr"])
+        wd = options["weight_decay"]
+        if not _is_real(wd) or not math.isfinite(wd) or wd < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {wd!r}")
+        if not isinstance(options["maximize"], bool):
+            raise ValueError(f"Invalid maximize: {options['maximize']!r}; expected True or False")
         if options["nonfinite"] not in _NONFINITE:
             raise ValueError(
                 f"Invalid nonfinite policy: {options['nonfinite']!r}; expected one of {_NONFINITE}"
@@ -236,6 +282,14 @@ class LearnedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._make_skip_counter()
+
+    def _make_skip_counter(self) -> None:
+        # the device counter of skipped steps exists before any step is traced: a compiled
+        # step updates the tensors an optimizer holds but drops attributes it creates
+        if self._skipped_device is None and self.param_groups and self.param_groups[0]["params"]:
+            device = self.param_groups[0]["params"][0].device
+            self._skipped_device = torch.zeros((), dtype=torch.int64, device=device)
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -297,7 +351,8 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
+        # grad mode off last: leaving inference mode turns it back on
+        with _outside_inference_mode(self.param_groups), torch.no_grad():
             self._step()
         return loss
 
@@ -315,7 +370,8 @@ class LearnedOptimizer(Optimizer):
             # a tensor lr stays a tensor: .item() on a CUDA tensor would sync the host every step
             lr = lr.detach().reshape(()) if isinstance(lr, Tensor) else float(lr)
             for p in group["params"]:
-                if p.grad is not None:
+                # a parameter with no elements has nothing to update
+                if p.grad is not None and p.numel() > 0:
                     g = p.grad
                     if g.is_sparse or g.layout != torch.strided:
                         raise RuntimeError(f"{name} does not support sparse gradients")
@@ -356,7 +412,9 @@ class LearnedOptimizer(Optimizer):
                     f"{tuple(params[bad].shape)}); nothing was changed"
                 )
             return True, None
-        if params[0].device.type == "cpu":  # reading the flag is free on the host
+        # reading the flag is free on the host, but not in a compiled graph, where the
+        # device-flag path below keeps the step in one graph
+        if params[0].device.type == "cpu" and not torch.compiler.is_compiling():
             if bool(finite.all()):
                 return True, None
             self._skipped_host += 1
@@ -391,12 +449,20 @@ class LearnedOptimizer(Optimizer):
             if not state:
                 state.update(self._init_state(p, group))
             states.append(state)
+        if any(group["maximize"] for group in groups):
+            grads = [g.neg() if group["maximize"] else g for g, group in zip(grads, groups)]
+        for p, lr, group in zip(params, lrs, groups):
+            if group["weight_decay"]:
+                # decoupled, as AdamW: shrink the parameter before the update is added
+                factor = 1.0 - lr * group["weight_decay"]
+                p.mul_(factor if skip is None else torch.where(skip, 1.0, factor))
         self._update(params, grads, states, lrs, skip)
         steps = [s["step"] for s in states]
         if skip is None:
             torch._foreach_add_(steps, 1)
         else:
-            torch._foreach_add_(steps, (~skip).to(torch.int64))
+            # a list of tensors: a 0-dim tensor as the scalar operand is read on the host
+            torch._foreach_add_(steps, [(~skip).to(torch.int64)] * len(steps))
 
     def _update(
         self,
@@ -534,6 +600,7 @@ class LearnedOptimizer(Optimizer):
             self.net = net
             self._init_runtime()
             self._skipped_host = skipped
+            self._make_skip_counter()
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -561,6 +628,8 @@ class SimpleOptimizer(LearnedOptimizer):
         state_dtype: ``torch.float32`` or ``torch.bfloat16`` hidden state for non-float64
             parameters.
         nonfinite: ``"skip"`` or ``"raise"``.
+        weight_decay: decoupled (AdamW-style) weight decay, off by default.
+        maximize: step along the gradient instead of against it (default: False).
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, an invalid ``impl``, or weights that are
@@ -588,8 +657,11 @@ class SimpleOptimizer(LearnedOptimizer):
         impl: str = "auto",
         state_dtype: torch.dtype = torch.float32,
         nonfinite: str = "skip",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype, impl=impl)
+        defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype, impl=impl,
+                        weight_decay=weight_decay, maximize=maximize)
         self._setup(params, weights, defaults)
         # fail now, not at the first step, when the kernel cannot run on these parameters
         device = self.param_groups[0]["params"][0].device
@@ -615,6 +687,8 @@ class DMOptimizer(LearnedOptimizer):
         weights: DMOptimizerNet weights in any form :class:`LearnedOptimizer` accepts
             (default: the shipped ``"dm"``).
         nonfinite: ``"skip"`` or ``"raise"``.
+        weight_decay: decoupled (AdamW-style) weight decay, off by default.
+        maximize: step along the gradient instead of against it (default: False).
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, or weights that are not a DMOptimizerNet's.
@@ -629,9 +703,17 @@ class DMOptimizer(LearnedOptimizer):
     _required_arch = "dm"
 
     def __init__(
-        self, params, lr: float | Tensor = 1.0, *, weights: WeightsT = "dm", nonfinite: str = "skip"
+        self,
+        params,
+        lr: float | Tensor = 1.0,
+        *,
+        weights: WeightsT = "dm",
+        nonfinite: str = "skip",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
-        super().__init__(params, lr, weights=weights, nonfinite=nonfinite)
+        super().__init__(params, lr, weights=weights, nonfinite=nonfinite,
+                         weight_decay=weight_decay, maximize=maximize)
 
 
 class RNNProp(LearnedOptimizer):
@@ -643,6 +725,8 @@ class RNNProp(LearnedOptimizer):
         weights: RNNPropNet weights in any form :class:`LearnedOptimizer` accepts
             (default: the shipped ``"rnnprop"``).
         nonfinite: ``"skip"`` or ``"raise"``.
+        weight_decay: decoupled (AdamW-style) weight decay, off by default.
+        maximize: step along the gradient instead of against it (default: False).
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, or weights that are not an RNNPropNet's.
@@ -663,5 +747,8 @@ class RNNProp(LearnedOptimizer):
         *,
         weights: WeightsT = "rnnprop",
         nonfinite: str = "skip",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
-        super().__init__(params, lr, weights=weights, nonfinite=nonfinite)
+        super().__init__(params, lr, weights=weights, nonfinite=nonfinite,
+                         weight_decay=weight_decay, maximize=maximize)

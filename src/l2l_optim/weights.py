@@ -1,7 +1,9 @@
 """Meta-weight files: safetensors I/O with metadata and validation, fingerprints, the registry.
 
 (Longer than most modules: reading files that may be truncated, tampered with or not ours is
-most of it, and the shipped-name lookup, the Hub download and the listing share that reader.)
+most of it, checked from the header before any byte of the body is read, and the shipped-name
+lookup, ``hf://`` addresses (downloaded by :mod:`l2l_optim.hub`) and the listing share that
+reader.)
 
 A weight file is a ``.safetensors`` file holding one coordinate-wise net's ``state_dict`` in
 float32 plus string metadata:
@@ -28,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import hashlib
+import inspect
 import json
+import math
 import os
 import struct
 import sys
@@ -55,7 +58,9 @@ __all__ = [
     "resolve_net",
     "list_weights",
     "weights_dirs",
-    "main",
+    "attach_metadata",
+    "source_metadata",
+    "MAX_HIDDEN_SIZE",
 ]
 
 FORMAT = "l2l-optim-weights/1"
@@ -66,6 +71,9 @@ _HF_PREFIX = "hf://"
 _RESERVED = ("format", "arch", "config", "package_version", "fingerprint")
 # safetensors itself refuses headers above 100 MB; a larger length means a corrupt file
 _MAX_HEADER = 100_000_000
+#: the largest ``hidden_size`` a weight file may ask for: 50x the shipped nets, and a 2-layer
+#: LSTM net of this size still fits in 40 MB
+MAX_HIDDEN_SIZE = 1024
 
 
 class WeightsError(ValueError):
@@ -210,25 +218,17 @@ def save_weights(
     return path
 
 
-def _read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, str], dict[str, dict]]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """Parse a safetensors header: (metadata, tensor entries). Reads only the header bytes."""
     try:
-        if data is None:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER:
-                    raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
-                raw = f.read(n)
-        else:
-            if len(data) < 8:
-                raise WeightsError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-            (n,) = struct.unpack("<Q", data[:8])
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+            (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
                 raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
-            raw = data[8 : 8 + n]
+            raw = f.read(n)
     except OSError as e:
         raise WeightsError(f"{path}: cannot read weight file ({e})") from e
     if len(raw) < n:
@@ -262,16 +262,56 @@ def _check_metadata(path: Path, meta: dict[str, str]) -> None:
         )
 
 
+def _check_config(path: Path, arch: str, config: Any) -> dict:
+    """Refuse a config the net's constructor would not get from us, before building anything.
+
+    Known keys only, each of its default's type, finite numbers and a bounded
+    ``hidden_size``: a config decides how much memory the net takes, and a file may come
+    from anywhere.
+    """
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: bad config: {config!r} is not a JSON object")
+    cls = get_architecture(arch).net_class
+    known = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
+    }
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise WeightsError(
+            f"{path}: bad config: unknown keys {unknown} for a {arch!r} net (known: {sorted(known)})"
+        )
+    for key, value in config.items():
+        default = known[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+        else:
+            ok = value is None or isinstance(value, type(default))
+        if not ok:
+            kind = "bool" if isinstance(default, bool) else f"finite {type(default).__name__}"
+            raise WeightsError(f"{path}: bad config: {key}={value!r} is not a {kind}")
+    hidden = config.get("hidden_size", known.get("hidden_size"))
+    if isinstance(hidden, int) and not 1 <= hidden <= MAX_HIDDEN_SIZE:
+        raise WeightsError(
+            f"{path}: bad config: hidden_size={hidden} is outside [1, {MAX_HIDDEN_SIZE}]"
+        )
+    return config
+
+
 def _load_file(path: Path, arch: str | None) -> LoadedWeights:
     from safetensors.torch import load as st_load
 
     if not path.is_file():
         raise WeightsError(f"{path}: no such weight file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
-    meta, entries = _read_header(path, data)
+    # the header alone first: a file that is not ours, or whose config or shapes are wrong,
+    # is refused without reading its body
+    meta, entries = _read_header(path)
     _check_metadata(path, meta)
     file_arch = meta["arch"]
     if file_arch not in ARCHITECTURES:
@@ -280,9 +320,13 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
         raise WeightsError(f"{path}: holds {file_arch!r} weights, but {arch!r} was requested")
     try:
         config = json.loads(meta["config"])
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-        net = build_net(file_arch, config)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
+    _check_config(path, file_arch, config)
+    try:
+        # on the meta device: shapes without memory, and no draw from the global RNG
+        with torch.device("meta"):
+            net = build_net(file_arch, config)
     except ValueError as e:
         raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
 
@@ -295,6 +339,7 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
             + (f"; missing {missing}" if missing else "")
             + (f"; unexpected {extra}" if extra else "")
         )
+    body = 0
     for key, entry in entries.items():
         if entry["dtype"] != "F32":
             raise WeightsError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, expected F32")
@@ -303,6 +348,18 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
                 f"{path}: tensor {key!r} has shape {list(entry['shape'])}, "
                 f"expected {list(expected[key].shape)}"
             )
+        body += 4 * expected[key].numel()
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        size = path.stat().st_size
+        if size != 8 + n + body:
+            raise WeightsError(
+                f"{path}: corrupted weight file ({size} bytes, the header describes {8 + n + body})"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weight file ({e})") from e
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own untyped error on corrupt bodies
@@ -310,7 +367,11 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise WeightsError(f"{path}: tensor {key!r} holds NaN or Inf")
-    net.load_state_dict(tensors, strict=True)
+    net = net.to_empty(device="cpu")
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: tensors do not fit the net ({e})") from None
     net.eval()
     fp = fingerprint(net)
     if fp != meta["fingerprint"]:
@@ -318,7 +379,55 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
             f"{path}: fingerprint mismatch (metadata says {meta['fingerprint']}, tensors give "
             f"{fp}); the file was modified or corrupted after it was written"
         )
+    attach_metadata(net, meta)
     return LoadedWeights(net=net, metadata=dict(meta), fingerprint=fp, path=path)
+
+
+# where a net keeps the metadata of the file (or fine-tuning run) its weights came from; an
+# instance attribute, so that copies and pickles of the net carry it
+_METADATA_ATTR = "_l2l_weights_metadata"
+
+
+def attach_metadata(net: CoordinatewiseNet, metadata: dict[str, Any]) -> None:
+    """Remember ``metadata`` (recipe, command, results, ...) as the provenance of ``net``'s weights.
+
+    :func:`source_metadata` gives it back while the weights are unchanged; values that are
+    not strings are stored as JSON, as in a weight file.
+
+    Args:
+        net: the net whose current weights the metadata describes.
+        metadata: string keys; reserved keys (format, arch, ...) are ignored.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> net = SimpleOptimizerNet()
+        >>> attach_metadata(net, {"seed": 3})
+        >>> source_metadata(net)
+        {'seed': '3'}
+    """
+    kept = {k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in metadata.items() if k not in _RESERVED}
+    setattr(net, _METADATA_ATTR, (fingerprint(net), kept))
+
+
+def source_metadata(net: CoordinatewiseNet) -> dict[str, str]:
+    """The metadata :func:`attach_metadata` stored with ``net``, if its weights are unchanged.
+
+    Returns:
+        The stored ``str -> str`` metadata; ``{"derived_from": <old fingerprint>}`` when the
+        weights changed since (the recipe and results no longer describe them); ``{}`` when
+        nothing was stored.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> source_metadata(SimpleOptimizerNet())
+        {}
+    """
+    stored = getattr(net, _METADATA_ATTR, None)
+    if stored is None:
+        return {}
+    fp, meta = stored
+    return dict(meta) if fp == fingerprint(net) else {"derived_from": fp}
 
 
 def weights_dirs() -> list[Path]:
@@ -367,27 +476,10 @@ def _download(source: str) -> Path:
     repo, revision = parts[1], None
     if "@" in repo:
         repo, revision = repo.split("@", 1)
-    repo_id = f"{parts[0]}/{repo}"
     filename = "/".join(parts[2:]) or DIR_FILENAME
-    hint = "use a shipped name (see `python -m l2l_optim weights`) or a local path instead"
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError(f"{source}: huggingface_hub is not installed; {hint}") from None
-    # read the variable at call time (the hub library reads it once, at import), so that
-    # offline mode set later is still honoured and never waits on the network
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        local = hf_hub_download(
-            repo_id, filename, revision=revision, local_files_only=offline, etag_timeout=10
-        )
-    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
-        why = "not in the local cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
-        raise WeightsError(
-            f"{source}: cannot get {filename!r} from the Hugging Face Hub repo {repo_id!r} "
-            f"({why}: {e}); {hint}"
-        ) from None
-    return Path(local)
+    from .hub import hub_download  # imported here: the hub module imports this one
+
+    return hub_download(f"{parts[0]}/{repo}", filename, revision=revision)
 
 
 def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> LoadedWeights:
@@ -434,6 +526,18 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
     return _load_file(path, arch)
 
 
+def _result_net(obj: Any) -> CoordinatewiseNet | None:
+    """The net of a :class:`~l2l_optim.finetune.FinetuneResult` or ``MetaFitResult``, else None."""
+    # looked up, not imported: an object of a class whose module was never imported cannot
+    # be an instance of it, and importing l2l_optim.finetune would make the package's
+    # ``finetune`` attribute the module instead of the function
+    for module, name in (("l2l_optim.finetune", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(obj, cls):
+            return obj.net
+    return None
+
+
 def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
     """A private copy of the net that ``weights`` names, and a short description of it.
 
@@ -442,9 +546,11 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
 
     Args:
         weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
-            address (all via :func:`load_weights`), a :class:`LoadedWeights`, or a
-            :class:`~l2l_optim.nets.CoordinatewiseNet` (deep-copied, so later changes to it
-            do not reach the copy).
+            address (all via :func:`load_weights`), a :class:`LoadedWeights`, a
+            :class:`~l2l_optim.nets.CoordinatewiseNet`, or the result of
+            :func:`~l2l_optim.finetune.finetune` or :func:`~l2l_optim.meta.meta_fit`
+            (nets and results are deep-copied, so later changes to them do not reach the
+            copy).
         arch: if given, the architecture the net must have.
 
     Returns:
@@ -452,9 +558,13 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         ``"simple (3f2a...)"``, for logs and metadata.
 
     Raises:
-        TypeError: ``weights`` has an unsupported type (a result object of ``meta_fit`` or
-            ``finetune`` gets a hint to pass its ``.net``).
+        TypeError: ``weights`` has an unsupported type.
         ValueError: the net is not of architecture ``arch`` (:class:`WeightsError` for files).
+
+    Example:
+        >>> net, description = resolve_net("simple", arch="simple")  # doctest: +SKIP
+        >>> net.num_parameters()  # doctest: +SKIP
+        132
     """
     if isinstance(weights, CoordinatewiseNet):
         net, source = copy.deepcopy(weights), "net"
@@ -462,79 +572,14 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         net, source = copy.deepcopy(weights.net), str(weights.path)
     elif isinstance(weights, (str, os.PathLike)):
         net, source = load_weights(weights, arch=arch).net, os.fspath(weights)
+    elif isinstance(result_net := _result_net(weights), CoordinatewiseNet):
+        net, source = copy.deepcopy(result_net), type(weights).__name__
     else:
-        hint = ""
-        if isinstance(getattr(weights, "net", None), CoordinatewiseNet):
-            hint = "; pass its .net (weights=result.net)"
         raise TypeError(
-            "weights must be a shipped name, a path, an hf:// address, LoadedWeights or a "
-            f"CoordinatewiseNet, got {type(weights).__name__}{hint}"
+            "weights must be a shipped name, a path, an hf:// address, LoadedWeights, a "
+            f"CoordinatewiseNet or a finetune / meta_fit result, got {type(weights).__name__}"
         )
     if arch is not None and net.arch != arch:
         wanted = get_architecture(arch).net_class.__name__
         raise ValueError(f"needs {wanted} weights, got {type(net).__name__}")
     return net, f"{source} ({fingerprint(net)})"
-
-
-def _num_params(entries: dict[str, dict]) -> int:
-    total = 0
-    for entry in entries.values():
-        n = 1
-        for s in entry["shape"]:
-            n *= int(s)
-        total += n
-    return total
-
-
-# the recipe fields worth a glance in the table, in order (MetaFitConfig names; "loss" is
-# what older files call meta_loss)
-_RECIPE_FIELDS = ("task", "meta_loss", "loss", "trajectories", "steps", "unroll", "meta_lr", "init", "seed")
-
-
-def _recipe_summary(recipe: str, width: int = 60) -> str:
-    try:
-        parsed = json.loads(recipe)
-    except json.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        picked = [f"{k}={parsed[k]}" for k in _RECIPE_FIELDS if k in parsed]
-        if parsed.get("net_config"):
-            picked.insert(0, _config_json(parsed["net_config"]))
-        recipe = " ".join(picked) if picked else recipe
-    return recipe if len(recipe) <= width else recipe[: width - 3] + "..."
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m l2l_optim weights``: print a table of the shipped weights."""
-    parser = argparse.ArgumentParser(
-        prog="l2l-optim weights", description="List the shipped meta-optimizer weights."
-    )
-    parser.add_argument("--json", action="store_true", help="print name -> metadata as JSON")
-    args = parser.parse_args(argv)
-    shipped = _shipped()
-    if args.json:
-        print(json.dumps(list_weights(), indent=2, sort_keys=True))
-        return 0
-    if not shipped:
-        dirs = [str(d) for d in weights_dirs()] or ["(no weights directory found)"]
-        print(f"no shipped weights in {', '.join(dirs)}")
-        return 0
-    rows = [("name", "arch", "params", "fingerprint", "recipe")]
-    for name, path in sorted(shipped.items()):
-        try:
-            meta, entries = _read_header(path)
-            recipe = _recipe_summary(meta.get("recipe", ""))
-            rows.append(
-                (name, meta.get("arch", "?"), str(_num_params(entries)),
-                 meta.get("fingerprint", "?"), recipe)
-            )
-        except WeightsError as e:
-            rows.append((name, "?", "?", "?", f"error: {e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

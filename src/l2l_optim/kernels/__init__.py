@@ -23,7 +23,6 @@ the public entry point that picks a path and folds the net.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from ._common import compute_dtype
@@ -41,19 +40,29 @@ __all__ = [
 IMPLS = ("auto", "reference", "cpu", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_available(warn: bool) -> bool:
-    from . import cpu
+# whether the C++ kernel loads, once known; a plain global (no lru_cache, no lock), so that
+# torch.compile reads it as a constant instead of breaking the graph
+_CPU_OK: bool | None = None
+_WARNED = False
 
-    ok = cpu.is_available()
-    if not ok and warn:
+
+def _cpu_available(warn: bool) -> bool:
+    global _CPU_OK, _WARNED
+    if _CPU_OK is None:
+        from . import cpu
+
+        _CPU_OK = cpu.is_available()
+    if not _CPU_OK and warn and not _WARNED:
+        from . import cpu
+
+        _WARNED = True
         warnings.warn(
-            f"l2l_optim: fused CPU kernel unavailable ({cpu.build_error()}); "
-            "using the slower reference update (impl='reference').",
+            f"l2l_optim: fused CPU kernel unavailable ({cpu.build_error()}); using the slower "
+            "reference update",
             RuntimeWarning,
             stacklevel=4,
         )
-    return ok
+    return _CPU_OK
 
 
 def _triton_importable() -> bool:
@@ -89,8 +98,7 @@ def resolve_impl(impl: str, device_type: str) -> str:
             from . import cpu
 
             raise RuntimeError(
-                f"impl='cpu' is unavailable: the C++ extension could not be built "
-                f"({cpu.build_error()}); it needs a C++ compiler with OpenMP and ninja. "
+                f"impl='cpu' is unavailable: {cpu.build_error()}; {cpu.build_advice()}. "
                 "Use impl='auto' (falls back to the reference) or impl='reference'."
             )
     elif impl == "triton":

@@ -249,4 +249,8 @@ def packed_weights(
     def pack() -> Tensor:
         return torch.cat([t.reshape(-1) for t in fold()]).contiguous()
 
+    if torch.compiler.is_compiling():
+        # inside a compiled step the fold is a few traced ops, and the cache's lock and
+        # id-based keys are what a graph cannot hold
+        return pack() if flat else fold()
     return CACHE.get(key + (device, dtype, flat), pack if flat else fold, keep=(weights, sources))

@@ -25,9 +25,11 @@ Compute precision is that of the reference: float64 for float64 parameters, floa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import platform
+import re
 import threading
 from pathlib import Path
 
@@ -41,6 +43,7 @@ __all__ = [
     "simple_update_cpu",
     "is_available",
     "build_error",
+    "build_advice",
     "load_extension",
     "CFLAGS",
 ]
@@ -54,7 +57,15 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _ext = None
 _error: str | None = None
+_advice: str | None = None
 _tried = False
+
+_COMPILER_ADVICE = "it needs a C++ compiler with OpenMP and ninja (torch.utils.cpp_extension)"
+# the lines of a failed build that say why; everything else is the echoed command line
+_CAUSE = re.compile(
+    r"not found|No such file|Permission denied|Read-only file system|error:|cannot|undefined reference",
+    re.IGNORECASE,
+)
 
 
 def _cpu_fingerprint() -> str:
@@ -80,13 +91,14 @@ def _extension_name() -> str:
 def _build():
     import logging
 
-    from torch.utils import cpp_extension
-
-    # cpp_extension logs "No CUDA runtime is found" on CPU-only machines; not our business
+    # cpp_extension logs "No CUDA runtime is found" when it is imported on a CPU-only
+    # machine: the CPU kernel does not need CUDA, so the level is raised before the import
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
+        from torch.utils import cpp_extension
+
         cpp_extension.load(
             name=_extension_name(),
             sources=[str(SOURCE)],
@@ -97,38 +109,86 @@ def _build():
         )
     finally:
         log.setLevel(level)
+    _register_fake()
     return torch.ops.l2l_optim_cpu
+
+
+def _register_fake() -> None:
+    """Shape-only versions of the ops, which torch.compile traces instead of running them.
+
+    The update mutates its inputs in place (the schema says so) and returns nothing, so its
+    fake version does nothing; with it a compiled ``opt.step()`` holds the kernel call as
+    one opaque op instead of breaking the graph around it.
+    """
+    lib = "l2l_optim_cpu"
+    try:
+        torch.library.register_fake(f"{lib}::simple_update")(
+            lambda params, grads, hiddens, lrs, weights, skip: None
+        )
+        torch.library.register_fake(f"{lib}::tanh")(lambda x: torch.empty_like(x))
+    except RuntimeError as e:
+        if "already has" not in str(e):  # a second load in the same process
+            raise
+
+
+def _explain(e: BaseException) -> tuple[str, str]:
+    """``(cause, advice)`` for a failed build: one short line each, the cause kept verbatim.
+
+    A directory that cannot be written (read-only cache, no permission) is an OSError from
+    the build-directory setup or its lock file; a missing compiler or a compile error is a
+    RuntimeError whose text echoes the whole command line before the line that says why.
+    """
+    chain, cur = [], e
+    while cur is not None and len(chain) < 5:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for err in chain:
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f" {err.filename}" if err.filename else ""
+            return (f"cannot write the extension cache ({err.strerror}:{where})",
+                    "set TORCH_EXTENSIONS_DIR to a writable directory")
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Ninja is required" in text:
+        return "ninja is not installed", "pip install ninja, and a C++ compiler with OpenMP"
+    for line in lines:
+        if _CAUSE.search(line) and " -c " not in line and not line.startswith(("[", "FAILED:")):
+            line = re.sub(r"^/bin/\w*sh: (\d+: )?", "", line)  # the shell's prefix
+            return line[:160], _COMPILER_ADVICE
+    first = lines[0] if lines else type(e).__name__
+    return f"{type(e).__name__}: {first[:160]}", _COMPILER_ADVICE
 
 
 def load_extension():
     """Build (first call) or load (cached) the extension; return ``torch.ops.l2l_optim_cpu``.
 
-    Raises RuntimeError when it cannot be built or loaded.
-
     The outcome is remembered for the process: a failed build is not retried.
+
+    Returns:
+        The ``torch.ops.l2l_optim_cpu`` namespace.
+
+    Raises:
+        RuntimeError: the extension cannot be built or loaded; the message gives the cause
+            (:func:`build_error`) and what to do (:func:`build_advice`).
     """
-    global _ext, _error, _tried
+    global _ext, _error, _advice, _tried
+    if _ext is not None:  # the common case takes no lock (and torch.compile traces through)
+        return _ext
     with _lock:
         if not _tried:
             _tried = True
             if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
                 _error = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+                _advice = f"unset {DISABLE_ENV} to use it"
             else:
                 try:
                     _ext = _build()
                 except Exception as e:  # noqa: BLE001 - any build/load failure means "unavailable"
-                    msg = str(e).strip().splitlines()
-                    _error = f"{type(e).__name__}: {msg[0] if msg else ''}".strip()
-                    # the compiler's first error line is the useful one
-                    for line in msg:
-                        if "error" in line.lower() and line.strip() != (msg[0] if msg else ""):
-                            _error += f" ({line.strip()[:200]})"
-                            break
+                    _error, _advice = _explain(e)
         if _ext is None:
             raise RuntimeError(
-                "the fused CPU kernel of l2l_optim (impl='cpu') is unavailable: "
-                f"{_error}. It needs a C++ compiler with OpenMP and ninja "
-                "(torch.utils.cpp_extension); use impl='reference' or impl='auto'."
+                f"the fused CPU kernel of l2l_optim (impl='cpu') is unavailable: {_error}; "
+                f"{_advice}. Use impl='reference' or impl='auto'."
             )
         return _ext
 
@@ -143,8 +203,13 @@ def is_available() -> bool:
 
 
 def build_error() -> str | None:
-    """Why the extension is unavailable (None if it loaded or was not tried yet)."""
+    """Why the extension is unavailable, in one short line (None if it loaded or was not tried)."""
     return _error
+
+
+def build_advice() -> str | None:
+    """What would make the extension available (None if it loaded or was not tried yet)."""
+    return _advice
 
 
 def simple_update_cpu(

@@ -46,8 +46,13 @@ def simple_update_reference(
     H = weights.w_ih.numel()
     check_inputs("reference", params, grads, hiddens, lrs, H)
     done, skip = split_skip(skip)
-    if done or (skip is not None and bool(skip)):
+    if done:
         return
+    if skip is not None and not torch.compiler.is_compiling():
+        # eager: read the flag once; a compiled graph cannot, so it masks the writes instead
+        if bool(skip):
+            return
+        skip = None
     new_hiddens = []
     total = torch.zeros(H, dtype=torch.float64)
     count = 0
@@ -68,5 +73,7 @@ def simple_update_reference(
         shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
         update = w.w_a @ h_new + shared + w.b_out
         p_new = p.to(cd) + lr * update.reshape(p.shape)
+        if skip is not None:
+            p_new, h_new = torch.where(skip, p, p_new), torch.where(skip, h, h_new)
         p.copy_(p_new)
         h.copy_(h_new)

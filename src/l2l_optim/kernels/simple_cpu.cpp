@@ -621,12 +621,18 @@ at::Tensor kernel_tanh(const at::Tensor& x) {
 int64_t num_threads() { return at::get_num_threads(); }
 
 // Registered as torch.ops.l2l_optim_cpu.*; the schema marks params and hiddens as mutated.
+// The tensor ops are CPU kernels, not catch-all ones, so that cpu.py can register the
+// shape-only (fake) versions torch.compile traces.
 TORCH_LIBRARY(l2l_optim_cpu, m) {
   m.def(
       "simple_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] hiddens, float[] lrs, "
-      "Tensor weights, Tensor? skip) -> ()",
-      &simple_update);
+      "Tensor weights, Tensor? skip) -> ()");
   m.def("block_size() -> int", &block_size);
   m.def("num_threads() -> int", &num_threads);
-  m.def("tanh(Tensor x) -> Tensor", &kernel_tanh);
+  m.def("tanh(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(l2l_optim_cpu, CPU, m) {
+  m.impl("simple_update", &simple_update);
+  m.impl("tanh", &kernel_tanh);
 }

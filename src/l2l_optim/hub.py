@@ -1,0 +1,524 @@
+"""The Hugging Face Hub: ``save_pretrained``, ``from_pretrained`` and ``push_to_hub``.
+
+A Hub repo (or a local directory) of l2l-optim weights holds two files:
+
+* ``weights.safetensors``: one net's weights and metadata, the format of
+  :mod:`l2l_optim.weights` (safetensors only: nothing in the repo is unpickled);
+* ``README.md``: a model card with YAML front matter (library name, license, tags) and the
+  meta-training or fine-tuning recipe, the measured results and the commands that produced
+  them, read from the weights' metadata.
+
+The optimizers get these methods from :class:`HubMixin`; a
+:class:`~l2l_optim.finetune.FinetuneResult` has ``save_pretrained`` and ``push_to_hub`` too.
+Nothing here touches the network unless it is given a Hub repo id: a local directory is
+read as is, and a repo already in the local cache loads with ``HF_HUB_OFFLINE=1``.
+
+Example:
+    >>> import torch
+    >>> from l2l_optim import SimpleOptimizer
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = SimpleOptimizer(model.parameters())
+    >>> path = opt.save_pretrained("/tmp/my-optimizer")
+    >>> again = SimpleOptimizer.from_pretrained("/tmp/my-optimizer", model.parameters())
+    >>> again.meta_fingerprint == opt.meta_fingerprint
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .nets import CoordinatewiseNet
+from .registry import get_architecture
+from .weights import (
+    _SUFFIX,
+    DIR_FILENAME,
+    LoadedWeights,
+    WeightsError,
+    fingerprint,
+    load_weights,
+    save_weights,
+    source_metadata,
+)
+
+__all__ = [
+    "CARD_FILENAME",
+    "HubMixin",
+    "save_pretrained",
+    "load_pretrained",
+    "push_to_hub",
+    "model_card",
+    "hub_download",
+    "check_hub_filename",
+]
+
+CARD_FILENAME = "README.md"
+_LIBRARY = "l2l-optim"
+# measured values a weight file may carry, with what they mean, in card order
+_RESULTS = {
+    "selected_eval_loss": "held-out evaluation loss of the selected net",
+    "init_eval_loss": "held-out evaluation loss of the starting point",
+    "final_optimizee_loss_last5": "final optimizee training loss, mean of the last 5 trajectories",
+    "final_meta_loss": "meta-loss of the last trajectory",
+    "selected_trajectory": "trajectory the saved net was selected after",
+}
+
+
+# ------------------------------------------------------------------------ downloading
+
+_HINT = "use a shipped name (see `l2l-optim info`) or a local path instead"
+
+
+def _offline() -> bool:
+    # the variable is read at call time too (the hub library reads it once, at import), so
+    # that offline mode set later is still honoured and never waits on the network
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# seconds to wait for a TCP connection to the Hub before taking it as unreachable
+_PROBE_TIMEOUT = 3.0
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within a few seconds.
+
+    The hub library retries a failed connection five times with back-off (about 25 s); one
+    short probe first turns "no network" into the local-cache-only path at once. With a
+    proxy configured the probe would test the wrong route, so the library decides.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None, offline: bool) -> str:
+    """Why a Hub download failed, in words, from the exception the hub library raised."""
+    from huggingface_hub import utils as hf
+
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(e, hf.HFValidationError):
+        return f"invalid repo id {repo_id!r} ({e})"
+    if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base
+        if offline:
+            return f"{filename!r} of {repo_id!r}{at} is not in the local cache and HF_HUB_OFFLINE is set"
+        return (f"the Hub cannot be reached and {filename!r} of {repo_id!r}{at} is not in the "
+                "local cache")
+    if isinstance(e, hf.GatedRepoError):
+        return f"{repo_id!r} is gated: accept its conditions on the Hub and log in (`hf auth login`)"
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return f"no repo {repo_id!r} on the Hub (or it is private: log in with `hf auth login`)"
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"no revision {revision!r} in the Hub repo {repo_id!r}"
+    if isinstance(e, hf.EntryNotFoundError):
+        return f"no file {filename!r} in the Hub repo {repo_id!r}{at}"
+    return f"{type(e).__name__}: {e}"
+
+
+def check_hub_filename(filename: str) -> None:
+    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo."""
+    parts = filename.split("/")
+    if (not filename.endswith(_SUFFIX) or "\\" in filename
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(
+            f"invalid filename {filename!r}: weights on the Hub are .safetensors files "
+            "inside the repo (no '..', no empty path parts)"
+        )
+
+
+def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | None = None) -> Path:
+    """One file of a Hugging Face Hub repo, from the local cache or downloaded into it.
+
+    ``HF_HUB_OFFLINE=1`` uses the cache only; ``HF_HUB_CACHE``, when set, names the cache
+    directory. Both are read at call time. When the Hub cannot be reached within a few
+    seconds, the cache is used as if offline, so that no network fails fast too.
+
+    Args:
+        repo_id: ``"<owner>/<repo>"``.
+        filename: a ``.safetensors`` path inside the repo.
+        revision: a branch, tag or commit (default: the main branch).
+
+    Returns:
+        The local path of the file.
+
+    Raises:
+        WeightsError: an invalid repo id or filename, no such repo, revision or file, no
+            network and nothing cached, or ``huggingface_hub`` is not installed; the message
+            says which.
+
+    Example:
+        >>> hub_download("someone/their-optimizer")  # doctest: +SKIP
+        PosixPath('.../snapshots/.../weights.safetensors')
+    """
+    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
+    try:
+        check_hub_filename(filename)
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"{where}: huggingface_hub is not installed; {_HINT}") from None
+    offline = _offline()
+    local_only = offline or not _hub_reachable()
+    try:
+        local = hf_hub_download(
+            repo_id, filename, revision=revision, local_files_only=local_only,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None, etag_timeout=10,
+        )
+    except Exception as e:  # the hub raises many types (HTTP, offline, not found, ...)
+        raise WeightsError(
+            f"{where}: cannot get it from the Hugging Face Hub: "
+            f"{_hub_error(e, repo_id, filename, revision, offline)}; {_HINT}"
+        ) from None
+    return Path(local)
+
+
+# ------------------------------------------------------------------------ model cards
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        return value
+
+
+def model_card(net: CoordinatewiseNet, metadata: dict[str, str], *, repo_id: str | None = None) -> str:
+    """The ``README.md`` of a weights repo: YAML front matter, then what the weights are.
+
+    Args:
+        net: the net the card describes.
+        metadata: the weights' metadata (recipe, command, results, fine-tuning settings and
+            log), as stored in a weight file.
+        repo_id: the Hub repo, used in the usage example (default: a local directory).
+
+    Returns:
+        The card's text.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> model_card(SimpleOptimizerNet(), {}).splitlines()[1]
+        'library_name: l2l-optim'
+    """
+    from . import __version__
+
+    arch = get_architecture(net.arch)
+    fp = fingerprint(net)
+    tags = [_LIBRARY, "learned-optimizer", "meta-learning", "optimizer", "pytorch", f"l2l-optim-{net.arch}"]
+    finetune = _json_or_text(metadata["finetune"]) if "finetune" in metadata else None
+    if isinstance(finetune, dict):
+        tags.append("fine-tuned")
+    front = [
+        "---",
+        f"library_name: {_LIBRARY}",
+        "license: apache-2.0",
+        "tags:",
+        *(f"- {t}" for t in tags),
+        "---",
+    ]
+    where = repo_id or "path/to/this/directory"
+    body = [
+        "",
+        f"# {arch.optimizer_name} meta-weights" + (f": {repo_id}" if repo_id else ""),
+        "",
+        "A learned optimizer for PyTorch from l2l-optim (`pip install l2l-optim`): the coordinate-wise net of "
+        f"`{arch.optimizer_name}` (`{type(net).__name__}`), {net.num_parameters()} meta-trained "
+        "parameters, stored as safetensors.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{net.arch}`, config `{json.dumps(net.config, sort_keys=True)}` |",
+        f"| parameters | {net.num_parameters()} |",
+        f"| fingerprint | `{fp}` |",
+        f"| written by | l2l-optim {__version__} |",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        f"from l2l_optim import {arch.optimizer_name}",
+        "",
+        f'opt = {arch.optimizer_name}.from_pretrained("{where}", model.parameters())',
+        "```",
+        "",
+        "The update is applied as meta-trained with `lr=1.0`; schedulers and per-group `lr` "
+        "scale it.",
+    ]
+    recipe = _json_or_text(metadata["recipe"]) if "recipe" in metadata else None
+    if recipe is not None or "command" in metadata:
+        body += ["", "## Meta-training recipe", ""]
+        if "command" in metadata and metadata["command"]:
+            body += ["Command:", "", "```", metadata["command"], "```", ""]
+        if recipe is not None:
+            body += ["```json", json.dumps(recipe, indent=2, sort_keys=True), "```"]
+    if isinstance(finetune, dict):
+        body += ["", "## Fine-tuning", "",
+                 "Fine-tuned with `l2l_optim.finetune` from "
+                 f"`{finetune.get('base_weights', 'unknown weights')}`; settings:", "",
+                 "```json", json.dumps(finetune, indent=2, sort_keys=True), "```"]
+    results = [(label, metadata[key]) for key, label in _RESULTS.items() if metadata.get(key) not in (None, "null")]
+    log = _json_or_text(metadata["finetune_log"]) if "finetune_log" in metadata else None
+    body += ["", "## Results", ""]
+    if results:
+        body += ["Measured during meta-training (command above):", "", "| measure | value |", "|---|---|"]
+        body += [f"| {label} | {value} |" for label, value in results]
+    if isinstance(log, list) and log:
+        body += ([""] if results else []) + ["Fine-tuning trajectories (settings above):", "",
+                 "| trajectory | initial loss | final loss | target | reached |", "|---|---|---|---|---|"]
+        for e in log:
+            body.append(
+                f"| {e.get('trajectory')} | {e.get('initial_loss', float('nan')):.4g} | "
+                f"{e.get('final_avg_loss', float('nan')):.4g} | {e.get('target', float('nan')):.4g} | "
+                f"{'yes' if e.get('reached_target') else 'no'} |"
+            )
+    if not results and not (isinstance(log, list) and log):
+        body.append("No measured results travel with these weights.")
+    if "derived_from" in metadata:
+        body += ["", f"These weights were changed after they were loaded from weights with fingerprint "
+                     f"`{metadata['derived_from']}`; that file's recipe does not describe them."]
+    return "\n".join(front + body) + "\n"
+
+
+def save_pretrained(
+    net: CoordinatewiseNet,
+    save_directory: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write ``weights.safetensors`` and a ``README.md`` model card into ``save_directory``.
+
+    Args:
+        net: the net to save.
+        save_directory: the directory (created if missing; existing files of these two
+            names are replaced, each atomically).
+        metadata: the weights' metadata (default: what :func:`~l2l_optim.weights.source_metadata`
+            knows about ``net``).
+        repo_id: the Hub repo the card's usage example names.
+
+    Returns:
+        The directory.
+
+    Raises:
+        TypeError: ``net`` is not a CoordinatewiseNet.
+        ValueError: ``save_directory`` is an existing file.
+
+    Example:
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> sorted(p.name for p in save_pretrained(SimpleOptimizerNet(), "/tmp/s").iterdir())
+        ['README.md', 'weights.safetensors']
+    """
+    if not isinstance(net, CoordinatewiseNet):
+        raise TypeError(f"save_pretrained needs a CoordinatewiseNet, got {type(net).__name__}")
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained: {directory} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = dict(source_metadata(net) if metadata is None else metadata)
+    path = save_weights(net, directory / DIR_FILENAME, metadata=meta)
+    stored = load_weights(path).metadata  # the card describes what the file holds
+    card = model_card(net, stored, repo_id=repo_id)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILENAME}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(card)
+        os.replace(tmp, directory / CARD_FILENAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return directory
+
+
+def load_pretrained(
+    repo_id_or_dir: str | os.PathLike, *, arch: str | None = None, revision: str | None = None
+) -> LoadedWeights:
+    """The weights of a local directory or a Hub repo written by :func:`save_pretrained`.
+
+    A local directory wins over a repo id spelled the same. A repo id is looked up in the
+    local Hugging Face cache first and downloaded only when missing; ``HF_HUB_OFFLINE=1``
+    never touches the network.
+
+    Args:
+        repo_id_or_dir: a directory holding ``weights.safetensors``, or ``"<owner>/<name>"``.
+        arch: if given, the architecture the weights must have.
+        revision: a branch, tag or commit of the Hub repo (default: main); not allowed
+            with a local directory.
+
+    Returns:
+        The verified :class:`~l2l_optim.weights.LoadedWeights`.
+
+    Raises:
+        WeightsError: no such directory or repo, offline with nothing cached, or weights
+            that fail validation or are of another architecture; the message says which.
+
+    Example:
+        >>> load_pretrained("someone/their-optimizer", arch="simple")  # doctest: +SKIP
+    """
+    if not isinstance(repo_id_or_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"from_pretrained needs a directory or a Hub repo id, got {type(repo_id_or_dir).__name__}"
+        )
+    local = Path(repo_id_or_dir).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise WeightsError(f"{local}: a local directory has no revision (got revision={revision!r})")
+        return load_weights(local / DIR_FILENAME, arch=arch)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = os.fspath(repo_id_or_dir)
+    try:
+        if isinstance(repo_id_or_dir, os.PathLike) or name.startswith((".", "/", "~")):
+            raise HFValidationError("a path")
+        validate_repo_id(name)
+        if name.count("/") != 1:
+            raise HFValidationError("not <owner>/<name>")
+    except HFValidationError:
+        raise WeightsError(
+            f"{name}: no such directory, and not a Hugging Face Hub repo id (<owner>/<name>)"
+        ) from None
+    return load_weights(hub_download(name, DIR_FILENAME, revision=revision), arch=arch)
+
+
+def push_to_hub(
+    net: CoordinatewiseNet,
+    repo_id: str,
+    *,
+    metadata: dict[str, Any] | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> Any:
+    """Save ``net`` as :func:`save_pretrained` does and upload both files to a Hub repo.
+
+    The repo is created if it does not exist. Only ``weights.safetensors`` and ``README.md``
+    are uploaded.
+
+    Args:
+        net: the net to upload.
+        repo_id: ``"<owner>/<name>"``.
+        metadata: as in :func:`save_pretrained`.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: a Hub token (default: the one ``hf auth login`` stored).
+        revision: the branch to commit to (default: main).
+        commit_message: the commit message (default: names the architecture and fingerprint).
+
+    Returns:
+        The ``huggingface_hub`` commit info of the upload.
+
+    Raises:
+        WeightsError: the repo cannot be created or written (no token, no network, no rights).
+
+    Example:
+        >>> push_to_hub(opt.net, "me/my-optimizer")  # doctest: +SKIP
+    """
+    from huggingface_hub import HfApi
+
+    message = commit_message or f"l2l-optim {net.arch} weights {fingerprint(net)}"
+    with tempfile.TemporaryDirectory(prefix="l2l-optim-push-") as folder:
+        save_pretrained(net, folder, metadata=metadata, repo_id=repo_id)
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
+                allow_patterns=[DIR_FILENAME, CARD_FILENAME],
+            )
+        except Exception as e:  # the hub raises many types (HTTP, auth, offline, validation)
+            raise WeightsError(f"push_to_hub: cannot upload to {repo_id!r} ({type(e).__name__}: {e})") from None
+
+
+class HubMixin:
+    """``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` for the learned optimizers.
+
+    Mixed into :class:`~l2l_optim.optimizer.LearnedOptimizer`; the weights are the
+    optimizer's meta-weights (``self.net``), not its state or options.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls, repo_id_or_dir: str | os.PathLike, params, *, revision: str | None = None, **optimizer_kwargs
+    ):
+        """An optimizer over ``params`` with the meta-weights of a directory or Hub repo.
+
+        Args:
+            repo_id_or_dir: a directory written by :meth:`save_pretrained`, or a Hub repo id
+                (see :func:`load_pretrained`).
+            params: the parameters or parameter groups, as for the constructor.
+            revision: a branch, tag or commit of the Hub repo.
+            **optimizer_kwargs: any other constructor option (``lr``, ``weight_decay``, ...).
+
+        Returns:
+            The optimizer. Called on ``LearnedOptimizer`` itself, it is the class the
+            weights' architecture uses (``SimpleOptimizer`` for ``simple`` weights, ...).
+
+        Raises:
+            WeightsError: as :func:`load_pretrained` (missing, offline miss, invalid, or
+                weights of another architecture).
+            TypeError: ``weights=`` was passed too.
+
+        Example:
+            >>> opt = SimpleOptimizer.from_pretrained("me/my-optimizer", model.parameters())  # doctest: +SKIP
+        """
+        if "weights" in optimizer_kwargs:
+            raise TypeError("from_pretrained takes the weights from repo_id_or_dir; do not pass weights=")
+        required = getattr(cls, "_required_arch", None)
+        loaded = load_pretrained(repo_id_or_dir, arch=required, revision=revision)
+        target = cls if required is not None else get_architecture(loaded.net.arch).optimizer_class
+        if not issubclass(target, cls):  # a subclass of LearnedOptimizer with its own rules
+            target = cls
+        return target(params, weights=loaded, **optimizer_kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+        """Write the meta-weights and a model card into ``save_directory``.
+
+        Args:
+            save_directory: the directory (created if missing).
+            repo_id: the Hub repo the card's usage example names.
+
+        Returns:
+            The directory.
+
+        Raises:
+            ValueError: ``save_directory`` is an existing file.
+
+        Example:
+            >>> opt.save_pretrained("my-optimizer")  # doctest: +SKIP
+        """
+        return save_pretrained(self.net, save_directory, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        """Upload the meta-weights and a model card to a Hub repo (see :func:`push_to_hub`).
+
+        Args:
+            repo_id: ``"<owner>/<name>"``.
+            **kwargs: ``private``, ``token``, ``revision``, ``commit_message``.
+
+        Returns:
+            The commit info of the upload.
+
+        Raises:
+            WeightsError: the upload failed.
+
+        Example:
+            >>> opt.push_to_hub("me/my-optimizer")  # doctest: +SKIP
+        """
+        return push_to_hub(self.net, repo_id, **kwargs)
