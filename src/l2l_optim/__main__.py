@@ -5,6 +5,7 @@ Commands:
     bench       step-time benchmark (l2l_optim.bench)
     reproduce   the paper's experiments (l2l_optim.repro)
     weights     list the shipped weights and their metadata
+    eval        the validation suite: learned optimizer vs tuned Adam and SGD (l2l_optim.evaluate)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "bench": "l2l_optim.bench",
     "reproduce": "l2l_optim.repro.cli",
     "weights": "l2l_optim.weights",
+    "eval": "l2l_optim.evaluate",
 }
 
 
