@@ -193,6 +193,10 @@ def test_cache_invalidated_by_config_steps_and_torch(tmp_path, no_shipped, count
     count_runs.clear()
     _evaluate(sgd_like(), tmp_path, steps=60)  # longer than the cached runs
     assert len(count_runs) == 2 * len(ev.EVAL_LRS) + 1 and {c[1] for c in count_runs} == {60}
+    count_runs.clear()  # a longer run is needed even where the horizons are covered
+    ev.baseline_entry(tiny_task(), steps=20, seed=5, horizons=[10], cache_dir=tmp_path)
+    ev.baseline_entry(tiny_task(), steps=40, seed=5, horizons=[10], cache_dir=tmp_path)
+    assert [c[1] for c in count_runs] == [20] * len(ev.EVAL_LRS) * 2 + [40] * len(ev.EVAL_LRS) * 2
     count_runs.clear()
     monkeypatch.setattr(torch, "__version__", "99.1.0")
     _evaluate(sgd_like(), tmp_path)
