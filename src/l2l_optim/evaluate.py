@@ -159,10 +159,6 @@ def shipped_baselines() -> list[Path]:
     return [p for d in weights_dirs() if (p := d / "validation" / "baselines.json").is_file()]
 
 
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2l_optim" / "eval"
-
-
 def _read_entries(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -205,19 +201,20 @@ def baseline_entry(task: SuiteTask, *, steps: int, seed: int, horizons: Sequence
         progress: print one line per computed run to stderr.
 
     Returns:
-        ``{"task", "config", "seed", "initial_loss", "runs": {opt: {lr: record}}}``, each
+        ``{"task", "config", "seed", "torch", "initial_loss", "runs": {opt: {lr: record}}}``, each
         record holding its ``steps``, ``tails`` (horizon -> final loss, None if diverged),
         ``curve``, ``diverged_at``, ``skipped`` and ``seconds``.
     """
     key = cache_key(task, seed, lrs)
-    cache_path = Path(cache_dir or _default_cache_dir()) / "baselines.json"
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2l_optim" / "eval"
+    cache_path = Path(cache_dir or default) / "baselines.json"
     found = [e for path in [*shipped_baselines(), cache_path] if (e := _read_entries(path).get(key))]
     for e in found:  # the shipped file first
         if not _missing(e, steps, horizons, lrs):
             return e
     # resume from the most complete entry, or start one
     entry = min(found, key=lambda e: len(_missing(e, steps, horizons, lrs)), default=None) or {
-        "task": task.name, "config": task.config, "seed": seed,
+        "task": task.name, "config": task.config, "seed": seed, "torch": torch.__version__,
         "initial_loss": _initial_loss(task, seed), "runs": {o: {} for o in _BASELINES}}
     for opt_name, lr_key in sorted(_missing(entry, steps, horizons, lrs), key=lambda m: (m[0], -float(m[1]))):
         old = entry["runs"][opt_name].get(lr_key, {"steps": 0, "tails": {}})
@@ -240,13 +237,18 @@ def baseline_entry(task: SuiteTask, *, steps: int, seed: int, horizons: Sequence
 
 @dataclass
 class TaskResult:
-    """One task at one horizon (losses averaged over seeds; inf where a run diverged).
+    """One task at one horizon. Losses are final losses averaged over seeds, inf where a
+    run diverged before the horizon.
 
     Attributes:
-        ratio: ``learned / min(adam_loss, sgd_loss)``; NaN when no baseline is finite.
+        initial_loss: the initial model's mean loss over the first 10 batches.
+        adam_lr, adam_loss, sgd_lr, sgd_loss: the best learning rate and its final loss.
+        learned_loss: the learned optimizer's final loss.
+        ratio: ``learned_loss / min(adam_loss, sgd_loss)``; NaN when no baseline is finite.
         diverged: the learned run hit a NaN/Inf loss before the horizon (in some seed).
-        stalled: the learned final loss is at least 0.95x the initial loss.
-        skipped: steps the learned optimizer skipped for non-finite gradients.
+        stalled: ``learned_loss >= 0.95 * initial_loss``.
+        skipped: steps the learned optimizer skipped for non-finite gradients (whole run).
+        adam_by_lr, sgd_by_lr: every learning rate's final loss.
     """
 
     task: str
@@ -378,8 +380,7 @@ def task_rows(name: str, entries: list[dict[str, Any]], learned: list[dict[str, 
 def _horizons(steps: int, horizons: Sequence[int]) -> list[int]:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    hs = sorted({int(h) for h in horizons if 1 <= int(h) <= steps} | {steps})
-    return hs
+    return sorted({int(h) for h in horizons if 1 <= int(h) <= steps} | {steps})
 
 
 def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", steps: int = 5000,
@@ -551,12 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least one WEIGHTS (or --baselines-only)")
     threads = args.threads or None
     if args.baselines_only:
-        if threads:
-            torch.set_num_threads(threads)
-        suite_tasks = [t for t in get_suite(args.suite, args.data_root) if not args.tasks or t.name in args.tasks]
+        torch.set_num_threads(threads or torch.get_num_threads())
         hs = _horizons(args.steps, args.horizons)
-        for task in suite_tasks:
-            for s in args.seeds:
+        for task in get_suite(args.suite, args.data_root):
+            for s in args.seeds if not args.tasks or task.name in args.tasks else ():
                 baseline_entry(task, steps=args.steps, seed=s, horizons=hs, cache_dir=args.cache_dir,
                                progress=not args.quiet)
         return 0
@@ -572,9 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m l2l_optim eval " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "eval.json").write_text(json.dumps(
-        {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads() if threads is None else threads,
-         "results": [r.to_dict() for r in results]}, indent=1) + "\n")
+    meta = {"command": command, "torch": torch.__version__, "threads": threads or torch.get_num_threads()}
+    (out / "eval.json").write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
     print(f"wrote {out / 'eval.json'}")
     if args.plot:
         print(f"wrote {plot_results(results, out / 'eval.png')}")
