@@ -279,3 +279,26 @@ def test_addition_batches_are_correct():
         b = int("".join(map(str, x[i, 5:9].tolist())))
         assert sum(d * 10**k for k, d in enumerate(y[i, 9:].tolist())) == a + b
     assert (y[:, :9] == -100).all()
+
+
+def test_shipped_baselines_cover_the_default_suite(monkeypatch):
+    """A fresh clone runs no baseline: the shipped file holds every default task at 5,000 steps
+    (checked where the datasets and the torch version the file was made with are here)."""
+    from l2l_optim.data import DatasetNotFoundError
+
+    (path,) = ev.shipped_baselines()
+    entries = json.loads(path.read_text())["entries"]
+    made_with = {".".join(e["torch"].split(".")[:2]) for e in entries.values()}
+    if ".".join(torch.__version__.split(".")[:2]) not in made_with:
+        pytest.skip(f"the shipped baselines were computed with torch {sorted(made_with)}")
+
+    def no_runs(*args):
+        raise AssertionError("a baseline run was started")
+
+    monkeypatch.setattr(ev, "_train", no_runs)
+    for task in default_suite():
+        try:
+            entry = ev.baseline_entry(task, steps=5000, seed=0, horizons=[1000, 5000])
+        except DatasetNotFoundError:
+            pytest.skip(f"{task.config['dataset']} is not available here")
+        assert entry["task"] == task.name and entry["config"] == task.config

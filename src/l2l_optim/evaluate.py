@@ -561,9 +561,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for w in args.weights:
-        res = evaluate(w, suite=args.suite, steps=args.steps, horizons=args.horizons, seeds=args.seeds,
-                       tasks=args.tasks, cache_dir=args.cache_dir, data_root=args.data_root,
-                       progress=not args.quiet, threads=threads)
+        try:
+            res = evaluate(w, suite=args.suite, steps=args.steps, horizons=args.horizons, seeds=args.seeds,
+                           tasks=args.tasks, cache_dir=args.cache_dir, data_root=args.data_root,
+                           progress=not args.quiet, threads=threads)
+        except (ValueError, TypeError, FileNotFoundError) as e:  # bad names, weights or datasets
+            print(f"l2l-optim eval: error: {e}", file=sys.stderr)
+            return 2
         results.append(res)
         print(f"\n{res.table()}")
         print("learned ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in res.ms_per_step.items())
