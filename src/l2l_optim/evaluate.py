@@ -293,7 +293,7 @@ class EvalResult:
     seeds: list[int]
     rows: list[TaskResult]
     geomean: dict[int, float]
-    curves: dict[str, dict[str, list[float | None]]]
+    curves: dict[str, dict[str, dict[str, list]]]
     ms_per_step: dict[str, float]
     tasks: dict[str, dict[str, Any]]
     seconds: float
