@@ -62,8 +62,9 @@ _PROTOCOL = 1  # bumped when the way a run is scored changes
 def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int) -> dict[str, Any]:
     """One training run: init under ``seed``, batches from a generator seeded by ``seed``.
 
-    Returns ``{"losses", "seconds", "skipped"}``; ``losses`` stops before the first
-    non-finite loss."""
+    Returns ``{"losses", "seconds", "cpu_seconds", "skipped"}``; ``losses`` stops before the
+    first non-finite loss. CPU time (of the whole process) is the cost that does not depend
+    on what else the machine runs."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = task.model_fn()
@@ -71,7 +72,7 @@ def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int) -> dict[s
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         # a learned optimizer's skipped-step warning; the count is reported instead
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -85,7 +86,7 @@ def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int) -> dict[s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return {"losses": losses, "seconds": time.perf_counter() - t0,
+    return {"losses": losses, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "skipped": int(getattr(opt, "skipped_steps", 0))}
 
 
@@ -120,7 +121,8 @@ def _record(run: dict[str, Any], steps: int, horizons: Sequence[int]) -> dict[st
              for lo, hi in ((i * steps // n, (i + 1) * steps // n) for i in range(n))]
     return {"steps": steps, "tails": {h: (v if math.isfinite(v) else None) for h, v in tails.items()},
             "curve": curve, "diverged_at": len(losses) if len(losses) < steps else None,
-            "skipped": run["skipped"], "seconds": round(run["seconds"], 2)}
+            "skipped": run["skipped"], "seconds": round(run["seconds"], 2),
+            "cpu_seconds": round(run.get("cpu_seconds", math.nan), 2)}
 
 
 def _curve_upto(rec: dict[str, Any], steps: int) -> tuple[list[float], list[float | None]]:
@@ -282,7 +284,8 @@ class EvalResult:
         geomean: horizon -> geometric mean of the finite-baseline ratios over tasks.
         curves: task -> {"learned", "adam", "sgd"} -> {"step", "loss"}: binned loss curves
             (the baselines at their best lr for the longest horizon), averaged over seeds.
-        ms_per_step: task -> wall milliseconds per step of the learned runs.
+        ms_per_step: task -> {"seconds": wall, "cpu_seconds": CPU} milliseconds per step of
+            the learned runs.
         tasks: task -> {"description", "params", "batch_size"}.
     """
 
@@ -294,7 +297,7 @@ class EvalResult:
     rows: list[TaskResult]
     geomean: dict[int, float]
     curves: dict[str, dict[str, dict[str, list]]]
-    ms_per_step: dict[str, float]
+    ms_per_step: dict[str, dict[str, float]]
     tasks: dict[str, dict[str, Any]]
     seconds: float
 
@@ -444,7 +447,8 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
                 learned.append(_record(run, steps, hs))
                 if progress:
                     print(f"  learned  {task.name} seed {s}: {run['seconds']:.1f} s", file=sys.stderr, flush=True)
-            ms[task.name] = 1e3 * sum(r["seconds"] for r in learned) / (steps * len(seeds))
+            ms[task.name] = {k: 1e3 * sum(r[k] for r in learned) / (steps * len(seeds))
+                             for k in ("seconds", "cpu_seconds")}
             info[task.name] = {"description": task.description, "params": task.num_params(),
                                "batch_size": task.config.get("batch_size")}
             rows += task_rows(task.name, entries, learned, hs)
@@ -512,8 +516,8 @@ def plot_results(results: Sequence[EvalResult], path: str | os.PathLike) -> Path
 
         draw(first.curves[name]["adam"], f"Adam lr={best.adam_lr:g}", color="tab:blue", ls="--")
         draw(first.curves[name]["sgd"], f"SGD lr={best.sgd_lr:g}", color="tab:green", ls="--")
-        for res in results:
-            draw(res.curves[name]["learned"], res.weights.split(" (")[0])
+        for res, color in zip(results, ["tab:red", "tab:purple", "tab:orange", "tab:brown", "black"] * 9):
+            draw(res.curves[name]["learned"], res.weights.split(" (")[0], color=color)
         ax.set_yscale("log")
         ax.set_title(f"{name} ({first.tasks[name]['params']:,} params)", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -570,8 +574,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results.append(res)
         print(f"\n{res.table()}")
-        print("learned ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in res.ms_per_step.items())
-              + f"; total {res.seconds:.0f} s", flush=True)
+        print("learned ms/step (wall/CPU): " + ", ".join(
+            f"{k} {v['seconds']:.1f}/{v['cpu_seconds']:.1f}" for k, v in res.ms_per_step.items())
+            + f"; total {res.seconds:.0f} s", flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m l2l_optim eval " + " ".join(sys.argv[1:] if argv is None else argv)
