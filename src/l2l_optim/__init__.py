@@ -28,6 +28,7 @@ _EXPORTS = {
     "simple_update": "functional",
     "meta_fit": "meta",
     "finetune": "finetune",
+    "evaluate": "evaluate",
     "search_lr": "training",
     "list_weights": "weights",
     "load_weights": "weights",

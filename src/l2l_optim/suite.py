@@ -1,0 +1,330 @@
+"""The validation suite: optimizee tasks that meta-training never sees.
+
+Each :class:`SuiteTask` is a model factory, a minibatch sampler driven by an explicit
+``torch.Generator``, and a loss, plus a ``config`` dict that names every choice defining the
+task (dataset, architecture, sizes, batch size). :func:`l2l_optim.evaluate.evaluate` hashes
+``name`` and ``config`` to key its cache of baseline runs, so changing a task changes its key
+and its baselines are recomputed.
+
+The default suite (:func:`default_suite`) is chosen to resemble real use and to stay outside
+the meta-training population (small MLPs and CNNs on 7x7/14x14 downsampled images, tiny
+transformers on Markov chains, regression on a tanh teacher, a noisy quadratic): full 28x28
+inputs, other architectures, other sizes and other losses. Every task is sized to a few
+milliseconds per step on one CPU thread.
+
+============================  ==========================================================
+``fmnist-mlp-wide``           MLP 784-256-256-10 (ReLU) on Fashion-MNIST, cross-entropy
+``mnist-cnn``                 conv 3x3 (16) - pool - conv 3x3 (32) - pool - linear, MNIST
+``mnist-resnet-bn``           residual CNN with BatchNorm (two basic blocks), MNIST
+``mnist-autoencoder``         deep MLP autoencoder 784-128-64-16-64-128-784, sigmoid, MSE
+``addition-transformer``      2-layer causal transformer (d 32, 4 heads) on 4-digit addition
+``sine-regression``           MLP 16-64-64-1 on ``sin(3 <w, x>)`` plus noise, MSE
+``fmnist-logreg``             logistic regression (linear 784-10) on Fashion-MNIST
+============================  ==========================================================
+
+Example:
+    >>> from l2l_optim.suite import default_suite
+    >>> [t.name for t in default_suite()][:2]
+    ['fmnist-mlp-wide', 'mnist-cnn']
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import _STATS, load_dataset
+
+__all__ = ["SuiteTask", "SUITES", "default_suite", "get_suite"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One validation task.
+
+    Args:
+        name: a short unique label.
+        config: every choice that defines the task, JSON-serialisable; hashed into the
+            baseline cache key, so it must change whenever the task's behaviour changes.
+        model_fn: builds a freshly initialised model (called under the run's seed).
+        batch_fn: ``batch_fn(generator) -> (x, y)``, one training minibatch.
+        loss_fn: ``loss_fn(model(x), y) -> scalar``.
+        description: one line for tables.
+        data_fn: optional; returns a fingerprint of the task's data, also hashed into the
+            cache key, so that baselines computed on other data are not reused.
+    """
+
+    name: str
+    config: dict[str, Any]
+    model_fn: Callable[[], nn.Module]
+    batch_fn: Callable[[torch.Generator], Batch]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    description: str = ""
+    data_fn: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+    def num_params(self) -> int:
+        """The number of trainable parameters of the model."""
+        with torch.random.fork_rng(devices=[]):
+            return sum(p.numel() for p in self.model_fn().parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str | None) -> Batch:
+    return load_dataset(name, "train", root=root)
+
+
+@functools.lru_cache(maxsize=4)
+def _data_fingerprint(name: str, root: str | None) -> str:
+    # a strided sample of the images and all labels: cheap, and enough to tell datasets apart
+    x, y = _dataset(name, root)
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x[::97].contiguous().numpy().tobytes())
+    h.update(y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _image_batch(gen: torch.Generator, *, dataset: str, batch_size: int, target: str,
+                 root: str | None) -> Batch:
+    x, y = _dataset(dataset, root)
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+    xb = x[idx]
+    if target == "pixels":  # undo the normalisation: pixels in [0, 1] for a sigmoid output
+        mean, std = _STATS[dataset]
+        return xb, (xb * std + mean).flatten(1)
+    return xb, y[idx]
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def _mlp(dims: list[int], out_act: nn.Module | None = None) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    if out_act is not None:
+        layers.append(out_act)
+    return nn.Sequential(*layers)
+
+
+def _cnn(c1: int, c2: int) -> nn.Sequential:
+    # 28 -> 14 -> 7
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * 7 * 7, 10),
+    )
+
+
+class _Block(nn.Module):
+    """Residual basic block: conv-BN-ReLU-conv-BN plus identity (or 1x1 conv-BN) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.b1(self.c1(x)))
+        return F.relu(self.b2(self.c2(out)) + self.short(x))
+
+
+def _resnet_bn(width: int) -> nn.Sequential:
+    # stem 28 -> 14, max-pool 14 -> 7, block at 7x7, block 7 -> 4, global average pool
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.MaxPool2d(2),
+        _Block(width, width, 1), _Block(width, 2 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
+    )
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _TBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), _SelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+_PLUS, _EQ = 10, 11  # tokens 0-9 are digits
+
+
+class _Transformer(nn.Module):
+    """Pre-LayerNorm causal transformer with learned positions."""
+
+    def __init__(self, vocab: int, ctx: int, d: int, heads: int, layers: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*[_TBlock(d, heads) for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def _addition_batch(gen: torch.Generator, *, digits: int, batch_size: int) -> Batch:
+    """``a + b = s`` as tokens, ``a`` and ``b`` most significant digit first and ``s``
+    reversed (the order in which a carry propagates); next-token targets, scored only on the
+    ``digits + 1`` digits of ``s``."""
+    n = digits
+    a, b = (torch.randint(0, 10**n, (batch_size,), generator=gen) for _ in range(2))
+
+    def split(v: Tensor, k: int) -> Tensor:  # least significant first
+        return torch.stack([(v // 10**i) % 10 for i in range(k)], 1)
+
+    seq = torch.cat([split(a, n).flip(1), torch.full((batch_size, 1), _PLUS), split(b, n).flip(1),
+                     torch.full((batch_size, 1), _EQ), split(a + b, n + 1)], 1)
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:, : 2 * n + 1] = -100  # the prompt is not scored
+    return x, y
+
+
+def _seq_ce(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+
+def _sine_batch(gen: torch.Generator, *, dim: int, batch_size: int, noise: float, teacher_seed: int) -> Batch:
+    # the teacher direction is fixed by the task, the inputs by the run's generator
+    w = torch.randn(dim, generator=torch.Generator().manual_seed(teacher_seed)) / math.sqrt(dim)
+    x = torch.randn(batch_size, dim, generator=gen)
+    y = torch.sin(3.0 * (x @ w)) + noise * torch.randn(batch_size, generator=gen)
+    return x, y.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- suite
+
+#: bumped whenever the code behind a config changes what a task computes
+SUITE_VERSION = 1
+
+
+def _image_task(name: str, dataset: str, model: str, model_fn: Callable[[], nn.Module], *,
+                batch_size: int, target: str, loss: str, description: str, root: str | None,
+                **model_config: Any) -> SuiteTask:
+    config = dict(suite_version=SUITE_VERSION, dataset=dataset, model=model, batch_size=batch_size,
+                  target=target, loss=loss, **model_config)
+    return SuiteTask(
+        name=name,
+        config=config,
+        model_fn=model_fn,
+        batch_fn=functools.partial(_image_batch, dataset=dataset, batch_size=batch_size,
+                                   target=target, root=root),
+        loss_fn=F.cross_entropy if loss == "ce" else F.mse_loss,
+        description=description,
+        data_fn=functools.partial(_data_fingerprint, dataset, root),
+    )
+
+
+def default_suite(root: str | os.PathLike | None = None) -> list[SuiteTask]:
+    """The seven tasks of the default validation suite (datasets are loaded on first use).
+
+    Args:
+        root: a directory to look for the datasets in first (see
+            :func:`l2l_optim.data.load_dataset`).
+
+    Returns:
+        A list of :class:`SuiteTask`, in table order.
+    """
+    r = None if root is None else os.fspath(root)
+    ae_dims = [784, 128, 64, 16, 64, 128, 784]
+    tf = dict(digits=4, d_model=32, heads=4, layers=2, batch_size=32)
+    sine = dict(dim=16, hidden=64, noise=0.1, teacher_seed=1234, batch_size=128)
+    return [
+        _image_task("fmnist-mlp-wide", "fashion-mnist", "mlp", functools.partial(_mlp, [784, 256, 256, 10]),
+                    batch_size=128, target="labels", loss="ce", root=r, dims=[784, 256, 256, 10],
+                    description="MLP 784-256-256-10, Fashion-MNIST, CE"),
+        _image_task("mnist-cnn", "mnist", "cnn", functools.partial(_cnn, 16, 32),
+                    batch_size=32, target="labels", loss="ce", root=r, channels=[16, 32],
+                    description="CNN conv16-pool-conv32-pool-linear, MNIST, CE"),
+        _image_task("mnist-resnet-bn", "mnist", "resnet-bn", functools.partial(_resnet_bn, 16),
+                    batch_size=32, target="labels", loss="ce", root=r, width=16,
+                    description="residual CNN + BatchNorm, MNIST, CE"),
+        _image_task("mnist-autoencoder", "mnist", "mlp-sigmoid", functools.partial(_mlp, ae_dims, nn.Sigmoid()),
+                    batch_size=64, target="pixels", loss="mse", root=r, dims=ae_dims,
+                    description="autoencoder 784-128-64-16-64-128-784, MNIST, MSE"),
+        SuiteTask(
+            name="addition-transformer",
+            config=dict(suite_version=SUITE_VERSION, model="transformer", loss="seq-ce", **tf),
+            model_fn=functools.partial(_Transformer, vocab=12, ctx=3 * tf["digits"] + 2, d=tf["d_model"],
+                                       heads=tf["heads"], layers=tf["layers"]),
+            batch_fn=functools.partial(_addition_batch, digits=tf["digits"], batch_size=tf["batch_size"]),
+            loss_fn=_seq_ce,
+            description="2-layer causal transformer d32, 4-digit addition, CE",
+        ),
+        SuiteTask(
+            name="sine-regression",
+            config=dict(suite_version=SUITE_VERSION, model="mlp", loss="mse", **sine),
+            model_fn=functools.partial(_mlp, [sine["dim"], sine["hidden"], sine["hidden"], 1]),
+            batch_fn=functools.partial(_sine_batch, dim=sine["dim"], batch_size=sine["batch_size"],
+                                       noise=sine["noise"], teacher_seed=sine["teacher_seed"]),
+            loss_fn=F.mse_loss,
+            description="MLP 16-64-64-1, sin(3<w,x>) + noise, MSE",
+        ),
+        _image_task("fmnist-logreg", "fashion-mnist", "linear", functools.partial(_mlp, [784, 10]),
+                    batch_size=128, target="labels", loss="ce", root=r, dims=[784, 10],
+                    description="logistic regression 784-10, Fashion-MNIST, CE"),
+    ]
+
+
+#: suite name -> factory(root) -> tasks
+SUITES: dict[str, Callable[..., list[SuiteTask]]] = {"default": default_suite}
+
+
+def get_suite(suite: str | list[SuiteTask], root: str | os.PathLike | None = None) -> list[SuiteTask]:
+    """The tasks of a named suite, or ``suite`` itself when it is already a list of tasks.
+
+    Raises:
+        ValueError: an unknown suite name, an empty list or two tasks with the same name.
+        TypeError: a list entry that is not a :class:`SuiteTask`.
+    """
+    if isinstance(suite, str):
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+        tasks = SUITES[suite](root)
+    else:
+        tasks = list(suite)
+        for t in tasks:
+            if not isinstance(t, SuiteTask):
+                raise TypeError(f"suite entries must be SuiteTask, got {type(t).__name__}")
+    if not tasks:
+        raise ValueError("the suite has no tasks")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    return tasks

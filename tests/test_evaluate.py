@@ -1,0 +1,304 @@
+"""The validation protocol (l2l_optim.evaluate) on a tiny fake suite: no dataset files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import l2l_optim.evaluate as ev
+from l2l_optim.__main__ import main as cli_main
+from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.suite import SUITES, SuiteTask, default_suite, get_suite
+from l2l_optim.weights import save_weights
+
+W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def _batch(gen, scale=1.0):
+    x = scale * torch.randn(16, 4, generator=gen)
+    return x, x @ W_TRUE + 0.1 * torch.randn(16, 1, generator=gen)
+
+
+def tiny_task(name="tiny", scale=1.0, log=None):
+    """Linear regression on 4 features; ``log`` collects a checksum of every batch drawn."""
+
+    def batch(gen):
+        b = _batch(gen, scale)
+        if log is not None:
+            log.append(float(b[0].sum()))
+        return b
+
+    return SuiteTask(name=name, config={"scale": scale}, model_fn=lambda: nn.Linear(4, 1),
+                     batch_fn=batch, loss_fn=F.mse_loss, description="tiny regression")
+
+
+def sgd_like(lr=0.05):
+    with torch.random.fork_rng(devices=[]):
+        return init_net(SimpleOptimizerNet(), "sgd", lr=lr)
+
+
+@pytest.fixture
+def no_shipped(monkeypatch):
+    monkeypatch.setattr(ev, "shipped_baselines", lambda: [])
+
+
+@pytest.fixture
+def count_runs(monkeypatch):
+    calls = []
+    real = ev._train
+
+    def counting(task, make_opt, steps, seed):
+        calls.append((task.name, steps, seed))
+        return real(task, make_opt, steps, seed)
+
+    monkeypatch.setattr(ev, "_train", counting)
+    return calls
+
+
+def _evaluate(weights, tmp_path, **kw):
+    kw.setdefault("suite", [tiny_task()])
+    kw.setdefault("steps", 40)
+    kw.setdefault("horizons", (20,))
+    return ev.evaluate(weights, cache_dir=tmp_path / "cache", progress=False, **kw)
+
+
+def test_same_init_and_batches_for_every_optimizer():
+    log_a, log_b = [], []
+    a = ev._train(tiny_task(log=log_a), lambda p: torch.optim.Adam(p, lr=0.1), 5, seed=3)
+    b = ev._train(tiny_task(log=log_b), lambda p: ev.get_architecture("simple").optimizer_class(
+        p, weights=sgd_like()), 5, seed=3)
+    assert log_a == log_b  # the same minibatches
+    assert a["losses"][0] == b["losses"][0]  # the same init (the first loss precedes any update)
+    assert a["losses"][1] != b["losses"][1]
+    c = ev._train(tiny_task(), lambda p: torch.optim.Adam(p, lr=0.1), 5, seed=4)
+    assert c["losses"][0] != a["losses"][0]
+
+
+def test_prefix_rule_horizon_equals_shorter_run(tmp_path, no_shipped):
+    task = tiny_task()
+    long = ev._record(ev._train(task, lambda p: torch.optim.SGD(p, lr=0.01), 50, 0), 50, [20])
+    short = ev._train(task, lambda p: torch.optim.SGD(p, lr=0.01), 20, 0)
+    # the mean of the last 10% of the first 20 steps of the long run IS the 20-step run's score
+    assert long["tails"]["20"] == sum(short["losses"][-2:]) / 2
+    # the same through evaluate, for the baselines and the learned optimizer
+    r_long = _evaluate(sgd_like(), tmp_path / "a", steps=50, horizons=(20,))
+    r_short = _evaluate(sgd_like(), tmp_path / "b", steps=20, horizons=())
+    at20 = [r for r in r_long.rows if r.horizon == 20][0]
+    only = r_short.rows[0]
+    assert (at20.learned_loss, at20.adam_loss, at20.sgd_loss) == (only.learned_loss, only.adam_loss, only.sgd_loss)
+    assert r_long.horizons == [20, 50] and r_short.horizons == [20]
+
+
+def _rec(tails, diverged_at=None):
+    return {"steps": 100, "tails": tails, "curve": [1.0], "diverged_at": diverged_at, "skipped": 0}
+
+
+def _entry(adam, sgd, initial=2.0):
+    return {"initial_loss": initial, "runs": {"adam": adam, "sgd": sgd}}
+
+
+def test_best_lr_chosen_per_horizon_and_optimizer():
+    adam = {"0.1": _rec({"10": 0.5, "100": 0.30}), "0.01": _rec({"10": 0.8, "100": 0.10})}
+    sgd = {"1": _rec({"10": 0.4, "100": 0.35}), "0.1": _rec({"10": 0.9, "100": 0.20})}
+    rows = ev.task_rows("t", [_entry(adam, sgd)], [_rec({"10": 0.2, "100": 0.05})], [10, 100])
+    r10, r100 = rows
+    assert (r10.adam_lr, r10.adam_loss, r10.sgd_lr, r10.sgd_loss) == (0.1, 0.5, 1.0, 0.4)
+    assert (r100.adam_lr, r100.adam_loss, r100.sgd_lr, r100.sgd_loss) == (0.01, 0.10, 0.1, 0.20)
+    assert r10.ratio == pytest.approx(0.2 / 0.4) and r100.ratio == pytest.approx(0.05 / 0.10)
+
+
+def test_divergence_ranks_last_and_flags_the_learned_run():
+    # lr 1 is "best" at 10 steps but diverged at step 50: at 100 it must rank last
+    adam = {"1": _rec({"10": 0.1, "100": None}, diverged_at=50), "0.1": _rec({"10": 0.5, "100": 0.4})}
+    sgd = {"1": _rec({"10": None, "100": None}, diverged_at=3), "0.1": _rec({"10": 0.6, "100": 0.5})}
+    learned = _rec({"10": 0.3, "100": None}, diverged_at=40)
+    r10, r100 = ev.task_rows("t", [_entry(adam, sgd)], [learned], [10, 100])
+    assert (r10.adam_lr, r10.sgd_lr) == (1.0, 0.1)  # before the divergence, the prefix counts
+    assert (r100.adam_lr, r100.adam_loss) == (0.1, 0.4)
+    assert not r10.diverged and r100.diverged and "NaN/Inf" in r100.flags
+    assert math.isinf(r100.ratio)
+    # every baseline diverged: no reference, the ratio is undefined
+    dead = {"1": _rec({"10": None}, diverged_at=1)}
+    (row,) = ev.task_rows("t", [_entry(dead, dead)], [_rec({"10": 0.3})], [10])
+    assert math.isinf(row.adam_loss) and math.isnan(row.ratio)
+
+
+def test_real_divergence_recorded(tmp_path, no_shipped):
+    task = tiny_task(scale=30.0)  # SGD at lr 1 blows up on inputs this large
+    entry = ev.baseline_entry(task, steps=30, seed=0, horizons=[10], cache_dir=tmp_path)
+    bad = entry["runs"]["sgd"]["1"]
+    assert bad["diverged_at"] is not None and bad["diverged_at"] < 30 and bad["tails"]["30"] is None
+    (row,) = [r for r in ev.task_rows(task.name, [entry], [entry["runs"]["adam"]["0.1"]], [30])]
+    assert row.sgd_lr != 1.0 and math.isfinite(row.sgd_loss)
+
+
+def test_geometric_mean():
+    assert ev.geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
+    assert ev.geometric_mean([0.5, 2.0, 1.0]) == pytest.approx(1.0)
+    assert ev.geometric_mean([2.0, math.nan]) == pytest.approx(2.0)  # undefined ratios are left out
+    assert math.isinf(ev.geometric_mean([0.5, math.inf]))
+    assert math.isnan(ev.geometric_mean([]))
+
+
+def test_stalled_flag(tmp_path, no_shipped):
+    frozen = SimpleOptimizerNet()
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.zero_()  # zero output weights: every update is 0
+    # full-batch: the same batch every step, so a frozen model's loss is its initial loss
+    fixed = _batch(torch.Generator().manual_seed(0))
+    full = SuiteTask(name="full", config={}, model_fn=lambda: nn.Linear(4, 1), batch_fn=lambda gen: fixed,
+                     loss_fn=F.mse_loss)
+    still = _evaluate(frozen, tmp_path, suite=[full])
+    assert all(r.stalled and "stalled" in r.flags for r in still.rows)
+    assert all(r.learned_loss == pytest.approx(r.initial_loss) for r in still.rows)
+    moving = _evaluate(sgd_like(), tmp_path, suite=[full])
+    assert not any(r.stalled for r in moving.rows)
+    assert all(r.learned_loss < 0.5 * r.initial_loss for r in moving.rows)
+
+
+def test_cache_hit_skips_baselines(tmp_path, no_shipped, count_runs):
+    first = _evaluate(sgd_like(), tmp_path)
+    assert len(count_runs) == 2 * len(ev.EVAL_LRS) + 1  # every baseline run, then the learned one
+    count_runs.clear()
+    second = _evaluate(sgd_like(0.01), tmp_path)  # other weights: only the learned run
+    assert len(count_runs) == 1
+    assert [r.adam_loss for r in second.rows] == [r.adam_loss for r in first.rows]
+    count_runs.clear()
+    _evaluate(sgd_like(), tmp_path, steps=30, horizons=(10,))  # a shorter evaluation: a prefix
+    assert len(count_runs) == 1
+
+
+def test_shipped_file_is_read_first(tmp_path, monkeypatch, count_runs):
+    monkeypatch.setattr(ev, "shipped_baselines", lambda: [])
+    _evaluate(sgd_like(), tmp_path / "made")  # computes the baselines into made/cache
+    shipped = tmp_path / "made" / "cache" / "baselines.json"
+    monkeypatch.setattr(ev, "shipped_baselines", lambda: [shipped])
+    count_runs.clear()
+    _evaluate(sgd_like(), tmp_path / "fresh")  # an empty cache_dir: the shipped file serves
+    assert len(count_runs) == 1
+    assert not (tmp_path / "fresh" / "cache" / "baselines.json").exists()
+
+
+def test_cache_invalidated_by_config_steps_and_torch(tmp_path, no_shipped, count_runs, monkeypatch):
+    _evaluate(sgd_like(), tmp_path)
+    count_runs.clear()
+    _evaluate(sgd_like(), tmp_path, suite=[tiny_task(scale=2.0)])  # the config changed
+    assert len(count_runs) == 2 * len(ev.EVAL_LRS) + 1
+    count_runs.clear()
+    _evaluate(sgd_like(), tmp_path, steps=60)  # longer than the cached runs
+    assert len(count_runs) == 2 * len(ev.EVAL_LRS) + 1 and {c[1] for c in count_runs} == {60}
+    count_runs.clear()  # a longer run is needed even where the horizons are covered
+    ev.baseline_entry(tiny_task(), steps=20, seed=5, horizons=[10], cache_dir=tmp_path)
+    ev.baseline_entry(tiny_task(), steps=40, seed=5, horizons=[10], cache_dir=tmp_path)
+    assert [c[1] for c in count_runs] == [20] * len(ev.EVAL_LRS) * 2 + [40] * len(ev.EVAL_LRS) * 2
+    count_runs.clear()
+    monkeypatch.setattr(torch, "__version__", "99.1.0")
+    _evaluate(sgd_like(), tmp_path)
+    assert len(count_runs) == 2 * len(ev.EVAL_LRS) + 1
+    keys = {ev.cache_key(tiny_task(), 0), ev.cache_key(tiny_task(scale=2.0), 0), ev.cache_key(tiny_task(), 1)}
+    assert len(keys) == 3
+
+
+def test_interrupted_baselines_resume(tmp_path, no_shipped, count_runs, monkeypatch):
+    counting = ev._train
+
+    def dies_at_third(*args):
+        if len(count_runs) == 2:
+            raise KeyboardInterrupt
+        return counting(*args)
+
+    monkeypatch.setattr(ev, "_train", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        ev.baseline_entry(tiny_task(), steps=20, seed=0, horizons=[10], cache_dir=tmp_path)
+    monkeypatch.setattr(ev, "_train", counting)
+    count_runs.clear()
+    ev.baseline_entry(tiny_task(), steps=20, seed=0, horizons=[10], cache_dir=tmp_path)
+    assert len(count_runs) == 2 * len(ev.EVAL_LRS) - 2  # the two finished runs were kept
+
+
+def test_seeds_average_and_no_global_rng_effect(tmp_path, no_shipped):
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    r01 = _evaluate(sgd_like(), tmp_path, seeds=(0, 1))
+    assert torch.equal(state, torch.random.get_rng_state())
+    r0 = _evaluate(sgd_like(), tmp_path, seeds=(0,))
+    r1 = _evaluate(sgd_like(), tmp_path, seeds=(1,))
+    assert r01.rows[0].learned_loss == pytest.approx((r0.rows[0].learned_loss + r1.rows[0].learned_loss) / 2)
+
+
+def test_cli_writes_table_json_and_png(tmp_path, no_shipped, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(SUITES, "tiny", lambda root=None: [tiny_task(), tiny_task("tiny2", scale=0.5)])
+    path = save_weights(sgd_like(), tmp_path / "w.safetensors")
+    out = tmp_path / "out"
+    rc = cli_main(["eval", str(path), "--suite", "tiny", "--steps", "30", "--horizons", "10",
+                   "--out-dir", str(out), "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| tiny2 | 30 |" in text and "geometric mean" in text
+    data = json.loads((out / "eval.json").read_text())
+    (res,) = data["results"]
+    assert res["horizons"] == [10, 30] and len(res["rows"]) == 4
+    assert set(res["curves"]["tiny"]) == {"learned", "adam", "sgd"}
+    assert (out / "eval.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--suite", "tiny"])  # no weights
+
+
+def test_default_suite_is_well_formed():
+    tasks = default_suite()
+    assert len(tasks) >= 7 and len({t.name for t in tasks}) == len(tasks)
+    images = torch.randn(2, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    for t in tasks:
+        assert "batch_size" in t.config and t.description
+        if "dataset" in t.config:  # the datasets are not needed to build the models
+            out = t.model_fn()(images)
+            assert out.shape[0] == 2
+        else:
+            x, y = t.batch_fn(gen)
+            assert torch.isfinite(t.loss_fn(t.model_fn()(x), y))
+    with pytest.raises(ValueError):
+        get_suite("nope")
+    with pytest.raises(ValueError):
+        get_suite([tiny_task(), tiny_task()])
+
+
+def test_addition_batches_are_correct():
+    from l2l_optim.suite import _addition_batch
+
+    x, y = _addition_batch(torch.Generator().manual_seed(0), digits=4, batch_size=8)
+    for i in range(8):
+        a = int("".join(map(str, x[i, :4].tolist())))
+        b = int("".join(map(str, x[i, 5:9].tolist())))
+        assert sum(d * 10**k for k, d in enumerate(y[i, 9:].tolist())) == a + b
+    assert (y[:, :9] == -100).all()
+
+
+def test_shipped_baselines_cover_the_default_suite(monkeypatch):
+    """A fresh clone runs no baseline: the shipped file holds every default task at 5,000 steps
+    (checked where the datasets and the torch version the file was made with are here)."""
+    from l2l_optim.data import DatasetNotFoundError
+
+    (path,) = ev.shipped_baselines()
+    entries = json.loads(path.read_text())["entries"]
+    made_with = {".".join(e["torch"].split(".")[:2]) for e in entries.values()}
+    if ".".join(torch.__version__.split(".")[:2]) not in made_with:
+        pytest.skip(f"the shipped baselines were computed with torch {sorted(made_with)}")
+
+    def no_runs(*args):
+        raise AssertionError("a baseline run was started")
+
+    monkeypatch.setattr(ev, "_train", no_runs)
+    for task in default_suite():
+        try:
+            entry = ev.baseline_entry(task, steps=5000, seed=0, horizons=[1000, 5000])
+        except DatasetNotFoundError:
+            pytest.skip(f"{task.config['dataset']} is not available here")
+        assert entry["task"] == task.name and entry["config"] == task.config
