@@ -1,20 +1,22 @@
 """Feed one kernel entry point every kind of tensor, each in a forked child process.
 
-``python tests/kernel_inputs_worker.py ENTRY`` with ENTRY one of
+``python tests/kernel_inputs_worker.py ENTRY...`` with each ENTRY one of
 
 * ``cpu``: :func:`l2l_optim.kernels.cpu.simple_update_cpu`, with and without ``aggregate``;
 * ``cpu-ops``: the C++ ops themselves (``torch.ops.l2l_optim_cpu.simple_update`` and the
   two-pass pair), below every Python check;
-* ``triton``: :func:`l2l_optim.kernels.triton.simple_update_triton` (run with
-  ``TRITON_INTERPRET=1``).
+* ``triton``: :func:`l2l_optim.kernels.triton.simple_update_triton` (the process must run
+  with ``TRITON_INTERPRET=1``, which the CPU entries ignore).
 
-prints one JSON object: per kind, ``"ok"``, ``"<ExceptionType>: <message>"``, or
+prints one JSON object: per entry and kind, ``"ok"``, ``"<ExceptionType>: <message>"``, or
 ``"signal <n>"`` when the child died by a signal (a crash: what tests/test_kernel_inputs.py
-must never see). A child per kind means a crash names its kind and spares the others.
+must never see). A child per call means a crash names its kind and spares the others; one
+process for every entry imports torch once.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -172,20 +174,22 @@ def _child(entry: str, kind: str, fd: int) -> None:
 
 
 def main() -> None:
-    entry = sys.argv[1]
+    entries = sys.argv[1:]
     torch.set_num_threads(1)
     # build / load / import what the children need once, before forking
-    import torch._subclasses.fake_tensor  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
-    import torch.testing._internal.two_tensor  # noqa: F401
-
+    for module in ("torch._subclasses.fake_tensor", "torch.distributed.tensor",
+                   "torch.testing._internal.two_tensor"):
+        importlib.import_module(module)
     _weights()
-    if entry.startswith("cpu"):
-        from l2l_optim.kernels.cpu import load_extension
+    for entry in entries:
+        if entry.startswith("cpu"):
+            importlib.import_module("l2l_optim.kernels.cpu").load_extension()
+        # one run here, so that the children inherit warm caches (Triton's above all)
+        _call(entry, *KINDS["contiguous float32"]())
+    print(json.dumps({entry: _run_all(entry) for entry in entries}))
 
-        load_extension()
-    else:
-        import l2l_optim.kernels.triton  # noqa: F401
+
+def _run_all(entry: str) -> dict[str, str]:
     results = {}
     for kind in KINDS:
         r, w = os.pipe()
@@ -203,7 +207,7 @@ def main() -> None:
             results[kind] = f"signal {os.WTERMSIG(status)}"
         else:
             results[kind] = b"".join(chunks).decode() or f"exit {os.WEXITSTATUS(status)}"
-    print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":

@@ -886,3 +886,24 @@ def test_tensor_lr_is_used_as_a_tensor_and_matches_a_float(make, monkeypatch):
     assert not calls
     for p, q in zip(params, twins):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+def test_empty_parameter_steps_with_the_others(cls, make):
+    # a parameter with no elements has no max-abs for the non-finite check: it is finite, and
+    # the others step as they would without it (and a NaN beside it is still caught)
+    net = make()
+    params = [leaf(0, seed=1), leaf(5, seed=2)]
+    alone = [leaf(5, seed=2)]
+    opt, ref = cls(params, weights=net), cls(alone, weights=net)
+    grads = [torch.zeros(0), torch.randn(5)]
+    set_grads(params, grads)
+    set_grads(alone, grads[1:])
+    opt.step()
+    ref.step()
+    assert torch.equal(params[1], alone[0])
+    grads[1][0] = float("nan")
+    set_grads(params, grads)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert opt.skipped_steps == 1

@@ -632,7 +632,8 @@ std::vector<double> run_pass1(Step& step) {
   for_items(n_items, [&](int64_t i) {
     const Item& it = step.items[i];
     TensorJob& job = step.jobs[it.tensor];
-    partial[i] = job.f64 ? run_block<double>(job, it, step.w64) : run_block<float>(job, it, step.w32);
+    partial[i] =
+        job.f64 ? run_block<double>(job, it, step.w64) : run_block<float>(job, it, step.w32);
   });
   return partial;
 }
