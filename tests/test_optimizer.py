@@ -907,3 +907,24 @@ def test_empty_parameter_steps_with_the_others(cls, make):
     with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         opt.step()
     assert opt.skipped_steps == 1
+
+
+def test_state_dtype_is_saved_by_name_and_loads_either_way():
+    # torch.distributed.checkpoint keeps plain values only, so the dict holds "bfloat16"; a
+    # dict from an earlier save with the torch.dtype itself still loads
+    net = random_simple()
+    p = leaf(4, seed=3)
+    opt = SimpleOptimizer([p], weights=net, state_dtype=torch.bfloat16)
+    set_grads([p], [torch.randn(4)])
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["state_dtype"] == "bfloat16"
+    for saved in ("bfloat16", torch.bfloat16):
+        sd["param_groups"][0]["state_dtype"] = saved
+        other = SimpleOptimizer([leaf(4, seed=3)], weights=net)
+        other.load_state_dict(copy.deepcopy(sd))
+        assert other.param_groups[0]["state_dtype"] == torch.bfloat16
+        assert other.state[other.param_groups[0]["params"][0]]["h"].dtype == torch.bfloat16
+    sd["param_groups"][0]["state_dtype"] = "float16"
+    with pytest.raises(ValueError, match="Invalid state_dtype: torch.float16"):
+        SimpleOptimizer([leaf(4)], weights=net).load_state_dict(sd)
