@@ -69,6 +69,9 @@ def main() -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.MIN)
     if rank == 0:
         print(f"max parameter difference between processes: {(spread - flat).abs().max().item()}")
+    # every rank leaves its last collective before any tears the group down: gloo can
+    # abort (SIGABRT) a process that destroys its group while a peer is still in one
+    dist.barrier()
     dist.destroy_process_group()
 
 

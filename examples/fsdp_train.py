@@ -108,6 +108,9 @@ def main() -> None:
                   "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=args.save)
         if rank == 0:
             print(f"saved a sharded checkpoint to {args.save}")
+    # every rank leaves its last collective before any tears the group down: gloo can
+    # abort (SIGABRT) a process that destroys its group while a peer is still in one
+    dist.barrier()
     dist.destroy_process_group()
 
 
