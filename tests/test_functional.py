@@ -278,6 +278,41 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="sparse"):
         simple_update(p, [g[0].to_sparse()], h, [0.1], random_net(), impl="reference")
     simple_update([], [], [], [], random_net())  # nothing to do
+    with pytest.raises(TypeError, match="aggregate must be callable"):
+        simple_update(p, g, h, [0.1], random_net(), aggregate=1.0)
+    with pytest.raises(TypeError, match="plain torch.Tensor.*param 0 is a .*TwoTensor"):
+        from torch.testing._internal.two_tensor import TwoTensor
+
+        simple_update([TwoTensor(p[0], p[0].clone())], g, h, [0.1], random_net())
+
+
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_aggregate_spans_two_calls_like_one(impl, device):
+    # two calls that share one mean through `aggregate` (as two processes holding shards do
+    # through an all-reduce) step like one call over both halves, on every path
+    specs = SPECS["fp32"] + [((1500,), torch.float32, torch.float32)]
+    net = random_net(2)
+    p, g, h = make_state(specs, device)
+    p_ref, h_ref = clone(p), clone(h)
+    simple_update(p_ref, g, h_ref, [0.05] * 4, net, impl="reference")
+    halves = [[0, 1, 2], [3]]
+    count = sum(x.numel() for x in p)
+    sums = []
+    for half in halves:  # the other half's sums, as the all-reduce would bring them
+        simple_update([p[i].clone() for i in half], [g[i] for i in half],
+                      [h[i].clone() for i in half], [0.05] * len(half), net, impl=impl,
+                      aggregate=lambda s: sums.append(s.sum()) or s.sum())
+    for k, half in enumerate(halves):
+        other = sums[1 - k]
+        simple_update([p[i] for i in half], [g[i] for i in half], [h[i] for i in half],
+                      [0.05] * len(half), net, impl=impl,
+                      aggregate=lambda s, other=other: (s.sum() + other) / count)
+    assert max_err(p, p_ref) <= 1e-6 and max_err(h, h_ref) <= 1e-6
+    # without the other half's sums the mean is wrong, by ten times the tolerance
+    p2, g2, h2 = make_state(specs, device)
+    simple_update([p2[i] for i in halves[0]], [g2[i] for i in halves[0]],
+                  [h2[i] for i in halves[0]], [0.05] * 3, net, impl=impl)
+    assert max_err([p2[i] for i in halves[0]], [p_ref[i] for i in halves[0]]) > 1e-5
 
 
 def test_compute_dtype_rule():

@@ -404,6 +404,108 @@ def test_deterministic_run_to_run(path):
         assert torch.equal(a, b)
 
 
+# ---------------------------------------------------- two passes with an external aggregate
+
+
+def run_split(kernel, specs, parts, *, steps, device="cpu", weights=None, lrs=None):
+    """The reference on every tensor in one call, and ``kernel`` on ``parts`` (lists of tensor
+    indices) as if each part were another process's shards: each part's ``aggregate`` adds the
+    other parts' per-tensor sums of ``w_b . h'`` and divides by the total count, as an
+    all-reduce would. The other parts' sums come from a run of each part on copies (pass 1 is
+    deterministic, which the second run checks). Returns (ref params, ref h, params, h)."""
+    weights = weights if weights is not None else weights_for()
+    p_ref, h_ref = make_state(specs, "cpu")
+    p_k = [p.to(device) for p in clone(p_ref)]
+    h_k = [h.to(device) for h in clone(h_ref)]
+    lrs = lrs if lrs is not None else [0.01 * (1 + i % 5) for i in range(len(specs))]
+    count = sum(p.numel() for p in p_ref)
+    for step in range(steps):
+        grads = make_grads(p_ref, step)
+        simple_update_reference(p_ref, grads, h_ref, lrs, weights)
+        grads = [g.to(device) for g in grads]
+        sums = []
+        for part in parts:
+            seen = []
+            kernel([p_k[i].clone() for i in part], [grads[i] for i in part],
+                   [h_k[i].clone() for i in part], [lrs[i] for i in part], weights, None,
+                   lambda s: seen.append(s.clone()) or s.sum() / count)
+            sums.append(seen[0])
+        for k, part in enumerate(parts):
+            others = sum(float(x.sum()) for j, x in enumerate(sums) if j != k)
+
+            def aggregate(s, k=k, others=others):
+                assert torch.equal(s, sums[k])
+                return (s.sum() + others) / count
+
+            kernel([p_k[i] for i in part], [grads[i] for i in part], [h_k[i] for i in part],
+                   [lrs[i] for i in part], weights, None, aggregate)
+    return p_ref, h_ref, [p.cpu() for p in p_k], [h.cpu() for h in h_k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_two_phase_split_matches_one_call(path, dtype):
+    # three "processes", one holding only an empty tensor: together they must step like one
+    # call over every tensor (float16 parameters go through the scratch buffer between passes)
+    kernel, device = path
+    hdt = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes = [(1023,), (), (3, 5, 7), (0,), (5000,)]
+    specs = [(s, dtype, hdt) for s in shapes]
+    # float16: a 1-ulp rounding flip of theta is allowed, as in test_parity_mixed_dtypes
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 3 * 2.0**-11}[dtype]
+    steps = 3 if _fast(device) else 10
+    result = run_split(kernel, specs, [[0, 2], [3], [1, 4]], steps=steps, device=device)
+    assert_parity(*result, tol, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_two_phase_whole_call_equals_fused(path):
+    # one part holding everything: the two-pass path gives the fused step, up to the order in
+    # which the partial sums are added
+    kernel, device = path
+    specs = [(s, torch.float32, torch.float32) for s in [(4097,), (7,), ()]]
+    p, h = make_state(specs, device)
+    p2, h2 = clone(p), clone(h)
+    n = sum(x.numel() for x in p)
+    for step in range(3):
+        grads = [g.to(device) for g in make_grads(p, step)]
+        kernel(p, grads, h, [0.02] * 3, weights_for())
+        kernel(p2, grads, h2, [0.02] * 3, weights_for(), None, lambda s: s.sum() / n)
+    assert max_err(p, p2) <= 1e-7 * scale_of(p)
+    assert all(torch.equal(a, b) for a, b in zip(h, h2))
+
+
+def test_two_phase_skip_calls_aggregate_once_and_changes_nothing(path):
+    # the aggregate may be a collective: a skipped step must still enter it exactly once
+    kernel, device = path
+    specs = [(s, torch.bfloat16, torch.float32) for s in [(7,), (300,)]]
+    p, h = make_state(specs, device)
+    p0, h0 = clone(p), clone(h)
+    calls = []
+    kernel(p, [g.to(device) for g in make_grads(p, 0)], h, [0.1] * 2, weights_for(),
+           torch.tensor(True, device=device), lambda s: calls.append(s.cpu()) or s.sum())
+    assert len(calls) == 1 and torch.equal(calls[0], torch.zeros(2, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(p + h, p0 + h0))
+
+
+def test_two_phase_all_empty_still_aggregates(path):
+    # a process whose shards are all empty enters the all-reduce like every other
+    kernel, device = path
+    p = [torch.zeros(0, device=device), torch.zeros(0, 4, device=device)]
+    h = [torch.zeros(H, 0, device=device) for _ in p]
+    calls = []
+    kernel(p, [x.clone() for x in p], h, [0.1] * 2, weights_for(), None,
+           lambda s: calls.append(s.cpu()) or s.sum())
+    assert len(calls) == 1 and torch.equal(calls[0], torch.zeros(2, dtype=torch.float64))
+
+
+def test_two_phase_aggregate_must_return_a_scalar(path):
+    kernel, device = path
+    p = [torch.zeros(3, device=device), torch.zeros(2, device=device)]
+    for bad in (lambda s: s, lambda s: float(s.sum())):
+        with pytest.raises(TypeError, match="one-element"):
+            kernel(p, [torch.ones_like(x) for x in p], [torch.zeros(H, x.numel(), device=device)
+                   for x in p], [0.1] * 2, weights_for(), None, bad)
+
+
 # ------------------------------------------------------------------------ CPU kernel only
 
 

@@ -1093,3 +1093,45 @@ def test_a_compiled_fullgraph_step_matches_the_eager_one(make):
 @pytest.mark.slow
 def test_an_inductor_compiled_step_matches_the_eager_one():
     _compiled_against_eager(COMPILED[0].values[0], "inductor")
+
+
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+def test_empty_parameter_steps_with_the_others(cls, make):
+    # a parameter with no elements has no max-abs for the non-finite check: it is finite, and
+    # the others step as they would without it (and a NaN beside it is still caught)
+    net = make()
+    params = [leaf(0, seed=1), leaf(5, seed=2)]
+    alone = [leaf(5, seed=2)]
+    opt, ref = cls(params, weights=net), cls(alone, weights=net)
+    grads = [torch.zeros(0), torch.randn(5)]
+    set_grads(params, grads)
+    set_grads(alone, grads[1:])
+    opt.step()
+    ref.step()
+    assert torch.equal(params[1], alone[0])
+    grads[1][0] = float("nan")
+    set_grads(params, grads)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert opt.skipped_steps == 1
+
+
+def test_state_dtype_is_saved_by_name_and_loads_either_way():
+    # torch.distributed.checkpoint keeps plain values only, so the dict holds "bfloat16"; a
+    # dict from an earlier save with the torch.dtype itself still loads
+    net = random_simple()
+    p = leaf(4, seed=3)
+    opt = SimpleOptimizer([p], weights=net, state_dtype=torch.bfloat16)
+    set_grads([p], [torch.randn(4)])
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["state_dtype"] == "bfloat16"
+    for saved in ("bfloat16", torch.bfloat16):
+        sd["param_groups"][0]["state_dtype"] = saved
+        other = SimpleOptimizer([leaf(4, seed=3)], weights=net)
+        other.load_state_dict(copy.deepcopy(sd))
+        assert other.param_groups[0]["state_dtype"] == torch.bfloat16
+        assert other.state[other.param_groups[0]["params"][0]]["h"].dtype == torch.bfloat16
+    sd["param_groups"][0]["state_dtype"] = "float16"
+    with pytest.raises(ValueError, match="Invalid state_dtype: torch.float16"):
+        SimpleOptimizer([leaf(4)], weights=net).load_state_dict(sd)

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels._common import check_lengths, compute_dtype, packed_weights, split_skip
+from .kernels._common import (
+    Aggregate,
+    check_lengths,
+    compute_dtype,
+    packed_weights,
+    split_skip,
+)
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
 
 __all__ = ["simple_update", "coordinatewise_update"]
@@ -28,6 +34,7 @@ def simple_update(
     *,
     impl: str = "auto",
     skip: Tensor | bool | None = None,
+    aggregate: Aggregate | None = None,
 ) -> None:
     r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
 
@@ -55,6 +62,17 @@ def simple_update(
             ``"reference"``, ``"cpu"`` or ``"triton"`` (see :mod:`l2l_optim.kernels`).
         skip: a Python bool, or a 0-dim bool tensor on the parameters' device read inside the
             kernel (no host synchronisation); when true nothing is changed.
+        aggregate: for a mean over more coordinates than this call holds (shards of
+            parameters in other processes): a callable that receives, per tensor of the call,
+            the sum of ``w_b . h'`` over its coordinates (a float64 tensor of shape
+            ``(len(params),)`` on the parameters' device, computed after the hidden states
+            are updated) and returns the one-element tensor ``w_b . mean(h')`` that every
+            coordinate receives. :mod:`l2l_optim.distributed` passes one that all-reduces the
+            sums and divides by the global coordinate count. It is called exactly once per
+            call with parameters, also when a tensor ``skip`` is true (then with zeros), so
+            it may be a collective; when it raises, pass 1 (the hidden states and the
+            per-coordinate part of the update) has already been applied. ``None`` (the
+            default): the mean over this call's coordinates, in one fused pass.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version
@@ -63,7 +81,9 @@ def simple_update(
     Raises:
         ValueError: an unknown ``impl``, lists of different lengths, a sparse gradient, an
             unsupported dtype or a hidden state of the wrong shape.
-        TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights.
+        TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights, a tensor
+            is a subclass the kernels cannot address (e.g. DTensor: pass its ``to_local()``),
+            ``aggregate`` is not callable or returns no one-element tensor.
         RuntimeError: ``impl`` cannot run here (no compiler, no Triton, another device), or
             the tensors are on several devices for a fused kernel.
 
@@ -85,6 +105,8 @@ def simple_update(
             "simple_update needs a SimpleOptimizerNet or SimpleWeights, got "
             f"{type(weights).__name__}"
         )
+    if aggregate is not None and not callable(aggregate):
+        raise TypeError(f"aggregate must be callable, got {type(aggregate).__name__}")
     check_lengths(params, grads, hiddens, lrs)
     done, skip = split_skip(skip)
     if done or not params:
@@ -94,7 +116,7 @@ def simple_update(
     if isinstance(weights, SimpleOptimizerNet):
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     with torch.no_grad():
-        kernel(params, grads, hiddens, lrs, weights, skip)
+        kernel(params, grads, hiddens, lrs, weights, skip, aggregate)
 
 
 def coordinatewise_update(

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels
+from . import distributed, kernels
 from .functional import coordinatewise_update, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
@@ -130,7 +130,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
     ``p.numel()`` coordinates (coordinate last) and ``step``, the number of updates applied
     (an int64 tensor on the parameter's device). The state is float64 for float64
     parameters and the group's ``state_dtype`` otherwise; float16 and bfloat16 parameters
-    are computed in float32.
+    are computed in float32. For a DTensor parameter (FSDP2) the state tensors are DTensors
+    sharded like it (see :mod:`l2l_optim.distributed`).
 
     **The Hub.** :meth:`from_pretrained`, :meth:`save_pretrained` and :meth:`push_to_hub`
     (from :class:`~l2l_optim.hub.HubMixin`) read and write the meta-weights with a model
@@ -162,7 +163,9 @@ class LearnedOptimizer(HubMixin, Optimizer):
             ``maximize``; an empty parameter
             list; complex or non-floating parameters; parameters on several devices;
             weights of the wrong architecture or a weight file that fails validation.
-        TypeError: ``weights`` of an unsupported type.
+        TypeError: ``weights`` of an unsupported type, or a parameter that is a tensor
+            subclass other than DTensor.
+        NotImplementedError: a DTensor parameter with placements other than Shard / Replicate.
 
     Example:
         >>> import torch
@@ -251,6 +254,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
                 option (``nonfinite``, ``impl``) to another value than the optimizer's, or a
                 parameter is complex, not floating point, or on another device than the
                 other parameters.
+            TypeError, NotImplementedError: a parameter of a kind the optimizer cannot step
+                (see :mod:`l2l_optim.distributed` for what is supported).
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -274,12 +279,15 @@ class LearnedOptimizer(HubMixin, Optimizer):
                     raise ValueError(
                         f"{name} supports only floating-point parameters, got dtype {p.dtype}"
                     )
+            first = sum(len(g["params"]) for g in self.param_groups[:-1])
+            for i, p in enumerate(group["params"]):
+                distributed.check_param(name, first + i, p)
             if len(devices) > 1:
                 raise ValueError(
                     f"{name} needs all parameters on one device (the update "
                     f"aggregates over all coordinates), got {sorted(map(str, devices))}"
                 )
-        except ValueError:
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()
             raise
         self._make_skip_counter()
@@ -324,7 +332,11 @@ class LearnedOptimizer(HubMixin, Optimizer):
         return hit[1]
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        state = self.net.init_state(p.numel(), device=p.device, dtype=self._state_dtype_for(p, group))
+        dtype = self._state_dtype_for(p, group)
+        if distributed.is_dtensor(p):  # the state of the local shard, as DTensors
+            state = distributed.init_state(self.net, p, dtype)
+        else:
+            state = self.net.init_state(p.numel(), device=p.device, dtype=dtype)
         if "step" in state:
             raise RuntimeError(f"{type(self.net).__name__} uses the reserved state key 'step'")
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
@@ -346,6 +358,10 @@ class LearnedOptimizer(HubMixin, Optimizer):
             RuntimeError: a sparse gradient, or parameters on several devices.
             ValueError: a complex gradient.
             FloatingPointError: a non-finite gradient with ``nonfinite="raise"``.
+            NotImplementedError, TypeError: DTensor parameters in a step that
+                :mod:`l2l_optim.distributed` cannot run (mixed with plain ones, on several
+                meshes, with non-DTensor gradients, or with a net that couples coordinates in
+                its own forward).
         """
         loss = None
         if closure is not None:
@@ -393,16 +409,19 @@ class LearnedOptimizer(HubMixin, Optimizer):
                     )
         return params, grads, lrs, groups, where
 
-    def _check_finite(self, params: list[Tensor], grads: list[Tensor], where) -> tuple[bool, Tensor | None]:
+    def _check_finite(
+        self, params: list[Tensor], grads: list[Tensor], where, finite: Tensor | None = None
+    ) -> tuple[bool, Tensor | None]:
         """Apply the non-finite policy: ``(go_on, skip_flag)``.
 
         ``go_on`` is False when the step must change nothing and the host already knows it
         (CPU); on an accelerator ``skip_flag`` is a device bool handed to the update instead.
+        ``finite``: per-tensor flags computed by the caller (for sharded parameters, agreed
+        on by every process), else computed here from ``grads``.
         """
         name = type(self).__name__
-        # one fused max-abs per tensor (NaN and Inf survive it) instead of a full isfinite()
-        # pass and a reduction per tensor
-        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()
+        if finite is None:
+            finite = distributed.finite_flags(grads)
         if self.defaults["nonfinite"] == "raise":
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
@@ -437,12 +456,16 @@ class LearnedOptimizer(HubMixin, Optimizer):
         params, grads, lrs, groups, where = self._gather()
         if not params:
             return
-        go_on, skip = self._check_finite(params, grads, where)
+        # DTensor (FSDP2) parameters: their local shards, and the agreement between processes
+        sharded = distributed.prepare_step(self, params, grads, where)
+        finite = None if sharded is None else sharded.finite()
+        go_on, skip = self._check_finite(params, grads, where, finite)
         if go_on:
-            self._apply(params, grads, lrs, groups, skip)
+            self._apply(params, grads, lrs, groups, skip, sharded)
 
-    def _apply(self, params, grads, lrs, groups, skip: Tensor | None) -> None:
-        """Create missing state, run the update (``skip``: a device flag that may veto it)."""
+    def _apply(self, params, grads, lrs, groups, skip: Tensor | None, sharded=None) -> None:
+        """Create missing state, run the update (``skip``: a device flag that may veto it;
+        ``sharded``: the :class:`~l2l_optim.distributed.ShardedStep` of DTensor parameters)."""
         states = []
         for p, group in zip(params, groups):
             state = self.state[p]
@@ -451,12 +474,18 @@ class LearnedOptimizer(HubMixin, Optimizer):
             states.append(state)
         if any(group["maximize"] for group in groups):
             grads = [g.neg() if group["maximize"] else g for g, group in zip(grads, groups)]
-        for p, lr, group in zip(params, lrs, groups):
+            if sharded is not None:
+                sharded.grads = [g.neg() if group["maximize"] else g for g, group in zip(sharded.grads, groups)]
+        # sharded parameters decay shard by shard, in place on their local tensors
+        for p, lr, group in zip(params if sharded is None else sharded.params, lrs, groups):
             if group["weight_decay"]:
                 # decoupled, as AdamW: shrink the parameter before the update is added
                 factor = 1.0 - lr * group["weight_decay"]
                 p.mul_(factor if skip is None else torch.where(skip, 1.0, factor))
-        self._update(params, grads, states, lrs, skip)
+        if sharded is None:
+            self._update(params, grads, states, lrs, skip)
+        else:
+            sharded.update(self, states, lrs, skip)
         steps = [s["step"] for s in states]
         if skip is None:
             torch._foreach_add_(steps, 1)
@@ -483,13 +512,16 @@ class LearnedOptimizer(HubMixin, Optimizer):
         """The optimizer state (see :meth:`torch.optim.Optimizer.state_dict`).
 
         Every parameter group carries ``"meta_fingerprint"``, the fingerprint of the
-        meta-weights the state belongs to. The tensors are the live state, not copies (as in
-        torch).
+        meta-weights the state belongs to, and its ``state_dtype`` as a name (``"float32"``),
+        since torch's distributed checkpoint tools keep plain values only. The tensors are
+        the live state, not copies (as in torch).
         """
         sd = super().state_dict()
         fp = self.meta_fingerprint
         for group in sd["param_groups"]:
             group["meta_fingerprint"] = fp
+            # a name, not a torch.dtype: torch.distributed.checkpoint takes plain values only
+            group["state_dtype"] = distributed.dtype_name(group["state_dtype"])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -539,6 +571,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
         for g in saved_groups:
             for key, value in self.defaults.items():
                 g[key] = self.defaults[key] if key in self._step_options else g.get(key, value)
+            g["state_dtype"] = distributed.dtype_from_name(g["state_dtype"])
             self._check_options(g)
         saved_of = {}
         for g in saved_groups:
@@ -551,11 +584,13 @@ class LearnedOptimizer(HubMixin, Optimizer):
             )
         )
         saved_state = sd.get("state", {})
+        flat_shapes = {}
         for pid, value in saved_state.items():
             p = id_map.get(pid)
             if p is None:
                 raise ValueError(f"{name}.load_state_dict: state for unknown parameter id {pid}")
             expected = self.net.init_state(p.numel(), device="meta")
+            flat_shapes[pid] = {k: t.shape for k, t in expected.items()}
             want = set(expected) | {"step"}
             if not isinstance(value, dict) or set(value) != want:
                 got = sorted(value) if isinstance(value, dict) else type(value).__name__
@@ -564,12 +599,9 @@ class LearnedOptimizer(HubMixin, Optimizer):
                     f"expected {sorted(want)}"
                 )
             for k, t in expected.items():
-                if not isinstance(value[k], Tensor) or value[k].shape != t.shape:
-                    shape = getattr(value[k], "shape", None)
-                    raise ValueError(
-                        f"{name}.load_state_dict: parameter {pid} state {k!r} has shape "
-                        f"{shape}, expected {tuple(t.shape)}"
-                    )
+                # (a full state dict of sharded parameters has (*lead, *p.shape) tensors)
+                distributed.check_state(value[k], p, t.shape,
+                                        f"{name}.load_state_dict: parameter {pid} state {k!r}")
         super().load_state_dict(sd)
         for pid, value in saved_state.items():
             p = id_map[pid]
@@ -581,6 +613,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
                 state[k] = t.to(
                     device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
                 )
+                if k != "step":  # the layout kept for p (flat, or DTensor for a DTensor p)
+                    state[k] = distributed.place_state(state[k], p, flat_shapes[pid][k])
 
     # torch's Optimizer pickles defaults, state and param_groups; the net is not an option
     # but the update rule itself, so it travels beside them (with the skipped-step count)
@@ -673,9 +707,10 @@ class SimpleOptimizer(LearnedOptimizer):
             raise ValueError(f"Invalid impl: {options['impl']!r}; expected one of {kernels.IMPLS}")
         super()._check_options(options)
 
-    def _update(self, params, grads, states, lrs, skip) -> None:
+    def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
+        # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
-                      impl=self.defaults["impl"], skip=skip)
+                      impl=self.defaults["impl"], skip=skip, aggregate=aggregate)
 
 
 class DMOptimizer(LearnedOptimizer):

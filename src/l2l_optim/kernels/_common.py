@@ -4,6 +4,8 @@
   everything else), used per tensor by the kernels and per call to fold the net's weights.
 * :func:`check_inputs`, :func:`split_skip`: the argument checks and the ``skip`` convention,
   so that every path accepts and rejects the same calls with the same messages.
+* :data:`Aggregate`, :func:`call_aggregate`: the external reduction between the two passes
+  (a mean over coordinates that other processes hold).
 * :func:`contiguous_inplace`: contiguous working copies of non-contiguous tensors, copied back
   after the kernel, and the autograd version bump that in-place writes through raw pointers
   need.
@@ -30,6 +32,8 @@ __all__ = [
     "HIDDEN_DTYPES",
     "compute_dtype",
     "split_skip",
+    "Aggregate",
+    "call_aggregate",
     "check_lengths",
     "check_inputs",
     "contiguous_inplace",
@@ -64,6 +68,52 @@ def split_skip(skip: Tensor | bool | None) -> tuple[bool, Tensor | None]:
     return bool(skip), None
 
 
+#: ``aggregate(sums) -> shared``: ``sums`` is a float64 tensor with one entry per tensor of the
+#: call (the sum of ``w_b . h'`` over that tensor's coordinates), ``shared`` the one-element
+#: tensor ``w_b . mean(h')`` that pass 2 adds to every coordinate.
+Aggregate = Callable[[Tensor], Tensor]
+
+# the tensor types whose memory the fused kernels address directly
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def call_aggregate(aggregate: Aggregate, sums: Tensor) -> Tensor:
+    """``aggregate(sums)`` checked and cast: a 0-dim float64 tensor on ``sums``' device.
+
+    Raises:
+        TypeError: the result is not a plain one-element floating-point tensor.
+    """
+    shared = aggregate(sums)
+    if (
+        type(shared) not in _PLAIN_TYPES
+        or shared.numel() != 1
+        or not shared.is_floating_point()
+    ):
+        got = f"{type(shared).__name__} {tuple(getattr(shared, 'shape', ()))}"
+        raise TypeError(f"aggregate must return a one-element floating-point tensor, got {got}")
+    return shared.reshape(()).to(device=sums.device, dtype=torch.float64)
+
+
+def _check_plain(x: Any, what: str, i: int) -> None:
+    """Raise unless ``x`` is a plain dense tensor (what the kernels can address)."""
+    if type(x) not in _PLAIN_TYPES:
+        hint = (
+            "; for a DTensor pass its .to_local() (SimpleOptimizer does this for FSDP2 "
+            "parameters, see l2l_optim.distributed)"
+            if type(x).__name__ == "DTensor"
+            else ""
+        )
+        raise TypeError(
+            f"SimpleOptimizer kernels take plain torch.Tensor / nn.Parameter inputs; {what} {i} "
+            f"is a {type(x).__module__}.{type(x).__qualname__}{hint}"
+        )
+    if x.layout != torch.strided or x.is_nested:
+        kind = "nested" if x.is_nested else str(x.layout)
+        raise ValueError(
+            f"SimpleOptimizer kernels take dense strided tensors; {what} {i} is {kind}"
+        )
+
+
 def check_lengths(params, grads, hiddens, lrs) -> None:
     """Raise ValueError unless the four lists have one entry per parameter."""
     n = len(params)
@@ -95,20 +145,23 @@ def check_inputs(
         device_rule: the phrase that says which device, e.g. ``"runs on CPU tensors only"``.
 
     Raises:
-        ValueError: lists of different lengths, a sparse gradient, an unsupported dtype or a
-            hidden state of the wrong shape.
+        ValueError: lists of different lengths, a sparse gradient, a sparse or nested tensor,
+            an unsupported dtype or a hidden state of the wrong shape.
+        TypeError: a tensor subclass (e.g. DTensor, FakeTensor) or a non-tensor.
         RuntimeError: a tensor on another device than ``device``.
     """
     check_lengths(params, grads, hiddens, lrs)
-    for p, g, h in zip(params, grads, hiddens):
+    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
+        if type(g) in _PLAIN_TYPES and (g.is_sparse or g.layout != torch.strided):
+            raise ValueError("SimpleOptimizer kernels do not support sparse gradients")
+        for x, what in ((p, "param"), (g, "grad"), (h, "hidden state")):
+            _check_plain(x, what, i)
         if device is not None:
             for x in (p, g, h):
                 if x.device != device:
                     raise RuntimeError(
                         f"impl={impl!r} {device_rule}; got a tensor on {x.device}"
                     )
-        if g.is_sparse or g.layout != torch.strided:
-            raise ValueError("SimpleOptimizer kernels do not support sparse gradients")
         if p.dtype not in PARAM_DTYPES or g.dtype not in PARAM_DTYPES:
             raise ValueError(f"impl={impl!r}: unsupported dtype {p.dtype} / {g.dtype}")
         if h.dtype not in HIDDEN_DTYPES:

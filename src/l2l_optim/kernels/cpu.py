@@ -37,7 +37,14 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
-from ._common import check_inputs, contiguous_inplace, packed_weights, split_skip
+from ._common import (
+    Aggregate,
+    call_aggregate,
+    check_inputs,
+    contiguous_inplace,
+    packed_weights,
+    split_skip,
+)
 
 __all__ = [
     "simple_update_cpu",
@@ -219,12 +226,17 @@ def simple_update_cpu(
     lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | bool | None = None,
+    aggregate: Aggregate | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
+
+    Without ``aggregate`` one op runs both passes; with it, pass 1 and pass 2 are two ops and
+    ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
 
     Raises:
         RuntimeError: the extension is unavailable, or a tensor is not on the CPU.
         ValueError: as the reference.
+        TypeError: as the reference (a tensor subclass such as DTensor).
     """
     ext = load_extension()
     check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
@@ -236,8 +248,14 @@ def simple_update_cpu(
         return
     # the kernel reads every weight in fp64 and rounds to the compute dtype itself
     packed = packed_weights(weights, _CPU, torch.float64, flat=True)
+    lr_list = [float(lr) for lr in lrs]
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
-        ext.simple_update(ps, gs, hs, [float(lr) for lr in lrs], packed, skip)
+        if aggregate is None:
+            ext.simple_update(ps, gs, hs, lr_list, packed, skip)
+            return
+        sums, scratch = ext.simple_update_pass1(ps, gs, hs, lr_list, packed, skip)
+        shared = call_aggregate(aggregate, sums)
+        ext.simple_update_pass2(ps, scratch, lr_list, packed, shared, skip)
 
 
 def kernel_tanh(x: Tensor) -> Tensor:

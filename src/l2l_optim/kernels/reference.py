@@ -11,7 +11,14 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
-from ._common import check_inputs, compute_dtype, packed_weights, split_skip
+from ._common import (
+    Aggregate,
+    call_aggregate,
+    check_inputs,
+    compute_dtype,
+    packed_weights,
+    split_skip,
+)
 
 __all__ = ["simple_update_reference"]
 
@@ -23,6 +30,7 @@ def simple_update_reference(
     lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | None = None,
+    aggregate: Aggregate | None = None,
 ) -> None:
     """Apply one SimpleOptimizer step in place to ``params`` and ``hiddens``.
 
@@ -36,24 +44,34 @@ def simple_update_reference(
         weights: the folded net weights (``SimpleOptimizerNet.fused_weights``).
         skip: optional 0-dim bool tensor or Python bool; when true nothing is changed (the
             non-finite gradient policy).
+        aggregate: optional; when given, the per-tensor sums of ``w_b . h'`` (a float64
+            tensor on the first parameter's device) go through it and the scalar it returns
+            replaces ``w_b . mean(h')`` (see :data:`~._common.Aggregate`). It is called once
+            per call with parameters, also when a tensor ``skip`` is true (with zeros).
 
     The aggregate is the mean of ``h'`` over every coordinate of every tensor in the call.
 
     Raises:
         ValueError: the lists differ in length, a gradient is sparse, a dtype is unsupported
             or a hidden state has the wrong shape.
+        TypeError: a tensor subclass (e.g. DTensor), or ``aggregate`` returns no scalar.
     """
     H = weights.w_ih.numel()
     check_inputs("reference", params, grads, hiddens, lrs, H)
     done, skip = split_skip(skip)
-    if done:
+    if done or not params:
         return
     if skip is not None and not torch.compiler.is_compiling():
         # eager: read the flag once; a compiled graph cannot, so it masks the writes instead
         if bool(skip):
+            if aggregate is not None:
+                # the callback may be a collective that every process must enter
+                call_aggregate(aggregate, torch.zeros(len(params), dtype=torch.float64,
+                                                      device=params[0].device))
             return
         skip = None
     new_hiddens = []
+    sums = []  # per tensor: sum of w_b . h' over its coordinates (for aggregate)
     total = torch.zeros(H, dtype=torch.float64)
     count = 0
     for p, g, h in zip(params, grads, hiddens):
@@ -64,13 +82,21 @@ def simple_update_reference(
         pre = w.w_ih.unsqueeze(1) * g_flat.unsqueeze(0) + w.w_hh @ h_old + w.b_h.unsqueeze(1)
         h_new = torch.tanh(pre)
         new_hiddens.append(h_new)
-        total += h_new.sum(dim=1).to(device="cpu", dtype=torch.float64)
+        h_sum = h_new.sum(dim=1).to(device="cpu", dtype=torch.float64)
+        total += h_sum
+        if aggregate is not None:
+            sums.append(w.w_b.to(device="cpu", dtype=torch.float64) @ h_sum)
         count += g_flat.numel()
     mean = total / max(count, 1)
+    if aggregate is not None:
+        agg = call_aggregate(aggregate, torch.stack(sums).to(params[0].device))
     for p, h, h_new, lr in zip(params, hiddens, new_hiddens, lrs):
         cd = h_new.dtype
         w = packed_weights(weights, p.device, cd)
-        shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
+        if aggregate is None:
+            shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
+        else:
+            shared = agg.to(device=p.device, dtype=cd)
         update = w.w_a @ h_new + shared + w.b_out
         p_new = p.to(cd) + lr * update.reshape(p.shape)
         if skip is not None:

@@ -17,6 +17,10 @@
 //   reduce: the partial sums, in block order, in double.
 //   pass 2: theta += lr * S / N (one scalar per tensor).
 //
+// simple_update runs all three. simple_update_pass1 / simple_update_pass2 run the passes as two
+// ops, so that a caller whose mean spans more coordinates than one call holds (a sharded
+// parameter's other shards live in other processes) can all-reduce S and N in between.
+//
 // Determinism: the coordinates are cut into fixed blocks (kBlock coordinates of one tensor). Every
 // block is computed by exactly one thread, its partial sum is accumulated in a fixed lane order,
 // and the partial sums are reduced sequentially in block order. Which thread runs which block is
@@ -510,6 +514,142 @@ HKind hkind(const at::Tensor& h) {
   }
 }
 
+// Every op checks each tensor before it reads a pointer: a tensor the loops cannot address (a
+// tensor subclass such as DTensor, a fake, functional, meta, sparse or nested tensor) raises
+// here instead of handing a null or foreign pointer to the loops.
+void check_addressable(const at::Tensor& t, const char* what, size_t i) {
+  TORCH_CHECK(t.defined(), "l2l_optim cpu kernel: ", what, " ", i, " is undefined");
+  const auto keys = t.key_set();
+  TORCH_CHECK(!keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize),
+              "l2l_optim cpu kernel: ", what, " ", i,
+              " is a tensor subclass or wrapper (e.g. DTensor); the kernel takes plain CPU "
+              "tensors (for a DTensor, pass its .to_local())");
+  TORCH_CHECK(t.layout() == at::kStrided && !t.is_nested(), "l2l_optim cpu kernel: ", what, " ",
+              i, " is not a dense strided tensor (layout ", t.layout(),
+              t.is_nested() ? ", nested" : "", ")");
+  TORCH_CHECK(t.device().is_cpu(), "l2l_optim cpu kernel: all tensors must be on the CPU (",
+              what, " ", i, " is on ", t.device(), ")");
+  TORCH_CHECK(t.has_storage() && (t.numel() == 0 || t.data_ptr() != nullptr),
+              "l2l_optim cpu kernel: ", what, " ", i, " has no addressable storage");
+}
+
+// The skip flag: true means the op changes nothing.
+bool skip_set(const std::optional<at::Tensor>& skip) {
+  if (!skip.has_value() || !skip->defined()) return false;
+  check_addressable(*skip, "skip flag", 0);
+  TORCH_CHECK(skip->numel() == 1, "l2l_optim cpu kernel: the skip flag must have one element");
+  return skip->item<bool>();
+}
+
+// The hidden size of a packed weight vector (its length is 4H + H^2 + 1).
+int hidden_size(const at::Tensor& weights) {
+  check_addressable(weights, "weights", 0);
+  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.is_contiguous() && weights.dim() == 1,
+              "l2l_optim cpu kernel: weights must be a packed contiguous fp64 vector");
+  const int64_t wn = weights.numel();
+  int H = 0;
+  while (4 * H + H * H + 1 < wn) ++H;
+  TORCH_CHECK(4 * H + H * H + 1 == wn, "l2l_optim cpu kernel: bad packed weight length ", wn);
+  TORCH_CHECK(H >= 1 && H <= kMaxH, "l2l_optim cpu kernel: hidden size ", H, " not in [1, ", kMaxH,
+              "]");
+  return H;
+}
+
+// One call's tensors cut into blocks, with the weights unpacked in both compute precisions.
+struct Step {
+  int H = 0;
+  const double* wp = nullptr;
+  Weights<float> w32;
+  Weights<double> w64;
+  std::vector<TensorJob> jobs;
+  std::vector<Item> items;
+  int64_t N = 0;  // coordinates in the call
+
+  Step(const at::Tensor& weights, size_t T) : H(hidden_size(weights)), jobs(T) {
+    wp = weights.data_ptr<double>();
+    w32 = unpack<float>(wp, H);
+    w64 = unpack<double>(wp, H);
+  }
+
+  // Job t for a parameter of n coordinates: its blocks, its dtype, its learning rate.
+  void add(size_t t, const at::Tensor& p, double lr) {
+    check_addressable(p, "param", t);
+    TORCH_CHECK(p.is_contiguous(), "l2l_optim cpu kernel: tensors must be contiguous");
+    TensorJob& job = jobs[t];
+    job.param = p;
+    job.pk = pkind(p);
+    job.n = p.numel();
+    job.lr = lr;
+    job.f64 = job.pk == PKind::F64;
+    for (int64_t s = 0; s < job.n; s += kBlock)
+      items.push_back(Item{static_cast<int>(t), s, std::min(kBlock, job.n - s)});
+    N += job.n;
+  }
+
+  // Pass 2 changes theta unless the aggregate weights are all zero (then the shared scalar is
+  // exactly 0) and no parameter waits in a scratch buffer.
+  bool needs_pass2() const {
+    bool all_zero_b = true;
+    for (int j = 0; j < H; ++j) all_zero_b = all_zero_b && (wp[3 * H + H * H + j] == 0.0);
+    bool any_scratch = false;
+    for (auto& job : jobs) any_scratch = any_scratch || job.scratch.defined();
+    return !(all_zero_b && !any_scratch);
+  }
+};
+
+// Fill `step` with every tensor of the call (checked) and allocate the bf16 / fp16 scratch.
+void add_all(Step& step, at::TensorList params, at::TensorList grads, at::TensorList hiddens,
+             at::ArrayRef<double> lrs) {
+  const int H = step.H;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    const at::Tensor& g = grads[t];
+    const at::Tensor& h = hiddens[t];
+    check_addressable(g, "grad", t);
+    check_addressable(h, "hidden", t);
+    TORCH_CHECK(g.is_contiguous() && h.is_contiguous(),
+                "l2l_optim cpu kernel: tensors must be contiguous");
+    pkind(g);  // a gradient dtype the loops read
+    step.add(t, p, lrs[t]);
+    TensorJob& job = step.jobs[t];
+    const int64_t n = job.n;
+    TORCH_CHECK(g.numel() == n, "l2l_optim cpu kernel: grad ", t, " has ", g.numel(),
+                " elements, param has ", n);
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == H && h.size(1) == n, "l2l_optim cpu kernel: hidden ",
+                t, " must have shape (", H, ", ", n, "), got ", h.sizes());
+    job.grad = g;
+    job.hidden = h;
+    job.hk = hkind(h);
+    if (job.pk == PKind::BF16 || job.pk == PKind::F16)
+      job.scratch = at::zeros({n}, p.options().dtype(at::kFloat));
+  }
+}
+
+// Pass 1 over every block: the partial sums of w_b . h', one per block, in block order.
+std::vector<double> run_pass1(Step& step) {
+  const int64_t n_items = static_cast<int64_t>(step.items.size());
+  std::vector<double> partial(n_items, 0.0);
+  for_items(n_items, [&](int64_t i) {
+    const Item& it = step.items[i];
+    TensorJob& job = step.jobs[it.tensor];
+    partial[i] =
+        job.f64 ? run_block<double>(job, it, step.w64) : run_block<float>(job, it, step.w32);
+  });
+  return partial;
+}
+
+void run_pass2(Step& step, double shared) {
+  for_items(static_cast<int64_t>(step.items.size()), [&](int64_t i) {
+    const Item& it = step.items[i];
+    pass2_block(step.jobs[it.tensor], it, shared);
+  });
+}
+
+void check_lengths(size_t T, size_t a, size_t b, size_t c) {
+  TORCH_CHECK(a == T && b == T && c == T,
+              "l2l_optim cpu kernel: params, grads, hiddens and lrs differ in length");
+}
+
 }  // namespace
 
 // params / grads: contiguous CPU tensors (grads the same numel as params); hiddens: contiguous
@@ -517,78 +657,70 @@ HKind hkind(const at::Tensor& h) {
 void simple_update(at::TensorList params, at::TensorList grads, at::TensorList hiddens,
                    at::ArrayRef<double> lrs, const at::Tensor& weights,
                    const std::optional<at::Tensor>& skip) {
-  const size_t T = params.size();
-  TORCH_CHECK(grads.size() == T && hiddens.size() == T && lrs.size() == T,
-              "l2l_optim cpu kernel: params, grads, hiddens and lrs differ in length");
-  if (skip.has_value() && skip->defined() && skip->item<bool>()) return;
-  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.is_contiguous() && weights.dim() == 1,
-              "l2l_optim cpu kernel: weights must be a packed contiguous fp64 vector");
-  const int64_t wn = weights.numel();
-  // wn = 4H + H^2 + 1
-  int H = 0;
-  while (4 * H + H * H + 1 < wn) ++H;
-  TORCH_CHECK(4 * H + H * H + 1 == wn, "l2l_optim cpu kernel: bad packed weight length ", wn);
-  TORCH_CHECK(H >= 1 && H <= kMaxH, "l2l_optim cpu kernel: hidden size ", H, " not in [1, ", kMaxH,
-              "]");
-  const double* wp = weights.data_ptr<double>();
-  const Weights<float> w32 = unpack<float>(wp, H);
-  const Weights<double> w64 = unpack<double>(wp, H);
-
-  std::vector<TensorJob> jobs(T);
-  std::vector<Item> items;
-  int64_t N = 0;
-  for (size_t t = 0; t < T; ++t) {
-    const at::Tensor& p = params[t];
-    const at::Tensor& g = grads[t];
-    const at::Tensor& h = hiddens[t];
-    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && h.device().is_cpu(),
-                "l2l_optim cpu kernel: all tensors must be on the CPU");
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && h.is_contiguous(),
-                "l2l_optim cpu kernel: tensors must be contiguous");
-    const int64_t n = p.numel();
-    TORCH_CHECK(g.numel() == n, "l2l_optim cpu kernel: grad ", t, " has ", g.numel(),
-                " elements, param has ", n);
-    TORCH_CHECK(h.dim() == 2 && h.size(0) == H && h.size(1) == n, "l2l_optim cpu kernel: hidden ",
-                t, " must have shape (", H, ", ", n, "), got ", h.sizes());
-    TensorJob& job = jobs[t];
-    job.param = p;
-    job.grad = g;
-    job.hidden = h;
-    job.pk = pkind(p);
-    job.hk = hkind(h);
-    job.n = n;
-    job.lr = lrs[t];
-    job.f64 = job.pk == PKind::F64;
-    if (job.pk == PKind::BF16 || job.pk == PKind::F16)
-      job.scratch = at::zeros({n}, p.options().dtype(at::kFloat));
-    for (int64_t s = 0; s < n; s += kBlock)
-      items.push_back(Item{static_cast<int>(t), s, std::min(kBlock, n - s)});
-    N += n;
-  }
-  if (N == 0) return;
-
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<double> partial(n_items, 0.0);
-  for_items(n_items, [&](int64_t i) {
-    const Item& it = items[i];
-    TensorJob& job = jobs[it.tensor];
-    partial[i] = job.f64 ? run_block<double>(job, it, w64) : run_block<float>(job, it, w32);
-  });
-
+  check_lengths(params.size(), grads.size(), hiddens.size(), lrs.size());
+  if (skip_set(skip)) return;
+  Step step(weights, params.size());
+  add_all(step, params, grads, hiddens, lrs);
+  if (step.N == 0) return;
+  const std::vector<double> partial = run_pass1(step);
   // deterministic reduction, then the shared scalar
   double S = 0.0;
-  for (int64_t i = 0; i < n_items; ++i) S += partial[i];
-  const double shared = S / static_cast<double>(N);
+  for (double x : partial) S += x;
+  const double shared = S / static_cast<double>(step.N);
+  if (!step.needs_pass2()) return;  // no aggregate (shared is exactly 0): nothing to add
+  run_pass2(step, shared);
+}
 
-  bool all_zero_b = true;
-  for (int j = 0; j < H; ++j) all_zero_b = all_zero_b && (wp[3 * H + H * H + j] == 0.0);
-  bool any_scratch = false;
-  for (auto& job : jobs) any_scratch = any_scratch || job.scratch.defined();
-  if (all_zero_b && !any_scratch) return;  // no aggregate (shared is exactly 0): nothing to add
-  for_items(n_items, [&](int64_t i) {
-    const Item& it = items[i];
-    pass2_block(jobs[it.tensor], it, shared);
-  });
+// The same step in two halves, for an aggregate that spans more than this call (sharded
+// parameters: the caller all-reduces between the halves). Pass 1 returns, per tensor, the sum
+// of w_b . h' over its coordinates (its blocks' partial sums added in block order, in double)
+// and the fp32 scratch buffers of bf16 / fp16 parameters (empty tensors for the others), which
+// pass 2 takes back together with `shared`, the scalar w_b . mean(h') to add.
+std::tuple<at::Tensor, std::vector<at::Tensor>> simple_update_pass1(
+    at::TensorList params, at::TensorList grads, at::TensorList hiddens,
+    at::ArrayRef<double> lrs, const at::Tensor& weights, const std::optional<at::Tensor>& skip) {
+  const size_t T = params.size();
+  check_lengths(T, grads.size(), hiddens.size(), lrs.size());
+  at::Tensor sums = at::zeros({static_cast<int64_t>(T)}, at::TensorOptions().dtype(at::kDouble));
+  std::vector<at::Tensor> scratch(T);
+  for (auto& s : scratch) s = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  if (skip_set(skip)) return {sums, scratch};
+  Step step(weights, T);
+  add_all(step, params, grads, hiddens, lrs);
+  const std::vector<double> partial = run_pass1(step);
+  double* out = sums.data_ptr<double>();
+  for (size_t i = 0; i < partial.size(); ++i) out[step.items[i].tensor] += partial[i];
+  for (size_t t = 0; t < T; ++t)
+    if (step.jobs[t].scratch.defined()) scratch[t] = step.jobs[t].scratch;
+  return {sums, scratch};
+}
+
+void simple_update_pass2(at::TensorList params, at::TensorList scratch, at::ArrayRef<double> lrs,
+                         const at::Tensor& weights, const at::Tensor& shared,
+                         const std::optional<at::Tensor>& skip) {
+  const size_t T = params.size();
+  TORCH_CHECK(scratch.size() == T && lrs.size() == T,
+              "l2l_optim cpu kernel: params, scratch and lrs differ in length");
+  if (skip_set(skip)) return;
+  check_addressable(shared, "shared", 0);
+  TORCH_CHECK(shared.numel() == 1 && shared.is_floating_point(),
+              "l2l_optim cpu kernel: shared must be a one-element floating tensor");
+  const double sh = shared.item<double>();
+  Step step(weights, T);
+  for (size_t t = 0; t < T; ++t) {
+    step.add(t, params[t], lrs[t]);
+    TensorJob& job = step.jobs[t];
+    if (job.pk == PKind::BF16 || job.pk == PKind::F16) {
+      const at::Tensor& s = scratch[t];
+      check_addressable(s, "scratch", t);
+      TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == job.n,
+                  "l2l_optim cpu kernel: scratch ", t, " must be the float32 buffer of ", job.n,
+                  " elements that simple_update_pass1 returned");
+      job.scratch = s;
+    }
+  }
+  if (step.N == 0 || !step.needs_pass2()) return;
+  run_pass2(step, sh);
 }
 
 int64_t block_size() { return kBlock; }
@@ -627,6 +759,12 @@ TORCH_LIBRARY(l2l_optim_cpu, m) {
   m.def(
       "simple_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] hiddens, float[] lrs, "
       "Tensor weights, Tensor? skip) -> ()");
+  m.def(
+      "simple_update_pass1(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] hiddens, "
+      "float[] lrs, Tensor weights, Tensor? skip) -> (Tensor, Tensor[])");
+  m.def(
+      "simple_update_pass2(Tensor(a!)[] params, Tensor[] scratch, float[] lrs, Tensor weights, "
+      "Tensor shared, Tensor? skip) -> ()");
   m.def("block_size() -> int", &block_size);
   m.def("num_threads() -> int", &num_threads);
   m.def("tanh(Tensor x) -> Tensor");
@@ -634,5 +772,7 @@ TORCH_LIBRARY(l2l_optim_cpu, m) {
 
 TORCH_LIBRARY_IMPL(l2l_optim_cpu, CPU, m) {
   m.impl("simple_update", &simple_update);
+  m.impl("simple_update_pass1", &simple_update_pass1);
+  m.impl("simple_update_pass2", &simple_update_pass2);
   m.impl("tanh", &kernel_tanh);
 }

@@ -15,6 +15,10 @@ Structure (the same two passes as the CPU kernel, see ``simple_cpu.cpp``):
 3. **pass 2**, one launch per group: ``theta += lr * shared`` (or, for bf16/fp16,
    ``theta = round(theta + lr (u + shared))``).
 
+With an ``aggregate`` callback (sharded parameters, see ``l2l_optim.distributed``) step 2 is
+replaced: one program per tensor sums that tensor's partials in a fixed order, and the callback
+turns the per-tensor sums into ``shared`` (an all-reduce, on the device) before pass 2.
+
 So a step is ``2 * groups + 1`` launches whatever the number of tensors, reads no value back
 to the host (no ``.item()``) and is CUDA-graph capturable once warmed up: the pointer/block
 tables are built on the host and uploaded on the first call for a given set of tensors, and
@@ -50,6 +54,8 @@ from torch import Tensor
 from ..nets import SimpleWeights
 from ._common import (
     CACHE,
+    Aggregate,
+    call_aggregate,
     check_inputs,
     compute_dtype,
     contiguous_inplace,
@@ -205,6 +211,19 @@ if triton is not None:
         total = tl.sum(acc, axis=0)
         tl.store(shared_ptr, total / n_total.to(tl.float64))  # n_total: an int (exact)
 
+    @triton.jit(do_not_specialize=["T"])
+    def _segment_kernel(part_ptr, seg_ptr, out_ptr, T, R: tl.constexpr):
+        # per tensor t: the sum of its blocks' partials, which are contiguous from
+        # seg[t] (first block) for seg[T + t] blocks; a fixed order, as in _reduce_kernel
+        t = tl.program_id(0)
+        first = tl.load(seg_ptr + t)
+        count = tl.load(seg_ptr + T + t)
+        acc = tl.zeros([R], dtype=tl.float64)
+        for i in range(0, count, R):
+            offs = i + tl.arange(0, R)
+            acc += tl.load(part_ptr + first + offs, mask=offs < count, other=0.0)
+        tl.store(out_ptr + t, tl.sum(acc, axis=0))
+
     @triton.jit
     def _pass2_kernel(
         p_tab, n_tab, sc_tab, lr_tab, blk_t, blk_s, shared_ptr, scratch_ptr, skip_ptr,
@@ -254,7 +273,8 @@ class _Group:
 class _Plan:
     # lr_tables: (the float lrs, their device tables), replaced as one tuple so that two
     # threads stepping with one plan never pair one's lrs with the other's tables
-    __slots__ = ("groups", "n_blocks", "n_total", "scratch_numel", "block", "lr_tables")
+    __slots__ = ("groups", "n_blocks", "n_total", "scratch_numel", "block", "lr_tables",
+                 "seg_host", "seg")
 
 
 def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -286,6 +306,9 @@ def _make_plan(params, grads, hiddens, device, block) -> _Plan:
     plan.n_total = sum(p.numel() for p in params)
     part_base = 0
     scratch = 0
+    # per tensor (call order): first block in the partials and number of blocks
+    seg_first = [0] * len(params)
+    seg_count = [0] * len(params)
     for (pdt, gdt, hdt), idx in groups.items():
         grp = _Group()
         grp.pdt, grp.gdt, grp.hdt, grp.idx = pdt, gdt, hdt, idx
@@ -303,6 +326,8 @@ def _make_plan(params, grads, hiddens, device, block) -> _Plan:
             sc_tab.append(scratch)
             if not grp.inplace:
                 scratch += n
+            seg_first[i] = part_base + len(blk_t)
+            seg_count[i] = -(-n // block)
             for s in range(0, n, block):
                 blk_t.append(k)
                 blk_s.append(s)
@@ -321,6 +346,8 @@ def _make_plan(params, grads, hiddens, device, block) -> _Plan:
     plan.n_blocks = part_base
     plan.scratch_numel = scratch
     plan.lr_tables = (None, None)
+    plan.seg_host = seg_first + seg_count
+    plan.seg = None  # uploaded on the first call with an aggregate
     return plan
 
 
@@ -349,6 +376,7 @@ def simple_update_triton(
     lrs: list[float | Tensor],
     weights: SimpleWeights,
     skip: Tensor | bool | None = None,
+    aggregate: Aggregate | None = None,
 ) -> None:
     """The fused Triton update; same contract as :func:`~.reference.simple_update_reference`.
 
@@ -356,6 +384,7 @@ def simple_update_triton(
         RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device (CPU
             tensors are accepted in interpret mode, ``TRITON_INTERPRET=1``).
         ValueError: as the reference.
+        TypeError: as the reference (a tensor subclass such as DTensor).
     """
     if triton is None:
         raise RuntimeError(f"impl='triton' needs Triton, which cannot be imported: {_IMPORT_ERROR}")
@@ -376,6 +405,8 @@ def simple_update_triton(
         block = BLOCK_INTERPRET if interp else BLOCK_GPU
         plan = _plan(ps, gs, hs, device, block)
         if plan.n_total == 0:
+            if aggregate is not None:  # a collective that every process must enter
+                call_aggregate(aggregate, torch.zeros(len(ps), dtype=torch.float64, device=device))
             return
         lr_tabs = _lr_tables(plan, lrs, device)
         partials = torch.empty(plan.n_blocks, dtype=torch.float64, device=device)
@@ -396,8 +427,16 @@ def simple_update_triton(
                 P_DT=_TL_DTYPES[grp.pdt], G_DT=_TL_DTYPES[grp.gdt], H_DT=_TL_DTYPES[grp.hdt],
                 C_DT=_TL_DTYPES[grp.cdt], INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
             )
-        _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
-                             R=REDUCE_BLOCK, **warps)
+        if aggregate is None:
+            _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
+                                 R=REDUCE_BLOCK, **warps)
+        else:
+            if plan.seg is None:
+                plan.seg = _upload(plan.seg_host, torch.int64, device)
+            sums = torch.empty(len(ps), dtype=torch.float64, device=device)
+            _segment_kernel[(len(ps),)](partials, plan.seg, sums, len(ps), R=REDUCE_BLOCK,
+                                        **warps)
+            shared = call_aggregate(aggregate, sums).reshape(1)
         for grp, lr_tab in zip(plan.groups, lr_tabs):
             tb = grp.tab
             _pass2_kernel[(grp.n_blocks,)](
