@@ -20,6 +20,7 @@ from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOp
 _BASE = {"hidden_size": 10, "bias": False, "aggregate": True}
 PLANNED = {
     "simple": (SimpleOptimizerNet, 132, _BASE),
+    "simple-v0": (SimpleOptimizerNet, 132, _BASE),
     "simple-bias": (SimpleOptimizerNet, 143, dict(_BASE, bias=True)),
     "simple-noagg": (SimpleOptimizerNet, 121, dict(_BASE, aggregate=False)),
     "simple-uniform": (SimpleOptimizerNet, 132, _BASE),

@@ -6,7 +6,7 @@
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 declare -A CMD=(
-  [simple]="--trajectories 20 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
+  [simple-v0]="--trajectories 20 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [simple-bias]="--bias --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [simple-noagg]="--no-aggregate --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
   [simple-uniform]="--meta-loss uniform --trajectories 10 --eval-every 10 --eval-steps 1000 --threads 1 --seed 0"
@@ -14,8 +14,15 @@ declare -A CMD=(
   [rnnprop]="--arch rnnprop --trajectories 2 --threads 1 --seed 0"
 )
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(simple simple-bias simple-noagg simple-uniform dm rnnprop)
+[ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
+  if [ "$name" = simple ]; then
+    # ES on the task population, from simple-v0; the selected generation (see README.md)
+    $PY -m l2l_optim meta-es --out-dir runs/simple-es --init simple-v0 --instances 2 --pairs 8 \
+      --horizons 200 500 1000 2000 --seed 1 --until 53
+    cp runs/simple-es/weights.safetensors weights/simple.safetensors
+    continue
+  fi
   $PY -m l2l_optim meta-fit ${CMD[$name]} --out-dir "runs/$name"
   cp "runs/$name/weights.safetensors" "weights/$name.safetensors"
   mkdir -p weights/logs

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-horizon", type=int, default=d.slow_horizon, help="horizon cap of the conv and lm families")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--engine", choices=["es", "bptt"], default="es")
+    p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--data-root", default=None)
@@ -264,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    generations=args.generations, scaled_fraction=args.scaled_fraction,
                    slow_horizon=args.slow_horizon, seed=args.seed)
     images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
-    meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, time_budget=args.time_budget,
-                  engine=args.engine)
+    meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, until=args.until,
+                  time_budget=args.time_budget, engine=args.engine)
     command = "python -m l2l_optim meta-es " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"wrote {Path(args.out_dir) / 'weights.safetensors'} ({command})")
     return 0

@@ -64,7 +64,7 @@ class Experiment:
     note: str = ""
 
 
-SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple")
+SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple-v0")
 SGD = OptSpec("sgd", "SGD (tuned lr)", "sgd")
 ADAM = OptSpec("adam", "Adam (tuned lr)", "adam")
 # a step of the LSTM optimizers costs far more than SimpleOptimizer's (table1), so one seed each
@@ -73,7 +73,7 @@ RNNPROP_ONE_SEED = OptSpec("rnnprop", "RNNProp", "learned", "rnnprop", seeds=1)
 # fig4a compares them only for context (not a claim of the paper), so 500 steps there
 DM_SHORT = OptSpec("dm", "DMOptimizer", "learned", "dm", steps=500, seeds=1)
 RNNPROP_SHORT = OptSpec("rnnprop", "RNNProp", "learned", "rnnprop", steps=500, seeds=1)
-FINETUNED = OptSpec("simple-finetuned", "SimpleOptimizer fine-tuned", "finetuned", "simple")
+FINETUNED = OptSpec("simple-finetuned", "SimpleOptimizer fine-tuned", "finetuned", "simple-v0")
 
 #: The fine-tuning settings of the experiments that fine-tune. The keys are the names stored
 #: in ``<exp>/finetune.json`` and shown in RESULTS.md (a change of key invalidates the cached
@@ -81,10 +81,11 @@ FINETUNED = OptSpec("simple-finetuned", "SimpleOptimizer fine-tuned", "finetuned
 FINETUNE_DEFAULTS = {"subsample": 0.05, "trajectories": 5, "unroll": 20, "max_unrolls": 50,
                      "meta_lr": 1e-3, "relative_meta_lr": True, "seed": 0}
 
-#: The net config of the ablations' weights, for the untrained stand-in that
+#: The net config of the paper-faithful and ablation weights, for the untrained stand-in that
 #: ``--allow-random-weights`` builds when a shipped file is missing. The other weights names
 #: are an architecture's default weights (:mod:`l2l_optim.registry`).
 STANDIN_NETS: dict[str, tuple[str, dict]] = {
+    "simple-v0": ("simple", {}),
     "simple-bias": ("simple", {"bias": True}),
     "simple-noagg": ("simple", {"aggregate": False}),
     "simple-uniform": ("simple", {}),
