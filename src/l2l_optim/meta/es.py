@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleOptimizerNet
-from .families import FAMILIES, ImageData, build_task, sample_spec
+from .families import FAMILIES, ImageData, TaskSpec, build_task, sample_spec
 from .population import diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
@@ -90,15 +90,21 @@ class ESConfig:
             raise ValueError(f"sigma and meta_lr must be positive, got {self.sigma}, {self.meta_lr}")
 
 
-def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
-                  images: ImageData | None) -> tuple[Tensor, dict]:
-    """One generation: the gradient estimate in relative coordinates and a log entry."""
+def draw_generation(cfg: ESConfig, generation: int) -> tuple[int, TaskSpec, int]:
+    """A generation's seed, task and horizon: a function of ``(cfg.seed, generation)`` only."""
     seed = cfg.seed * 1_000_003 + generation
     rng = random.Random(seed)
     spec = sample_spec(rng, cfg.families)
     horizon = rng.choice(cfg.horizons)
     if spec.family in _SLOW_FAMILIES:
         horizon = min(horizon, cfg.slow_horizon)
+    return seed, spec, horizon
+
+
+def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
+                  images: ImageData | None) -> tuple[Tensor, dict]:
+    """One generation: the gradient estimate in relative coordinates and a log entry."""
+    seed, spec, horizon = draw_generation(cfg, generation)
     P, K = cfg.pairs, cfg.instances
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(P, theta.numel(), generator=gen)

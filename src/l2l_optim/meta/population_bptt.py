@@ -11,14 +11,13 @@ compared step for step and CPU-second for CPU-second (``python -m l2l_optim meta
 
 from __future__ import annotations
 
-import random
 import time
 
 import torch
 from torch import Tensor
 
-from .es import _SLOW_FAMILIES, ESConfig
-from .families import ImageData, build_task, sample_spec
+from .es import ESConfig, draw_generation
+from .families import ImageData, build_task
 from .population import _flat, _unflat, population_step, unflatten
 
 __all__ = ["bptt_generation"]
@@ -27,12 +26,7 @@ __all__ = ["bptt_generation"]
 def bptt_generation(z: Tensor, scales: Tensor, cfg: ESConfig, generation: int, images: ImageData | None,
                     *, unroll: int = 20, floor: float = 1e-6) -> tuple[Tensor, dict]:
     """The gradient of the generation's fitness with respect to ``z`` (theta = z * scales)."""
-    seed = cfg.seed * 1_000_003 + generation
-    rng = random.Random(seed)
-    spec = sample_spec(rng, cfg.families)
-    horizon = rng.choice(cfg.horizons)
-    if spec.family in _SLOW_FAMILIES:
-        horizon = min(horizon, cfg.slow_horizon)
+    seed, spec, horizon = draw_generation(cfg, generation)
     task = build_task(spec, cfg.instances, 1, seed=seed, images=images,
                       scale_range=cfg.scale_range, scaled_fraction=cfg.scaled_fraction)
     z = z.detach().requires_grad_()
