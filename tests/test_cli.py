@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from random_nets import random_simple
+
 import l2l_optim
 from l2l_optim import cli
 from l2l_optim import weights as W
@@ -21,15 +23,6 @@ from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.weights import fingerprint, save_weights
 
 COMMANDS = ["info", "finetune", "meta-fit", "eval", "bench", "meta-es", "meta-bench", "reproduce"]
-
-
-def random_simple(seed: int = 0, **config) -> SimpleOptimizerNet:
-    torch.manual_seed(seed)
-    net = SimpleOptimizerNet(**config)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p))
-    return net
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from random_nets import random_simple
+
 import l2l_optim
 from l2l_optim import hub
 from l2l_optim import weights as W
@@ -33,15 +35,6 @@ from l2l_optim.weights import (
 SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-def random_simple(seed: int = 0, **config) -> SimpleOptimizerNet:
-    torch.manual_seed(seed)
-    net = SimpleOptimizerNet(**config)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p))
-    return net
 
 
 def same_weights(a, b) -> bool:
