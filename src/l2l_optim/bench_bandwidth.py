@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .bench import SIZES, _available_memory, time_steps
+from .bench import GRAD_SCALE, SIZES, _available_memory, time_steps
 from .functional import simple_update
 from .optimizer import SimpleOptimizer
 
@@ -109,7 +109,7 @@ class BandwidthConfig:
     rounds: int = 5
     budget: float = 60.0
     copy_max_bytes: int = 2 * 2**30
-    grad_scale: float = 1e-3
+    grad_scale: float = GRAD_SCALE
     device: str = "cpu"
     seed: int = 0
 
@@ -305,8 +305,8 @@ def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
     """The issue's bandwidth targets, checked on the 10M-coordinate rows.
 
     Returns:
-        One dict per target: ``target``, ``measured`` (a number or None) and ``met``
-        (True / False, None when not measured).
+        One dict per target: ``target``, ``measured`` (a fraction, or None), ``unit``
+        (``"%"``: print it as a percentage) and ``met`` (True / False, None when not measured).
     """
     out = []
     for dtype in ("float32", "bfloat16"):
@@ -314,12 +314,12 @@ def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
                     and r.step_s and r.copy_s), None)
         out.append(dict(target=f"10M step, {dtype} state ({BYTES_PER_COORD[dtype]} B/coord): "
                                ">= 80% of copy GB/s",
-                        measured=None if row is None else row.step_fraction,
+                        measured=None if row is None else row.step_fraction, unit="%",
                         met=None if row is None else row.step_fraction >= 0.8))
     row = next((r for r in rows if r.size == "10m" and r.state_dtype == "float32"
                 and r.step_s and r.update_s), None)
     out.append(dict(target="10M step, float32 state: non-finite check and bookkeeping <= 5% of the step",
-                    measured=None if row is None else row.check_share,
+                    measured=None if row is None else row.check_share, unit="%",
                     met=None if row is None else row.check_share <= 0.05))
     return out
 

@@ -253,15 +253,15 @@ def train_targets(rows: list[TrainRow]) -> list[dict]:
     """The issue's whole-step targets (SimpleOptimizer against fused Adam).
 
     Returns:
-        One dict per target: ``target``, ``measured`` (the ratio or None) and ``met``
-        (True / False, None when not measured).
+        One dict per target: ``target``, ``measured`` (the ratio, or None), ``unit``
+        (``"x"``: a ratio) and ``met`` (True / False, None when not measured).
     """
     out = []
     for model, limit in TRAIN_TARGETS.items():
         row = next((r for r in rows if r.model == model and r.optimizer == "simple"
                     and not math.isnan(r.x_adam)), None)
         out.append(dict(target=f"{model}: SimpleOptimizer whole step <= {limit}x fused Adam's",
-                        measured=None if row is None else row.x_adam,
+                        measured=None if row is None else row.x_adam, unit="x",
                         met=None if row is None else row.x_adam <= limit))
     return out
 
