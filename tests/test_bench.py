@@ -39,6 +39,7 @@ def test_bandwidth_rows():
             assert v > 0 and math.isfinite(v)
         assert math.isfinite(r.step_fraction) and math.isfinite(r.check_share)
         assert r.subnormals == 0 and r.skipped_steps == 0
+        assert r.impl in ("cpu", "reference")
         assert json.dumps(r.to_json())
     assert rows[2].n_coords == 30_000
     table = format_bandwidth(rows)
@@ -92,6 +93,7 @@ def test_train_rows():
         assert r.subnormal_grads == 0 and r.skipped_steps == 0
         assert json.dumps(r.to_json())
     assert rows[0].x_adam == 1.0
+    assert [bool(r.impl) for r in rows[:3]] == [False, False, True]  # only SimpleOptimizer has one
     assert "<= 1.5" in format_train(rows)
     targets = train_targets(rows)
     assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .bench import GRAD_SCALE, SIZES, _available_memory, time_steps
+from .bench import GRAD_SCALE, SIZES, _available_memory, resolved_impl, time_steps
 from .functional import simple_update
 from .optimizer import SimpleOptimizer
 
@@ -129,6 +129,8 @@ class BandwidthRow:
     state_dtype: str
     bytes_per_coord: int
     copy_bytes: int = 0
+    #: the update path ``impl="auto"`` resolved to (``"cpu"``: the fused kernel)
+    impl: str = ""
     step_s: list[float] = field(default_factory=list)
     update_s: list[float] = field(default_factory=list)
     copy_s: list[float] = field(default_factory=list)
@@ -264,6 +266,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         for row, opt in zip(size_rows, opts):
             row.subnormals = count_subnormal(grads + [opt.state[p]["h"] for p in params])
             row.skipped_steps = int(opt.skipped_steps)
+            row.impl = resolved_impl(opt)
         log(format_bandwidth(size_rows))
         del opts, params, grads, src, dst
     return rows
@@ -287,7 +290,8 @@ def format_bandwidth(rows: list[BandwidthRow]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        head = f"| {r.size} ({r.n_coords:,} in {r.n_tensors}) | {r.state_dtype} | {r.bytes_per_coord}"
+        impl = f" ({r.impl})" if r.impl else ""
+        head = f"| {r.size} ({r.n_coords:,} in {r.n_tensors}) | {r.state_dtype}{impl} | {r.bytes_per_coord}"
         if r.skipped or not (r.step_s and r.update_s and r.copy_s):
             lines.append(f"{head} | skipped: {r.skipped or 'no data'} | | | | | | | | | |")
             continue

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import seeded, time_steps
+from .bench import resolved_impl, seeded, time_steps
 from .bench_bandwidth import count_subnormal
 from .models import base_mlp, lenet, mlp5
 from .optimizer import SimpleOptimizer
@@ -141,6 +141,8 @@ class TrainRow:
     n_params: int
     batch_size: int
     optimizer: str
+    #: SimpleOptimizer's update path (``"cpu"``: the fused kernel); ``""`` for Adam
+    impl: str = ""
     #: whole steps (zero_grad, forward, backward, opt.step()) and opt.step() alone
     whole_s: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
@@ -210,6 +212,7 @@ def run_train(cfg: TrainConfig, log: Callable[[str], object] = print) -> list[Tr
             row.last_loss = float(row.last_loss)
             row.subnormal_grads = count_subnormal([p.grad for p in model.parameters() if p.grad is not None])
             row.skipped_steps = int(getattr(opt, "skipped_steps", 0))
+            row.impl = resolved_impl(opt)
         model_rows = [row for row, *_ in runs]
         adam = next((r for r in model_rows if r.optimizer == "adam-fused" and r.whole_s), None)
         for row in model_rows:
@@ -241,7 +244,8 @@ def format_train(rows: list[TrainRow]) -> str:
         fwd_bwd = r.whole_median - r.step_median
         target = TRAIN_TARGETS.get(r.model) if r.optimizer == "simple" else None
         lines.append(
-            f"| {r.model} | {r.n_params:,} | {r.batch_size} | {r.optimizer} | {_ms(r.whole_median)} "
+            f"| {r.model} | {r.n_params:,} | {r.batch_size} | {r.optimizer}"
+            f"{f' ({r.impl})' if r.impl else ''} | {_ms(r.whole_median)} "
             f"| {_ms(fwd_bwd)} | {_ms(r.step_median)} | {r.x_adam:.2f} "
             f"| {f'<= {target}' if target else ''} | {r.last_loss:.3g} | {r.subnormal_grads} "
             f"| {r.skipped_steps} |"
