@@ -63,6 +63,8 @@ TABLES = ("bandwidth", "train", "step")
 #: ``--quick``: the two new tables on the target sizes that take seconds, few steps
 QUICK = dict(tables="bandwidth,train", bw_sizes="10m,base", models="base,lenet,mlp4m,transformer",
              steps=10, rounds=2, budget=10.0)
+#: a 1-minute load average at the start at or above this marks the targets as not for quoting
+LOAD_WARNING = 1.0
 
 
 def _wrap(text: str) -> str:
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(m, file=sys.stderr, flush=True)
 
     before = machine_info(device)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print(before, flush=True)
     sections: list[str] = []
     data: dict = dict(machine=before, threads=args.threads, device=args.device, tables=tables)
@@ -206,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(f"## Step time\n\n{_wrap(note)}\n\n{format_table(results)}")
             data["step"] = [asdict(r) | dict(median_s=r.median, best_s=r.best) for r in results]
     if targets:
-        sections.append(f"## Targets\n\n{format_targets(targets)}")
+        warn = ""
+        if load_start >= LOAD_WARNING:
+            # other processes on the cores: multi-threaded medians wait for them
+            warn = _wrap(f"Load average {load_start:.1f} at the start: other processes were "
+                         "running, and these values are not for quoting; rerun on a quiet "
+                         "machine.") + "\n\n"
+        sections.append(f"## Targets\n\n{warn}{format_targets(targets)}")
     data["targets"] = targets
     after = "load average at the end %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(
         os, "getloadavg") else ""
