@@ -28,8 +28,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# BENCH_ARGS: options for `l2l-optim bench`, e.g. --quick, or --json bench.json
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m l2l_optim bench
+	$(PY) -m l2l_optim bench $(BENCH_ARGS)
 	$(PY) -m l2l_optim meta-bench
 
 # JOBS=2 (or more) runs that many workers side by side on the figures (each takes the next
