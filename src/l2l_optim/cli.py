@@ -5,7 +5,8 @@ Commands:
 =============  ==========================================================================
 ``info``       the shipped weights and the l2l-optim weights in the local Hugging Face
                cache, with their metadata and fingerprints
-``meta-fit``   meta-train an optimizer net (:mod:`l2l_optim.meta.fit`)
+``meta-fit``   meta-train an optimizer net with truncated BPTT (:mod:`l2l_optim.meta.fit`)
+``meta-es``    meta-train SimpleOptimizer by ES on the task population (:mod:`l2l_optim.meta.es`)
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
                an ``ImageFolder`` directory; writes the weights, a model card and a plot
 ``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluate`)
@@ -21,6 +22,11 @@ in by its entry in :data:`DELEGATED`.
 Example:
     >>> from l2l_optim.cli import main
     >>> main(["info"])  # doctest: +SKIP
+    l2l-optim 0.1.0 (torch ..., Python ...)
+    <BLANKLINE>
+    shipped weights (...):
+    name            arch     params  fingerprint       recipe
+    dm              dm       5301    ...
 """
 
 from __future__ import annotations
@@ -332,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     Returns:
         The parser (``l2l-optim``).
+
+    Example:
+        >>> parser = build_parser()
+        >>> parser.prog, parser.parse_args(["info", "--json"]).json
+        ('l2l-optim', True)
     """
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -377,9 +388,24 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 on success, 1 when a command fails on its input (the message is
         on stderr), 2 for a usage error.
 
+    Raises:
+        SystemExit: from ``--help`` and ``--version`` (status 0) and from argument errors
+            of a command (status 2), as argparse does.
+
     Example:
+        >>> import contextlib, io, json
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     status = main(["info", "--json"])
+        >>> status, json.loads(out.getvalue())["shipped"]["simple"]["arch"]
+        (0, 'simple')
+        >>> main([])  # no command: the usage goes to stderr
+        2
+
+        From a shell, the same program:
+
         >>> main(["--version"])  # doctest: +SKIP
-        l2l-optim 0.1.0 (torch 2.x, Python 3.x)
+        l2l-optim 0.1.0 (torch ..., Python ...)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -421,9 +421,30 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         DatasetNotFoundError: a task's dataset is not available locally.
 
     Example:
-        >>> from l2l_optim import evaluate
+        The default suite reads MNIST and Fashion-MNIST from local files:
+
         >>> result = evaluate("simple", steps=1000)  # doctest: +SKIP
         >>> print(result.table())  # doctest: +SKIP
+
+        Any list of :class:`~l2l_optim.suite.SuiteTask` works as a suite, e.g. a tiny
+        regression (with a temporary cache, since its baselines are computed here):
+
+        >>> import tempfile
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from l2l_optim.suite import SuiteTask
+        >>> def batch(gen):
+        ...     x = torch.randn(16, 4, generator=gen)
+        ...     return x, x.sum(dim=1, keepdim=True)
+        >>> tiny = SuiteTask(name="tiny", config={"features": 4}, model_fn=lambda: nn.Linear(4, 1),
+        ...                  batch_fn=batch, loss_fn=F.mse_loss)
+        >>> with tempfile.TemporaryDirectory() as cache:
+        ...     result = evaluate("simple", suite=[tiny], steps=20, horizons=(20,),
+        ...                       cache_dir=cache, progress=False)
+        >>> [(row.task, row.horizon) for row in result.rows], sorted(result.geomean)
+        ([('tiny', 20)], [20])
+        >>> result.table().splitlines()[0]
+        '| task | steps | best Adam (lr) | best SGD (lr) | learned | ratio | flags |'
     """
     t_start = time.perf_counter()
     hs = _horizons(steps, horizons)
