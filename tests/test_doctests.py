@@ -60,25 +60,8 @@ def runnable(test: doctest.DocTest) -> int:
 DOCTESTS = collect()
 
 
-def exported(name: str):
-    """``l2l_optim.<name>`` as a fresh session sees it.
-
-    ``l2l_optim.evaluate`` and ``l2l_optim.finetune`` are both functions and the modules that
-    define them: once the module is imported (collection imports every module), the import
-    system binds the package attribute to the module, which is what
-    ``from l2l_optim import finetune`` would then return.
-    """
-    return getattr(importlib.import_module(f"l2l_optim.{l2l_optim._EXPORTS[name]}"), name)
-
-
-@pytest.fixture
-def fresh_exports(monkeypatch):
-    for name in l2l_optim._EXPORTS:
-        monkeypatch.setattr(l2l_optim, name, exported(name))
-
-
 @pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])
-def test_docstring_examples(test, tmp_path, monkeypatch, fresh_exports):
+def test_docstring_examples(test, tmp_path, monkeypatch):
     # a fresh copy of the globals for every run; an example that writes a relative path
     # writes it in a temporary directory
     monkeypatch.chdir(tmp_path)
@@ -103,7 +86,7 @@ def _public_objects():
 
     for name in l2l_optim.__all__:
         if name != "__version__":
-            yield name, exported(name)
+            yield name, getattr(l2l_optim, name)
     yield "cli.main", cli.main
 
 
@@ -153,3 +136,12 @@ def test_readme_marked_blocks_run():
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x), y).item()
     assert math.isfinite(loss) and loss < math.log(2), loss
+
+
+def test_public_functions_stay_functions_after_every_submodule_import():
+    """No public name is also a submodule: importing the submodule would rebind it."""
+    for info in pkgutil.walk_packages(l2l_optim.__path__, "l2l_optim."):
+        if not info.name.startswith("l2l_optim.repro"):
+            importlib.import_module(info.name)
+    for name in l2l_optim._EXPORTS:
+        assert not inspect.ismodule(getattr(l2l_optim, name)), name

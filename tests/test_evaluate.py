@@ -1,4 +1,4 @@
-"""The validation protocol (l2l_optim.evaluate) on a tiny fake suite: no dataset files."""
+"""The validation protocol (l2l_optim.evaluation) on a tiny fake suite: no dataset files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import l2l_optim.evaluate as ev
+import l2l_optim.evaluation as ev
 from l2l_optim.__main__ import main as cli_main
 from l2l_optim.nets import SimpleOptimizerNet, init_net
 from l2l_optim.suite import SUITES, SuiteTask, default_suite, get_suite

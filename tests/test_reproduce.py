@@ -202,7 +202,7 @@ def test_untrained_weights_are_flagged_in_the_summary_and_the_report(tmp_path, d
 def test_every_finetune_setting_has_a_finetune_keyword():
     import inspect
 
-    from l2l_optim.finetune import finetune
+    from l2l_optim.finetuning import finetune
     from l2l_optim.repro.experiments import FINETUNE_DEFAULTS
     from l2l_optim.repro.runner import FINETUNE_KWARGS
 

@@ -9,7 +9,7 @@ Commands:
 ``meta-es``    meta-train SimpleOptimizer by ES on the task population (:mod:`l2l_optim.meta.es`)
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
                an ``ImageFolder`` directory; writes the weights, a model card and a plot
-``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluate`)
+``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluation`)
 ``bench``      the benchmarks: bandwidth, training steps, step times (:mod:`l2l_optim.bench_cli`)
 ``meta-bench`` meta-training throughput, BPTT against ES (:mod:`l2l_optim.meta.throughput`)
 ``reproduce``  the paper's experiments (:mod:`l2l_optim.repro`)
@@ -49,7 +49,7 @@ PROG = "l2l-optim"
 #: command -> (module whose ``main(argv)`` runs it, one-line help); imported when used
 DELEGATED: dict[str, tuple[str, str]] = {
     "meta-fit": ("l2l_optim.meta.fit", "meta-train an optimizer net and write its weights"),
-    "eval": ("l2l_optim.evaluate", "evaluate meta-weights against tuned baselines"),
+    "eval": ("l2l_optim.evaluation", "evaluate meta-weights against tuned baselines"),
     "bench": ("l2l_optim.bench", "bandwidth against a copy, training steps and step times against Adam"),
     "meta-es": ("l2l_optim.meta.es", "meta-train SimpleOptimizer by ES on the task population"),
     "meta-bench": ("l2l_optim.meta.throughput", "meta-training throughput, BPTT against ES"),
@@ -267,7 +267,7 @@ def _finetune(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from .finetune import finetune
+    from .finetuning import finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -300,7 +300,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune meta-weights on a model and a dataset",
-        description="Fine-tune meta-weights on a model and data (l2l_optim.finetune), then write "
+        description="Fine-tune meta-weights on a model and data (l2l_optim.finetuning), then write "
                     "weights.safetensors, a README.md model card and finetune.png into --out-dir.",
     )
     p.add_argument("model", metavar="MODEL",

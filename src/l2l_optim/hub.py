@@ -12,7 +12,7 @@ A Hub repo (or a local directory) of l2l-optim weights holds two files:
   them, read from the weights' metadata.
 
 The optimizers get these methods from :class:`HubMixin`; a
-:class:`~l2l_optim.finetune.FinetuneResult` has ``save_pretrained`` and ``push_to_hub`` too.
+:class:`~l2l_optim.finetuning.FinetuneResult` has ``save_pretrained`` and ``push_to_hub`` too.
 Nothing here touches the network unless it is given a Hub repo id: a local directory is
 read as is, and a repo already in the local cache loads with ``HF_HUB_OFFLINE=1``.
 
@@ -297,7 +297,7 @@ def model_card(net: CoordinatewiseNet, metadata: dict[str, str], *, repo_id: str
             body += ["```json", json.dumps(recipe, indent=2, sort_keys=True), "```"]
     if isinstance(finetune, dict):
         body += ["", "## Fine-tuning", "",
-                 "Fine-tuned with `l2l_optim.finetune` from "
+                 "Fine-tuned with `l2l_optim.finetuning` from "
                  f"`{finetune.get('base_weights', 'unknown weights')}`; settings:", "",
                  "```json", json.dumps(finetune, indent=2, sort_keys=True), "```"]
     results = [(label, metadata[key]) for key, label in _RESULTS.items() if metadata.get(key) not in (None, "null")]

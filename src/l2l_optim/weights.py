@@ -550,11 +550,10 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
 
 
 def _result_net(obj: Any) -> CoordinatewiseNet | None:
-    """The net of a :class:`~l2l_optim.finetune.FinetuneResult` or ``MetaFitResult``, else None."""
+    """The net of a :class:`~l2l_optim.finetuning.FinetuneResult` or ``MetaFitResult``, else None."""
     # looked up, not imported: an object of a class whose module was never imported cannot
-    # be an instance of it, and importing l2l_optim.finetune would make the package's
-    # ``finetune`` attribute the module instead of the function
-    for module, name in (("l2l_optim.finetune", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
+    # be an instance of it, and the lookup keeps `import l2l_optim.weights` cheap
+    for module, name in (("l2l_optim.finetuning", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(obj, cls):
             return obj.net
@@ -565,13 +564,13 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
     """A private copy of the net that ``weights`` names, and a short description of it.
 
     The one place that turns whatever a user passes as ``weights=`` (to the optimizers,
-    :func:`~l2l_optim.finetune.finetune`, :func:`~l2l_optim.evaluate.evaluate`) into a net.
+    :func:`~l2l_optim.finetuning.finetune`, :func:`~l2l_optim.evaluation.evaluate`) into a net.
 
     Args:
         weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
             address (all via :func:`load_weights`), a :class:`LoadedWeights`, a
             :class:`~l2l_optim.nets.CoordinatewiseNet`, or the result of
-            :func:`~l2l_optim.finetune.finetune` or :func:`~l2l_optim.meta.meta_fit`
+            :func:`~l2l_optim.finetuning.finetune` or :func:`~l2l_optim.meta.meta_fit`
             (nets and results are deep-copied, so later changes to them do not reach the
             copy).
         arch: if given, the architecture the net must have.

@@ -33,7 +33,7 @@ __all__ = ["MetaFitConfig", "MetaFitResult", "meta_fit", "build_parser", "main"]
 class MetaFitConfig:
     """Settings of meta-training (every field is recorded in the weight file).
 
-    The names are shared with :func:`~l2l_optim.finetune.finetune` and the command line
+    The names are shared with :func:`~l2l_optim.finetuning.finetune` and the command line
     (``--meta-loss``, ``--unroll``, ...).
 
     Args:

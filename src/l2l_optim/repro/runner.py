@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # the library this experiment runner uses, all in one place
 from ..bench import seeded
-from ..finetune import finetune, subsample_loader
+from ..finetuning import finetune, subsample_loader
 from ..tasks import Task, make_task, subsample_task
 from ..training import evaluate_model, search_lr, train_task
 from ..weights import fingerprint, resolve_net
