@@ -171,10 +171,11 @@ EXPERIMENTS: dict[str, Experiment] = {
             finetune=dict(FINETUNE_DEFAULTS),
             note="fig5b's protocol for 2,000 steps x 3 seeds, on ResNet-18's layout at a quarter of its width "
                  "(701,178 parameters, 1.76x the base MLP, where fig5b's has 28x and the paper's GoogLeNet 250x): "
-                 "a step of this one costs ~45-60 ms on one CPU core, of fig5b's ~0.5-1 s on two. 300-step "
-                 "learning-rate searches. Fine-tuning with the default settings (5 trajectories, unrolls of 20 "
-                 "steps, at most 50 per trajectory): a trajectory stops when an unroll's mean loss falls below "
-                 "half its initial loss, which here takes one unroll (~10 s), so the cap costs nothing.",
+                 "a step of this one costs ~45-60 ms on one CPU core (timed alone; a run sharing the cores with "
+                 "other jobs takes 2-4x that), of fig5b's ~0.5-1 s on two. 300-step learning-rate searches. "
+                 "Fine-tuning with the default settings (5 trajectories, unrolls of 20 steps, at most 50 per "
+                 "trajectory): a trajectory stops when an unroll's mean loss falls below half its initial loss, "
+                 "which here takes one unroll (6-23 s per trajectory), so the cap costs nothing.",
         ),
     ]
 }
