@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..nets import SimpleOptimizerNet
 from .families import FAMILIES, ImageData, TaskSpec, build_task, sample_spec
-from .population import diverged, fitness, flatten, load_flat, run_population
+from .population import OBJECTIVES, diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
 __all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint", "main"]
@@ -66,6 +66,10 @@ class ESConfig:
         slow_horizon: the longest horizon of the families that cost several times more per
             step (``conv``, ``lm``), so one generation never takes many times the median.
         seed: seeds every generation.
+        objective: ``"weighted"`` (:func:`~.population.fitness`: the t-weighted mean of
+            ``log(f_t / f_0)`` over the run) or ``"final"`` (:func:`~.population.final_fitness`:
+            ``log`` of the mean loss over the last 10% of the steps, the validation suite's
+            measure, relative to ``f_0``).
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -79,6 +83,7 @@ class ESConfig:
     scale_range: tuple[float, float] = (1e-3, 1e3)
     slow_horizon: int = 500
     seed: int = 0
+    objective: str = "weighted"
 
     def validate(self) -> None:
         bad = [f for f in self.families if f not in FAMILIES]
@@ -88,6 +93,8 @@ class ESConfig:
             raise ValueError("instances, pairs and every horizon must be >= 1")
         if not (self.sigma > 0 and self.meta_lr > 0):
             raise ValueError(f"sigma and meta_lr must be positive, got {self.sigma}, {self.meta_lr}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; known: {sorted(OBJECTIVES)}")
 
 
 def draw_generation(cfg: ESConfig, generation: int) -> tuple[int, TaskSpec, int]:
@@ -117,7 +124,7 @@ def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
     t0 = time.perf_counter()
     losses = run_population(task, members.repeat(K, 1), horizon)
     seconds = time.perf_counter() - t0
-    fit = fitness(losses).view(K, 2 * P + 1)
+    fit = OBJECTIVES[cfg.objective](losses).view(K, 2 * P + 1)
     div = diverged(losses).view(K, 2 * P + 1)
     diff = fit[:, 1::2] - fit[:, 2::2]  # (K, P): F+ - F-
     spread = fit.std(1, keepdim=True).clamp_min(1e-8)
@@ -204,7 +211,8 @@ def meta_train_es(
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         # the length of the run may grow between sessions; nothing else may change
-        if {"engine": "es", **ckpt["config"], "generations": cfg.generations} != cfg_json:
+        # (a checkpoint without an objective key was written with the weighted objective)
+        if {"engine": "es", "objective": "weighted", **ckpt["config"], "generations": cfg.generations} != cfg_json:
             raise ValueError(f"{ckpt_path} was written with another configuration: {ckpt['config']}")
         net = SimpleOptimizerNet()
         z0, scales, start = ckpt["z"], ckpt["scales"], ckpt["next_generation"]
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Run or resume ES meta-training in --out-dir.")
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
     p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path)")
-    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from")
+    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often)")
     p.add_argument("--instances", type=int, default=d.instances, help="task instances per generation")
     p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs per generation")
     p.add_argument("--horizons", type=int, nargs="+", default=list(d.horizons), help="optimizee steps, drawn per generation")
@@ -286,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaled-fraction", type=float, default=d.scaled_fraction, help="instances with scale augmentation")
     p.add_argument("--slow-horizon", type=int, default=d.slow_horizon, help="horizon cap of the conv and lm families")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default=d.objective,
+                   help="weighted: t-weighted mean log loss ratio over the run; final: log loss ratio "
+                        "over the last 10%% of the steps (the validation suite's measure)")
     p.add_argument("--engine", choices=["es", "bptt"], default="es")
     p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ESConfig(families=tuple(args.families), instances=args.instances, pairs=args.pairs,
                    horizons=tuple(args.horizons), sigma=args.sigma, meta_lr=args.meta_lr,
                    generations=args.generations, scaled_fraction=args.scaled_fraction,
-                   slow_horizon=args.slow_horizon, seed=args.seed)
+                   slow_horizon=args.slow_horizon, seed=args.seed, objective=args.objective)
     images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
     meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, until=args.until,
                   time_budget=args.time_budget, engine=args.engine)

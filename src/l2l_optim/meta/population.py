@@ -166,6 +166,22 @@ def fitness(losses: Tensor, *, floor: float = 1e-6) -> Tensor:
     return (rel * t).sum(0) / t.sum()
 
 
+def final_fitness(losses: Tensor, *, tail: float = 0.1, floor: float = 1e-6) -> Tensor:
+    """Per-member score (lower is better): ``log(mean f_t / f_0)`` over the last ``tail`` of the run.
+
+    The validation suite's measure (the mean training loss of the last 10% of the steps),
+    relative to the initial loss. It ignores the way there, so a rule that plateaus late
+    scores as badly as its plateau, however fast it got there.
+    """
+    f0 = losses[0].abs().clamp_min(1e-12)
+    k = max(1, int(round((losses.shape[0] - 1) * tail)))
+    last = losses[-k:].clamp_min(0).mean(0)
+    return (last / f0).clamp_min(floor).log()
+
+
+OBJECTIVES = {"weighted": fitness, "final": final_fitness}
+
+
 def diverged(losses: Tensor, factor: float = 1e3) -> Tensor:
     """Which members hit the divergence bound (``(M,)`` bool)."""
     f0 = losses[0].abs().clamp_min(1e-12)
