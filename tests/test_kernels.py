@@ -16,6 +16,7 @@ scale max(1, max |theta|), and on h <= 1e-6, after 20 steps; fp64 must agree to 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -531,6 +532,55 @@ def test_cpu_thread_count_independence():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_every_instruction_set_matches_the_reference(isa):
+    # the library holds one copy of its loops per instruction set and runs the best; each
+    # copy this CPU can run must track the reference, deterministically in the thread count
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    kernel = _cpu_kernel()
+    from l2l_optim.kernels import cpu
+
+    if isa not in cpu.kernel_info()["supported"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    before = cpu.kernel_info()["isa"]
+    threads = torch.get_num_threads()
+    try:
+        assert cpu.select_isa(isa) == isa and cpu.kernel_info()["isa"] == isa
+        for dtype in (torch.float64, torch.float32):
+            specs = [(s, dtype, dtype) for s in ODD]
+            assert_parity(*run_both(kernel, specs, steps=5), TOL[dtype], TOL[dtype])
+        specs = [((33,), torch.float32, torch.bfloat16), ((17,), torch.float64, torch.float32),
+                 ((50,), torch.bfloat16, torch.float32), ((9, 3), torch.float16, torch.float64)]
+        p_ref, h_ref, p_k, h_k = run_both(kernel, specs, steps=5)
+        assert max_err(p_ref, p_k) <= 3 * 2.0**-8 * scale_of(p_ref)
+        assert max_err(h_ref, h_k) <= 4 * 2.0**-8
+        six = SimpleOptimizerNet(hidden_size=6)
+        with torch.no_grad():
+            for q in six.parameters():
+                q.uniform_(-0.4, 0.4)
+        p_ref, h_ref = [torch.randn(3000)], [torch.zeros(6, 3000)]
+        p_k, h_k = clone(p_ref), clone(h_ref)
+        for step in range(5):
+            grads = make_grads(p_ref, step)
+            simple_update_reference(p_ref, grads, h_ref, [0.02], six.fused_weights())
+            kernel(p_k, grads, h_k, [0.02], six.fused_weights())
+        assert_parity(p_ref, h_ref, p_k, h_k, 1e-6, 1e-6)
+        x = torch.linspace(-25, 25, 100001)
+        y, ref = cpu.kernel_tanh(x).double(), torch.tanh(x.double())
+        assert ((y - ref).abs() / ref.abs().clamp_min(1e-38)).max() <= 2e-7  # as the tanh test
+        outs = []
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            p, h = make_state([((9000,), torch.float32, torch.float32), ((7,), torch.bfloat16, torch.float32)])
+            kernel(p, make_grads(p, 0), h, [0.05] * 2, weights_for())
+            outs.append(p + h)
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+    finally:
+        torch.set_num_threads(threads)
+        cpu.select_isa(before)
+
+
 def test_cpu_tanh_accuracy():
     if INTERPRET:
         pytest.skip("CPU-kernel test")
@@ -784,52 +834,70 @@ def test_unavailable_cpu_kernel_falls_back_with_one_warning():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
+def _fresh_loader(monkeypatch):
+    """The library loader as if nothing were loaded yet (monkeypatch restores the real state)."""
+    from l2l_optim.kernels import _cpu_library as loader
+
+    for name, value in (("_tried", False), ("_lib", None), ("_lib_path", None),
+                        ("_lib_origin", None), ("_error", None), ("_advice", None)):
+        monkeypatch.setattr(loader, name, value)
+    monkeypatch.setattr(kernels, "_CPU_OK", None)
+    monkeypatch.delenv(loader.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(loader.ISA_ENV, raising=False)
+    return loader
+
+
 def test_build_failure_is_reported_not_raised(monkeypatch):
     # a broken compiler: is_available() is False, build_error() says why, the forced path raises
+    loader = _fresh_loader(monkeypatch)
     from l2l_optim.kernels import cpu
-
-    monkeypatch.setattr(cpu, "_tried", False)
-    monkeypatch.setattr(cpu, "_ext", None)
-    monkeypatch.setattr(cpu, "_error", None)
-    monkeypatch.delenv(cpu.DISABLE_ENV, raising=False)
+    from l2l_optim.kernels._build import BuildError
 
     def broken():
-        raise RuntimeError("Error building extension 'x': c++: command not found")
+        raise BuildError("c++ -O3 ... simple_cpu.cpp\nc++: fatal error: command not found")
 
-    monkeypatch.setattr(cpu, "_build", broken)
+    monkeypatch.setattr(loader, "_find_or_build", broken)
     assert cpu.is_available() is False
-    assert "command not found" in cpu.build_error()
+    assert cpu.build_error() == "c++: fatal error: command not found"
+    assert cpu.kernel_info() == {"available": False, "error": cpu.build_error(),
+                                 "advice": cpu.build_advice()}
     with pytest.raises(RuntimeError, match="unavailable"):
         cpu.simple_update_cpu([], [], [], [], weights_for())
-    # monkeypatch restores _tried/_ext/_error, so later tests see the real extension again
+
+
+def _checkout_without_library(tmp_path) -> Path:
+    """A copy of the package with its sources and no built library, as a fresh clone has."""
+    import shutil
+
+    import l2l_optim
+
+    dst = tmp_path / "checkout" / "l2l_optim"
+    shutil.copytree(Path(l2l_optim.__file__).parent, dst,
+                    ignore=shutil.ignore_patterns("__pycache__", "_simple_cpu.so", "*.tmp"))
+    return dst.parent
 
 
 def test_a_missing_compiler_gives_one_short_warning_that_names_it(tmp_path):
-    """A fresh extension cache and a PATH with ninja but no C++ compiler, as on a bare machine."""
-    import shutil
-
-    ninja = shutil.which("ninja")
-    if ninja is None:
-        pytest.skip("ninja is not installed: the build stops before it looks for a compiler")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ninja").symlink_to(ninja)
+    """A checkout without a built library, an empty kernel cache and a PATH without a C++
+    compiler, as on a bare machine: one short line that names the compiler, and no CUDA talk."""
     code = (
         "import warnings, torch\n"
         "from l2l_optim import SimpleOptimizer\n"
+        "from l2l_optim.nets import SimpleOptimizerNet\n"
+        "net = SimpleOptimizerNet()\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)])\n"
+        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)], weights=net)\n"
         "print('WARNINGS', [str(w.message) for w in caught])\n"
         "try:\n"
-        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)], impl='cpu')\n"
+        "    SimpleOptimizer([torch.zeros(3, requires_grad=True)], weights=net, impl='cpu')\n"
         "except RuntimeError as e:\n"
         "    print('FORCED', e)\n"
     )
-    import l2l_optim
-
-    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-           "PYTHONPATH": str(Path(l2l_optim.__file__).parents[1])}  # the package under test
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "L2L_OPTIM_KERNEL_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(_checkout_without_library(tmp_path)), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -837,33 +905,106 @@ def test_a_missing_compiler_gives_one_short_warning_that_names_it(tmp_path):
     assert out[0] == ("WARNINGS ['l2l_optim: fused CPU kernel unavailable (c++: not found); using the "
                       "slower reference update']")
     assert out[1] == ("FORCED impl='cpu' is unavailable: c++: not found; it needs a C++ compiler with "
-                      "OpenMP and ninja (torch.utils.cpp_extension). Use impl='auto' (falls back to "
-                      "the reference) or impl='reference'.")
+                      "OpenMP (c++, or the one $CXX names). Use impl='auto' (falls back to the "
+                      "reference) or impl='reference'.")
     assert "CUDA" not in proc.stderr
 
 
-def test_an_unwritable_extension_cache_is_named_not_the_compiler(monkeypatch):
-    from l2l_optim.kernels import cpu
-
-    monkeypatch.setattr(cpu, "_tried", False)
-    monkeypatch.setattr(cpu, "_ext", None)
-    monkeypatch.setattr(cpu, "_error", None)
-    monkeypatch.setattr(kernels, "_CPU_OK", None)
-    monkeypatch.delenv(cpu.DISABLE_ENV, raising=False)
+def test_an_unwritable_kernel_cache_is_named_not_the_compiler(monkeypatch):
+    loader = _fresh_loader(monkeypatch)
 
     def read_only():
-        # what cpp_extension raises when it cannot create its lock file in the cache
-        raise OSError(30, "Read-only file system", "/ro/torch_extensions/l2l/lock")
+        # what compile_library raises when it cannot create the cache directory
+        raise OSError(30, "Read-only file system", "/ro/l2l_optim/kernels/simple_cpu-0123")
 
-    monkeypatch.setattr(cpu, "_build", read_only)
+    monkeypatch.setattr(loader, "_find_or_build", read_only)
     with pytest.raises(RuntimeError) as e:
         resolve_impl("cpu", "cpu")
     assert str(e.value) == (
-        "impl='cpu' is unavailable: cannot write the extension cache (Read-only file system: "
-        "/ro/torch_extensions/l2l/lock); set TORCH_EXTENSIONS_DIR to a writable directory. "
-        "Use impl='auto' (falls back to the reference) or impl='reference'."
+        "impl='cpu' is unavailable: cannot write the kernel cache (Read-only file system: "
+        "/ro/l2l_optim/kernels/simple_cpu-0123); set L2L_OPTIM_KERNEL_CACHE to a writable "
+        "directory. Use impl='auto' (falls back to the reference) or impl='reference'."
     )
     assert "compiler" not in str(e.value)
+
+
+def test_the_installed_library_is_used_when_it_matches_its_sources(tmp_path, monkeypatch):
+    # an editable install whose sources changed since its library was built compiles a fresh
+    # one into the cache instead of running stale code; an unchanged one loads as installed
+    loader = _fresh_loader(monkeypatch)
+    if not (loader.HERE / "_simple_cpu.so").exists():
+        pytest.skip("no installed library here (the package was not installed with pip)")
+    import shutil
+
+    from l2l_optim.kernels import _build
+
+    pkg = _checkout_without_library(tmp_path) / "l2l_optim" / "kernels"
+    shutil.copy(loader.HERE / "_simple_cpu.so", pkg / "_simple_cpu.so")
+    monkeypatch.setattr(loader, "HERE", pkg)
+    monkeypatch.setenv("L2L_OPTIM_KERNEL_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def compile_library(out, directory=None):  # the real library, without a compiler run
+        built.append(Path(out))
+        Path(out).parent.mkdir(parents=True)
+        shutil.copy(pkg / "_simple_cpu.so", out)
+
+    monkeypatch.setattr(_build, "compile_library", compile_library)
+    _, path, origin = loader._find_or_build()
+    assert (path, origin, built) == (pkg / "_simple_cpu.so", "installed", [])
+    with open(pkg / "simple_cpu_isa.h", "a") as f:
+        f.write("// edited\n")
+    _, path, origin = loader._find_or_build()
+    assert origin == "jit cache" and built == [path]
+    assert path.parent.parent == tmp_path / "cache"
+
+
+def test_the_developer_path_compiles_once_per_checkout_into_the_cache(tmp_path):
+    """A checkout without a library compiles one into the cache on first use, in a directory
+    of its own (named by sources, flags, compiler and the package's path); a later process
+    loads it from there and writes nothing, so a read-only cache that holds it works."""
+    checkout = _checkout_without_library(tmp_path)
+    cache = tmp_path / "cache"
+    code = "import json\nfrom l2l_optim.kernels import cpu\nprint(json.dumps(cpu.kernel_info()))\n"
+    env = dict(os.environ, L2L_OPTIM_KERNEL_CACHE=str(cache), PYTHONPATH=str(checkout),
+               OMP_NUM_THREADS="1")
+    env.pop("L2L_OPTIM_CPU_ISA", None)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(proc.stdout.splitlines()[-1])
+        files = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+        runs.append((info, files))
+    (first, files1), (second, files2) = runs
+    assert first["available"] and first["origin"] == "jit cache", first
+    assert Path(first["path"]).parent.parent == cache and Path(first["path"]).exists()
+    assert second == first and files2 == files1  # loaded, nothing written
+    assert [p.name for p in files1 if p.is_file()] == ["_simple_cpu.so"]
+    # this checkout's directory is not the one the package under test would use
+    from l2l_optim.kernels import _build
+    from l2l_optim.kernels import _cpu_library as loader
+
+    mine = loader._cache_path(_build.source_hash(loader.HERE))
+    assert Path(first["path"]).parent.name != mine.parent.name
+
+
+def test_kernel_info_names_the_library_and_its_instruction_set():
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    _cpu_kernel()
+    from l2l_optim.kernels import cpu
+
+    info = cpu.kernel_info()
+    assert info["available"] and Path(info["path"]).is_file()
+    assert info["origin"] in ("installed", "jit cache")
+    if not os.environ.get(cpu.ISA_ENV):
+        assert info["isa"] == info["supported"][0]  # the best one
+    assert set(info["supported"]) <= {"avx512", "avx2", "baseline"}
+    assert info["supported"][-1] == "baseline"
+    with pytest.raises(ValueError, match="not one this CPU runs"):
+        cpu.select_isa("sse1")
 
 
 # ------------------------------------------------------------------ bf16 state, end to end
