@@ -581,6 +581,45 @@ def test_cpu_every_instruction_set_matches_the_reference(isa):
         cpu.select_isa(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_first_nonfinite_names_the_first_tensor_with_a_nan_or_inf(dtype):
+    # the optimizers' fast check of a step's gradients: every position (the last of a tensor
+    # whose size is no multiple of a scan block or a vector included), every kind of
+    # non-finite value, and no false alarm at the largest and smallest finite values
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    _cpu_kernel()
+    from l2l_optim.kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(), (0,), (7,), (65536 + 3,), (3, 5)]
+    base = [torch.randn(s, generator=g).to(dtype) for s in sizes]
+    fi = torch.finfo(dtype)
+    base[2][:4] = torch.tensor([fi.max, -fi.max, fi.tiny, fi.smallest_normal / 4], dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            assert cpu.first_nonfinite(base) == -1 and cpu.first_nonfinite([]) == -1
+            for i, pos in [(0, ()), (2, 6), (3, 0), (3, 40000), (3, 65536 + 2), (4, (2, 4))]:
+                for bad in (float("nan"), float("inf"), -float("inf")):
+                    ts = clone(base)
+                    ts[i][pos] = bad
+                    assert cpu.first_nonfinite(ts) == i, (nt, i, pos, bad)
+            ts = clone(base)
+            ts[4][0, 0], ts[3][5] = float("nan"), float("inf")
+            assert cpu.first_nonfinite(ts) == 3
+            ts[3][5] = 0.0
+            assert cpu.first_nonfinite([ts[0], ts[4].t()]) == 1  # a non-contiguous view
+    finally:
+        torch.set_num_threads(threads)
+    signed_nan = clone(base)
+    bits = signed_nan[2].view({2: torch.int16, 4: torch.int32, 8: torch.int64}[fi.bits // 8])
+    bits[3] = -1  # all ones: a negative NaN with a payload
+    assert cpu.first_nonfinite(signed_nan) == 2
+    assert cpu.first_nonfinite([torch.zeros(3, dtype=torch.int32)]) is None  # not scanned here
+
+
 def test_cpu_tanh_accuracy():
     if INTERPRET:
         pytest.skip("CPU-kernel test")
