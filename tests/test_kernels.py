@@ -989,6 +989,9 @@ def test_the_installed_library_is_used_when_it_matches_its_sources(tmp_path, mon
         shutil.copy(pkg / "_simple_cpu.so", out)
 
     monkeypatch.setattr(_build, "compile_library", compile_library)
+    assert _build.library_hash(pkg / "_simple_cpu.so") == _build.source_hash(pkg)
+    assert _build.library_hash(pkg / "simple_cpu.cpp") is None  # no hash in it
+    assert _build.library_hash(pkg / "missing.so") is None
     _, path, origin = loader._find_or_build()
     assert (path, origin, built) == (pkg / "_simple_cpu.so", "installed", [])
     with open(pkg / "simple_cpu_isa.h", "a") as f:

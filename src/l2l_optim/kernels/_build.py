@@ -7,7 +7,8 @@ package itself imports torch) and :mod:`l2l_optim.kernels.cpu` when no library w
 The library is plain C++ with a C ABI (``simple_cpu.cpp`` and the per-instruction-set
 ``simple_cpu_isa.h``), compiled by the system compiler (``$CXX``, else ``c++``) with OpenMP and
 without ``-march``: it chooses its instruction set when it loads. The hash of the sources is
-compiled into it (``l2l_source_hash``), so a loader can tell a library built from other sources.
+compiled into it (:func:`library_hash` reads it), so a loader can tell a library built from
+other sources or with other flags without loading it.
 
 Run as a script it builds the library beside the sources, as an editable install does::
 
@@ -18,18 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["SOURCES", "LIB_NAME", "FLAGS", "BuildError", "source_dir", "source_hash", "compiler",
-           "command", "compile_library"]
+__all__ = ["SOURCES", "LIB_NAME", "FLAGS", "BuildError", "source_dir", "source_hash",
+           "library_hash", "compiler", "command", "compile_library"]
 
 SOURCES = ("simple_cpu.cpp", "simple_cpu_isa.h")  # the first is the translation unit
 LIB_NAME = "_simple_cpu.so"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast",
          "-fvisibility=hidden", "-fno-exceptions", "-fno-rtti", "-Wl,--as-needed"]
+_HASH_MARK = re.compile(rb"l2l-source-hash:([0-9a-f]{16})\0")  # kSourceHash in simple_cpu.cpp
 
 
 class BuildError(RuntimeError):
@@ -42,12 +45,23 @@ def source_dir() -> Path:
 
 
 def source_hash(directory: Path | None = None) -> str:
-    """A short hash of the sources' names and contents (raises OSError if one is missing)."""
+    """A short hash of the sources' names and contents and of the flags (raises OSError if a
+    source is missing): a library with another hash was built from something else."""
     directory = directory or source_dir()
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(FLAGS).encode() + b"\0")
     for name in SOURCES:
         h.update(name.encode() + b"\0" + (directory / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def library_hash(path: Path) -> str | None:
+    """The :func:`source_hash` compiled into the library at ``path`` (read from the file, not
+    loaded), or None when the file has none or cannot be read."""
+    try:
+        found = _HASH_MARK.search(Path(path).read_bytes())
+    except OSError:
+        return None
+    return found.group(1).decode() if found else None
 
 
 def compiler() -> list[str]:

@@ -108,10 +108,8 @@ def _find_or_build() -> tuple[ctypes.CDLL, Path, str]:
     except OSError:
         src_hash = None  # an install without the sources: trust its library
     installed = HERE / _build.LIB_NAME
-    if installed.exists():
-        lib = _open(installed)
-        if src_hash is None or lib.l2l_source_hash().decode() == src_hash:
-            return lib, installed, "installed"
+    if installed.exists() and (src_hash is None or _build.library_hash(installed) == src_hash):
+        return _open(installed), installed, "installed"
     if src_hash is None:
         raise FileNotFoundError(errno.ENOENT, "no kernel library and no sources", str(installed))
     path = _cache_path(src_hash)

@@ -324,8 +324,10 @@ using namespace l2l;
 
 L2L_API int l2l_abi_version(void) { return 1; }
 
-// the hash of the sources this library was built from (cpu.py compares it with the files)
-L2L_API const char* l2l_source_hash(void) { return L2L_SOURCE_HASH; }
+// the hash of the sources and flags this library was built from; _build.py finds it in the
+// file by its prefix, so a loader can tell a stale library without loading it
+static const char kSourceHash[] = "l2l-source-hash:" L2L_SOURCE_HASH;
+L2L_API const char* l2l_source_hash(void) { return kSourceHash + 16; }
 
 L2L_API int64_t l2l_block_size(void) { return kBlock; }
 
