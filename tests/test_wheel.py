@@ -19,8 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import l2l_optim
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,7 +58,7 @@ from ._common import (
     packed_weights,
     split_skip,
 )
-from ._cpu_library import (  # noqa: F401 - re-exported: this module is the CPU path's interface
+from ._cpu_library import (  # re-exported: this module is the CPU path's interface
     CACHE_ENV,
     DISABLE_ENV,
     ISA_ENV,
@@ -80,6 +80,9 @@ __all__ = [
     "build_error",
     "build_advice",
     "load_library",
+    "DISABLE_ENV",
+    "ISA_ENV",
+    "CACHE_ENV",
 ]
 
 # dtype codes of the C ABI (the enum at the top of simple_cpu.cpp)

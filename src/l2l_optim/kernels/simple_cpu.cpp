@@ -36,10 +36,11 @@
 // Instruction sets: the per-coordinate code (simple_cpu_isa.h) is compiled three times on
 // x86-64, for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and the SSE2 baseline, and the best
 // one the CPU supports is chosen when the library loads (l2l_isa names it; l2l_select_isa
-// forces another). The build uses no -march flag, so one binary runs on any x86-64. The AVX-512
-// and AVX2 copies contract a * b + c into FMAs alike and give the same bits; the baseline has
-// no FMA and rounds those products separately (agreement with the reference is the same).
-// Other architectures get one copy, built for the compiler's default target.
+// forces another). The build uses no -march flag, so one binary runs on any x86-64. The copies
+// run the same operations in the same order; where the compiler contracts a * b + c into an
+// FMA (AVX-512, AVX2) or not (the baseline has none) the last bit may differ, so results are
+// bitwise reproducible per instruction set, and every copy meets the reference's tolerances
+// (tests/test_kernels.py). Other architectures get one copy, for the compiler's default target.
 //
 // Precision: fp64 parameters are computed in fp64, everything else in fp32, each with the
 // vectorisable tanh of simple_cpu_isa.h (max error 1.46 ulp over all fp32 inputs, checked
