@@ -97,12 +97,27 @@ _ERRORS = {-1: "a packed weight vector of a bad length", -2: "an unsupported dty
 # ------------------------------------------------------------------------- the C calls
 
 
-def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
-    """``(data pointer, dtype code)`` of a tensor the loops can address, else RuntimeError.
+def _address(t: Tensor, codes: dict) -> tuple[int, int] | None:
+    """``(data pointer, dtype code)`` of a tensor the loops can address, else None.
 
-    A tensor subclass (DTensor, FakeTensor), a functional or meta tensor, a sparse, nested
-    or mkldnn one, or a non-contiguous one would hand C a null or foreign pointer.
+    Addressable: a plain tensor (not a subclass such as DTensor or FakeTensor, nor a
+    functional wrapper), dense, strided, contiguous, on the CPU, of a dtype in ``codes``, with
+    storage. Anything else would hand C a null or foreign pointer. One pass of cheap tests,
+    since it runs for every tensor of every step.
     """
+    code = codes.get(t.dtype) if type(t) is Tensor or type(t) is torch.nn.Parameter else None
+    if (code is None or not t.is_cpu or t.layout != torch.strided or t.is_nested
+            or not t.is_contiguous() or torch._is_functional_tensor(t)):
+        return None
+    ptr = t.data_ptr()
+    return (ptr, code) if ptr or not t.numel() else None
+
+
+def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
+    """:func:`_address`, or RuntimeError saying why the tensor is refused."""
+    found = _address(t, codes)
+    if found is not None:
+        return found
     prefix = f"l2l_optim cpu kernel: {what} {i}"
     if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
         raise RuntimeError(f"{prefix} is a {type(t).__qualname__}, a tensor subclass or wrapper "
@@ -111,20 +126,14 @@ def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
     if t.layout != torch.strided or t.is_nested:
         raise RuntimeError(f"{prefix} is not a dense strided tensor (layout {t.layout}"
                            f"{', nested' if t.is_nested else ''})")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise RuntimeError(f"l2l_optim cpu kernel: all tensors must be on the CPU ({what} {i} "
                            f"is on {t.device})")
     if not t.is_contiguous():
         raise RuntimeError(f"{prefix}: tensors must be contiguous")
-    code = codes.get(t.dtype)
-    if code is None:
+    if t.dtype not in codes:
         raise RuntimeError(f"{prefix} has an unsupported dtype {t.dtype}")
-    if torch._is_functional_tensor(t):
-        raise RuntimeError(f"{prefix} is a functional tensor; the kernel takes plain CPU tensors")
-    ptr = t.data_ptr()  # raises for a tensor without storage
-    if ptr == 0 and t.numel():
-        raise RuntimeError(f"{prefix} has no addressable storage")
-    return ptr, code
+    raise RuntimeError(f"{prefix} has no addressable storage (a functional or storage-less tensor)")
 
 
 def _array(ctype, values):
@@ -177,15 +186,15 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool):
         p_ptrs.append(pp), p_codes.append(pc), g_ptrs.append(gp), g_codes.append(gc)
         h_ptrs.append(hp), h_codes.append(hc), numels.append(k)
         # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
-        scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else torch.empty(0))
+        scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else None)
     skip_ptr, _flag = _skip_pointer(skip)
     sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
     rc = lib.l2l_simple_pass1(
         n, _array(_P, p_ptrs), _array(ctypes.c_int32, p_codes), _array(_P, g_ptrs),
         _array(ctypes.c_int32, g_codes), _array(_P, h_ptrs), _array(ctypes.c_int32, h_codes),
         _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
-        _array(_P, [s.data_ptr() or None for s in scratch]), w_ptr, w_len, skip_ptr,
-        None if sums is None else sums.data_ptr(), torch.get_num_threads())
+        _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
+        w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
     _check(rc)
     return sums, scratch
 
@@ -209,7 +218,8 @@ def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: lis
                          lrs: list[float], weights: Tensor,
                          skip: Optional[Tensor]) -> tuple[Tensor, list[Tensor]]:
     sums, scratch = _pass1(params, grads, hiddens, lrs, weights, skip, want_sums=True)
-    return sums, scratch
+    # an empty buffer for the parameters that need none (an op returns tensors, not None)
+    return sums, [torch.empty(0) if s is None else s for s in scratch]
 
 
 def _simple_update_pass2(params: list[Tensor], scratch: list[Tensor], lrs: list[float],
@@ -336,20 +346,17 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     lib = _cpu_library._lib
     if lib is None:
         return None
-    ptrs, codes, numels, keep = [], [], [], []
-    for i, t in enumerate(tensors):
-        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+    ptrs, codes, numels, copies = [], [], [], []
+    for t in tensors:
+        found = _address(t, DTYPE_CODES)
+        if found is None and type(t) is Tensor and t.layout == torch.strided and not t.is_contiguous():
+            copies.append(t.contiguous())  # a non-contiguous gradient: scan a copy
+            found = _address(copies[-1], DTYPE_CODES)
+        if found is None:
             return None
-        if t.layout != torch.strided or t.is_nested or t.device.type != "cpu" \
-                or t.dtype not in DTYPE_CODES:
-            return None
-        if not t.is_contiguous():
-            t = t.contiguous()
-            keep.append(t)
-        ptr, code = _pointer(t, "tensor", i, DTYPE_CODES)
-        ptrs.append(ptr or None), codes.append(code), numels.append(t.numel())
+        ptrs.append(found[0] or None), codes.append(found[1]), numels.append(t.numel())
     bad = lib.l2l_first_nonfinite(len(tensors), _array(_P, ptrs), _array(ctypes.c_int32, codes),
-                                   _array(ctypes.c_int64, numels), torch.get_num_threads())
+                                  _array(ctypes.c_int64, numels), torch.get_num_threads())
     if bad < -1:
         raise RuntimeError(f"l2l_optim cpu kernel: {_ERRORS.get(bad + 1, f'error {bad}')}")
     return int(bad)
