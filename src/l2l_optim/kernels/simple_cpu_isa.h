@@ -99,18 +99,13 @@ struct Cvt<uint16_t, double> {
 // tanh
 
 // Round to the nearest integer, ties to even (|x| <= 40 here, or NaN).
-inline float round_even(float x) {
+template <typename T>
+inline T round_even(T x) {
 #if L2L_FAST_ROUND
   return std::nearbyint(x);
 #else
-  return (x + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23
-#endif
-}
-inline double round_even(double x) {
-#if L2L_FAST_ROUND
-  return std::nearbyint(x);
-#else
-  return (x + 6755399441055744.0) - 6755399441055744.0;  // 1.5 * 2^52
+  constexpr T big = T(1.5) / std::numeric_limits<T>::epsilon();  // 1.5 * 2^23 or 1.5 * 2^52
+  return (x + big) - big;
 #endif
 }
 
@@ -417,38 +412,31 @@ void pass2_item(const Job& job, const Item& it, double shared) {
 // ---------------------------------------------------------------------------------------------
 // whole-array helpers
 
-// Whether x[start, start + len) holds a NaN or an infinity: the largest magnitude bit pattern
-// (sign cleared) compared with the exponent-all-ones pattern, a max reduction that reads at
-// memory speed. Positional: the dtype code says the element size and the pattern.
-bool nonfinite_range(int dtype, const void* x, int64_t start, int64_t len) {
-  if (dtype == kF32) {
-    const uint32_t* __restrict p = static_cast<const uint32_t*>(x) + start;
-    uint32_t m = 0;
-#pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t v = p[i] & 0x7FFFFFFFu;
-      m = v > m ? v : m;
-    }
-    return m >= 0x7F800000u;
-  }
-  if (dtype == kF64) {
-    const uint64_t* __restrict p = static_cast<const uint64_t*>(x) + start;
-    uint64_t m = 0;
-#pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < len; ++i) {
-      const uint64_t v = p[i] & 0x7FFFFFFFFFFFFFFFull;
-      m = v > m ? v : m;
-    }
-    return m >= 0x7FF0000000000000ull;
-  }
-  const uint16_t* __restrict p = static_cast<const uint16_t*>(x) + start;
-  uint16_t m = 0;
+// The largest bit pattern of p[0, len) with the sign bit cleared (a max reduction that reads at
+// memory speed): for IEEE formats, the largest magnitude, NaN above infinity above the rest.
+template <typename U>
+inline U max_magnitude_bits(const U* __restrict p, int64_t len, U magnitude) {
+  U m = 0;
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < len; ++i) {
-    const uint16_t v = static_cast<uint16_t>(p[i] & 0x7FFFu);
+    const U v = static_cast<U>(p[i] & magnitude);
     m = v > m ? v : m;
   }
-  return m >= (dtype == kBF16 ? 0x7F80u : 0x7C00u);
+  return m;
+}
+
+// Whether x[start, start + len) holds a NaN or an infinity: its largest magnitude bit pattern
+// reaches the format's exponent-all-ones pattern. The dtype code says the element size.
+bool nonfinite_range(int dtype, const void* x, int64_t start, int64_t len) {
+  if (dtype == kF32)
+    return max_magnitude_bits(static_cast<const uint32_t*>(x) + start, len, 0x7FFFFFFFu) >=
+           0x7F800000u;
+  if (dtype == kF64)
+    return max_magnitude_bits(static_cast<const uint64_t*>(x) + start, len,
+                              uint64_t{0x7FFFFFFFFFFFFFFFull}) >= 0x7FF0000000000000ull;
+  const uint16_t m =
+      max_magnitude_bits(static_cast<const uint16_t*>(x) + start, len, uint16_t{0x7FFF});
+  return m >= (dtype == kBF16 ? 0x7F80u : 0x7C00u);  // bf16 : fp16
 }
 
 // out[start, start + len) = tanh(x[...]) in the kernel's tanh (kF32 or kF64).
