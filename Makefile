@@ -32,15 +32,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# BENCH_ARGS: options for `l2l-optim bench`, e.g. --quick, or --json bench.json
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m l2l_optim bench
+	$(PY) -m l2l_optim bench $(BENCH_ARGS)
 	$(PY) -m l2l_optim meta-bench
 
 # JOBS=2 (or more) runs that many workers side by side on the figures (each takes the next
 # run nobody holds, one thread each); the last pass times table1 alone, fills any gap and
 # rebuilds the summaries and RESULTS.md.
 JOBS ?= 1
-FIGURES := fig2 fig3 fig4a fig4b fig5a fig5b
+FIGURES := fig2 fig3 fig4a fig4b fig5a fig5b fig5b-long
 
 reproduce: $(STAMP)
 ifneq ($(JOBS),1)
@@ -56,4 +58,4 @@ dist: $(STAMP)
 	$(PY) -m twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache src/l2l_optim/kernels/_simple_cpu.so
+	rm -rf $(VENV) build dist .pytest_cache src/l2l_optim/kernels/libl2l_simple_cpu.so.1

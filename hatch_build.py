@@ -7,8 +7,8 @@ the command is ``kernels/_build.py``'s, without ``-march``: the library picks it
 set when it loads) and
 
 * for an editable install, writes it beside the sources
-  (``src/l2l_optim/kernels/_simple_cpu.so``, ignored by git), where the package loads it;
-* for a wheel, adds it to the wheel as ``l2l_optim/kernels/_simple_cpu.so``.
+  (``src/l2l_optim/kernels/libl2l_simple_cpu.so.1``, ignored by git), where the package loads it;
+* for a wheel, adds it to the wheel as ``l2l_optim/kernels/libl2l_simple_cpu.so.1``.
 
 Either wheel is then tagged ``py3-none-<platform>``: the library depends on the platform but
 not on Python's ABI (it is loaded with ctypes). ``$L2L_OPTIM_PLATFORM_TAG`` overrides the

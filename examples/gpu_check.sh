@@ -110,7 +110,7 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "KERNEL CHECK FAILED"; status=1; }
 
 echo "== 3. optimizer-step benchmark on CUDA"
-$PY -m l2l_optim bench --device cuda --sizes base,100m --steps 50 --rounds 5 --budget 60 \
+$PY -m l2l_optim bench --tables step --device cuda --sizes base,100m --steps 50 --rounds 5 --budget 60 \
     --optimizers sgd,adam-foreach,adam-fused,simple-ref,simple-fused,simple-fused-bf16,dm,rnnprop \
     --out "$OUT/bench.md" || { echo "BENCHMARK FAILED"; status=1; }
 

@@ -19,6 +19,7 @@ import pytest
 
 from l2l_optim import kernels
 from l2l_optim.kernels import resolve_impl
+from l2l_optim.kernels._build import LIB_NAME as LIB
 from l2l_optim.nets import SimpleOptimizerNet
 
 def weights_for():
@@ -91,7 +92,7 @@ def _checkout_without_library(tmp_path) -> Path:
 
     dst = tmp_path / "checkout" / "l2l_optim"
     shutil.copytree(Path(l2l_optim.__file__).parent, dst,
-                    ignore=shutil.ignore_patterns("__pycache__", "_simple_cpu.so", "*.tmp"))
+                    ignore=shutil.ignore_patterns("__pycache__", LIB, "*.tmp"))
     return dst.parent
 
 
@@ -150,14 +151,14 @@ def test_the_installed_library_is_used_when_it_matches_its_sources(tmp_path, mon
     # an editable install whose sources changed since its library was built compiles a fresh
     # one into the cache instead of running stale code; an unchanged one loads as installed
     loader = _fresh_loader(monkeypatch)
-    if not (loader.HERE / "_simple_cpu.so").exists():
+    if not (loader.HERE / LIB).exists():
         pytest.skip("no installed library here (the package was not installed with pip)")
     import shutil
 
     from l2l_optim.kernels import _build
 
     pkg = _checkout_without_library(tmp_path) / "l2l_optim" / "kernels"
-    shutil.copy(loader.HERE / "_simple_cpu.so", pkg / "_simple_cpu.so")
+    shutil.copy(loader.HERE / LIB, pkg / LIB)
     monkeypatch.setattr(loader, "HERE", pkg)
     monkeypatch.setenv("L2L_OPTIM_KERNEL_CACHE", str(tmp_path / "cache"))
     built = []
@@ -165,14 +166,14 @@ def test_the_installed_library_is_used_when_it_matches_its_sources(tmp_path, mon
     def compile_library(out, directory=None):  # the real library, without a compiler run
         built.append(Path(out))
         Path(out).parent.mkdir(parents=True)
-        shutil.copy(pkg / "_simple_cpu.so", out)
+        shutil.copy(pkg / LIB, out)
 
     monkeypatch.setattr(_build, "compile_library", compile_library)
-    assert _build.library_hash(pkg / "_simple_cpu.so") == _build.source_hash(pkg)
+    assert _build.library_hash(pkg / LIB) == _build.source_hash(pkg)
     assert _build.library_hash(pkg / "simple_cpu.cpp") is None  # no hash in it
     assert _build.library_hash(pkg / "missing.so") is None
     _, path, origin = loader._find_or_build()
-    assert (path, origin, built) == (pkg / "_simple_cpu.so", "installed", [])
+    assert (path, origin, built) == (pkg / LIB, "installed", [])
     with open(pkg / "simple_cpu_isa.h", "a") as f:
         f.write("// edited\n")
     _, path, origin = loader._find_or_build()
@@ -202,7 +203,7 @@ def test_the_developer_path_compiles_once_per_checkout_into_the_cache(tmp_path):
     assert first["available"] and first["origin"] == "jit cache", first
     assert Path(first["path"]).parent.parent == cache and Path(first["path"]).exists()
     assert second == first and files2 == files1  # loaded, nothing written
-    assert [p.name for p in files1 if p.is_file()] == ["_simple_cpu.so"]
+    assert [p.name for p in files1 if p.is_file()] == [LIB]
     # this checkout's directory is not the one the package under test would use
     from l2l_optim.kernels import _build
     from l2l_optim.kernels import _cpu_library as loader

@@ -1,4 +1,4 @@
-"""The validation protocol (l2l_optim.evaluate) on a tiny fake suite: no dataset files."""
+"""The validation protocol (l2l_optim.evaluation) on a tiny fake suite: no dataset files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import l2l_optim.evaluate as ev
+import l2l_optim.evaluation as ev
 from l2l_optim.__main__ import main as cli_main
 from l2l_optim.nets import SimpleOptimizerNet, init_net
 from l2l_optim.suite import SUITES, SuiteTask, default_suite, get_suite
@@ -302,3 +302,25 @@ def test_shipped_baselines_cover_the_default_suite(monkeypatch):
         except DatasetNotFoundError:
             pytest.skip(f"{task.config['dataset']} is not available here")
         assert entry["task"] == task.name and entry["config"] == task.config
+
+
+def test_optimizer_kwargs_reach_the_learned_optimizer(tmp_path, no_shipped, monkeypatch):
+    """``optimizer_kwargs`` (the CLI's --state-dtype) changes the learned runs only."""
+    seen = []
+    real_step = ev.get_architecture("simple").optimizer_class.step
+
+    def spy(self, *a, **kw):
+        seen.append(next(iter(self.state.values()))["h"].dtype if self.state else None)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(ev.get_architecture("simple").optimizer_class, "step", spy)
+    r32 = _evaluate(sgd_like(), tmp_path)
+    seen.clear()
+    r16 = _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"state_dtype": torch.bfloat16})
+    assert seen[-1] == torch.bfloat16
+    assert "state_dtype=torch.bfloat16" in r16.weights
+    assert r16.rows[0].adam_loss == r32.rows[0].adam_loss  # the baselines are the same runs
+    with pytest.raises(ValueError, match="lr or weights"):
+        _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"lr": 0.5})
+    with pytest.raises(ValueError):
+        _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"state_dtype": torch.int8})

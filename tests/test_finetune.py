@@ -1,4 +1,4 @@
-"""Tests for l2l_optim.finetune: fine-tuning on an unseen model, where trajectories stop, side effects."""
+"""Tests for l2l_optim.finetuning: fine-tuning on an unseen model, where trajectories stop, side effects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from l2l_optim.finetune import FinetuneResult, finetune, subsample_loader
+from l2l_optim.finetuning import FinetuneResult, finetune, subsample_loader
 from l2l_optim.nets import SimpleOptimizerNet, init_simple_sgd_like
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.tasks import task_from_model
@@ -121,7 +121,7 @@ def test_trajectory_stops_at_the_target_or_the_cap():
 
 def test_trajectory_stops_after_the_first_unroll_whose_mean_loss_is_below_target(monkeypatch):
     # record every trajectory's losses, then check the stop point against them
-    module = importlib.import_module("l2l_optim.finetune")
+    module = importlib.import_module("l2l_optim.finetuning")
     original, runs = module.run_trajectory, []
 
     def recording(*args, **kwargs):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from l2l_optim import hub
-from l2l_optim.finetune import finetune
+from l2l_optim.finetuning import finetune
 from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
 from l2l_optim.weights import WeightsError, fingerprint, save_weights

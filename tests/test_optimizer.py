@@ -1080,7 +1080,7 @@ def test_a_skipped_step_does_not_decay_either():
 
 
 def test_a_finetune_or_meta_fit_result_is_accepted_as_weights():
-    from l2l_optim.finetune import FinetuneResult
+    from l2l_optim.finetuning import FinetuneResult
     from l2l_optim.meta.fit import MetaFitResult
 
     net = random_simple(5)

@@ -3,8 +3,8 @@ on tiny fake data, resuming, run claims, the report.
 
 The end-to-end tests use the shipped weights (``--allow-random-weights`` is passed but has
 nothing to substitute); one test removes them to exercise the untrained stand-ins. The fast
-tests use a few steps (and fig5b runs its protocol on LeNet); the ``slow`` ones run
-``--steps 20 --seeds 1`` on every experiment, fig5b on the real ResNet.
+tests use a few steps (fig5b runs its protocol on LeNet, fig5b-long on its own narrow ResNet);
+the ``slow`` ones run ``--steps 20 --seeds 1`` on every experiment, fig5b on the real ResNet.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ FAST = [
     ("fig4b", []),
     ("fig5a", []),
     ("fig5b", ["--task", "fmnist-lenet"]),  # fig5b's protocol on a small model
+    ("fig5b-long", []),  # its own ResNet is small enough for the fast tests
 ]
 
 
@@ -202,7 +203,7 @@ def test_untrained_weights_are_flagged_in_the_summary_and_the_report(tmp_path, d
 def test_every_finetune_setting_has_a_finetune_keyword():
     import inspect
 
-    from l2l_optim.finetune import finetune
+    from l2l_optim.finetuning import finetune
     from l2l_optim.repro.experiments import FINETUNE_DEFAULTS
     from l2l_optim.repro.runner import FINETUNE_KWARGS
 

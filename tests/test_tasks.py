@@ -8,7 +8,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fake_idx import make_fake_datasets
-from l2l_optim.models import MLP5_WIDTH, base_mlp, lenet, mlp5, resnet_small
+from l2l_optim.models import (MLP5_WIDTH, RESNET_NARROW_WIDTH, ResNetSmall, base_mlp, lenet, mlp5, resnet_narrow,
+                              resnet_small)
 from l2l_optim.tasks import TASKS, Task, make_task, subsample_task
 from l2l_optim.training import evaluate_model
 
@@ -27,6 +28,17 @@ def test_parameter_counts_and_ratios():
     assert MLP5_WIDTH == 1330
     assert n_params(resnet_small()) == 11_172_810
     assert 27.5 < n_params(resnet_small()) / BASE < 28.5  # ResNet-18 size, ~28x
+    assert RESNET_NARROW_WIDTH == 16 and n_params(resnet_narrow()) == 701_178
+    assert 1.7 < n_params(resnet_narrow()) / BASE < 1.8  # fig5b-long's ResNet, 1.76x
+
+
+def test_narrow_resnet_is_resnet18s_layout_at_a_quarter_of_the_width():
+    narrow, full = resnet_narrow(), resnet_small()
+    assert isinstance(narrow, ResNetSmall)
+    assert [n for n, _ in narrow.named_parameters()] == [n for n, _ in full.named_parameters()]
+    assert all(pn.shape[:2] == tuple(d // 4 for d in pf.shape[:2]) for (_, pn), (_, pf)
+               in zip(narrow.named_parameters(), full.named_parameters()) if pn.dim() == 4 and pn.shape[1] > 1)
+    assert narrow.fc.in_features == 128 and full.fc.in_features == 512
 
 
 def test_mlp5_has_five_linear_layers():
@@ -34,7 +46,8 @@ def test_mlp5_has_five_linear_layers():
     assert [(l.in_features, l.out_features) for l in layers] == [(784, 32), (32, 32), (32, 32), (32, 32), (32, 10)]
 
 
-@pytest.mark.parametrize("factory", [lenet, lambda: mlp5(64), lambda: resnet_small(8), resnet_small])
+@pytest.mark.parametrize("factory", [lenet, lambda: mlp5(64), lambda: resnet_small(8), resnet_small,
+                                     resnet_narrow])
 def test_models_map_mnist_images_to_ten_logits(factory):
     torch.manual_seed(0)
     out = factory()(torch.randn(3, 1, 28, 28))
@@ -54,6 +67,7 @@ def test_registry_entries():
     assert TASKS["fmnist-lenet"] == ("fashion-mnist", lenet)
     assert TASKS["mnist-mlp5"] == ("mnist", mlp5)
     assert TASKS["fmnist-resnet"] == ("fashion-mnist", resnet_small)
+    assert TASKS["fmnist-resnet16"] == ("fashion-mnist", resnet_narrow)
     assert TASKS["mnist-mlp"][0] == "mnist"  # the base task is untouched
 
 
@@ -90,7 +104,7 @@ def fake_root(tmp_path_factory):
     return make_fake_datasets(tmp_path_factory.mktemp("data"), n_train=300, n_test=100)
 
 
-@pytest.mark.parametrize("name", ["mnist-lenet", "fmnist-lenet", "mnist-mlp5", "fmnist-resnet"])
+@pytest.mark.parametrize("name", ["mnist-lenet", "fmnist-lenet", "mnist-mlp5", "fmnist-resnet", "fmnist-resnet16"])
 def test_make_task_reads_local_idx_files(fake_root, name):
     task = make_task(name, root=fake_root, batch_size=8, with_test=True)
     x, y = task.train

@@ -109,7 +109,7 @@ def test_the_wheel_runs_its_prebuilt_kernel_without_a_compiler(tmp_path):
     result = json.loads(proc.stdout.splitlines()[-1])
     info = result["info"]
     assert result["impl"] == "cpu" and info["available"] and info["origin"] == "installed"
-    assert Path(info["path"]) == site / "l2l_optim" / "kernels" / "_simple_cpu.so"
+    assert Path(info["path"]) == site / "l2l_optim" / "kernels" / "libl2l_simple_cpu.so.1"
     assert not (tmp_path / "kernel-cache").exists()  # nothing compiled
     losses = result["losses"]
     assert all(map(math.isfinite, losses)) and losses[-1] < 0.75 * losses[0], losses  # 0.83 -> 0.44

@@ -1,8 +1,13 @@
-"""Step-time benchmark: ``python -m l2l_optim bench`` (``make bench``).
+"""The step-time table of ``python -m l2l_optim bench`` (``--tables step``), and helpers the
+other tables share (:func:`time_steps`, :func:`seeded`, :func:`machine_info`).
 
-Times ``optimizer.step()`` alone (gradients pre-filled with random values, no forward or
-backward) for SimpleOptimizer (reference and fused kernel), torch's Adam (foreach and fused),
-SGD, DMOptimizer and RNNProp, on three parameter sets:
+The command itself, with its bandwidth and training-step tables, is :mod:`l2l_optim.bench_cli`;
+:func:`main` here runs it.
+
+Times ``optimizer.step()`` alone (gradients pre-filled with random values of realistic
+magnitude, ``randn * GRAD_SCALE``; no forward or backward) for SimpleOptimizer (reference and
+fused kernel), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp, on three
+parameter sets:
 
 * ``base``: the paper's base MLP, 784-500-10 (``models.base_mlp``, 397,510 parameters);
 * ``mlp5``: the 5-layer MLP with 16x the parameters, 784-1330-1330-1330-1330-10
@@ -21,15 +26,14 @@ The meta-weights are random nets of the right architecture: step time does not d
 their values.
 
 Examples:
-    python -m l2l_optim bench                               # everything, 2 threads
-    python -m l2l_optim bench --sizes base --steps 50       # quick
-    python -m l2l_optim bench --sizes 100m --optimizers simple-fused,adam-fused
-    python -m l2l_optim bench --device cuda --sizes 100m    # on a GPU
+    python -m l2l_optim bench --tables step                           # all sizes and optimizers
+    python -m l2l_optim bench --tables step --sizes base --steps 50   # quick
+    python -m l2l_optim bench --tables step --sizes 100m --optimizers simple-fused,adam-fused
+    python -m l2l_optim bench --tables step --device cuda --sizes 100m    # on a GPU
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -50,9 +54,13 @@ from .registry import build_net, get_architecture
 from .models import base_mlp, mlp5
 
 __all__ = ["main", "SIZES", "OPTIMIZERS", "run", "format_table", "time_steps", "seeded", "untrained_net",
-           "resolved_impl"]
+           "resolved_impl", "machine_info", "GRAD_SCALE"]
 
 T = TypeVar("T")
+
+#: standard deviation of the random gradients of the step and bandwidth tables: the magnitude
+#: of real training gradients, far above the subnormal range (below 1.2e-38 in float32)
+GRAD_SCALE = 1e-3
 
 
 # ------------------------------------------------------------------------ parameter sets
@@ -257,7 +265,7 @@ def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device
         gen = torch.Generator(device="cpu").manual_seed(0)
         params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device)
+            p.grad = (torch.randn(p.shape, generator=gen) * GRAD_SCALE).to(device)
         res = {name: Result(size, name, n) for name in optimizers}
         spent = {name: 0.0 for name in optimizers}
         log(f"[{size}] {label}: {n:,} parameters in {len(shapes)} tensors")
@@ -364,53 +372,10 @@ def machine_info(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="l2l-optim bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="base,mlp5,100m",
-                    help=f"comma-separated, from {','.join(SIZES)} (default: all)")
-    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default: all)")
-    ap.add_argument("--steps", type=int, default=50, help="timed steps per optimizer (default 50)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per round (default 3)")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="interleaved rounds the steps are split into (default 5)")
-    ap.add_argument("--budget", type=float, default=120.0,
-                    help="about the most seconds spent on one (size, optimizer), warm-up "
-                         "included; slower ones get fewer timed steps (default 120)")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--out", default=None, help="also write the table (Markdown) to this file")
-    args = ap.parse_args(argv)
+    """``python -m l2l_optim bench``: see :func:`l2l_optim.bench_cli.main`."""
+    from .bench_cli import main as bench_main  # it imports this module
 
-    sizes = [s for s in args.sizes.split(",") if s]
-    opts = [o for o in args.optimizers.split(",") if o]
-    for s in sizes:
-        if s not in SIZES:
-            ap.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
-    for o in opts:
-        if o not in OPTIMIZERS:
-            ap.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but no CUDA device is available")
-    torch.set_num_threads(args.threads)
-
-    before = machine_info(device)
-    print(before, flush=True)
-    results = run(sizes, opts, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                  budget=args.budget, device=args.device,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    table = format_table(results)
-    after = "load average at the end %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(
-        os, "getloadavg") else ""
-    command = "l2l-optim bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"{before}\n{after}\ncommand: {command}\n\n{table}\n"
-    print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+    return bench_main(argv)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ Commands:
 ``info``       the fused CPU kernel in use (instruction set, library), the shipped weights
                and the l2l-optim weights in the local Hugging Face cache, with their
                metadata and fingerprints
-``meta-fit``   meta-train an optimizer net (:mod:`l2l_optim.meta.fit`)
+``meta-fit``   meta-train an optimizer net with truncated BPTT (:mod:`l2l_optim.meta.fit`)
+``meta-es``    meta-train SimpleOptimizer by ES on the task population (:mod:`l2l_optim.meta.es`)
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
                an ``ImageFolder`` directory; writes the weights, a model card and a plot
-``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluate`)
-``bench``      the step-time benchmark (:mod:`l2l_optim.bench`)
+``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluation`)
+``bench``      the benchmarks: bandwidth, training steps, step times (:mod:`l2l_optim.bench_cli`)
 ``meta-bench`` meta-training throughput, BPTT against ES (:mod:`l2l_optim.meta.throughput`)
 ``reproduce``  the paper's experiments (:mod:`l2l_optim.repro`)
 =============  ==========================================================================
@@ -22,6 +23,11 @@ in by its entry in :data:`DELEGATED`.
 Example:
     >>> from l2l_optim.cli import main
     >>> main(["info"])  # doctest: +SKIP
+    l2l-optim 0.1.0 (torch ..., Python ...)
+    <BLANKLINE>
+    shipped weights (...):
+    name            arch     params  fingerprint       recipe
+    dm              dm       5301    ...
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ PROG = "l2l-optim"
 #: command -> (module whose ``main(argv)`` runs it, one-line help); imported when used
 DELEGATED: dict[str, tuple[str, str]] = {
     "meta-fit": ("l2l_optim.meta.fit", "meta-train an optimizer net and write its weights"),
-    "eval": ("l2l_optim.evaluate", "evaluate meta-weights against tuned baselines"),
-    "bench": ("l2l_optim.bench", "time optimizer.step() against Adam and SGD"),
+    "eval": ("l2l_optim.evaluation", "evaluate meta-weights against tuned baselines"),
+    "bench": ("l2l_optim.bench", "bandwidth against a copy, training steps and step times against Adam"),
     "meta-es": ("l2l_optim.meta.es", "meta-train SimpleOptimizer by ES on the task population"),
     "meta-bench": ("l2l_optim.meta.throughput", "meta-training throughput, BPTT against ES"),
     "reproduce": ("l2l_optim.repro.cli", "run the paper's experiments and write RESULTS.md"),
@@ -273,7 +279,7 @@ def _finetune(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from .finetune import finetune
+    from .finetuning import finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,7 +312,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune meta-weights on a model and a dataset",
-        description="Fine-tune meta-weights on a model and data (l2l_optim.finetune), then write "
+        description="Fine-tune meta-weights on a model and data (l2l_optim.finetuning), then write "
                     "weights.safetensors, a README.md model card and finetune.png into --out-dir.",
     )
     p.add_argument("model", metavar="MODEL",
@@ -344,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     Returns:
         The parser (``l2l-optim``).
+
+    Example:
+        >>> parser = build_parser()
+        >>> parser.prog, parser.parse_args(["info", "--json"]).json
+        ('l2l-optim', True)
     """
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -390,9 +401,24 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 on success, 1 when a command fails on its input (the message is
         on stderr), 2 for a usage error.
 
+    Raises:
+        SystemExit: from ``--help`` and ``--version`` (status 0) and from argument errors
+            of a command (status 2), as argparse does.
+
     Example:
+        >>> import contextlib, io, json
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     status = main(["info", "--json"])
+        >>> status, json.loads(out.getvalue())["shipped"]["simple"]["arch"]
+        (0, 'simple')
+        >>> main([])  # no command: the usage goes to stderr
+        2
+
+        From a shell, the same program:
+
         >>> main(["--version"])  # doctest: +SKIP
-        l2l-optim 0.1.0 (torch 2.x, Python 3.x)
+        l2l-optim 0.1.0 (torch ..., Python ...)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -143,6 +143,20 @@ def coordinatewise_update(
         lrs: one learning rate per parameter, a float or a 0-dim tensor.
         skip: optional 0-dim bool tensor; where true, nothing changes (read on the device,
             never on the host).
+
+    Returns:
+        None; ``params`` and ``states`` are updated in place.
+
+    Example:
+        >>> import torch
+        >>> from l2l_optim.nets import DMOptimizerNet
+        >>> net = DMOptimizerNet()
+        >>> w = torch.zeros(3)
+        >>> state = net.init_state(w.numel())
+        >>> with torch.no_grad():
+        ...     coordinatewise_update(net, [w], [torch.ones(3)], [state], [1.0])
+        >>> bool(w.ne(0).all()), state["h1"].shape
+        (True, torch.Size([20, 3]))
     """
     if net.independent_coordinates and len(params) > 1:
         for i in range(len(params)):

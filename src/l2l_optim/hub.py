@@ -12,17 +12,18 @@ A Hub repo (or a local directory) of l2l-optim weights holds two files:
   them, read from the weights' metadata.
 
 The optimizers get these methods from :class:`HubMixin`; a
-:class:`~l2l_optim.finetune.FinetuneResult` has ``save_pretrained`` and ``push_to_hub`` too.
+:class:`~l2l_optim.finetuning.FinetuneResult` has ``save_pretrained`` and ``push_to_hub`` too.
 Nothing here touches the network unless it is given a Hub repo id: a local directory is
 read as is, and a repo already in the local cache loads with ``HF_HUB_OFFLINE=1``.
 
 Example:
-    >>> import torch
+    >>> import tempfile, torch
     >>> from l2l_optim import SimpleOptimizer
     >>> model = torch.nn.Linear(4, 2)
     >>> opt = SimpleOptimizer(model.parameters())
-    >>> path = opt.save_pretrained("/tmp/my-optimizer")
-    >>> again = SimpleOptimizer.from_pretrained("/tmp/my-optimizer", model.parameters())
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = opt.save_pretrained(tmp.name)
+    >>> again = SimpleOptimizer.from_pretrained(folder, model.parameters())
     >>> again.meta_fingerprint == opt.meta_fingerprint
     True
 """
@@ -137,7 +138,22 @@ def _hub_error(e: Exception, repo_id: str, filename: str, revision: str | None, 
 
 
 def check_hub_filename(filename: str) -> None:
-    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo."""
+    """Raise ValueError unless ``filename`` names a ``.safetensors`` file inside a Hub repo.
+
+    Args:
+        filename: a path inside a Hub repo.
+
+    Raises:
+        ValueError: not a ``.safetensors`` name, a backslash, or an empty, ``.`` or ``..``
+            path part.
+
+    Example:
+        >>> check_hub_filename("weights.safetensors")
+        >>> check_hub_filename("../weights.safetensors")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: invalid filename '../weights.safetensors': ...
+    """
     parts = filename.split("/")
     if (not filename.endswith(_SUFFIX) or "\\" in filename
             or any(part in ("", ".", "..") for part in parts)):
@@ -170,6 +186,13 @@ def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | 
     Example:
         >>> hub_download("someone/their-optimizer")  # doctest: +SKIP
         PosixPath('.../snapshots/.../weights.safetensors')
+
+        Names are checked before anything is looked up:
+
+        >>> hub_download("someone/their-optimizer", "weights.pt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        l2l_optim.weights.WeightsError: hf://someone/their-optimizer/weights.pt: invalid filename ...
     """
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
     try:
@@ -274,7 +297,7 @@ def model_card(net: CoordinatewiseNet, metadata: dict[str, str], *, repo_id: str
             body += ["```json", json.dumps(recipe, indent=2, sort_keys=True), "```"]
     if isinstance(finetune, dict):
         body += ["", "## Fine-tuning", "",
-                 "Fine-tuned with `l2l_optim.finetune` from "
+                 "Fine-tuned with `l2l_optim.finetuning` from "
                  f"`{finetune.get('base_weights', 'unknown weights')}`; settings:", "",
                  "```json", json.dumps(finetune, indent=2, sort_keys=True), "```"]
     results = [(label, metadata[key]) for key, label in _RESULTS.items() if metadata.get(key) not in (None, "null")]
@@ -325,8 +348,10 @@ def save_pretrained(
         ValueError: ``save_directory`` is an existing file.
 
     Example:
+        >>> import tempfile
         >>> from l2l_optim.nets import SimpleOptimizerNet
-        >>> sorted(p.name for p in save_pretrained(SimpleOptimizerNet(), "/tmp/s").iterdir())
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     print(sorted(p.name for p in save_pretrained(SimpleOptimizerNet(), folder).iterdir()))
         ['README.md', 'weights.safetensors']
     """
     if not isinstance(net, CoordinatewiseNet):
@@ -373,6 +398,16 @@ def load_pretrained(
             that fail validation or are of another architecture; the message says which.
 
     Example:
+        >>> import tempfile
+        >>> from l2l_optim.nets import DMOptimizerNet
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = save_pretrained(DMOptimizerNet(), tmp.name)
+        >>> load_pretrained(folder).net.arch
+        'dm'
+        >>> load_pretrained(folder, arch="simple")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        l2l_optim.weights.WeightsError: ...
         >>> load_pretrained("someone/their-optimizer", arch="simple")  # doctest: +SKIP
     """
     if not isinstance(repo_id_or_dir, (str, os.PathLike)):
@@ -431,6 +466,8 @@ def push_to_hub(
         WeightsError: the repo cannot be created or written (no token, no network, no rights).
 
     Example:
+        Needs a Hub token with write access and the network, so it is not run here:
+
         >>> push_to_hub(opt.net, "me/my-optimizer")  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
@@ -479,6 +516,17 @@ class HubMixin:
             TypeError: ``weights=`` was passed too.
 
         Example:
+            >>> import tempfile, torch
+            >>> from l2l_optim import LearnedOptimizer, RNNProp
+            >>> model = torch.nn.Linear(3, 1)
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> folder = RNNProp(model.parameters()).save_pretrained(tmp.name)
+            >>> opt = LearnedOptimizer.from_pretrained(folder, model.parameters(), lr=0.5)
+            >>> type(opt).__name__, opt.param_groups[0]["lr"]
+            ('RNNProp', 0.5)
+
+            A Hub repo id works the same way (downloaded once, then read from the cache):
+
             >>> opt = SimpleOptimizer.from_pretrained("me/my-optimizer", model.parameters())  # doctest: +SKIP
         """
         if "weights" in optimizer_kwargs:
@@ -504,7 +552,12 @@ class HubMixin:
             ValueError: ``save_directory`` is an existing file.
 
         Example:
-            >>> opt.save_pretrained("my-optimizer")  # doctest: +SKIP
+            >>> import tempfile, torch
+            >>> from l2l_optim import SimpleOptimizer
+            >>> opt = SimpleOptimizer(torch.nn.Linear(3, 1).parameters())
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     print(sorted(p.name for p in opt.save_pretrained(folder).iterdir()))
+            ['README.md', 'weights.safetensors']
         """
         return save_pretrained(self.net, save_directory, repo_id=repo_id)
 
@@ -522,6 +575,8 @@ class HubMixin:
             WeightsError: the upload failed.
 
         Example:
+            Needs a Hub token with write access and the network, so it is not run here:
+
             >>> opt.push_to_hub("me/my-optimizer")  # doctest: +SKIP
         """
         return push_to_hub(self.net, repo_id, **kwargs)

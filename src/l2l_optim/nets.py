@@ -106,10 +106,14 @@ class SimpleOptimizerNet(CoordinatewiseNet):
 
     Example:
         >>> net = SimpleOptimizerNet()
+        >>> net.num_parameters()
+        132
         >>> state = net.init_state(5)
         >>> update, state = net(torch.randn(5), state)
         >>> update.shape, state["h"].shape
         (torch.Size([5]), torch.Size([10, 5]))
+        >>> SimpleOptimizerNet(bias=True).num_parameters(), SimpleOptimizerNet(aggregate=False).num_parameters()
+        (143, 121)
     """
 
     arch = "simple"
@@ -220,6 +224,19 @@ class DMOptimizerNet(CoordinatewiseNet):
 
     Input preprocessing with ``p = 10``: ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else
     ``(-1, e^p g)``. Output: ``0.1 * Linear(20 -> 1)``. 5301 parameters with the defaults.
+
+    Args:
+        hidden_size: units of each LSTM layer (the paper's baseline: 20).
+        preproc_p: the preprocessing constant ``p``.
+        output_scale: the factor on the output layer.
+
+    Example:
+        >>> net = DMOptimizerNet()
+        >>> net.num_parameters()
+        5301
+        >>> update, state = net(torch.randn(4), net.init_state(4))
+        >>> update.shape, sorted(state)
+        (torch.Size([4]), ['c1', 'c2', 'h1', 'h2'])
     """
 
     arch = "dm"
@@ -270,6 +287,20 @@ class RNNPropNet(CoordinatewiseNet):
     ``beta1 = beta2 = 0.95``; ``Linear(2 -> 20)`` + ELU, two ``LSTMCell(20, 20)``,
     ``Linear(20 -> 1)``, ``0.1 * tanh``. 6801 parameters with the defaults. The moment
     estimates and the per-coordinate step count live in the state.
+
+    Args:
+        hidden_size: width of the embedding and of each LSTM layer (the paper's baseline: 20).
+        beta1, beta2: decay rates of the first and second moment estimates.
+        eps: added to the root of the second moment before dividing.
+        output_scale: the factor on the ``tanh`` output.
+
+    Example:
+        >>> net = RNNPropNet()
+        >>> net.num_parameters()
+        6801
+        >>> update, state = net(torch.randn(4), net.init_state(4))
+        >>> update.shape, bool(update.abs().max() <= 0.1)
+        (torch.Size([4]), True)
     """
 
     arch = "rnnprop"

@@ -15,9 +15,9 @@ Example:
     >>> import torch
     >>> from l2l_optim import SimpleOptimizer
     >>> model = torch.nn.Linear(4, 2)
-    >>> opt = SimpleOptimizer(model.parameters())  # doctest: +SKIP
+    >>> opt = SimpleOptimizer(model.parameters())  # the shipped weights "simple"
     >>> model(torch.randn(8, 4)).pow(2).mean().backward()
-    >>> opt.step()  # doctest: +SKIP
+    >>> opt.step()
 """
 
 from __future__ import annotations
@@ -525,6 +525,10 @@ class LearnedOptimizer(HubMixin, Optimizer):
         meta-weights the state belongs to, and its ``state_dtype`` as a name (``"float32"``),
         since torch's distributed checkpoint tools keep plain values only. The tensors are
         the live state, not copies (as in torch).
+
+        Returns:
+            ``{"state": ..., "param_groups": ...}`` as in torch, plus the two group entries
+            above.
         """
         sd = super().state_dict()
         fp = self.meta_fingerprint
@@ -550,6 +554,22 @@ class LearnedOptimizer(HubMixin, Optimizer):
             ValueError: the state carries no fingerprint or another one (saved with other
                 meta-weights or by another optimizer), or its per-parameter state does not
                 fit this optimizer's net and parameters. Nothing is changed then.
+
+        Example:
+            >>> import torch
+            >>> from l2l_optim import SimpleOptimizer
+            >>> from l2l_optim.nets import SimpleOptimizerNet
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = SimpleOptimizer(model.parameters())
+            >>> model(torch.ones(2, 3)).sum().backward()
+            >>> opt.step()
+            >>> saved = opt.state_dict()
+            >>> SimpleOptimizer(model.parameters()).load_state_dict(saved)  # same weights: resumes
+            >>> other = SimpleOptimizer(model.parameters(), weights=SimpleOptimizerNet())
+            >>> other.load_state_dict(saved)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            ValueError: SimpleOptimizer.load_state_dict: ...
         """
         name = type(self).__name__
         sd = dict(state_dict)
@@ -681,12 +701,28 @@ class SimpleOptimizer(LearnedOptimizer):
         RuntimeError: ``impl`` names a path that is not available in this build.
 
     Example:
+        The one-line swap from Adam, with the shipped weights:
+
         >>> import torch
-        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = SimpleOptimizer(model.parameters(), weights=SimpleOptimizerNet())
-        >>> model(torch.ones(2, 3)).pow(2).sum().backward()
-        >>> opt.step()
+        >>> opt = SimpleOptimizer(model.parameters())  # instead of torch.optim.Adam(...)
+        >>> before = model.weight.detach().clone()
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(8, 3)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> bool((model.weight != before).any())
+        True
+        >>> opt.state[model.weight]["h"].shape, int(opt.state[model.weight]["step"])
+        (torch.Size([10, 3]), 3)
+
+        Any SimpleOptimizerNet works as weights, e.g. an untrained one:
+
+        >>> from l2l_optim.nets import SimpleOptimizerNet
+        >>> opt = SimpleOptimizer(model.parameters(), weights=SimpleOptimizerNet(), lr=0.5)
+        >>> opt.meta_fingerprint != SimpleOptimizer(model.parameters()).meta_fingerprint
+        True
     """
 
     _required_arch = SimpleOptimizerNet.arch
@@ -752,9 +788,12 @@ class DMOptimizer(LearnedOptimizer):
 
     Example:
         >>> import torch
-        >>> from l2l_optim.nets import DMOptimizerNet
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = DMOptimizer(model.parameters(), weights=DMOptimizerNet())
+        >>> opt = DMOptimizer(model.parameters())  # the shipped weights "dm"
+        >>> model(torch.ones(2, 3)).pow(2).sum().backward()
+        >>> opt.step()
+        >>> opt.net.num_parameters(), sorted(opt.state[model.bias])
+        (5301, ['c1', 'c2', 'h1', 'h2', 'step'])
     """
 
     _required_arch = "dm"
@@ -790,9 +829,12 @@ class RNNProp(LearnedOptimizer):
 
     Example:
         >>> import torch
-        >>> from l2l_optim.nets import RNNPropNet
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = RNNProp(model.parameters(), weights=RNNPropNet())
+        >>> opt = RNNProp(model.parameters())  # the shipped weights "rnnprop"
+        >>> model(torch.ones(2, 3)).pow(2).sum().backward()
+        >>> opt.step()
+        >>> opt.net.num_parameters(), sorted(opt.state[model.bias])
+        (6801, ['c1', 'c2', 'h1', 'h2', 'm', 'step', 't', 'v'])
     """
 
     _required_arch = "rnnprop"

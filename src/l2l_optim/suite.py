@@ -2,7 +2,7 @@
 
 Each :class:`SuiteTask` is a model factory, a minibatch sampler driven by an explicit
 ``torch.Generator``, and a loss, plus a ``config`` dict that names every choice defining the
-task (dataset, architecture, sizes, batch size). :func:`l2l_optim.evaluate.evaluate` hashes
+task (dataset, architecture, sizes, batch size). :func:`l2l_optim.evaluation.evaluate` hashes
 ``name`` and ``config`` to key its cache of baseline runs, so changing a task changes its key
 and its baselines are recomputed.
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .data import load_dataset, materialize
-from .models import base_mlp, lenet, mlp5, resnet_small
+from .models import base_mlp, lenet, mlp5, resnet_narrow, resnet_small
 
 __all__ = ["Task", "TASKS", "make_task", "task_from_model", "subsample_task"]
 
@@ -91,6 +91,7 @@ TASKS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "fmnist-lenet": ("fashion-mnist", lenet),
     "mnist-mlp5": ("mnist", mlp5),
     "fmnist-resnet": ("fashion-mnist", resnet_small),
+    "fmnist-resnet16": ("fashion-mnist", resnet_narrow),
 }
 
 

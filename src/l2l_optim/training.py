@@ -186,15 +186,31 @@ def search_lr(
         optimizer: ``"sgd"`` (plain, no momentum) or ``"adam"`` (torch defaults otherwise).
         lrs: the grid (default: ``(1, 0.1, 0.01, 0.001)``).
         steps: length of each search run.
+        seed: seeds the init and the minibatches, the same for every learning rate.
         batch_size, loss_fn: used only when a ``(model, data)`` pair is given.
+        progress: show a tqdm progress bar per run.
 
     Returns:
         ``(best_lr, {lr: score})``.
 
     Raises:
         ValueError: an unknown optimizer, an empty grid or ``steps < 1``.
+        TypeError: neither a Task nor a ``(model, data)`` pair.
 
     Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(256, 8)
+        >>> y = (x[:, 0] > 0).long()
+        >>> model = torch.nn.Linear(8, 2)
+        >>> best, scores = search_lr((model, (x, y)), "sgd", lrs=(1.0, 0.1, 0.001), steps=30,
+        ...                          batch_size=32)
+        >>> sorted(scores), best in scores, scores[best] == min(scores.values())
+        ([0.001, 0.1, 1.0], True, True)
+
+        A registered task reads its dataset from local files:
+
+        >>> from l2l_optim.tasks import make_task
         >>> best, scores = search_lr(make_task("mnist-mlp"), "adam", steps=200)  # doctest: +SKIP
     """
     makers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}

@@ -21,8 +21,10 @@ Shipped weights are the ``<name>.safetensors`` files in the package's ``_weights
 repository's ``weights/`` directory. The registry is whatever files are there.
 
 Example:
+    >>> import tempfile
     >>> from l2l_optim.nets import SimpleOptimizerNet
-    >>> path = save_weights(SimpleOptimizerNet(), "/tmp/mine.safetensors", metadata={"seed": 0})
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save_weights(SimpleOptimizerNet(), f"{tmp.name}/mine.safetensors", metadata={"seed": 0})
     >>> loaded = load_weights(path, arch="simple")
     >>> loaded.metadata["seed"], loaded.fingerprint == fingerprint(loaded.net)
     ('0', True)
@@ -169,9 +171,19 @@ def save_weights(
             (format, arch, config, package_version, fingerprint).
 
     Example:
+        >>> import tempfile
         >>> from l2l_optim.nets import SimpleOptimizerNet
-        >>> save_weights(SimpleOptimizerNet(), "/tmp/w.safetensors", metadata={"seed": 1}).name
-        'w.safetensors'
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = save_weights(SimpleOptimizerNet(), f"{folder}/w.safetensors", metadata={"seed": 1})
+        ...     print(path.name, load_weights(path).metadata["seed"])
+        w.safetensors 1
+
+        A directory means ``<directory>/weights.safetensors``, what :func:`load_weights` reads
+        from a directory:
+
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     print(save_weights(SimpleOptimizerNet(), folder).name)
+        weights.safetensors
     """
     from safetensors.torch import save as st_save
 
@@ -456,8 +468,11 @@ def list_weights() -> dict[str, dict[str, str]]:
         WeightsError: a shipped file's header is unreadable.
 
     Example:
-        >>> sorted(list_weights())  # doctest: +SKIP
-        ['dm', 'rnnprop', 'simple', 'simple-bias', 'simple-noagg', 'simple-uniform']
+        >>> shipped = list_weights()
+        >>> {"simple", "dm", "rnnprop"} <= set(shipped)
+        True
+        >>> shipped["simple"]["arch"], shipped["dm"]["arch"]
+        ('simple', 'dm')
     """
     return {name: _read_header(path)[0] for name, path in sorted(_shipped().items())}
 
@@ -505,9 +520,17 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
             that failed. The message names the file and the problem.
 
     Example:
-        >>> loaded = load_weights("simple")  # doctest: +SKIP
-        >>> loaded.net.num_parameters()  # doctest: +SKIP
-        132
+        >>> loaded = load_weights("simple")
+        >>> loaded.net.num_parameters(), loaded.metadata["arch"], loaded.path.name
+        (132, 'simple', 'simple.safetensors')
+        >>> load_weights("simple", arch="dm")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        l2l_optim.weights.WeightsError: ...
+        >>> load_weights("no-such-weights")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        l2l_optim.weights.WeightsError: unknown weights 'no-such-weights'; shipped weights: ...
     """
     if isinstance(source, str) and source.startswith(_HF_PREFIX):
         return _load_file(_download(source), arch)
@@ -527,11 +550,10 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
 
 
 def _result_net(obj: Any) -> CoordinatewiseNet | None:
-    """The net of a :class:`~l2l_optim.finetune.FinetuneResult` or ``MetaFitResult``, else None."""
+    """The net of a :class:`~l2l_optim.finetuning.FinetuneResult` or ``MetaFitResult``, else None."""
     # looked up, not imported: an object of a class whose module was never imported cannot
-    # be an instance of it, and importing l2l_optim.finetune would make the package's
-    # ``finetune`` attribute the module instead of the function
-    for module, name in (("l2l_optim.finetune", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
+    # be an instance of it, and the lookup keeps `import l2l_optim.weights` cheap
+    for module, name in (("l2l_optim.finetuning", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(obj, cls):
             return obj.net
@@ -542,13 +564,13 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
     """A private copy of the net that ``weights`` names, and a short description of it.
 
     The one place that turns whatever a user passes as ``weights=`` (to the optimizers,
-    :func:`~l2l_optim.finetune.finetune`, :func:`~l2l_optim.evaluate.evaluate`) into a net.
+    :func:`~l2l_optim.finetuning.finetune`, :func:`~l2l_optim.evaluation.evaluate`) into a net.
 
     Args:
         weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
             address (all via :func:`load_weights`), a :class:`LoadedWeights`, a
             :class:`~l2l_optim.nets.CoordinatewiseNet`, or the result of
-            :func:`~l2l_optim.finetune.finetune` or :func:`~l2l_optim.meta.meta_fit`
+            :func:`~l2l_optim.finetuning.finetune` or :func:`~l2l_optim.meta.meta_fit`
             (nets and results are deep-copied, so later changes to them do not reach the
             copy).
         arch: if given, the architecture the net must have.
@@ -562,9 +584,12 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         ValueError: the net is not of architecture ``arch`` (:class:`WeightsError` for files).
 
     Example:
-        >>> net, description = resolve_net("simple", arch="simple")  # doctest: +SKIP
-        >>> net.num_parameters()  # doctest: +SKIP
-        132
+        >>> net, description = resolve_net("simple", arch="simple")
+        >>> net.num_parameters(), description.startswith("simple (")
+        (132, True)
+        >>> copy, _ = resolve_net(net)
+        >>> copy is net, fingerprint(copy) == fingerprint(net)
+        (False, True)
     """
     if isinstance(weights, CoordinatewiseNet):
         net, source = copy.deepcopy(weights), "net"

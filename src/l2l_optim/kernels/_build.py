@@ -29,7 +29,9 @@ __all__ = ["SOURCES", "LIB_NAME", "FLAGS", "BuildError", "source_dir", "source_h
            "library_hash", "compiler", "command", "compile_library"]
 
 SOURCES = ("simple_cpu.cpp", "simple_cpu_isa.h")  # the first is the translation unit
-LIB_NAME = "_simple_cpu.so"
+# a name no import system takes for a Python module (no .so suffix at its end), so that
+# pkgutil.walk_packages and import machinery pass over it
+LIB_NAME = "libl2l_simple_cpu.so.1"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast",
          "-fvisibility=hidden", "-fno-exceptions", "-fno-rtti", "-Wl,--as-needed"]
 _HASH_MARK = re.compile(rb"l2l-source-hash:([0-9a-f]{16})\0")  # kSourceHash in simple_cpu.cpp

@@ -1,6 +1,6 @@
 """Finding, building and loading the fused CPU kernel's shared library (see :mod:`.cpu`).
 
-The installed library (``_simple_cpu.so`` beside this file, built by ``hatch_build.py``) is
+The installed library (``libl2l_simple_cpu.so.1`` beside this file, built by ``hatch_build.py``) is
 used when it was built from the sources beside it; otherwise (a checkout on ``PYTHONPATH``, or
 an editable install whose sources changed since) the library is compiled once into the
 developer cache, :func:`cache_dir`, in a subdirectory named by the hash of the sources, the

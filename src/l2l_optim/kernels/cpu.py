@@ -4,7 +4,7 @@ The library (``simple_cpu.cpp`` + ``simple_cpu_isa.h``) is plain C++ with a C AB
 data pointers, dtype codes, sizes, learning rates and the packed fp64 weights, and links
 against nothing from torch, so one build serves every torch version. It is compiled at install
 time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory as
-``_simple_cpu.so``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a baseline copy
+``libl2l_simple_cpu.so.1``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a baseline copy
 of its loops and picks the best one the CPU runs when it loads (:func:`kernel_info` says
 which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower one).
 

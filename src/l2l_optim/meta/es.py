@@ -165,8 +165,29 @@ def meta_train_es(
             (:func:`~.population_bptt.bptt_generation`: the same generations, the same
             objective, a truncated-BPTT gradient), for comparing the two on one budget.
 
+    Returns:
+        The net after the last generation run (also saved as ``weights.safetensors``).
+
     Raises:
-        ValueError: a checkpoint written with another configuration.
+        ValueError: an invalid configuration or ``engine``, or a checkpoint written with
+            another configuration.
+
+    Example:
+        The shipped default's run (``weights/README.md`` has its recipe):
+
+        >>> meta_train_es("runs/simple-es", init="simple-v0", until=53)  # doctest: +SKIP
+
+        Two generations on the noisy-quadratic family alone (no data files needed):
+
+        >>> import tempfile
+        >>> cfg = ESConfig(families=("quadratic",), instances=1, pairs=1, horizons=(20,),
+        ...                generations=2)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     net = meta_train_es(out, config=cfg, progress=False)
+        ...     print(sorted(p.name for p in Path(out).iterdir()))
+        ['checkpoint.pt', 'config.json', 'log.jsonl', 'weights.safetensors']
+        >>> net.num_parameters()
+        132
     """
     from ..weights import resolve_net, save_weights
 
@@ -242,9 +263,17 @@ def net_from_checkpoint(path: str | Path) -> tuple[SimpleOptimizerNet, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m l2l_optim meta-es``: run or resume ES meta-training in ``--out-dir``."""
+    """``l2l-optim meta-es``: run or resume ES meta-training in ``--out-dir``.
+
+    Args:
+        argv: the arguments after the command name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0; the weights are in ``<out-dir>/weights.safetensors``.
+    """
     d = ESConfig()
-    p = argparse.ArgumentParser(prog="python -m l2l_optim meta-es", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="l2l-optim meta-es",
+                                description="Run or resume ES meta-training in --out-dir.")
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
     p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path)")
     p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from")

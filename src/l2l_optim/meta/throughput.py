@@ -81,7 +81,7 @@ def es_rate(horizon: int = 200, instances: int = 4, pairs: int = 8, families: tu
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m l2l_optim meta-bench``: meta-training throughput, BPTT against ES, one run."""
-    ap = argparse.ArgumentParser(prog="python -m l2l_optim meta-bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="l2l-optim meta-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bptt-steps", type=int, default=60, help="base-MLP steps of BPTT (default 60)")
     ap.add_argument("--horizon", type=int, default=200, help="ES horizon per generation (default 200)")

@@ -19,6 +19,8 @@ Experiments:
 * ``fig4b``: LeNet on Fashion-MNIST (our stand-in for CIFAR-10) with and without fine-tuning.
 * ``fig5a``: a 5-layer MLP with 16x the base MLP's parameters on MNIST, no fine-tuning.
 * ``fig5b``: a ResNet-18-style CNN (28x the base MLP) on Fashion-MNIST, with fine-tuning.
+* ``fig5b-long``: fig5b's protocol for 2,000 steps x 3 seeds on ResNet-18's layout at width 16
+  (1.76x the base MLP), which one CPU core affords.
 
 Outputs, under ``--out`` (default ``results/``), per experiment ``<exp>/``:
 

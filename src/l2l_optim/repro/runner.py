@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # the library this experiment runner uses, all in one place
 from ..bench import seeded
-from ..finetune import finetune, subsample_loader
+from ..finetuning import finetune, subsample_loader
 from ..tasks import Task, make_task, subsample_task
 from ..training import evaluate_model, search_lr, train_task
 from ..weights import fingerprint, resolve_net
@@ -58,25 +58,34 @@ def _ensure_finetune(exp: Experiment, task: Task, s: Settings, out: Path, base: 
                 "base_fingerprint": info["fingerprint"], **ft}
     path, record_path = out / "finetuned.safetensors", out / "finetune.json"
     loader = _data_loader(task, s.batch_size)
-    record = read_json(record_path)
-    if not s.force and path.exists() and record and record.get("settings") == settings:
-        log(f"[{exp.name}] fine-tuned weights: reusing {path}", s.quiet)
-    else:
-        log(f"[{exp.name}] fine-tuning {info['name']} on a {ft['subsample']:g} subsample of {task.name} "
-             f"({ft['trajectories']} trajectories, unrolls of {ft['unroll']} steps, at most "
-             f"{ft['max_unrolls']} per trajectory)", s.quiet)
-        model = seeded(task.model_fn)
-        t0 = time.perf_counter()
-        kwargs = {FINETUNE_KWARGS[k]: v for k, v in {**ft, "out": path}.items()}
-        r = finetune(model, loader, weights=net, loss_fn=task.loss_fn, progress=not s.quiet, **kwargs)
-        record = {"settings": settings, "log": r.log, "seconds": round(time.perf_counter() - t0, 1),
-                  "subsample_examples": int(r.subsample[0].shape[0]), "machine": machine()}
-        write_json(record_path, record)
+    # the lock makes a second process on the same experiment wait for the fine-tuning, not repeat it
+    with file_lock(out / "finetune.lock"):
+        record = _finetune_or_reuse(exp, task, s, ft, net, info, settings, loader, path, record_path)
     x, y, _ = subsample_loader(loader, ft["subsample"], seed=ft["seed"], batch_size=s.batch_size)
     tuned, _ = resolve_net(path, arch=info["arch"])
     ft_info = {"name": f"{info['name']} fine-tuned", "arch": info["arch"], "fingerprint": fingerprint(tuned),
                "random": info["random"], "path": str(path)}
     return {"path": path, "info": ft_info, "record": record, "subsample": (x, y), "net": tuned}
+
+
+def _finetune_or_reuse(exp: Experiment, task: Task, s: Settings, ft: dict, net: Any, info: dict, settings: dict,
+                       loader: DataLoader, path: Path, record_path: Path) -> dict:
+    """The fine-tuning record of ``settings``: the cached one, or a new fine-tuning's."""
+    record = read_json(record_path)
+    if not s.force and path.exists() and record and record.get("settings") == settings:
+        log(f"[{exp.name}] fine-tuned weights: reusing {path}", s.quiet)
+        return record
+    log(f"[{exp.name}] fine-tuning {info['name']} on a {ft['subsample']:g} subsample of {task.name} "
+        f"({ft['trajectories']} trajectories, unrolls of {ft['unroll']} steps, at most "
+        f"{ft['max_unrolls']} per trajectory)", s.quiet)
+    model = seeded(task.model_fn)
+    t0 = time.perf_counter()
+    kwargs = {FINETUNE_KWARGS[k]: v for k, v in {**ft, "out": path}.items()}
+    r = finetune(model, loader, weights=net, loss_fn=task.loss_fn, progress=not s.quiet, **kwargs)
+    record = {"settings": settings, "log": r.log, "seconds": round(time.perf_counter() - t0, 1),
+              "subsample_examples": int(r.subsample[0].shape[0]), "machine": machine()}
+    write_json(record_path, record)
+    return record
 
 
 def _ensure_lr(exp: Experiment, kind: str, task: Task, s: Settings, out: Path, steps: int, data: str) -> dict:

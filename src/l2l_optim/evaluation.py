@@ -393,7 +393,7 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
              horizons: Sequence[int] = (1000, 5000), seeds: Sequence[int] = (0,),
              tasks: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, progress: bool = True,
-             threads: int | None = None) -> EvalResult:
+             threads: int | None = None, optimizer_kwargs: dict[str, Any] | None = None) -> EvalResult:
     """Run a learned optimizer on the validation suite and compare it with tuned Adam and SGD.
 
     Args:
@@ -410,6 +410,8 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         data_root: a directory to look for the datasets in first.
         progress: print one line per run to stderr.
         threads: torch threads for the duration of the call (default: leave as is).
+        optimizer_kwargs: extra keyword arguments of the learned optimizer, e.g.
+            ``{"state_dtype": torch.bfloat16}`` (``lr`` stays 1.0; the baselines do not change).
 
     Returns:
         An :class:`EvalResult`; ``result.table()`` is the markdown table.
@@ -419,9 +421,30 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         DatasetNotFoundError: a task's dataset is not available locally.
 
     Example:
-        >>> from l2l_optim import evaluate
+        The default suite reads MNIST and Fashion-MNIST from local files:
+
         >>> result = evaluate("simple", steps=1000)  # doctest: +SKIP
         >>> print(result.table())  # doctest: +SKIP
+
+        Any list of :class:`~l2l_optim.suite.SuiteTask` works as a suite, e.g. a tiny
+        regression (with a temporary cache, since its baselines are computed here):
+
+        >>> import tempfile
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from l2l_optim.suite import SuiteTask
+        >>> def batch(gen):
+        ...     x = torch.randn(16, 4, generator=gen)
+        ...     return x, x.sum(dim=1, keepdim=True)
+        >>> tiny = SuiteTask(name="tiny", config={"features": 4}, model_fn=lambda: nn.Linear(4, 1),
+        ...                  batch_fn=batch, loss_fn=F.mse_loss)
+        >>> with tempfile.TemporaryDirectory() as cache:
+        ...     result = evaluate("simple", suite=[tiny], steps=20, horizons=(20,),
+        ...                       cache_dir=cache, progress=False)
+        >>> [(row.task, row.horizon) for row in result.rows], sorted(result.geomean)
+        ([('tiny', 20)], [20])
+        >>> result.table().splitlines()[0]
+        '| task | steps | best Adam (lr) | best SGD (lr) | learned | ratio | flags |'
     """
     t_start = time.perf_counter()
     hs = _horizons(steps, horizons)
@@ -436,6 +459,12 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         suite_tasks = [t for t in suite_tasks if t.name in set(tasks)]
     net, description = resolve_net(weights)
     opt_cls = get_architecture(net.arch).optimizer_class
+    kwargs = dict(optimizer_kwargs or {})
+    if "lr" in kwargs or "weights" in kwargs:
+        raise ValueError("optimizer_kwargs may not set lr or weights (the suite runs the net at lr=1.0)")
+    if kwargs:
+        opt_cls(torch.nn.Linear(1, 1).parameters(), weights=net)  # invalid options fail here, before any run
+        description = f"{description} ({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -446,7 +475,7 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
                                       progress=progress) for s in seeds]
             learned = []
             for s in seeds:
-                run = _train(task, lambda ps: opt_cls(ps, lr=1.0, weights=net), steps, s)
+                run = _train(task, lambda ps: opt_cls(ps, lr=1.0, weights=net, **kwargs), steps, s)
                 learned.append(_record(run, steps, hs))
                 if progress:
                     print(f"  learned  {task.name} seed {s}: {run['seconds']:.1f} s", file=sys.stderr, flush=True)
@@ -554,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines-only", action="store_true", help="compute the baseline cache and stop")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    p.add_argument("--state-dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                   help="hidden-state dtype of the learned optimizer (default: the optimizer's)")
     args = p.parse_args(argv)
     if not args.weights and not args.baselines_only:
         p.error("give at least one WEIGHTS (or --baselines-only)")
@@ -567,11 +598,12 @@ def main(argv: list[str] | None = None) -> int:
                                progress=not args.quiet)
         return 0
     results = []
+    opt_kwargs = {"state_dtype": getattr(torch, args.state_dtype)} if args.state_dtype else None
     for w in args.weights:
         try:
             res = evaluate(w, suite=args.suite, steps=args.steps, horizons=args.horizons, seeds=args.seeds,
                            tasks=args.tasks, cache_dir=args.cache_dir, data_root=args.data_root,
-                           progress=not args.quiet, threads=threads)
+                           progress=not args.quiet, threads=threads, optimizer_kwargs=opt_kwargs)
         except (ValueError, TypeError, FileNotFoundError) as e:  # bad names, weights or datasets
             print(f"l2l-optim eval: error: {e}", file=sys.stderr)
             return 2

@@ -14,10 +14,12 @@ Example:
     >>> import torch, torch.nn as nn
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from l2l_optim import SimpleOptimizer, finetune
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     >>> data = TensorDataset(torch.randn(4000, 8), torch.randint(0, 3, (4000,)))
-    >>> result = finetune(model, DataLoader(data, batch_size=32))      # doctest: +SKIP
-    >>> opt = SimpleOptimizer(model.parameters(), weights=result.net)  # doctest: +SKIP
+    >>> result = finetune(model, DataLoader(data, batch_size=32), trajectories=2, max_unrolls=2,
+    ...                   progress=False)
+    >>> opt = SimpleOptimizer(model.parameters(), weights=result.net)
 """
 
 from __future__ import annotations
@@ -55,12 +57,26 @@ def subsample_loader(
     by ``seed``: the same loader contents, rate and seed always give the same subsample.
     Give a loader that does not shuffle (or is seeded) for a reproducible selection.
 
+    Args:
+        loader: an iterable of ``(x, y)`` tensor batches.
+        rate: the fraction of the examples to keep.
+        seed: seeds the selection.
+        batch_size: the minibatch size the subsample must hold at least once (default: the
+            loader's).
+
     Returns:
         ``(x, y, batch_size)`` with the subsample's tensors.
 
     Raises:
         ValueError: ``rate`` outside (0, 1], an empty loader, or a subsample smaller than
             one batch.
+
+    Example:
+        >>> import torch
+        >>> batches = [(torch.randn(50, 3), torch.zeros(50, dtype=torch.long))] * 4
+        >>> x, y, batch_size = subsample_loader(batches, 0.1, batch_size=16)
+        >>> x.shape, y.shape, batch_size
+        (torch.Size([20, 3]), torch.Size([20]), 16)
     """
     if not (isinstance(rate, (int, float)) and 0.0 < rate <= 1.0):
         raise ValueError(f"subsample must be a fraction in (0, 1], got {rate!r}")
@@ -121,7 +137,13 @@ class FinetuneResult:
             The directory; ``SimpleOptimizer.from_pretrained(directory, params)`` loads it.
 
         Example:
-            >>> result.save_pretrained("my-finetuned-optimizer")  # doctest: +SKIP
+            >>> import tempfile, torch
+            >>> data = [(torch.randn(64, 4), torch.randint(0, 2, (64,)))]
+            >>> result = finetune(torch.nn.Linear(4, 2), data, subsample=0.5, batch_size=16,
+            ...                   trajectories=1, max_unrolls=1, progress=False)
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     print(sorted(p.name for p in result.save_pretrained(folder).iterdir()))
+            ['README.md', 'weights.safetensors']
         """
         from .hub import save_pretrained
 
@@ -142,6 +164,8 @@ class FinetuneResult:
             WeightsError: the upload failed.
 
         Example:
+            Needs a Hub token with write access and the network, so it is not run here:
+
             >>> result.push_to_hub("me/my-finetuned-optimizer")  # doctest: +SKIP
         """
         from .hub import push_to_hub
@@ -294,6 +318,28 @@ def finetune(
             which no fine-tuning can move.
         TypeError: the loader does not yield ``(x, y)`` tensor pairs, or ``weights`` has an
             unsupported type.
+
+    Example:
+        A regression model needs its own loss (cross-entropy is the default):
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from l2l_optim import SimpleOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2000, 4)
+        >>> data = [(x, x @ torch.ones(4, 1))]
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> result = finetune(model, data, loss_fn=F.mse_loss, batch_size=32, trajectories=2,
+        ...                   unroll=10, max_unrolls=3, progress=False)
+        >>> len(result.log), result.subsample[0].shape
+        (2, torch.Size([100, 4]))
+        >>> sorted(result.log[0])[:4]
+        ['diverged', 'final_avg_loss', 'initial_loss', 'reached_target']
+        >>> opt = SimpleOptimizer(model.parameters(), weights=result)  # the fine-tuned rule
+        >>> finetune(model, data, batch_size=32, progress=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: ...
     """
     _check_settings(model, trajectories, unroll, max_unrolls, target, meta_lr, meta_loss)
     net, source = resolve_net(weights)

@@ -1,0 +1,341 @@
+"""Bandwidth table of ``python -m l2l_optim bench``: how far the fused step is from the memory bound.
+
+The fused SimpleOptimizer step streams every coordinate's state through memory about once, so
+its speed limit is the machine's memory bandwidth. Per parameter set and hidden-state dtype this
+module times, in the same interleaved rounds:
+
+* ``step``: ``SimpleOptimizer(params, state_dtype=...).step()`` (the public optimizer, with its
+  default ``nonfinite="skip"`` check and bookkeeping);
+* ``update``: :func:`l2l_optim.functional.simple_update` on the same parameters and the same
+  hidden states: the update alone, without the optimizer's non-finite check (the functional
+  form has none) and without its per-step bookkeeping;
+* ``copy``: ``dst.copy_(src)`` on float32 buffers of half the step's bytes each, so that the
+  read of ``src`` plus the write of ``dst`` moves as many bytes as the step (capped by
+  ``copy_max_bytes``): the streaming-copy bandwidth this machine gives under this run's load.
+
+A step's achieved bandwidth counts :data:`BYTES_PER_COORD` bytes per coordinate: with an fp32
+hidden state, read g 4, h 40, theta 4, write h 40, theta 4, and the second pass reads and writes
+theta again, 4 + 4: 100 B; with a bf16 hidden state h is 20 + 20: 60 B. The copy counts its
+read and its write, as STREAM's copy does (on x86 both the kernel's stores and the copy's incur
+the same write-allocate reads, which neither count).
+
+Gradients are ``randn * grad_scale`` (1e-3 by default), fixed for the run: the magnitude of
+real training gradients, with no subnormal values. ``torch.set_flush_denormal`` stays at torch's
+default (off), as in user code, so a subnormal value would cost what it costs there; every row
+counts the subnormal values in the gradients and hidden states after timing, to show that
+none were timed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .bench import GRAD_SCALE, SIZES, _available_memory, resolved_impl, time_steps
+from .functional import simple_update
+from .optimizer import SimpleOptimizer
+
+__all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "BYTES_PER_COORD", "STATE_DTYPES",
+           "resolve_size", "run_bandwidth", "format_bandwidth", "bandwidth_targets", "count_subnormal"]
+
+#: bytes moved per coordinate by one fused step, by hidden-state dtype (see the module docstring)
+BYTES_PER_COORD = {"float32": 100, "bfloat16": 60}
+#: the hidden-state dtypes by name
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: hidden-state bytes per coordinate, for the memory check (10 hidden values)
+_STATE_BYTES = {"float32": 40, "bfloat16": 20}
+
+#: parameter sets: the step table's plus one 10M-coordinate tensor (the bandwidth target's size)
+BW_SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
+    "10m": ("one tensor of 10,000,000", lambda: [(10_000_000,)]),
+    **SIZES,
+}
+DEFAULT_BW_SIZES = ["10m", "base", "mlp5", "100m"]
+
+
+def resolve_size(size: str) -> tuple[str, list[tuple[int, ...]]]:
+    """The label and tensor shapes of a parameter set.
+
+    Args:
+        size: a name in :data:`BW_SIZES`, or a coordinate count (``"4096"``, ``"1e6"``) for
+            one tensor of that many coordinates.
+
+    Returns:
+        ``(label, shapes)``.
+
+    Raises:
+        ValueError: neither a known name nor a positive count.
+    """
+    if size in BW_SIZES:
+        label, shapes = BW_SIZES[size]
+        return label, shapes()
+    try:
+        n = int(float(size))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(BW_SIZES)} or a count")
+    return f"one tensor of {n:,}", [(n,)]
+
+
+@dataclass
+class BandwidthConfig:
+    """What the bandwidth table measures.
+
+    Args:
+        sizes: parameter sets (see :func:`resolve_size`).
+        state_dtypes: hidden-state dtypes, names in :data:`STATE_DTYPES`.
+        steps: timed calls per (row, variant), split over the rounds.
+        warmup: untimed calls per (row, variant) in every round.
+        rounds: interleaved rounds: each times copy, step and update of every row in turn,
+            so that a burst of load from another process falls on all of them alike.
+        budget: about the most seconds of timed calls per (row, variant).
+        copy_max_bytes: cap on the bytes one copy moves (read plus write); above it the copy
+            runs on a smaller buffer (still far beyond the caches) to spare memory.
+        grad_scale: standard deviation of the random gradients.
+        device: ``"cpu"`` or ``"cuda"``.
+        seed: for the parameters, gradients and copy buffers.
+    """
+
+    sizes: list[str] = field(default_factory=lambda: list(DEFAULT_BW_SIZES))
+    state_dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    steps: int = 30
+    warmup: int = 2
+    rounds: int = 5
+    budget: float = 60.0
+    copy_max_bytes: int = 2 * 2**30
+    grad_scale: float = GRAD_SCALE
+    device: str = "cpu"
+    seed: int = 0
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+@dataclass
+class BandwidthRow:
+    """One (parameter set, hidden-state dtype) of the bandwidth table; times in seconds."""
+
+    size: str
+    label: str
+    n_coords: int
+    n_tensors: int
+    state_dtype: str
+    bytes_per_coord: int
+    copy_bytes: int = 0
+    #: the update path ``impl="auto"`` resolved to (``"cpu"``: the fused kernel)
+    impl: str = ""
+    step_s: list[float] = field(default_factory=list)
+    update_s: list[float] = field(default_factory=list)
+    copy_s: list[float] = field(default_factory=list)
+    #: subnormal values in the gradients and hidden states after timing (0 expected)
+    subnormals: int = 0
+    #: steps the optimizer skipped for non-finite gradients (0 expected)
+    skipped_steps: int = 0
+    skipped: str = ""
+
+    @property
+    def step_bytes(self) -> int:
+        return self.bytes_per_coord * self.n_coords
+
+    @property
+    def step_gbs(self) -> float:
+        return self.step_bytes / _median(self.step_s) / 1e9
+
+    @property
+    def update_gbs(self) -> float:
+        return self.step_bytes / _median(self.update_s) / 1e9
+
+    @property
+    def copy_gbs(self) -> float:
+        return self.copy_bytes / _median(self.copy_s) / 1e9
+
+    @property
+    def step_fraction(self) -> float:
+        """The step's achieved bandwidth as a fraction of the same run's copy bandwidth."""
+        return self.step_gbs / self.copy_gbs
+
+    @property
+    def update_fraction(self) -> float:
+        return self.update_gbs / self.copy_gbs
+
+    @property
+    def check_share(self) -> float:
+        """The share of the step that is not the update: the non-finite check and the
+        optimizer's bookkeeping (median step minus median update, over median step)."""
+        step = _median(self.step_s)
+        return (step - _median(self.update_s)) / step
+
+    def to_json(self) -> dict:
+        """The row as JSON-ready data: the raw times and the derived columns."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("step_gbs", "update_gbs", "copy_gbs", "step_fraction", "update_fraction",
+                  "check_share"):
+            out[k] = getattr(self, k)
+        for k in ("step_s", "update_s", "copy_s"):
+            out[k.replace("_s", "_median_s")] = _median(getattr(self, k))
+        return out
+
+
+def count_subnormal(tensors: list[Tensor]) -> int:
+    """The number of subnormal (denormal) values in ``tensors``, each judged in its own dtype."""
+    total = 0
+    for t in tensors:
+        if t.is_floating_point():
+            a = t.detach().abs()
+            total += int(((a < torch.finfo(t.dtype).tiny) & (a > 0)).sum())
+    return total
+
+
+class _Call:
+    """``step()`` runs ``fn``: lets :func:`~l2l_optim.bench.time_steps` time any callable."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.step = fn
+
+
+def _copy_bytes(row: BandwidthRow, cap: int) -> int:
+    # a whole number of float32 pairs (one in src, one in dst), at most the cap
+    return max(8, min(row.step_bytes, cap) // 8 * 8)
+
+
+def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) -> list[BandwidthRow]:
+    """Measure the bandwidth table.
+
+    Args:
+        cfg: what to measure.
+        log: receives progress lines.
+
+    Returns:
+        One :class:`BandwidthRow` per (size, state dtype), in that order; rows that did not fit
+        in memory have ``skipped`` set and no times.
+    """
+    device = torch.device(cfg.device)
+    per_round = max(1, math.ceil(cfg.steps / cfg.rounds))
+    rows: list[BandwidthRow] = []
+    for size in cfg.sizes:
+        label, shapes = resolve_size(size)
+        n = sum(math.prod(s) for s in shapes)
+        size_rows = [BandwidthRow(size, label, n, len(shapes), d, BYTES_PER_COORD[d])
+                     for d in cfg.state_dtypes]
+        rows.extend(size_rows)
+        for row in size_rows:
+            row.copy_bytes = _copy_bytes(row, cfg.copy_max_bytes)
+        copy_max = max(row.copy_bytes for row in size_rows)
+        # parameters and gradients (8 B), every dtype's state, the copy buffers
+        need = n * (8 + sum(_STATE_BYTES[d] for d in cfg.state_dtypes)) + copy_max
+        avail = _available_memory(device)
+        if need > 0.6 * avail:  # the machine is shared: leave the others room
+            for row in size_rows:
+                row.skipped = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+            log(f"[bandwidth {size}] skipped: {size_rows[0].skipped}")
+            continue
+        log(f"[bandwidth {size}] {label}: {n:,} coordinates in {len(shapes)} tensors")
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * cfg.grad_scale).to(device)
+        grads = [p.grad for p in params]
+        # one pair of buffers per size; each row copies a prefix of its own byte count
+        src = torch.randn(copy_max // 8, generator=gen).to(device)
+        dst = torch.empty_like(src)
+        opts = [SimpleOptimizer(params, state_dtype=STATE_DTYPES[d]) for d in cfg.state_dtypes]
+        for opt in opts:
+            opt.step()  # creates the hidden states that the functional update reuses
+        for r in range(cfg.rounds):
+            for row, opt in zip(size_rows, opts):
+                hiddens = [opt.state[p]["h"] for p in params]
+                lrs = [opt.param_groups[0]["lr"]] * len(params)
+                k = row.copy_bytes // 8
+                variants = (
+                    ("copy_s", lambda s=src[:k], d=dst[:k]: d.copy_(s)),
+                    ("step_s", opt.step),
+                    ("update_s", lambda o=opt, h=hiddens, lr=lrs: simple_update(params, grads, h, lr, o.net)),
+                )
+                for attr, fn in variants:
+                    times, _ = time_steps(_Call(fn), per_round, warmup=cfg.warmup, device=device,
+                                          budget=cfg.budget / cfg.rounds)
+                    getattr(row, attr).extend(times)
+            log(f"  round {r + 1}/{cfg.rounds} done")
+        for row, opt in zip(size_rows, opts):
+            row.subnormals = count_subnormal(grads + [opt.state[p]["h"] for p in params])
+            row.skipped_steps = int(opt.skipped_steps)
+            row.impl = resolved_impl(opt)
+        log(format_bandwidth(size_rows))
+        del opts, params, grads, src, dst
+    return rows
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def _ms(t: float) -> str:
+    if math.isnan(t):
+        return "-"
+    ms = t * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def format_bandwidth(rows: list[BandwidthRow]) -> str:
+    """The bandwidth table in Markdown (medians; GB = 1e9 bytes)."""
+    lines = [
+        "| params | state | B/coord | step ms | step GB/s | update ms | update GB/s | copy MB "
+        "| copy GB/s | step / copy | update / copy | check share | subnormals |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        impl = f" ({r.impl})" if r.impl else ""
+        head = f"| {r.size} ({r.n_coords:,} in {r.n_tensors}) | {r.state_dtype}{impl} | {r.bytes_per_coord}"
+        if r.skipped or not (r.step_s and r.update_s and r.copy_s):
+            lines.append(f"{head} | skipped: {r.skipped or 'no data'} | | | | | | | | | |")
+            continue
+        skipped = f" ({r.skipped_steps} skipped steps)" if r.skipped_steps else ""
+        lines.append(
+            f"{head} | {_ms(_median(r.step_s))} | {r.step_gbs:.1f} | {_ms(_median(r.update_s))} "
+            f"| {r.update_gbs:.1f} | {r.copy_bytes / 1e6:.0f} | {r.copy_gbs:.1f} "
+            f"| {r.step_fraction:.0%} | {r.update_fraction:.0%} | {r.check_share:.1%} "
+            f"| {r.subnormals}{skipped} |"
+        )
+    return "\n".join(lines)
+
+
+def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
+    """The issue's bandwidth targets, checked on the 10M-coordinate rows.
+
+    Returns:
+        One dict per target: ``target``, ``measured`` (a fraction, or None), ``unit``
+        (``"%"``: print it as a percentage) and ``met`` (True / False, None when not measured).
+    """
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        row = next((r for r in rows if r.size == "10m" and r.state_dtype == dtype
+                    and r.step_s and r.copy_s), None)
+        out.append(dict(target=f"10M step, {dtype} state ({BYTES_PER_COORD[dtype]} B/coord): "
+                               ">= 80% of copy GB/s",
+                        measured=None if row is None else row.step_fraction, unit="%",
+                        met=None if row is None else row.step_fraction >= 0.8))
+    row = next((r for r in rows if r.size == "10m" and r.state_dtype == "float32"
+                and r.step_s and r.update_s), None)
+    out.append(dict(target="10M step, float32 state: non-finite check and bookkeeping <= 5% of the step",
+                    measured=None if row is None else row.check_share, unit="%",
+                    met=None if row is None else row.check_share <= 0.05))
+    return out
+
+
+def describe() -> str:
+    """The paragraph printed above the bandwidth table."""
+    return (
+        "Bandwidth: SimpleOptimizer.step() (`step`), functional.simple_update on the same state "
+        "without the non-finite check (`update`) and dst.copy_(src) moving as many bytes (`copy`, "
+        "read + write), interleaved. GB/s = B/coord x coordinates / median time. Gradients: "
+        "randn x 1e-3, fixed (real gradients' magnitude, no subnormal values); flush-denormal "
+        "left off (torch's default); `subnormals` counts those in g and h after timing. "
+        "`check share` = (step - update) / step."
+    )
+

@@ -1,0 +1,133 @@
+"""The benchmark's tables on tiny sizes: rows present, positive GB/s, finite ratios, the
+targets' logic and the command's JSON. Timing values are not checked (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from l2l_optim import bench_cli
+from l2l_optim.bench_bandwidth import (BandwidthConfig, BandwidthRow, bandwidth_targets,
+                                      count_subnormal, format_bandwidth, resolve_size, run_bandwidth)
+from l2l_optim.bench_train import TrainConfig, TrainRow, format_train, run_train, train_targets
+
+QUIET = dict(steps=2, warmup=1, rounds=2, budget=5.0)
+
+
+@pytest.fixture
+def keep_threads():
+    """The command sets torch's thread count; put it back for the tests that follow."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bandwidth_rows():
+    rows = run_bandwidth(BandwidthConfig(sizes=["4096", "3e4"], **QUIET), log=lambda m: None)
+    assert [(r.size, r.state_dtype) for r in rows] == [
+        ("4096", "float32"), ("4096", "bfloat16"), ("3e4", "float32"), ("3e4", "bfloat16")]
+    for r in rows:
+        assert not r.skipped
+        assert len(r.step_s) == len(r.update_s) == len(r.copy_s) == 2
+        assert r.bytes_per_coord == {"float32": 100, "bfloat16": 60}[r.state_dtype]
+        # the copy moves as many bytes as the step (no cap at these sizes)
+        assert r.copy_bytes == r.step_bytes
+        for v in (r.step_gbs, r.update_gbs, r.copy_gbs):
+            assert v > 0 and math.isfinite(v)
+        assert math.isfinite(r.step_fraction) and math.isfinite(r.check_share)
+        assert r.subnormals == 0 and r.skipped_steps == 0
+        assert r.impl in ("cpu", "reference")
+        assert json.dumps(r.to_json())
+    assert rows[2].n_coords == 30_000
+    table = format_bandwidth(rows)
+    assert table.count("\n") == 1 + len(rows) and "skipped" not in table
+    # no 10M row: the targets are listed as not measured
+    assert [t["met"] for t in bandwidth_targets(rows)] == [None, None, None]
+
+
+def test_bandwidth_copy_cap_and_sizes():
+    rows = run_bandwidth(BandwidthConfig(sizes=["5000"], state_dtypes=["float32"],
+                                         copy_max_bytes=80_000, **QUIET), log=lambda m: None)
+    assert rows[0].copy_bytes == 80_000 < rows[0].step_bytes
+    assert resolve_size("base")[1] == [(500, 784), (500,), (10, 500), (10,)]
+    assert resolve_size("10m")[1] == [(10_000_000,)]
+    with pytest.raises(ValueError, match="unknown size"):
+        resolve_size("huge")
+
+
+def test_bandwidth_targets_logic():
+    def row(dtype, step, update, copy):
+        r = BandwidthRow("10m", "", 10_000_000, 1, dtype, {"float32": 100, "bfloat16": 60}[dtype],
+                         copy_bytes=10**9, step_s=[step], update_s=[update], copy_s=[copy])
+        return r
+
+    # fp32: 1 GB in 0.1 s against a copy of 1 GB in 0.09 s = 90%; check share 4%
+    fast = row("float32", 0.1, 0.096, 0.09)
+    slow = row("bfloat16", 0.1, 0.05, 0.05)  # 0.6 GB in 0.1 s against 20 GB/s: 30%
+    t = bandwidth_targets([fast, slow])
+    assert t[0]["measured"] == pytest.approx(0.9) and t[0]["met"] is True
+    assert t[1]["measured"] == pytest.approx(0.3) and t[1]["met"] is False
+    assert t[2]["measured"] == pytest.approx(0.04) and t[2]["met"] is True
+    assert "90%" in bench_cli.format_targets(t) and "NOT met" in bench_cli.format_targets(t)
+
+
+def test_count_subnormal():
+    tiny = torch.finfo(torch.float32).tiny
+    assert count_subnormal([torch.tensor([0.0, 1.0, tiny, tiny / 4, -tiny / 8])]) == 2
+    assert count_subnormal([torch.tensor([1e-39]).to(torch.bfloat16), torch.zeros(3)]) == 1
+
+
+def test_train_rows():
+    rows = run_train(TrainConfig(models=["base", "transformer"], **QUIET), log=lambda m: None)
+    assert [(r.model, r.optimizer) for r in rows] == [
+        (m, o) for m in ("base", "transformer") for o in ("adam-fused", "adam-foreach", "simple")]
+    assert rows[0].n_params == 397_510 and rows[0].batch_size == 128
+    for r in rows:
+        assert len(r.whole_s) == len(r.step_s) == 2
+        assert all(w >= s > 0 for w, s in zip(r.whole_s, r.step_s))
+        assert math.isfinite(r.x_adam) and r.x_adam > 0
+        assert math.isfinite(r.last_loss) and r.last_loss > 0.1  # far from a loss driven to zero
+        assert r.subnormal_grads == 0 and r.skipped_steps == 0
+        assert json.dumps(r.to_json())
+    assert rows[0].x_adam == 1.0
+    assert [bool(r.impl) for r in rows[:3]] == [False, False, True]  # only SimpleOptimizer has one
+    assert "<= 1.5" in format_train(rows)
+    targets = train_targets(rows)
+    assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)
+    assert targets[1]["met"] is None  # mlp4m not run
+
+
+def test_train_targets_logic():
+    rows = [TrainRow("mlp4m", "", 1, 128, "simple", x_adam=1.25),
+            TrainRow("base", "", 1, 128, "simple", x_adam=1.6)]
+    met = {t["target"].split(":")[0]: t["met"] for t in train_targets(rows)}
+    assert met == {"base": False, "mlp4m": True}
+
+
+def test_command_json(tmp_path, capsys, keep_threads):
+    path = tmp_path / "bench.json"
+    assert bench_cli.main([
+        "--bw-sizes", "2048", "--state-dtypes", "float32", "--models", "transformer",
+        "--train-optimizers", "adam-fused,simple", "--sizes", "base",
+        "--optimizers", "adam-fused,simple-fused", "--steps", "1", "--rounds", "1",
+        "--warmup", "0", "--threads", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for heading in ("## Bandwidth", "## Training step", "## Step time", "## Targets"):
+        assert heading in out
+    data = json.loads(path.read_text())
+    assert data["tables"] == ["bandwidth", "train", "step"]
+    assert len(data["bandwidth"]) == 1 and data["bandwidth"][0]["step_gbs"] > 0
+    assert [r["optimizer"] for r in data["train"]] == ["adam-fused", "simple"]
+    assert [r["optimizer"] for r in data["step"]] == ["adam-fused", "simple-fused"]
+    assert len(data["targets"]) == 5 and data["threads"] == 1
+
+
+def test_command_rejects_unknown_names(capsys, keep_threads):
+    for argv in (["--models", "vgg"], ["--tables", "nope"], ["--bw-sizes", "big"],
+                 ["--state-dtypes", "float16"]):
+        with pytest.raises(SystemExit):
+            bench_cli.main(argv)
+    assert "unknown" in capsys.readouterr().err
