@@ -41,8 +41,8 @@ __all__ = [
 IMPLS = ("auto", "reference", "cpu", "triton")
 
 
-# whether the CPU kernel's library loads, once known; a plain global (no lru_cache, no lock), so that
-# torch.compile reads it as a constant instead of breaking the graph
+# whether the CPU kernel's library loads, once known; a plain global (no lru_cache, no lock),
+# so that torch.compile reads it as a constant instead of breaking the graph
 _CPU_OK: bool | None = None
 _WARNED = False
 

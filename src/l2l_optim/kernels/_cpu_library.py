@@ -1,12 +1,13 @@
 """Finding, building and loading the fused CPU kernel's shared library (see :mod:`.cpu`).
 
-The installed library (``libl2l_simple_cpu.so.1`` beside this file, built by ``hatch_build.py``) is
-used when it was built from the sources beside it; otherwise (a checkout on ``PYTHONPATH``, or
-an editable install whose sources changed since) the library is compiled once into the
-developer cache, :func:`cache_dir`, in a subdirectory named by the hash of the sources, the
-flags, the compiler and this package's directory, so two checkouts never rebuild each other's
-library. A cache that already holds the library is only read. The outcome is remembered for
-the process; :func:`build_error` and :func:`build_advice` say why a load failed, in a line.
+The installed library (``libl2l_simple_cpu.so.1`` beside this file, built by
+``hatch_build.py``) is used when it was built from the sources and flags beside it. Otherwise
+(a checkout on ``PYTHONPATH``, or an editable install whose sources changed since) the library
+is compiled once into the developer cache, :func:`cache_dir`, in a subdirectory named by the
+hash of the sources, the flags, the compiler and this package's directory, so two checkouts
+never rebuild each other's library. A cache that already holds the library is only read. The
+outcome is remembered for the process; :func:`build_error` and :func:`build_advice` say why a
+load failed, in a line.
 """
 
 from __future__ import annotations

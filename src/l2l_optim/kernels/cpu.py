@@ -2,11 +2,12 @@
 
 The library (``simple_cpu.cpp`` + ``simple_cpu_isa.h``) is plain C++ with a C ABI: it takes
 data pointers, dtype codes, sizes, learning rates and the packed fp64 weights, and links
-against nothing from torch, so one build serves every torch version. It is compiled at install
-time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory as
-``libl2l_simple_cpu.so.1``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a baseline copy
-of its loops and picks the best one the CPU runs when it loads (:func:`kernel_info` says
-which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower one).
+against nothing from torch, so one build serves every torch version. It is compiled at
+install time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory
+as ``libl2l_simple_cpu.so.1``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a
+baseline copy of its loops and picks the best one the CPU runs when it loads
+(:func:`kernel_info` says which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower
+one).
 
 Where no library was installed (a checkout on ``PYTHONPATH``) or the installed one was built
 from other sources (an editable install whose sources changed since), the first use compiles
@@ -37,7 +38,7 @@ hidden state in float32 / bfloat16 / float64, one learning rate per tensor, the 
 Compute precision is that of the reference: float64 for float64 parameters, float32 otherwise.
 
 The same library checks gradients for NaN/Inf at memory speed (:func:`first_nonfinite`),
-which the optimizers use on this path instead of a norm per tensor.
+which SimpleOptimizer uses on this path instead of a norm per tensor.
 """
 
 from __future__ import annotations
