@@ -63,7 +63,7 @@ from ._common import (
     split_skip,
 )
 
-__all__ = ["simple_update_triton", "is_available", "import_error", "interpret_mode"]
+__all__ = ["simple_update_triton", "finite_flags_triton", "is_available", "import_error", "interpret_mode"]
 
 try:
     import triton
@@ -251,6 +251,23 @@ if triton is not None:
         _store_cast(pp + offs, new, mask, P_DT)
 
 
+    @triton.jit
+    def _nonfinite_kernel(g_tab, n_tab, blk_t, blk_s, out_ptr, BLOCK: tl.constexpr,
+                          U_DT: tl.constexpr, EXP: tl.constexpr):
+        # one block of one gradient: 1 if it holds a NaN or an Inf, i.e. a value whose
+        # exponent bits are all ones. The gradient is read as unsigned integers of its width:
+        # exact for every float format, and free of the float conversions of Triton's
+        # interpreter (which widens bf16 and narrows fp64 on the way)
+        pid = tl.program_id(0)
+        t = tl.load(blk_t + pid)
+        start = tl.load(blk_s + pid)
+        n = tl.load(n_tab + t)
+        gp = tl.load(g_tab + t).to(tl.pointer_type(U_DT))
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        u = tl.load(gp + offs, mask=offs < n, other=0)
+        bad = (u & EXP) == EXP
+        tl.store(out_ptr + pid, tl.max(bad.to(tl.int32), axis=0))
+
 # ------------------------------------------------------------------------------------------
 # host side
 
@@ -367,6 +384,91 @@ def _lr_tables(plan: _Plan, lrs, device) -> list[Tensor]:
         tabs = [_upload([key[i] for i in grp.idx], torch.float64, device) for grp in plan.groups]
         plan.lr_tables = (key, tabs)
     return tabs
+
+
+
+# float dtype -> (the unsigned integer type of its width, the mask of its exponent bits)
+_EXPONENT_BITS = {}
+if triton is not None:
+    _EXPONENT_BITS = {
+        torch.float64: (tl.uint64, 0x7FF0000000000000),
+        torch.float32: (tl.uint32, 0x7F800000),
+        torch.bfloat16: (tl.uint16, 0x7F80),
+        torch.float16: (tl.uint16, 0x7C00),
+    }
+
+
+class _FinitePlan:
+    __slots__ = ("groups", "n_blocks", "owner")
+
+
+def _finite_plan(grads, device, block) -> _FinitePlan:
+    key = ("triton-finite", device, block) + tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads)
+    return CACHE.get(key, lambda: _make_finite_plan(grads, device, block))
+
+
+def _make_finite_plan(grads, device, block) -> _FinitePlan:
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g.numel():
+            by_dtype.setdefault(g.dtype, []).append(i)
+    plan = _FinitePlan()
+    plan.groups, owner, base = [], [], 0
+    for dt, idx in by_dtype.items():
+        blk_t, blk_s = [], []
+        for k, i in enumerate(idx):
+            for s in range(0, grads[i].numel(), block):
+                blk_t.append(k)
+                blk_s.append(s)
+                owner.append(i)
+        T, B = len(idx), len(blk_t)
+        tab = _upload([grads[i].data_ptr() for i in idx] + [grads[i].numel() for i in idx] + blk_t + blk_s,
+                      torch.int64, device)
+        plan.groups.append((dt, base, B, tab[:T], tab[T : 2 * T], tab[2 * T : 2 * T + B], tab[2 * T + B :]))
+        base += B
+    plan.n_blocks = base
+    plan.owner = _upload(owner or [0], torch.int64, device)
+    return plan
+
+
+def finite_flags_triton(grads: list[Tensor]) -> Tensor:
+    """Per gradient, whether it holds no NaN or Inf, from one read of every gradient.
+
+    One launch per gradient dtype over the same kind of block table as the update (cached on
+    the tensors' addresses), then one per-tensor reduction on the device: no host
+    synchronisation, so the non-finite policy's flag stays on the GPU. Empty tensors are finite.
+
+    Args:
+        grads: tensors on one CUDA device (CPU tensors in interpret mode), any float dtype.
+
+    Returns:
+        A bool tensor with one entry per gradient, on their device.
+
+    Raises:
+        RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device.
+    """
+    if triton is None:
+        raise RuntimeError(f"impl='triton' needs Triton, which cannot be imported: {_IMPORT_ERROR}")
+    if not grads:
+        return torch.ones(0, dtype=torch.bool)
+    device = grads[0].device
+    if device.type != "cuda" and not (interpret_mode() and device.type == "cpu"):
+        raise RuntimeError(f"finite_flags_triton runs on CUDA tensors (got {device})")
+    if any(g.device != device for g in grads):
+        raise RuntimeError("finite_flags_triton needs all tensors on one device")
+    gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    block = BLOCK_INTERPRET if interpret_mode() else BLOCK_GPU
+    plan = _finite_plan(gs, device, block)
+    bad = torch.zeros(len(gs), dtype=torch.int32, device=device)
+    if plan.n_blocks:
+        per_block = torch.empty(plan.n_blocks, dtype=torch.int32, device=device)
+        warps = {} if interpret_mode() else {"num_warps": NUM_WARPS}
+        for dt, base, nb, g_tab, n_tab, bt, bs in plan.groups:
+            u_dt, exp = _EXPONENT_BITS[dt]
+            _nonfinite_kernel[(nb,)](g_tab, n_tab, bt, bs, per_block[base:], BLOCK=block,
+                                     U_DT=u_dt, EXP=exp, **warps)
+        bad.scatter_reduce_(0, plan.owner, per_block, "amax")
+    return bad == 0
 
 
 def simple_update_triton(
