@@ -1,5 +1,6 @@
 # Every target creates .venv on first use and installs the package into it, so a fresh
-# machine needs only python3 (and a C++ compiler for the fused CPU kernel).
+# machine needs only python3 (and a C++ compiler with OpenMP, which the install uses to build
+# the fused CPU kernel).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,11 +9,14 @@ STAMP := $(VENV)/.installed
 L2L_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export L2L_DATA
 
-.PHONY: venv demo test test-slow bench reproduce clean
+.PHONY: venv demo test test-slow bench reproduce dist clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the editable install also compiles the fused CPU kernel (hatch_build.py): redone when it changes
+KERNEL_SOURCES := hatch_build.py $(wildcard src/l2l_optim/kernels/simple_cpu*) src/l2l_optim/kernels/_build.py
+
+$(STAMP): pyproject.toml $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -46,5 +50,12 @@ ifneq ($(JOBS),1)
 endif
 	$(PY) -m l2l_optim.repro all
 
+# sdist and wheel (with the CPU kernel, or an error) in dist/, checked by twine
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m pip install -q build twine
+	L2L_OPTIM_REQUIRE_KERNEL=1 $(PY) -m build
+	$(PY) -m twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache
+	rm -rf $(VENV) build dist .pytest_cache src/l2l_optim/kernels/libl2l_simple_cpu.so.1

@@ -3,8 +3,8 @@
 ``python tests/kernel_inputs_worker.py ENTRY...`` with each ENTRY one of
 
 * ``cpu``: :func:`l2l_optim.kernels.cpu.simple_update_cpu`, with and without ``aggregate``;
-* ``cpu-ops``: the C++ ops themselves (``torch.ops.l2l_optim_cpu.simple_update`` and the
-  two-pass pair), below every Python check;
+* ``cpu-ops``: the registered ops themselves (``torch.ops.l2l_optim_cpu.simple_update`` and
+  the two-pass pair), below every check of ``simple_update_cpu``;
 * ``triton``: :func:`l2l_optim.kernels.triton.simple_update_triton` (the process must run
   with ``TRITON_INTERPRET=1``, which the CPU entries ignore).
 
@@ -145,9 +145,10 @@ def _call(entry: str, params, grads, hiddens) -> None:
         simple_update_cpu(params, grads, hiddens, lrs, w, None, lambda s: s.sum() / 7)
     elif entry == "cpu-ops":
         from l2l_optim.kernels._common import packed_weights
-        from l2l_optim.kernels.cpu import load_extension
+        from l2l_optim.kernels.cpu import load_library
 
-        ops = load_extension()
+        load_library()  # registers the ops
+        ops = torch.ops.l2l_optim_cpu
         packed = packed_weights(w, "cpu", torch.float64, flat=True)
         ops.simple_update(params, grads, hiddens, lrs, packed, None)
         sums, scratch = ops.simple_update_pass1(params, grads, hiddens, lrs, packed, None)
@@ -183,7 +184,7 @@ def main() -> None:
     _weights()
     for entry in entries:
         if entry.startswith("cpu"):
-            importlib.import_module("l2l_optim.kernels.cpu").load_extension()
+            importlib.import_module("l2l_optim.kernels.cpu").load_library()
         # one run here, so that the children inherit warm caches (Triton's above all)
         _call(entry, *KINDS["contiguous float32"]())
     print(json.dumps({entry: _run_all(entry) for entry in entries}))

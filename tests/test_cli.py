@@ -131,6 +131,15 @@ def test_info_lists_shipped_and_cached_weights(registry, capsys, tmp_path):
     out = capsys.readouterr().out
     version, shipped, cached = out.split("\n\n")
     assert version.startswith(f"l2l-optim {l2l_optim.__version__}")
+    kernel = version.splitlines()[1]
+    from l2l_optim.kernels.cpu import kernel_info
+
+    info = kernel_info()
+    if info["available"]:  # e.g. "fused CPU kernel: avx512 (this CPU runs avx512, avx2, baseline), ..."
+        assert kernel.startswith(f"fused CPU kernel: {info['isa']} (this CPU runs ")
+        assert kernel.endswith(f"library {info['path']}")
+    else:
+        assert kernel.startswith("fused CPU kernel: unavailable (")
     assert shipped.splitlines()[0] == f"shipped weights ({pkg}, {repo}):"
     assert shipped.splitlines()[1].split()[:4] == ["name", "arch", "params", "fingerprint"]
     row = rows(shipped.split("\n", 1)[1])
@@ -155,6 +164,9 @@ def test_info_json_and_nothing_to_list(registry, capsys):
     assert cli.main(["info", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["shipped"]["simple"]["arch"] == "simple" and listed["cached"] == {}
+    from l2l_optim.kernels.cpu import kernel_info
+
+    assert listed["cpu_kernel"] == kernel_info()
 
 
 # ------------------------------------------------------------------------------ finetune

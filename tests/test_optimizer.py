@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import pickle
@@ -524,16 +525,19 @@ def _nan_setup(cls, net):
 
 
 NETS_FOR_NAN = [
-    (SimpleOptimizer, lambda: random_simple(13)),
+    (SimpleOptimizer, lambda: random_simple(13)),  # impl="auto": the fused CPU kernel here
+    (functools.partial(SimpleOptimizer, impl="reference"), lambda: random_simple(13)),
     (LearnedOptimizer, lambda: random_simple(13)),
     (DMOptimizer, lambda: DMOptimizerNet(hidden_size=4)),
     (RNNProp, lambda: RNNPropNet(hidden_size=4)),
 ]
+NAN_IDS = ["SimpleOptimizer", "SimpleOptimizer-reference", "LearnedOptimizer", "DMOptimizer",
+           "RNNProp"]
 
 
 @pytest.mark.parametrize("device_flag", [False, True], ids=["host-check", "device-flag"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=NAN_IDS)
 def test_nonfinite_skip_changes_nothing(cls, make, bad, device_flag):
     params, opt = _nan_setup(cls, make())
     ref = copy.deepcopy(opt)  # the same optimizer, on copies of the params, minus the bad step
@@ -581,7 +585,7 @@ def test_nonfinite_on_the_first_step_creates_no_state():
     assert len(opt.state) == 0 and opt.skipped_steps == 1
 
 
-@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=NAN_IDS)
 def test_nonfinite_raise(cls, make):
     params = [leaf(3, seed=0), leaf(2, seed=1), leaf(4, seed=2)]
     opt = cls([{"params": params[:1]}, {"params": params[1:]}], weights=make(),
@@ -596,6 +600,53 @@ def test_nonfinite_raise(cls, make):
         opt.step()
     assert_unchanged(opt, snap)
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_nonfinite_at_the_very_last_coordinate_is_caught(impl, dtype, policy):
+    # the fused path scans the gradients in blocks of vectors: the last element of the last
+    # tensor (past every whole block and vector) must be seen, in every gradient dtype
+    from l2l_optim.kernels import available_impls
+
+    if impl not in available_impls("cpu"):
+        pytest.skip(f"impl={impl!r} is unavailable here")
+    params = [leaf(3, 2, dtype=dtype, seed=0), leaf(70001, dtype=dtype, seed=1)]
+    opt = SimpleOptimizer(params, weights=random_simple(13), impl=impl, nonfinite=policy)
+    set_grads(params, [torch.randn(p.shape) for p in params])
+    opt.step()
+    snap = snapshot(opt)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads = [torch.randn(p.shape) for p in params]
+        set_grads(params, grads)
+        params[1].grad[-1] = bad
+        assert params[1].grad.dtype == dtype
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match=r"parameter 1 \(group 0, shape \(70001,\)\)"):
+                opt.step()
+        else:
+            with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+                opt.step()
+        assert_unchanged(opt, snap)
+    assert opt.skipped_steps == (3 if policy == "skip" else 0)
+    assert all(s["step"].item() == 1 for s in opt.state.values())
+
+
+def test_nonfinite_in_a_bfloat16_gradient_of_a_float32_parameter_is_caught():
+    # gradients may have another dtype than their parameter; the scan reads each as stored
+    p = leaf(5000, seed=3)
+    opt = SimpleOptimizer([p], weights=random_simple(13), nonfinite="raise")
+    g = torch.randn(5000).to(torch.bfloat16)
+    g[4321] = float("inf")
+    if hasattr(p, "grad_dtype"):  # torch >= 2.9 checks a gradient's dtype unless told not to
+        p.grad_dtype = None
+    p.grad = g
+    with pytest.raises(FloatingPointError, match="parameter 0"):
+        opt.step()
+    g[4321] = 1.0
+    opt.step()
+    assert opt.state[p]["step"].item() == 1
 
 
 # ------------------------------------------------------------- state_dict and resuming
@@ -1095,7 +1146,7 @@ def test_an_inductor_compiled_step_matches_the_eager_one():
     _compiled_against_eager(COMPILED[0].values[0], "inductor")
 
 
-@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=[c.__name__ for c, _ in NETS_FOR_NAN])
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=NAN_IDS)
 def test_empty_parameter_steps_with_the_others(cls, make):
     # a parameter with no elements has no max-abs for the non-finite check: it is finite, and
     # the others step as they would without it (and a NaN beside it is still caught)

@@ -3,8 +3,9 @@
 Commands:
 
 =============  ==========================================================================
-``info``       the shipped weights and the l2l-optim weights in the local Hugging Face
-               cache, with their metadata and fingerprints
+``info``       the fused CPU kernel in use (instruction set, library), the shipped weights
+               and the l2l-optim weights in the local Hugging Face cache, with their
+               metadata and fingerprints
 ``meta-fit``   meta-train an optimizer net with truncated BPTT (:mod:`l2l_optim.meta.fit`)
 ``meta-es``    meta-train SimpleOptimizer by ES on the task population (:mod:`l2l_optim.meta.es`)
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
@@ -152,7 +153,17 @@ def _table(files: dict[str, Path]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 
+def _kernel_line(info: dict) -> str:
+    """One line on the fused CPU kernel: its instruction set and library, or why it is off."""
+    if not info["available"]:
+        return f"fused CPU kernel: unavailable ({info['error']}; {info['advice']})"
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    return (f"fused CPU kernel: {info['isa']} (this CPU runs {', '.join(info['supported'])}), "
+            f"{threads}, {info['origin']} library {info['path']}")
+
+
 def _info(args: argparse.Namespace) -> int:
+    from .kernels.cpu import kernel_info
     from .weights import WeightsError, _read_header, _shipped, weights_dirs
 
     shipped = _shipped()
@@ -167,10 +178,11 @@ def _info(args: argparse.Namespace) -> int:
                     out[name] = {"error": str(e)}
             return out
 
-        print(json.dumps({"shipped": headers(dict(sorted(shipped.items()))), "cached": headers(cached)},
-                         indent=2, sort_keys=True))
+        print(json.dumps({"shipped": headers(dict(sorted(shipped.items()))), "cached": headers(cached),
+                          "cpu_kernel": kernel_info()}, indent=2, sort_keys=True))
         return 0
     print(_version())
+    print(_kernel_line(kernel_info()))
     dirs = ", ".join(str(d) for d in weights_dirs()) or "no weights directory found"
     print(f"\nshipped weights ({dirs}):")
     print("\n".join(_table(dict(sorted(shipped.items())))) if shipped else "  none")
@@ -353,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version(),
                         help="print the version of l2l-optim, torch and Python, then exit")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    info = sub.add_parser("info", help="list the shipped and cached weights with their fingerprints",
-                          description="List the shipped weights and the l2l-optim weights in the "
+    info = sub.add_parser("info", help="the CPU kernel in use, and the shipped and cached weights with their fingerprints",
+                          description="Show the fused CPU kernel in use (instruction set, library) and "
+                                      "list the shipped weights and the l2l-optim weights in the "
                                       "local Hugging Face cache (no network).")
     info.add_argument("--json", action="store_true", help="print name -> metadata as JSON")
     info.set_defaults(func=_info)

@@ -420,11 +420,15 @@ class LearnedOptimizer(HubMixin, Optimizer):
         on by every process), else computed here from ``grads``.
         """
         name = type(self).__name__
+        bad = None  # the first non-finite gradient's index (-1: none), where a scan says
         if finite is None:
-            finite = distributed.finite_flags(grads)
+            bad = self._first_nonfinite(params, grads)
+            if bad is None:
+                finite = distributed.finite_flags(grads)
         if self.defaults["nonfinite"] == "raise":
-            if not bool(finite.all()):
+            if bad is None and not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
+            if bad is not None and bad >= 0:
                 i, gi = where[bad]
                 raise FloatingPointError(
                     f"{name}: non-finite gradient in parameter {i} (group {gi}, shape "
@@ -434,7 +438,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
         # reading the flag is free on the host, but not in a compiled graph, where the
         # device-flag path below keeps the step in one graph
         if params[0].device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(finite.all()):
+            all_finite = bad == -1 if bad is not None else bool(finite.all())
+            if all_finite:
                 return True, None
             self._skipped_host += 1
             warnings.warn(
@@ -451,6 +456,11 @@ class LearnedOptimizer(HubMixin, Optimizer):
             self._skipped_device = torch.zeros((), dtype=torch.int64, device=skip.device)
         self._skipped_device.add_(skip)
         return True, skip
+
+    def _first_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> int | None:
+        """The index of the first non-finite gradient (-1: none) from a fast scan, or None
+        where this optimizer has none (then one max-norm per tensor decides)."""
+        return None
 
     def _step(self) -> None:
         params, grads, lrs, groups, where = self._gather()
@@ -742,6 +752,18 @@ class SimpleOptimizer(LearnedOptimizer):
         if options["impl"] not in kernels.IMPLS:
             raise ValueError(f"Invalid impl: {options['impl']!r}; expected one of {kernels.IMPLS}")
         super()._check_options(options)
+
+    def _first_nonfinite(self, params, grads) -> int | None:
+        # on the fused CPU path the kernel's library scans the gradients at memory speed
+        # (a max-norm per tensor costs a quarter of a step); compiled steps keep the
+        # device-flag path, which traces
+        if params[0].device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if kernels.resolve_impl(self.defaults["impl"], "cpu") != "cpu":
+            return None
+        from .kernels import cpu
+
+        return cpu.first_nonfinite(grads)
 
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)

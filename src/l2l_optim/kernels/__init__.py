@@ -5,13 +5,14 @@ Every path has the signature of :func:`simple_update_reference` and must agree w
 
 ==============  ========================================================================
 ``reference``   plain torch ops (``reference.py``): the oracle; any device, slow.
-``cpu``         fused C++/OpenMP kernel (``cpu.py`` + ``simple_cpu.cpp``), CPU tensors;
-                compiled on first use and cached.
+``cpu``         fused C++/OpenMP kernel (``cpu.py``; ``simple_cpu.cpp``, a library with a C
+                ABI called through ctypes), CPU tensors; built when the package is
+                installed, with its instruction set chosen at run time.
 ``triton``      fused Triton kernels (``triton.py``), CUDA tensors (or CPU tensors under
                 ``TRITON_INTERPRET=1``, which is how the tests run it without a GPU).
 ==============  ========================================================================
 
-``impl="auto"`` picks, per device type: ``cpu`` on CPU when the extension builds (otherwise
+``impl="auto"`` picks, per device type: ``cpu`` on CPU when the library loads (otherwise
 ``reference``, with a one-line warning), ``triton`` on CUDA when Triton is importable
 (otherwise ``reference``), ``reference`` anywhere else. A forced ``impl`` that cannot run
 raises :class:`RuntimeError` saying why.
@@ -40,8 +41,8 @@ __all__ = [
 IMPLS = ("auto", "reference", "cpu", "triton")
 
 
-# whether the C++ kernel loads, once known; a plain global (no lru_cache, no lock), so that
-# torch.compile reads it as a constant instead of breaking the graph
+# whether the CPU kernel's library loads, once known; a plain global (no lru_cache, no lock),
+# so that torch.compile reads it as a constant instead of breaking the graph
 _CPU_OK: bool | None = None
 _WARNED = False
 
@@ -74,12 +75,13 @@ def _triton_importable() -> bool:
 def resolve_impl(impl: str, device_type: str) -> str:
     """Map ``impl`` (possibly ``"auto"``) to a concrete, runnable path for ``device_type``.
 
-    The first ``"auto"`` resolution on CPU compiles the C++ extension if it is not cached yet.
+    The first ``"auto"`` resolution on CPU loads the kernel's library (in a checkout without
+    an installed one, it compiles it into the developer cache first).
 
     Raises:
         ValueError: ``impl`` is not one of :data:`IMPLS`.
-        RuntimeError: a forced ``impl`` that cannot run here (extension does not build, no
-            Triton, wrong device type).
+        RuntimeError: a forced ``impl`` that cannot run here (the CPU library does not load,
+            no Triton, wrong device type).
     """
     if impl not in IMPLS:
         raise ValueError(f"Invalid impl: {impl!r}; expected one of {IMPLS}")

@@ -1,42 +1,56 @@
-"""The fused SimpleOptimizer update on CPU: a C++/OpenMP kernel (``simple_cpu.cpp``).
+"""The fused SimpleOptimizer update on CPU: a C++/OpenMP shared library called through ctypes.
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (flags
-``-O3 -march=native -fopenmp``) and cached in torch's extension directory
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The cache name
-includes a hash of the source, the flags, the torch version and this CPU's feature flags, so a
-home directory shared between machines never loads a ``-march=native`` binary built for another
-CPU.
+The library (``simple_cpu.cpp`` + ``simple_cpu_isa.h``) is plain C++ with a C ABI: it takes
+data pointers, dtype codes, sizes, learning rates and the packed fp64 weights, and links
+against nothing from torch, so one build serves every torch version. It is compiled at
+install time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory
+as ``libl2l_simple_cpu.so.1``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a
+baseline copy of its loops and picks the best one the CPU runs when it loads
+(:func:`kernel_info` says which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower
+one).
 
-``impl="auto"`` uses this kernel on CPU when it builds and falls back to the reference update
-with a one-line warning when it does not (no compiler, no ninja, ...); ``impl="cpu"`` raises
-the build error instead. ``L2L_OPTIM_NO_CPU_KERNEL=1`` disables the kernel (as if the build had
-failed), e.g. to compare against the reference.
+Where no library was installed (a checkout on ``PYTHONPATH``) or the installed one was built
+from other sources (an editable install whose sources changed since), the first use compiles
+one with the system compiler into a per-checkout cache directory, ``$L2L_OPTIM_KERNEL_CACHE``
+(default ``~/.cache/l2l_optim/kernels``): the developer path, described in
+:mod:`._cpu_library`. Installed packages do not compile.
+
+``impl="auto"`` uses this kernel on CPU when the library loads and falls back to the
+reference update with a one-line warning when it does not; ``impl="cpu"`` raises the reason
+instead. ``L2L_OPTIM_NO_CPU_KERNEL=1`` disables the kernel (as if it did not load).
+
+The ops are registered with :func:`torch.library.custom_op` as ``torch.ops.l2l_optim_cpu.*``
+(``simple_update``, and ``simple_update_pass1`` / ``simple_update_pass2`` for a mean over
+more coordinates than one call holds, see :mod:`l2l_optim.distributed`), with fake
+implementations, so that a compiled ``opt.step()`` holds the update as one opaque op. Eager
+calls go to the same implementations without the dispatcher. The implementations check every
+tensor in Python before a pointer reaches C: plain, dense, contiguous CPU tensors only.
 
 What the kernel does and why it is deterministic is described at the top of ``simple_cpu.cpp``:
 one pass computes ``h'``, writes it, applies ``lr * (w_a . h' + b_out)`` and stores per-block
 partial sums of ``w_b . h'``; the partials are reduced in a fixed order and a second, cheap
-pass adds ``lr * w_b . mean(h')``. Results are bitwise independent of the thread count.
+pass adds ``lr * w_b . mean(h')``. Results are bitwise independent of the thread count (the
+kernel uses ``torch.get_num_threads()`` threads).
 
 Supported: parameters in float32 / float64 / bfloat16 / float16 (any shape, 0-dim included;
 non-contiguous ones are copied to contiguous and back), gradients of any of these dtypes,
 hidden state in float32 / bfloat16 / float64, one learning rate per tensor, the ``skip`` flag.
 Compute precision is that of the reference: float64 for float64 parameters, float32 otherwise.
+
+The same library checks gradients for NaN/Inf at memory speed (:func:`first_nonfinite`),
+which SimpleOptimizer uses on this path instead of a norm per tensor.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import os
-import platform
-import re
-import threading
-from pathlib import Path
+import ctypes
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..nets import SimpleWeights
+from . import _cpu_library
 from ._common import (
     Aggregate,
     call_aggregate,
@@ -45,178 +59,242 @@ from ._common import (
     packed_weights,
     split_skip,
 )
+from ._cpu_library import (  # re-exported: this module is the CPU path's interface
+    CACHE_ENV,
+    DISABLE_ENV,
+    ISA_ENV,
+    build_advice,
+    build_error,
+    is_available,
+    kernel_info,
+    load_library,
+    select_isa,
+)
 
 __all__ = [
     "simple_update_cpu",
+    "first_nonfinite",
+    "kernel_tanh",
+    "kernel_info",
+    "select_isa",
     "is_available",
     "build_error",
     "build_advice",
-    "load_extension",
-    "CFLAGS",
+    "load_library",
+    "DISABLE_ENV",
+    "ISA_ENV",
+    "CACHE_ENV",
 ]
 
-SOURCE = Path(__file__).with_name("simple_cpu.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-LDFLAGS = ["-fopenmp"]
-DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
+# dtype codes of the C ABI (the enum at the top of simple_cpu.cpp)
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+HIDDEN_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_P = ctypes.c_void_p
 _CPU = torch.device("cpu")
-
-_lock = threading.Lock()
-_ext = None
-_error: str | None = None
-_advice: str | None = None
-_tried = False
-
-_COMPILER_ADVICE = "it needs a C++ compiler with OpenMP and ninja (torch.utils.cpp_extension)"
-# the lines of a failed build that say why; everything else is the echoed command line
-_CAUSE = re.compile(
-    r"not found|No such file|Permission denied|Read-only file system|error:|cannot|undefined reference",
-    re.IGNORECASE,
-)
+_ERRORS = {-1: "a packed weight vector of a bad length", -2: "an unsupported dtype",
+           -3: "out of memory", -4: "a null pointer for a non-empty tensor"}
 
 
-def _cpu_fingerprint() -> str:
-    """The CPU's model and feature flags (what -march=native compiles for)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("flags", "Features", "model name"))]
-        # one core's worth is enough; the set of distinct lines keeps it short
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.machine() + platform.processor()
+# ------------------------------------------------------------------------- the C calls
 
 
-def _extension_name() -> str:
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_fingerprint().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return f"l2l_simple_cpu_{h.hexdigest()[:12]}"
+def _address(t: Tensor, codes: dict) -> tuple[int, int] | None:
+    """``(data pointer, dtype code)`` of a tensor the loops can address, else None.
+
+    Addressable: a plain tensor (not a subclass such as DTensor or FakeTensor, nor a
+    functional wrapper), dense, strided, contiguous, on the CPU, of a dtype in ``codes``, with
+    storage. Anything else would hand C a null or foreign pointer. One pass of cheap tests,
+    since it runs for every tensor of every step.
+    """
+    code = codes.get(t.dtype) if type(t) is Tensor or type(t) is torch.nn.Parameter else None
+    if (code is None or not t.is_cpu or t.layout != torch.strided or t.is_nested
+            or not t.is_contiguous() or torch._is_functional_tensor(t)):
+        return None
+    ptr = t.data_ptr()
+    return (ptr, code) if ptr or not t.numel() else None
 
 
-def _build():
-    import logging
-
-    # cpp_extension logs "No CUDA runtime is found" when it is imported on a CPU-only
-    # machine: the CPU kernel does not need CUDA, so the level is raised before the import
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name=_extension_name(),
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            is_python_module=False,  # a TORCH_LIBRARY: the ops are torch.ops.l2l_optim_cpu.*
-            verbose=os.environ.get("L2L_OPTIM_VERBOSE_BUILD", "") not in ("", "0"),
-        )
-    finally:
-        log.setLevel(level)
-    _register_fake()
-    return torch.ops.l2l_optim_cpu
+def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
+    """:func:`_address`, or RuntimeError saying why the tensor is refused."""
+    found = _address(t, codes)
+    if found is not None:
+        return found
+    prefix = f"l2l_optim cpu kernel: {what} {i}"
+    if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+        raise RuntimeError(f"{prefix} is a {type(t).__qualname__}, a tensor subclass or wrapper "
+                           "(e.g. DTensor); the kernel takes plain CPU tensors (for a DTensor, "
+                           "pass its .to_local())")
+    if t.layout != torch.strided or t.is_nested:
+        raise RuntimeError(f"{prefix} is not a dense strided tensor (layout {t.layout}"
+                           f"{', nested' if t.is_nested else ''})")
+    if not t.is_cpu:
+        raise RuntimeError(f"l2l_optim cpu kernel: all tensors must be on the CPU ({what} {i} "
+                           f"is on {t.device})")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{prefix}: tensors must be contiguous")
+    if t.dtype not in codes:
+        raise RuntimeError(f"{prefix} has an unsupported dtype {t.dtype}")
+    raise RuntimeError(f"{prefix} has no addressable storage (a functional or storage-less tensor)")
 
 
-def _register_fake() -> None:
-    """Shape-only versions of the ops, which torch.compile traces instead of running them.
+def _array(ctype, values):
+    return (ctype * max(len(values), 1))(*values)
 
-    The update mutates its inputs in place (the schema says so) and returns nothing, so its
-    fake version does nothing; with it a compiled ``opt.step()`` holds the kernel call as
-    one opaque op instead of breaking the graph around it.
+
+def _skip_pointer(skip: Tensor | None) -> tuple[int | None, Tensor | None]:
+    """The address of the skip flag's one byte (and the tensor that owns it), or None."""
+    if skip is None:
+        return None, None
+    if skip.numel() != 1:
+        raise RuntimeError("l2l_optim cpu kernel: the skip flag must have one element")
+    flag = skip.reshape(()).to(torch.bool)
+    ptr, _ = _pointer(flag, "skip flag", 0, {torch.bool: 0})
+    return ptr, flag
+
+
+def _weights_pointer(weights: Tensor) -> tuple[int, int]:
+    if weights.dtype != torch.float64 or weights.dim() != 1:
+        raise RuntimeError("l2l_optim cpu kernel: weights must be a packed contiguous fp64 vector")
+    ptr, _ = _pointer(weights, "weights", 0, {torch.float64: 1})
+    return ptr, weights.numel()
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"l2l_optim cpu kernel: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool):
+    """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``."""
+    lib = load_library()
+    n = len(params)
+    if not (len(grads) == len(hiddens) == len(lrs) == n):
+        raise RuntimeError("l2l_optim cpu kernel: params, grads, hiddens and lrs differ in length")
+    w_ptr, w_len = _weights_pointer(weights)
+    h_size = _hidden_size(w_len)
+    p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, numels, scratch = [], [], [], [], [], [], [], []
+    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
+        pp, pc = _pointer(p, "param", i, DTYPE_CODES)
+        gp, gc = _pointer(g, "grad", i, DTYPE_CODES)
+        hp, hc = _pointer(h, "hidden", i, HIDDEN_CODES)
+        k = p.numel()
+        if g.numel() != k:
+            raise RuntimeError(f"l2l_optim cpu kernel: grad {i} has {g.numel()} elements, "
+                               f"param has {k}")
+        if h.dim() != 2 or tuple(h.shape) != (h_size, k):
+            raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} must have shape ({h_size}, {k}), "
+                               f"got {tuple(h.shape)}")
+        p_ptrs.append(pp), p_codes.append(pc), g_ptrs.append(gp), g_codes.append(gc)
+        h_ptrs.append(hp), h_codes.append(hc), numels.append(k)
+        # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
+        scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else None)
+    skip_ptr, _flag = _skip_pointer(skip)
+    sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
+    rc = lib.l2l_simple_pass1(
+        n, _array(_P, p_ptrs), _array(ctypes.c_int32, p_codes), _array(_P, g_ptrs),
+        _array(ctypes.c_int32, g_codes), _array(_P, h_ptrs), _array(ctypes.c_int32, h_codes),
+        _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
+        _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
+        w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
+    _check(rc)
+    return sums, scratch
+
+
+def _hidden_size(w_len: int) -> int:
+    """``H`` of a packed weight vector of ``4H + H^2 + 1`` entries."""
+    h = 0
+    while 4 * h + h * h + 1 < w_len:
+        h += 1
+    if 4 * h + h * h + 1 != w_len or not 1 <= h <= 64:
+        raise RuntimeError(f"l2l_optim cpu kernel: bad packed weight length {w_len}")
+    return h
+
+
+def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
+                   lrs: list[float], weights: Tensor, skip: Optional[Tensor]) -> None:
+    _pass1(params, grads, hiddens, lrs, weights, skip, want_sums=False)
+
+
+def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
+                         lrs: list[float], weights: Tensor,
+                         skip: Optional[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    sums, scratch = _pass1(params, grads, hiddens, lrs, weights, skip, want_sums=True)
+    # an empty buffer for the parameters that need none (an op returns tensors, not None)
+    return sums, [torch.empty(0) if s is None else s for s in scratch]
+
+
+def _simple_update_pass2(params: list[Tensor], scratch: list[Tensor], lrs: list[float],
+                         weights: Tensor, shared: Tensor, skip: Optional[Tensor]) -> None:
+    lib = load_library()
+    n = len(params)
+    if not (len(scratch) == len(lrs) == n):
+        raise RuntimeError("l2l_optim cpu kernel: params, scratch and lrs differ in length")
+    w_ptr, w_len = _weights_pointer(weights)
+    _hidden_size(w_len)
+    skip_ptr, _flag = _skip_pointer(skip)
+    if shared.numel() != 1 or not shared.is_floating_point():
+        raise RuntimeError("l2l_optim cpu kernel: shared must be a one-element floating tensor")
+    _pointer(shared.reshape(()), "shared", 0, {shared.dtype: 0})
+    p_ptrs, p_codes, numels, s_ptrs = [], [], [], []
+    for i, (p, s) in enumerate(zip(params, scratch)):
+        pp, pc = _pointer(p, "param", i, DTYPE_CODES)
+        k = p.numel()
+        if pc >= 2:
+            sp, _ = _pointer(s, "scratch", i, {torch.float32: 0})
+            if s.numel() != k:
+                raise RuntimeError(f"l2l_optim cpu kernel: scratch {i} must be the float32 buffer "
+                                   f"of {k} elements that simple_update_pass1 returned")
+            s_ptrs.append(sp or None)
+        else:
+            s_ptrs.append(None)
+        p_ptrs.append(pp), p_codes.append(pc), numels.append(k)
+    rc = lib.l2l_simple_pass2(
+        n, _array(_P, p_ptrs), _array(ctypes.c_int32, p_codes), _array(ctypes.c_int64, numels),
+        _array(ctypes.c_double, lrs), _array(_P, s_ptrs), w_ptr, w_len, float(shared.item()),
+        skip_ptr, torch.get_num_threads())
+    _check(rc)
+
+
+def _register_ops() -> None:
+    """``torch.ops.l2l_optim_cpu.*``, with the shape-only versions torch.compile traces.
+
+    The updates mutate their inputs in place (``mutates_args`` says which) and return nothing
+    (pass 1: fresh tensors), so a compiled ``opt.step()`` holds the call as one opaque op
+    instead of breaking the graph around it. CPU kernels only: a sparse, nested or other
+    backend's tensor gets torch's "could not run" error before anything runs.
     """
     lib = "l2l_optim_cpu"
-    try:
-        torch.library.register_fake(f"{lib}::simple_update")(
-            lambda params, grads, hiddens, lrs, weights, skip: None
-        )
-        torch.library.register_fake(f"{lib}::tanh")(lambda x: torch.empty_like(x))
-    except RuntimeError as e:
-        if "already has" not in str(e):  # a second load in the same process
-            raise
+    update = torch.library.custom_op(f"{lib}::simple_update", _simple_update,
+                                     mutates_args=("params", "hiddens"), device_types="cpu")
+    pass1 = torch.library.custom_op(f"{lib}::simple_update_pass1", _simple_update_pass1,
+                                    mutates_args=("params", "hiddens"), device_types="cpu")
+    pass2 = torch.library.custom_op(f"{lib}::simple_update_pass2", _simple_update_pass2,
+                                    mutates_args=("params",), device_types="cpu")
+    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip: None)
+    pass2.register_fake(lambda params, scratch, lrs, weights, shared, skip: None)
+
+    @pass1.register_fake
+    def _(params, grads, hiddens, lrs, weights, skip):
+        sums = weights.new_empty((len(params),), dtype=torch.float64)
+        low = (torch.bfloat16, torch.float16)
+        return sums, [weights.new_empty((p.numel() if p.dtype in low else 0,), dtype=torch.float32)
+                      for p in params]
 
 
-def _explain(e: BaseException) -> tuple[str, str]:
-    """``(cause, advice)`` for a failed build: one short line each, the cause kept verbatim.
-
-    A directory that cannot be written (read-only cache, no permission) is an OSError from
-    the build-directory setup or its lock file; a missing compiler or a compile error is a
-    RuntimeError whose text echoes the whole command line before the line that says why.
-    """
-    chain, cur = [], e
-    while cur is not None and len(chain) < 5:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for err in chain:
-        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            where = f" {err.filename}" if err.filename else ""
-            return (f"cannot write the extension cache ({err.strerror}:{where})",
-                    "set TORCH_EXTENSIONS_DIR to a writable directory")
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if "Ninja is required" in text:
-        return "ninja is not installed", "pip install ninja, and a C++ compiler with OpenMP"
-    for line in lines:
-        if _CAUSE.search(line) and " -c " not in line and not line.startswith(("[", "FAILED:")):
-            line = re.sub(r"^/bin/\w*sh: (\d+: )?", "", line)  # the shell's prefix
-            return line[:160], _COMPILER_ADVICE
-    first = lines[0] if lines else type(e).__name__
-    return f"{type(e).__name__}: {first[:160]}", _COMPILER_ADVICE
+if not hasattr(torch.ops.l2l_optim_cpu, "simple_update"):  # not after a module reload
+    _register_ops()
 
 
-def load_extension():
-    """Build (first call) or load (cached) the extension; return ``torch.ops.l2l_optim_cpu``.
-
-    The outcome is remembered for the process: a failed build is not retried.
-
-    Returns:
-        The ``torch.ops.l2l_optim_cpu`` namespace.
-
-    Raises:
-        RuntimeError: the extension cannot be built or loaded; the message gives the cause
-            (:func:`build_error`) and what to do (:func:`build_advice`).
-    """
-    global _ext, _error, _advice, _tried
-    if _ext is not None:  # the common case takes no lock (and torch.compile traces through)
-        return _ext
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-                _error = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-                _advice = f"unset {DISABLE_ENV} to use it"
-            else:
-                try:
-                    _ext = _build()
-                except Exception as e:  # noqa: BLE001 - any build/load failure means "unavailable"
-                    _error, _advice = _explain(e)
-        if _ext is None:
-            raise RuntimeError(
-                f"the fused CPU kernel of l2l_optim (impl='cpu') is unavailable: {_error}; "
-                f"{_advice}. Use impl='reference' or impl='auto'."
-            )
-        return _ext
+def _ops():
+    """The registered ops inside a compiled graph; the implementations themselves in eager
+    mode (the dispatcher adds nothing there but time)."""
+    if torch.compiler.is_compiling():
+        ops = torch.ops.l2l_optim_cpu
+        return ops.simple_update, ops.simple_update_pass1, ops.simple_update_pass2
+    return _simple_update, _simple_update_pass1, _simple_update_pass2
 
 
-def is_available() -> bool:
-    """Whether the extension builds/loads here (tries once per process, never raises)."""
-    try:
-        load_extension()
-        return True
-    except RuntimeError:
-        return False
-
-
-def build_error() -> str | None:
-    """Why the extension is unavailable, in one short line (None if it loaded or was not tried)."""
-    return _error
-
-
-def build_advice() -> str | None:
-    """What would make the extension available (None if it loaded or was not tried yet)."""
-    return _advice
+# ------------------------------------------------------------------------- public entries
 
 
 def simple_update_cpu(
@@ -230,15 +308,15 @@ def simple_update_cpu(
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
 
-    Without ``aggregate`` one op runs both passes; with it, pass 1 and pass 2 are two ops and
-    ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
+    Without ``aggregate`` one call runs both passes; with it, pass 1 and pass 2 are two calls
+    and ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
 
     Raises:
-        RuntimeError: the extension is unavailable, or a tensor is not on the CPU.
+        RuntimeError: the library is unavailable, or a tensor is not on the CPU.
         ValueError: as the reference.
         TypeError: as the reference (a tensor subclass such as DTensor).
     """
-    ext = load_extension()
+    load_library()
     check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
                  device_rule="runs on CPU tensors only")
     done, skip = split_skip(skip)
@@ -249,15 +327,49 @@ def simple_update_cpu(
     # the kernel reads every weight in fp64 and rounds to the compute dtype itself
     packed = packed_weights(weights, _CPU, torch.float64, flat=True)
     lr_list = [float(lr) for lr in lrs]
+    update, pass1, pass2 = _ops()
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
         if aggregate is None:
-            ext.simple_update(ps, gs, hs, lr_list, packed, skip)
+            update(ps, gs, hs, lr_list, packed, skip)
             return
-        sums, scratch = ext.simple_update_pass1(ps, gs, hs, lr_list, packed, skip)
+        sums, scratch = pass1(ps, gs, hs, lr_list, packed, skip)
         shared = call_aggregate(aggregate, sums)
-        ext.simple_update_pass2(ps, scratch, lr_list, packed, shared, skip)
+        pass2(ps, scratch, lr_list, packed, shared, skip)
+
+
+def first_nonfinite(tensors: list[Tensor]) -> int | None:
+    """The index of the first tensor holding a NaN or an infinity, -1 when all are finite, or
+    None when the library cannot scan them (not loaded, or a tensor that is not a plain CPU
+    tensor of a floating dtype it reads): the caller then checks them another way.
+
+    One vectorised pass over every element on ``torch.get_num_threads()`` threads.
+    """
+    lib = _cpu_library._lib
+    if lib is None:
+        return None
+    ptrs, codes, numels, copies = [], [], [], []
+    for t in tensors:
+        found = _address(t, DTYPE_CODES)
+        if found is None and type(t) is Tensor and t.layout == torch.strided and not t.is_contiguous():
+            copies.append(t.contiguous())  # a non-contiguous gradient: scan a copy
+            found = _address(copies[-1], DTYPE_CODES)
+        if found is None:
+            return None
+        ptrs.append(found[0] or None), codes.append(found[1]), numels.append(t.numel())
+    bad = lib.l2l_first_nonfinite(len(tensors), _array(_P, ptrs), _array(ctypes.c_int32, codes),
+                                  _array(ctypes.c_int64, numels), torch.get_num_threads())
+    if bad < -1:
+        raise RuntimeError(f"l2l_optim cpu kernel: {_ERRORS.get(bad + 1, f'error {bad}')}")
+    return int(bad)
 
 
 def kernel_tanh(x: Tensor) -> Tensor:
     """The kernel's tanh applied to a float32 or float64 CPU tensor (for accuracy tests)."""
-    return load_extension().tanh(x)
+    lib = load_library()
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError("float32 / float64 CPU tensors only")
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    ptr, code = _pointer(xc, "x", 0, DTYPE_CODES)
+    _check(lib.l2l_tanh(code, ptr, out.data_ptr(), xc.numel(), torch.get_num_threads()))
+    return out

@@ -1,0 +1,455 @@
+// The per-instruction-set half of the fused CPU kernel: everything that runs per coordinate.
+//
+// simple_cpu.cpp includes this file once per instruction set, each time inside its own
+// namespace and under a target pragma (AVX-512, AVX2 + FMA, the architecture's baseline), and
+// picks one copy at run time. So there is no include guard, nothing here may depend on the
+// compiler's ISA macros (a target pragma does not change them in C++), and the shared types
+// (Weights, Job, Item, the dtype codes, the block constants) come from simple_cpu.cpp.
+//
+// L2L_FAST_ROUND is 1 where std::nearbyint compiles to one vector instruction (SSE4.1 and up,
+// AArch64); the x86-64 baseline (SSE2) rounds by adding and subtracting 1.5 * 2^23 instead,
+// which is the same round-to-nearest-even for the magnitudes the tanh sees and, unlike a
+// library call, vectorises.
+
+// ---------------------------------------------------------------------------------------------
+// scalar conversions (written so that the compiler vectorises them)
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline double u2d(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+}
+
+// bfloat16 <-> float. Round to nearest even, NaN -> 0x7FC0: the same as torch's c10::BFloat16.
+inline float bf2f(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+inline uint16_t f2bf(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (f != f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// float16 <-> float, exact IEEE conversions (round to nearest even, NaN -> sign | 0x7E00), the
+// values torch's c10::Half gives.
+inline float h2f(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu;
+  const uint32_t m = h & 0x3FFu;
+  if (e == 0x1F) return u2f(sign | 0x7F800000u | (m << 13));
+  if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float
+    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+inline uint16_t f2h(float f) {
+  uint32_t x = f2u(f);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint32_t o;
+  if (x >= 0x47800000u) {  // >= 2^16 (rounds to inf), inf or NaN
+    o = (x > 0x7F800000u) ? 0x7E00u : 0x7C00u;
+  } else if (x < 0x38800000u) {  // below 2^-14: subnormal or zero; adding 0.5 rounds at 2^-24
+    o = f2u(u2f(x) + 0.5f) - 0x3F000000u;
+  } else {  // normal: rebias, round the 13 dropped bits to nearest even
+    const uint32_t odd = (x >> 13) & 1u;
+    x += 0xC8000FFFu;  // ((15 - 127) << 23) + 0xFFF, modulo 2^32
+    x += odd;
+    o = x >> 13;
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+template <typename S, typename C>
+struct Cvt;  // load S as C, store C as S
+
+template <typename C>
+struct Cvt<float, C> {
+  static inline C load(float v) { return static_cast<C>(v); }
+  static inline float store(C v) { return static_cast<float>(v); }
+};
+template <typename C>
+struct Cvt<double, C> {
+  static inline C load(double v) { return static_cast<C>(v); }
+  static inline double store(C v) { return static_cast<double>(v); }
+};
+// bf16 hidden state: computed in fp32 (C = float) or fp64 (C = double); stored rounded to bf16
+template <>
+struct Cvt<uint16_t, float> {
+  static inline float load(uint16_t v) { return bf2f(v); }
+  static inline uint16_t store(float v) { return f2bf(v); }
+};
+template <>
+struct Cvt<uint16_t, double> {
+  static inline double load(uint16_t v) { return static_cast<double>(bf2f(v)); }
+  // double -> float -> bf16, the same two roundings as torch's tensor.to(torch.bfloat16)
+  static inline uint16_t store(double v) { return f2bf(static_cast<float>(v)); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// tanh
+
+// Round to the nearest integer, ties to even (|x| <= 40 here, or NaN).
+template <typename T>
+inline T round_even(T x) {
+#if L2L_FAST_ROUND
+  return std::nearbyint(x);
+#else
+  constexpr T big = T(1.5) / std::numeric_limits<T>::epsilon();  // 1.5 * 2^23 or 1.5 * 2^52
+  return (x + big) - big;
+#endif
+}
+
+// fp32 tanh, vectorisable (no calls, no tables, selects instead of branches):
+//   |x| < 0.55 : x + x^3 P(x^2), P a degree-4 minimax fit of (tanh(x) - x) / x^3
+//   otherwise  : sign(x) (1 - 2 / (1 + exp(2|x|))), exp by Cody-Waite reduction and the Cephes
+//                expf polynomial, 2^n built in the exponent bits; 2|x| is clamped to 20, where
+//                the result is 1.0f.
+// Max error 1.46 ulp (relative 1.7e-7) over all fp32 inputs; tanh(+-inf) = +-1; NaN propagates.
+inline float tanh_f32(float x) {
+  const float a = std::fabs(x);
+  const float t = x * x;
+  float p = -0.0062823668122291565f;
+  p = p * t + 0.021077677607536316f;
+  p = p * t + -0.0538538359105587f;
+  p = p * t + 0.13332600891590118f;
+  p = p * t + -0.33333319425582886f;
+  const float small = x + (x * t) * p;
+
+  float y = 2.0f * a;
+  y = (20.0f < y) ? 20.0f : y;  // min that keeps NaN
+  const float n = round_even(y * 1.44269504088896341f);
+  float r = y - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float q = 1.9875691500E-4f;
+  q = q * r + 1.3981999507E-3f;
+  q = q * r + 8.3334519073E-3f;
+  q = q * r + 4.1665795894E-2f;
+  q = q * r + 1.6666665459E-1f;
+  q = q * r + 5.0000001201E-1f;
+  const float er = (q * (r * r) + r) + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);  // 0 <= n <= 29 (garbage only for NaN, harmless)
+  const float scale = u2f(static_cast<uint32_t>(ni + 127) << 23);
+  const float e = er * scale;
+  const float big = std::copysign(1.0f - 2.0f / (1.0f + e), x);
+  return (a < 0.55f) ? small : big;
+}
+
+// fp64 tanh, vectorisable, the same scheme: |x| < 0.55: x + x^3 P(x^2) with a degree-10 fit
+// (also in triton.py); otherwise 1 - 2 / (1 + exp(2|x|)) with exp by Cody-Waite reduction
+// (fdlibm's ln2 split) and its Taylor polynomial to r^13. Max error 1.5 ulp (checked against
+// long double tanhl on 2e7 random inputs); unlike std::tanh it vectorises.
+inline double tanh_f64(double x) {
+  const double a = std::fabs(x);
+  const double t = x * x;
+  double p = t * -2.060276537636634e-05 + 8.511313685577672e-05;
+  p = p * t + -0.0002346347410887237;
+  p = p * t + 0.0005889360520074057;
+  p = p * t + -0.001455661830100716;
+  p = p * t + 0.003592110378689024;
+  p = p * t + -0.008863234397814355;
+  p = p * t + 0.021869488493666944;
+  p = p * t + -0.053968253967434016;
+  p = p * t + 0.13333333333332714;
+  p = p * t + -0.3333333333333333;
+  const double small = x + (x * t) * p;
+  double y = 2.0 * a;
+  y = (40.0 < y) ? 40.0 : y;
+  const double n = round_even(y * 1.4426950408889634);
+  double r = y - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  // e^r = 1 + r + r^2 q(r), q = sum_{k>=2} r^(k-2)/k!, Taylor to r^13
+  double q = r * (1.0 / 6227020800.0) + (1.0 / 479001600.0);
+  q = q * r + (1.0 / 39916800.0);
+  q = q * r + (1.0 / 3628800.0);
+  q = q * r + (1.0 / 362880.0);
+  q = q * r + (1.0 / 40320.0);
+  q = q * r + (1.0 / 5040.0);
+  q = q * r + (1.0 / 720.0);
+  q = q * r + (1.0 / 120.0);
+  q = q * r + (1.0 / 24.0);
+  q = q * r + (1.0 / 6.0);
+  q = q * r + 0.5;
+  const double er = (q * (r * r) + r) + 1.0;
+  const int64_t ni = static_cast<int64_t>(n);
+  const double scale = u2d(static_cast<uint64_t>(ni + 1023) << 52);
+  const double e = er * scale;
+  const double big = std::copysign(1.0 - 2.0 / (1.0 + e), x);
+  return (a < 0.55) ? small : big;
+}
+
+inline double tanh_c(double x) { return tanh_f64(x); }
+inline float tanh_c(float x) { return tanh_f32(x); }
+
+// ---------------------------------------------------------------------------------------------
+// pass 1 on one block
+
+// Partial sum of sbuf[0..len) in a fixed order: kLanes interleaved accumulators (a vector add),
+// then a sequential fold in double.
+template <typename C>
+inline double block_sum(const C* __restrict sbuf, int64_t len) {
+  C acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = C(0);
+  int64_t ii = 0;
+  for (; ii + kLanes <= len; ii += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += sbuf[ii + l];
+  }
+  for (int l = 0; ii < len; ++ii, ++l) acc[l] += sbuf[ii];
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(acc[l]);
+  return total;
+}
+
+// Pass 1 on one block, hidden size H known at compile time (the default 10).
+// theta (type C) is updated in place: out[i] += lr * (w_a . h' + b_out). For bf16 / fp16
+// parameters `out` is a zeroed fp32 scratch buffer and lr = 1, so it receives u exactly.
+// Returns the block's sum of w_b . h'.
+//
+// The block is processed in sub-blocks of kSub coordinates, in three vectorised sweeps over an
+// L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h for all H units, (b) tanh
+// in place, (c) store h', accumulate u and s. Fusing all three in one loop body needs more
+// vector registers than there are, and the spills cost more than the extra sweeps.
+//
+// noinline: GCC vectorises these loops reliably only when the function is compiled on its own
+// (inlined into a caller it can fall back to scalar code).
+template <int H, typename C, typename S>
+__attribute__((noinline)) double pass1_fixed(
+    const C* __restrict g,  // block's gradients (already offset)
+    S* __restrict h,        // hidden state base of the tensor, (H, n)
+    int64_t n, int64_t i0, int64_t len,
+    C* __restrict out,  // theta or scratch, offset to the block
+    C lr, const Weights<C>& w, C* __restrict sbuf) {
+  // local copies of the weights so that the compiler sees loop-invariant broadcast operands
+  C ih[H], bh[H], wa[H], wb[H], hh[H * H];
+  for (int j = 0; j < H; ++j) {
+    ih[j] = w.ih[j];
+    bh[j] = w.bh[j];
+    wa[j] = w.a[j];
+    wb[j] = w.b[j];
+    for (int k = 0; k < H; ++k) hh[j * H + k] = w.hh[j * H + k];
+  }
+  const C b_out = w.b_out;
+  alignas(64) C pre[H][kSub];
+
+  for (int64_t c0 = 0; c0 < len; c0 += kSub) {
+    const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
+    S* __restrict hc = h + i0 + c0;
+    const C* __restrict gc = g + c0;
+#pragma omp simd
+    for (int ii = 0; ii < cl; ++ii) {
+      C hk[H];
+#pragma GCC unroll 16
+      for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
+      const C gi = gc[ii];
+#pragma GCC unroll 16
+      for (int j = 0; j < H; ++j) {
+        C p = ih[j] * gi + bh[j];
+#pragma GCC unroll 16
+        for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
+        pre[j][ii] = p;
+      }
+    }
+    for (int j = 0; j < H; ++j) {
+      C* __restrict pj = pre[j];
+#pragma omp simd
+      for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
+    }
+    C* __restrict oc = out + c0;
+    C* __restrict sc = sbuf + c0;
+#pragma omp simd
+    for (int ii = 0; ii < cl; ++ii) {
+      C u = b_out;
+      C s = C(0);
+#pragma GCC unroll 16
+      for (int j = 0; j < H; ++j) {
+        const C t = pre[j][ii];
+        hc[j * n + ii] = Cvt<S, C>::store(t);
+        u += wa[j] * t;
+        s += wb[j] * t;
+      }
+      oc[ii] = oc[ii] + lr * u;
+      sc[ii] = s;
+    }
+  }
+  return block_sum(sbuf, len);
+}
+
+// The same for any hidden size <= kMaxH (runtime loops; slower, used for H != 10).
+template <typename C, typename S>
+double pass1_generic(const C* __restrict g, S* __restrict h, int64_t n, int64_t i0, int64_t len,
+                     C* __restrict out, C lr, const Weights<C>& w, C* __restrict sbuf) {
+  const int H = w.H;
+  S* __restrict hb = h + i0;
+  for (int64_t ii = 0; ii < len; ++ii) {
+    C hk[kMaxH];
+    for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hb[k * n + ii]);
+    const C gi = g[ii];
+    C u = w.b_out;
+    C s = C(0);
+    for (int j = 0; j < H; ++j) {
+      C pre = w.ih[j] * gi + w.bh[j];
+      for (int k = 0; k < H; ++k) pre += w.hh[j * H + k] * hk[k];
+      const C hn = tanh_c(pre);
+      hb[j * n + ii] = Cvt<S, C>::store(hn);
+      u += w.a[j] * hn;
+      s += w.b[j] * hn;
+    }
+    out[ii] = out[ii] + lr * u;
+    sbuf[ii] = s;
+  }
+  return block_sum(sbuf, len);
+}
+
+// The block's gradients in compute precision: a pointer into the tensor when it already is,
+// else a converted copy in buf (the same values as grad.to(C)).
+template <typename C>
+inline const C* load_grad_block(const Job& job, int64_t i0, int64_t len, C* __restrict buf) {
+  if ((sizeof(C) == 4 && job.gk == kF32) || (sizeof(C) == 8 && job.gk == kF64))
+    return static_cast<const C*>(job.grad) + i0;
+  switch (job.gk) {
+    case kF32: {
+      const float* src = static_cast<const float*>(job.grad) + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(src[i]);
+      break;
+    }
+    case kF64: {
+      const double* src = static_cast<const double*>(job.grad) + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(src[i]);
+      break;
+    }
+    case kBF16: {
+      const uint16_t* src = static_cast<const uint16_t*>(job.grad) + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(bf2f(src[i]));
+      break;
+    }
+    default: {  // kF16 (the dtype codes are checked before any block runs)
+      const uint16_t* src = static_cast<const uint16_t*>(job.grad) + i0;
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<C>(h2f(src[i]));
+      break;
+    }
+  }
+  return buf;
+}
+
+template <typename C, typename S>
+double run_block_typed(const Job& job, const Item& it, const Weights<C>& w) {
+  alignas(64) C gbuf[kBlock];
+  alignas(64) C sbuf[kBlock];
+  const C* g = load_grad_block<C>(job, it.start, it.len, gbuf);
+  S* h = static_cast<S*>(job.hidden);
+  C* out;
+  C lr;
+  if (job.scratch != nullptr) {  // bf16 / fp16 params (computed in fp32): u into zeroed scratch
+    out = reinterpret_cast<C*>(job.scratch) + it.start;
+    lr = C(1);
+  } else {  // fp32 / fp64 params: theta in place
+    out = static_cast<C*>(job.param) + it.start;
+    lr = static_cast<C>(job.lr);
+  }
+  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
+  return pass1_generic<C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
+}
+
+template <typename C>
+double run_block(const Job& job, const Item& it, const Weights<C>& w) {
+  switch (job.hk) {
+    case kF32:
+      return run_block_typed<C, float>(job, it, w);
+    case kF64:
+      return run_block_typed<C, double>(job, it, w);
+    default:  // kBF16
+      return run_block_typed<C, uint16_t>(job, it, w);
+  }
+}
+
+// Pass 1 on one block, in the job's compute precision (fp64 for fp64 parameters).
+double pass1_item(const Job& job, const Item& it, const Weights<float>& w32,
+                  const Weights<double>& w64) {
+  return job.pk == kF64 ? run_block<double>(job, it, w64) : run_block<float>(job, it, w32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 2 on one block
+
+void pass2_item(const Job& job, const Item& it, double shared) {
+  const int64_t i0 = it.start, len = it.len;
+  if (job.pk == kF64) {
+    double* __restrict th = static_cast<double*>(job.param) + i0;
+    const double c = job.lr * shared;  // fp64 compute: lr * shared in fp64
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    return;
+  }
+  const float sh = static_cast<float>(shared);
+  const float lr = static_cast<float>(job.lr);
+  if (job.pk == kF32) {
+    float* __restrict th = static_cast<float*>(job.param) + i0;
+    const float c = lr * sh;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    return;
+  }
+  const float* __restrict u = job.scratch + i0;
+  uint16_t* __restrict th = static_cast<uint16_t*>(job.param) + i0;
+  if (job.pk == kBF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) th[i] = f2bf(bf2f(th[i]) + lr * (u[i] + sh));
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) th[i] = f2h(h2f(th[i]) + lr * (u[i] + sh));
+}
+
+// ---------------------------------------------------------------------------------------------
+// whole-array helpers
+
+// The largest bit pattern of p[0, len) with the sign bit cleared (a max reduction that reads at
+// memory speed): for IEEE formats, the largest magnitude, NaN above infinity above the rest.
+template <typename U>
+inline U max_magnitude_bits(const U* __restrict p, int64_t len, U magnitude) {
+  U m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < len; ++i) {
+    const U v = static_cast<U>(p[i] & magnitude);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Whether x[start, start + len) holds a NaN or an infinity: its largest magnitude bit pattern
+// reaches the format's exponent-all-ones pattern. The dtype code says the element size.
+bool nonfinite_range(int dtype, const void* x, int64_t start, int64_t len) {
+  if (dtype == kF32)
+    return max_magnitude_bits(static_cast<const uint32_t*>(x) + start, len, 0x7FFFFFFFu) >=
+           0x7F800000u;
+  if (dtype == kF64)
+    return max_magnitude_bits(static_cast<const uint64_t*>(x) + start, len,
+                              uint64_t{0x7FFFFFFFFFFFFFFFull}) >= 0x7FF0000000000000ull;
+  const uint16_t m =
+      max_magnitude_bits(static_cast<const uint16_t*>(x) + start, len, uint16_t{0x7FFF});
+  return m >= (dtype == kBF16 ? 0x7F80u : 0x7C00u);  // bf16 : fp16
+}
+
+// out[start, start + len) = tanh(x[...]) in the kernel's tanh (kF32 or kF64).
+void tanh_range(int dtype, const void* x, void* out, int64_t start, int64_t len) {
+  if (dtype == kF32) {
+    const float* __restrict src = static_cast<const float*>(x) + start;
+    float* __restrict dst = static_cast<float*>(out) + start;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = tanh_f32(src[i]);
+  } else {
+    const double* __restrict src = static_cast<const double*>(x) + start;
+    double* __restrict dst = static_cast<double*>(out) + start;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = tanh_f64(src[i]);
+  }
+}

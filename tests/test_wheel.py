@@ -1,0 +1,130 @@
+"""The wheel, installed as a user installs it, runs the prebuilt fused CPU kernel.
+
+The wheel is the newest ``dist/l2l_optim-<version>-py3-none-*.whl`` when it is newer than
+every source (``make dist`` made it), else one built here (its kernel compiled by
+``hatch_build.py``). It is installed with ``pip --no-deps --no-index`` into a fresh virtual
+environment without system site-packages, which sees torch and the other dependencies of
+this interpreter through a ``.pth`` file (nothing is downloaded), and run from a directory
+outside the source tree with a ``PATH`` that holds no compiler: the kernel that runs must be
+the library inside the wheel, not a JIT build and not the reference update.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import l2l_optim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# runs in the installed environment; argv[1] is its site-packages directory
+SCRIPT = r"""
+import json, shutil, sys, warnings
+from pathlib import Path
+
+import torch
+import l2l_optim
+from l2l_optim import SimpleOptimizer
+from l2l_optim.kernels import cpu, resolve_impl
+
+site = Path(sys.argv[1]).resolve()
+assert shutil.which("c++") is None and shutil.which("g++") is None, "a compiler is reachable"
+assert Path(l2l_optim.__file__).resolve().is_relative_to(site), l2l_optim.__file__
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+x = torch.randn(256, 8)
+y = torch.sin(x[:, :1]) + 0.5 * x[:, 1:2]
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a kernel that did not load warns: fail instead
+    opt = SimpleOptimizer(model.parameters())  # the shipped default weights
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+info = cpu.kernel_info()
+print(json.dumps({"impl": resolve_impl("auto", "cpu"), "info": info, "losses": losses,
+                  "weights": str(opt.meta_fingerprint)}))
+"""
+
+
+def _newest_source() -> float:
+    files = [ROOT / "pyproject.toml", ROOT / "hatch_build.py", *(ROOT / "src").rglob("*"),
+             *(ROOT / "weights").glob("*.safetensors")]
+    return max(p.stat().st_mtime for p in files
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc"))
+
+
+def _wheel(tmp_path: Path) -> Path:
+    made = sorted((ROOT / "dist").glob(f"l2l_optim-{l2l_optim.__version__}-py3-none-*.whl"),
+                  key=lambda p: p.stat().st_mtime)
+    if made and made[-1].stat().st_mtime > _newest_source():
+        return made[-1]
+    out = tmp_path / "wheelhouse"
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)]
+    if importlib.util.find_spec("hatchling") is not None:
+        cmd.insert(4, "--no-build-isolation")  # else pip fetches hatchling into its build env
+    env = dict(os.environ, L2L_OPTIM_REQUIRE_KERNEL="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = out.glob("l2l_optim-*.whl")
+    return wheel
+
+
+def test_the_wheel_runs_its_prebuilt_kernel_without_a_compiler(tmp_path):
+    import torch
+
+    wheel = _wheel(tmp_path)
+    assert "-py3-none-" in wheel.name and not wheel.name.endswith("-any.whl"), wheel.name
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True,
+                   timeout=120)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True, env={}).stdout.strip())
+    # the dependencies from this interpreter, without its site-packages' own .pth files
+    deps = {str(Path(m.__file__).resolve().parents[1]) for m in _dependencies()}
+    (site / "_outer_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                           "--no-deps", "--no-index", str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    env = {"PATH": str(env_dir / "bin"), "HOME": str(run_dir), "OMP_NUM_THREADS": "1",
+           "L2L_OPTIM_KERNEL_CACHE": str(tmp_path / "kernel-cache")}
+    proc = subprocess.run([str(python), "-c", SCRIPT, str(site)], cwd=run_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    info = result["info"]
+    assert result["impl"] == "cpu" and info["available"] and info["origin"] == "installed"
+    assert Path(info["path"]) == site / "l2l_optim" / "kernels" / "libl2l_simple_cpu.so.1"
+    assert not (tmp_path / "kernel-cache").exists()  # nothing compiled
+    losses = result["losses"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < 0.75 * losses[0], losses  # 0.83 -> 0.44
+    # the console script of the wheel names the same library
+    proc = subprocess.run([str(env_dir / "bin" / "l2l-optim"), "info"], cwd=run_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"installed library {info['path']}" in proc.stdout
+    assert torch.__version__ in proc.stdout.splitlines()[0]
+
+
+def _dependencies():
+    import huggingface_hub
+    import safetensors
+    import torch
+    import tqdm
+
+    return (torch, safetensors, huggingface_hub, tqdm)
