@@ -424,7 +424,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
         if finite is None:
             bad = self._first_nonfinite(params, grads)
             if bad is None:
-                finite = distributed.finite_flags(grads)
+                finite = self._finite_flags(grads)
         if self.defaults["nonfinite"] == "raise":
             if bad is None and not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
@@ -459,8 +459,12 @@ class LearnedOptimizer(HubMixin, Optimizer):
 
     def _first_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> int | None:
         """The index of the first non-finite gradient (-1: none) from a fast scan, or None
-        where this optimizer has none (then one max-norm per tensor decides)."""
+        where this optimizer has none (then :meth:`_finite_flags` decides)."""
         return None
+
+    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
+        """Per gradient, whether it is finite, as a device bool tensor (no host sync)."""
+        return distributed.finite_flags(grads)
 
     def _step(self) -> None:
         params, grads, lrs, groups, where = self._gather()
@@ -764,6 +768,18 @@ class SimpleOptimizer(LearnedOptimizer):
         from .kernels import cpu
 
         return cpu.first_nonfinite(grads)
+
+    def _finite_flags(self, grads) -> Tensor:
+        # on the Triton path one read of the gradients in a Triton kernel (bit test of the
+        # exponent) gives the flags on the device; compiled steps keep the traceable max-norm
+        device, impl = grads[0].device.type, self.defaults["impl"]
+        # (on CPU only an explicit impl='triton', i.e. Triton's interpreter, gets there)
+        if ((device != "cpu" or impl == "triton") and not torch.compiler.is_compiling()
+                and kernels.resolve_impl(impl, device) == "triton"):
+            from .kernels import triton as triton_kernels
+
+            return triton_kernels.finite_flags_triton(grads)
+        return super()._finite_flags(grads)
 
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
