@@ -45,10 +45,7 @@
 // Precision: fp64 parameters are computed in fp64, everything else in fp32, each with the
 // vectorisable tanh of simple_cpu_isa.h (max error 1.46 ulp over all fp32 inputs, checked
 // exhaustively; the accuracy tests in tests/test_kernels.py re-check every 97th input and
-// sample the fp64 one). The tanh has two formulas (|x| < 0.55 and the rest); a vector lane pays
-// for both where its neighbours need both, so pass 1 evaluates one 64-byte vector of values at a
-// time and, where they all take the same formula, only that one: the same bits, and at one
-// thread the step is compute-bound, mostly by the tanh. bf16 / fp16 parameters keep the per-coordinate part in a zeroed fp32
+// sample the fp64 one). bf16 / fp16 parameters keep the per-coordinate part in a zeroed fp32
 // scratch buffer between the passes so that theta is rounded once, as in the reference; fp32 /
 // fp64 parameters are updated in place in both passes (one extra rounding of theta per step,
 // <= 1 ulp).

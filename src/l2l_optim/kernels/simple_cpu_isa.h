@@ -115,17 +115,16 @@ inline T round_even(T x) {
 //                expf polynomial, 2^n built in the exponent bits; 2|x| is clamped to 20, where
 //                the result is 1.0f.
 // Max error 1.46 ulp (relative 1.7e-7) over all fp32 inputs; tanh(+-inf) = +-1; NaN propagates.
-inline float tanh_small_f32(float x) {  // |x| < 0.55
+inline float tanh_f32(float x) {
+  const float a = std::fabs(x);
   const float t = x * x;
   float p = -0.0062823668122291565f;
   p = p * t + 0.021077677607536316f;
   p = p * t + -0.0538538359105587f;
   p = p * t + 0.13332600891590118f;
   p = p * t + -0.33333319425582886f;
-  return x + (x * t) * p;
-}
-inline float tanh_big_f32(float x) {  // |x| >= 0.55, or NaN
-  const float a = std::fabs(x);
+  const float small = x + (x * t) * p;
+
   float y = 2.0f * a;
   y = (20.0f < y) ? 20.0f : y;  // min that keeps NaN
   const float n = round_even(y * 1.44269504088896341f);
@@ -141,16 +140,16 @@ inline float tanh_big_f32(float x) {  // |x| >= 0.55, or NaN
   const int32_t ni = static_cast<int32_t>(n);  // 0 <= n <= 29 (garbage only for NaN, harmless)
   const float scale = u2f(static_cast<uint32_t>(ni + 127) << 23);
   const float e = er * scale;
-  return std::copysign(1.0f - 2.0f / (1.0f + e), x);
+  const float big = std::copysign(1.0f - 2.0f / (1.0f + e), x);
+  return (a < 0.55f) ? small : big;
 }
-inline bool tanh_is_small(float x) { return std::fabs(x) < 0.55f; }
-inline float tanh_f32(float x) { return tanh_is_small(x) ? tanh_small_f32(x) : tanh_big_f32(x); }
 
 // fp64 tanh, vectorisable, the same scheme: |x| < 0.55: x + x^3 P(x^2) with a degree-10 fit
 // (also in triton.py); otherwise 1 - 2 / (1 + exp(2|x|)) with exp by Cody-Waite reduction
 // (fdlibm's ln2 split) and its Taylor polynomial to r^13. Max error 1.5 ulp (checked against
 // long double tanhl on 2e7 random inputs); unlike std::tanh it vectorises.
-inline double tanh_small_f64(double x) {  // |x| < 0.55
+inline double tanh_f64(double x) {
+  const double a = std::fabs(x);
   const double t = x * x;
   double p = t * -2.060276537636634e-05 + 8.511313685577672e-05;
   p = p * t + -0.0002346347410887237;
@@ -162,10 +161,7 @@ inline double tanh_small_f64(double x) {  // |x| < 0.55
   p = p * t + -0.053968253967434016;
   p = p * t + 0.13333333333332714;
   p = p * t + -0.3333333333333333;
-  return x + (x * t) * p;
-}
-inline double tanh_big_f64(double x) {  // |x| >= 0.55, or NaN
-  const double a = std::fabs(x);
+  const double small = x + (x * t) * p;
   double y = 2.0 * a;
   y = (40.0 < y) ? 40.0 : y;
   const double n = round_even(y * 1.4426950408889634);
@@ -187,50 +183,12 @@ inline double tanh_big_f64(double x) {  // |x| >= 0.55, or NaN
   const int64_t ni = static_cast<int64_t>(n);
   const double scale = u2d(static_cast<uint64_t>(ni + 1023) << 52);
   const double e = er * scale;
-  return std::copysign(1.0 - 2.0 / (1.0 + e), x);
+  const double big = std::copysign(1.0 - 2.0 / (1.0 + e), x);
+  return (a < 0.55) ? small : big;
 }
-inline bool tanh_is_small(double x) { return std::fabs(x) < 0.55; }
-inline double tanh_f64(double x) { return tanh_is_small(x) ? tanh_small_f64(x) : tanh_big_f64(x); }
 
 inline double tanh_c(double x) { return tanh_f64(x); }
 inline float tanh_c(float x) { return tanh_f32(x); }
-inline double tanh_small_c(double x) { return tanh_small_f64(x); }
-inline float tanh_small_c(float x) { return tanh_small_f32(x); }
-inline double tanh_big_c(double x) { return tanh_big_f64(x); }
-inline float tanh_big_c(float x) { return tanh_big_f32(x); }
-
-// y[0, len) = tanh(x[0, len)) (y == x allowed), in chunks of one 64-byte vector. A vector lane
-// pays for both of the tanh's formulas, and the select keeps one; so a chunk whose values all
-// take the same formula (the common case: a hidden unit's pre-activations tend to lie on one
-// side of 0.55 across neighbouring coordinates) evaluates only that one. Every value gets the
-// same formula, so the same bits, as tanh_c.
-template <typename C>
-inline void tanh_row(const C* x, C* y, int64_t len) {
-  constexpr int kChunk = 64 / sizeof(C);
-  int64_t i = 0;
-  for (; i + kChunk <= len; i += kChunk) {
-    const C* xc = x + i;
-    C* yc = y + i;
-    int small = 0;
-#pragma omp simd reduction(+ : small)
-    for (int l = 0; l < kChunk; ++l) small += tanh_is_small(xc[l]) ? 1 : 0;
-    if (small == kChunk) {
-#pragma omp simd
-      for (int l = 0; l < kChunk; ++l) yc[l] = tanh_small_c(xc[l]);
-    } else if (small == 0) {
-#pragma omp simd
-      for (int l = 0; l < kChunk; ++l) yc[l] = tanh_big_c(xc[l]);
-    } else {
-#pragma omp simd
-      for (int l = 0; l < kChunk; ++l) yc[l] = tanh_c(xc[l]);
-    }
-  }
-  const int64_t rest = len - i;
-  const C* xr = x + i;
-  C* yr = y + i;
-#pragma omp simd
-  for (int64_t l = 0; l < rest; ++l) yr[l] = tanh_c(xr[l]);
-}
 
 // ---------------------------------------------------------------------------------------------
 // pass 1 on one block
@@ -258,8 +216,7 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
 //
 // The block is processed in sub-blocks of kSub coordinates, in three vectorised sweeps over an
 // L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h for all H units, (b) tanh
-// in place (tanh_row: a vector whose values all take one of the tanh's two formulas evaluates
-// only that one), (c) store h', accumulate u and s. Fusing all three in one loop body needs more
+// in place, (c) store h', accumulate u and s. Fusing all three in one loop body needs more
 // vector registers than there are, and the spills cost more than the extra sweeps.
 //
 // noinline: GCC vectorises these loops reliably only when the function is compiled on its own
@@ -301,7 +258,11 @@ __attribute__((noinline)) double pass1_fixed(
         pre[j][ii] = p;
       }
     }
-    for (int j = 0; j < H; ++j) tanh_row(pre[j], pre[j], cl);
+    for (int j = 0; j < H; ++j) {
+      C* __restrict pj = pre[j];
+#pragma omp simd
+      for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
+    }
     C* __restrict oc = out + c0;
     C* __restrict sc = sbuf + c0;
 #pragma omp simd
@@ -481,8 +442,14 @@ bool nonfinite_range(int dtype, const void* x, int64_t start, int64_t len) {
 // out[start, start + len) = tanh(x[...]) in the kernel's tanh (kF32 or kF64).
 void tanh_range(int dtype, const void* x, void* out, int64_t start, int64_t len) {
   if (dtype == kF32) {
-    tanh_row(static_cast<const float*>(x) + start, static_cast<float*>(out) + start, len);
+    const float* __restrict src = static_cast<const float*>(x) + start;
+    float* __restrict dst = static_cast<float*>(out) + start;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = tanh_f32(src[i]);
   } else {
-    tanh_row(static_cast<const double*>(x) + start, static_cast<double*>(out) + start, len);
+    const double* __restrict src = static_cast<const double*>(x) + start;
+    double* __restrict dst = static_cast<double*>(out) + start;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = tanh_f64(src[i]);
   }
 }
