@@ -17,10 +17,15 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
   if [ "$name" = simple ]; then
-    # ES on the task population, from simple-v0; the selected generation (see README.md)
+    # ES on the task population in two stages (see README.md): stage 1 from simple-v0, its
+    # generation 53 (simple-es1); stage 2 from there with more and larger image tasks and
+    # longer horizons, its generation 59 selected on the validation suite
     $PY -m l2l_optim meta-es --out-dir runs/simple-es --init simple-v0 --instances 2 --pairs 8 \
       --horizons 200 500 1000 2000 --seed 1 --until 53
-    cp runs/simple-es/weights.safetensors weights/simple.safetensors
+    $PY -m l2l_optim meta-es --out-dir runs/simple-es2 --init runs/simple-es/weights.safetensors \
+      --families mlp mlp mlp conv autoencoder autoencoder lm regression quadratic --instances 2 \
+      --pairs 8 --horizons 1000 2000 4000 --seed 2 --until 59
+    cp runs/simple-es2/weights.safetensors weights/simple.safetensors
     continue
   fi
   $PY -m l2l_optim meta-fit ${CMD[$name]} --out-dir "runs/$name"
