@@ -276,6 +276,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
 
 
 def _ms(t: float) -> str:
+    """Seconds as milliseconds for the tables: 3 significant digits, "-" for NaN."""
     if math.isnan(t):
         return "-"
     ms = t * 1e3

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bench import resolved_impl, seeded, time_steps
-from .bench_bandwidth import count_subnormal
+from .bench_bandwidth import _ms, count_subnormal
 from .models import base_mlp, lenet, mlp5
 from .optimizer import SimpleOptimizer
 from .suite import default_suite
@@ -224,13 +224,6 @@ def run_train(cfg: TrainConfig, log: Callable[[str], object] = print) -> list[Tr
 
 
 # ------------------------------------------------------------------------------ reporting
-
-
-def _ms(t: float) -> str:
-    if math.isnan(t):
-        return "-"
-    ms = t * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
 def format_train(rows: list[TrainRow]) -> str:
