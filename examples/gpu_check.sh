@@ -10,7 +10,8 @@
 #
 #   1. the kernel parity tests on CUDA: every `triton` test of tests/test_kernels.py (against
 #      the reference, fp64/fp32/mixed dtypes/bf16 state/non-contiguous/skip/...), plus the
-#      no-host-sync and CUDA-graph capture test;
+#      no-host-sync and CUDA-graph capture test; the Triton non-finite scan against
+#      torch.isfinite and the skip/raise policy on CUDA (tests/test_triton_finite.py);
 #   2. the fused Triton update alone at 100M parameters (25 x 2000x2000, fp32 and bf16 hidden
 #      state), timed with CUDA events, against the memory-traffic bound (bytes moved / the
 #      device-to-device copy bandwidth measured in the same run); the target is <= 1.25x;
@@ -37,7 +38,8 @@ print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cud
 EOF
 
 echo "== 1. parity tests on CUDA"
-$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "triton and not interpreter" -x \
+$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_finite.py \
+    -k "(triton and not interpreter) or flags or policy or last_coordinate" -x \
     -m "not slow" 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "PARITY TESTS FAILED"; status=1; }
 
@@ -89,6 +91,15 @@ for hdt, bytes_per in [(torch.float32, 4 + 80 + 8 + 8), (torch.bfloat16, 4 + 40 
     torch.cuda.current_stream().wait_stream(s)
     tg = do_bench(g.replay, warmup=10, rep=300, return_mode="median") * 1e-3
     print(f"  as a CUDA graph: {tg * 1e3:7.3f} ms/step, ratio to bound {tg / bound:.2f}")
+    if hdt is torch.float32:
+        # the non-finite check: the Triton scan (what SimpleOptimizer uses on CUDA) against a
+        # max-norm per tensor, each as a share of the update step
+        from l2l_optim.kernels.triton import finite_flags_triton
+        tf = do_bench(lambda: finite_flags_triton(grads), warmup=10, rep=300, return_mode="median") * 1e-3
+        tn = do_bench(lambda: torch._foreach_norm(grads, float("inf")), warmup=10, rep=300,
+                      return_mode="median") * 1e-3
+        print(f"  non-finite scan: {tf * 1e3:.3f} ms ({100 * tf / t:.1f}% of the step, "
+              f"{N * 4 / tf / 1e12:.2f} TB/s); _foreach_norm(inf): {tn * 1e3:.3f} ms ({100 * tn / t:.1f}%)")
     del params, grads, hidden, g
     torch.cuda.empty_cache()
 
