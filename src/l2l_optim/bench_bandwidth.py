@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .bench import GRAD_SCALE, SIZES, _available_memory, resolved_impl, time_steps
+from .bench import GRAD_SCALE, SIZES, _available_memory, _fmt_ms, resolved_impl, time_steps
 from .functional import simple_update
 from .optimizer import SimpleOptimizer
 
@@ -275,14 +275,6 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
 # ------------------------------------------------------------------------------ reporting
 
 
-def _ms(t: float) -> str:
-    """Seconds as milliseconds for the tables: 3 significant digits, "-" for NaN."""
-    if math.isnan(t):
-        return "-"
-    ms = t * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
 def format_bandwidth(rows: list[BandwidthRow]) -> str:
     """The bandwidth table in Markdown (medians; GB = 1e9 bytes)."""
     lines = [
@@ -298,7 +290,7 @@ def format_bandwidth(rows: list[BandwidthRow]) -> str:
             continue
         skipped = f" ({r.skipped_steps} skipped steps)" if r.skipped_steps else ""
         lines.append(
-            f"{head} | {_ms(_median(r.step_s))} | {r.step_gbs:.1f} | {_ms(_median(r.update_s))} "
+            f"{head} | {_fmt_ms(_median(r.step_s))} | {r.step_gbs:.1f} | {_fmt_ms(_median(r.update_s))} "
             f"| {r.update_gbs:.1f} | {r.copy_bytes / 1e6:.0f} | {r.copy_gbs:.1f} "
             f"| {r.step_fraction:.0%} | {r.update_fraction:.0%} | {r.check_share:.1%} "
             f"| {r.subnormals}{skipped} |"

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import resolved_impl, seeded, time_steps
-from .bench_bandwidth import _ms, count_subnormal
+from .bench import _fmt_ms, resolved_impl, seeded, time_steps
+from .bench_bandwidth import count_subnormal
 from .models import base_mlp, lenet, mlp5
 from .optimizer import SimpleOptimizer
 from .suite import default_suite
@@ -238,8 +238,8 @@ def format_train(rows: list[TrainRow]) -> str:
         target = TRAIN_TARGETS.get(r.model) if r.optimizer == "simple" else None
         lines.append(
             f"| {r.model} | {r.n_params:,} | {r.batch_size} | {r.optimizer}"
-            f"{f' ({r.impl})' if r.impl else ''} | {_ms(r.whole_median)} "
-            f"| {_ms(fwd_bwd)} | {_ms(r.step_median)} | {r.x_adam:.2f} "
+            f"{f' ({r.impl})' if r.impl else ''} | {_fmt_ms(r.whole_median)} "
+            f"| {_fmt_ms(fwd_bwd)} | {_fmt_ms(r.step_median)} | {r.x_adam:.2f} "
             f"| {f'<= {target}' if target else ''} | {r.last_loss:.3g} | {r.subnormal_grads} "
             f"| {r.skipped_steps} |"
         )

@@ -1,6 +1,6 @@
 """The validation suite's protocol: a learned optimizer against tuned Adam and SGD.
 
-(About 600 lines: the protocol, its baseline cache, the table, the plot and the command line
+(About 630 lines: the protocol, its baseline cache, the table, the plot and the command line
 share one result type and are read together; the task definitions live in suite.py.)
 
 For every task of a suite (:mod:`l2l_optim.suite`) and every seed, every optimizer starts

@@ -1,6 +1,6 @@
 """The Hugging Face Hub: ``save_pretrained``, ``from_pretrained`` and ``push_to_hub``.
 
-(A little over 500 lines: the model card is written from the same metadata the loading side
+(About 580 lines: the model card is written from the same metadata the loading side
 validates, so the two stay in one module.)
 
 A Hub repo (or a local directory) of l2l-optim weights holds two files:

@@ -6,7 +6,7 @@ all gradients and states of a step to :func:`l2l_optim.functional.coordinatewise
 (the generic path) or, for :class:`SimpleOptimizer`, to
 :func:`l2l_optim.functional.simple_update` and its fused kernels.
 
-The file is longer than most in the package (about 800 lines, much of them docstrings)
+The file is longer than most in the package (about 870 lines, much of them docstrings)
 because it is the one place that holds the whole ``torch.optim`` contract: options,
 validation, the non-finite policy, and checkpoints; the three optimizers are thin subclasses
 that only configure it.
