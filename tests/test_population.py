@@ -156,3 +156,20 @@ def test_bptt_engine_agrees_with_es_on_a_known_direction(tmp_path):
     meta_train_es(tmp_path, init=net, config=ESConfig(families=("quadratic",), instances=1, pairs=1,
                                                        horizons=(20,), generations=2), engine="bptt", progress=False)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_max_recurrent_norm_keeps_w_hh_a_contraction(tmp_path):
+    net = init_net(SimpleOptimizerNet(), "sign")
+    with torch.no_grad():
+        net.w_hh.copy_(1.3 * torch.eye(10))  # above 1: the rule would keep stepping on its own
+    cfg = ESConfig(families=("quadratic",), instances=1, pairs=2, horizons=(10,), generations=3,
+                   meta_lr=0.2, max_recurrent_norm=0.97)
+    out = meta_train_es(tmp_path, init=net, config=cfg, progress=False)
+    assert torch.linalg.matrix_norm(out.w_hh.detach().double(), 2).item() <= 0.97 + 1e-6
+    # the projection is part of the run's definition: recorded, and resumed with it
+    assert json.loads((tmp_path / "config.json").read_text())["max_recurrent_norm"] == 0.97
+    with pytest.raises(ValueError, match="another configuration"):
+        meta_train_es(tmp_path, config=ESConfig(**{**cfg.__dict__, "max_recurrent_norm": None,
+                                                   "generations": 4}), progress=False)
+    with pytest.raises(ValueError, match="max_recurrent_norm must be positive"):
+        ESConfig(max_recurrent_norm=0.0).validate()

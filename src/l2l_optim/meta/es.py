@@ -43,7 +43,7 @@ from .families import FAMILIES, ImageData, TaskSpec, build_task, sample_spec
 from .population import OBJECTIVES, diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
-__all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint", "main"]
+__all__ = ["ESConfig", "es_generation", "meta_train_es", "net_from_checkpoint", "project_recurrent_norm", "main"]
 
 # the families whose step costs several times the others' (meta-bench prints the rates)
 _SLOW_FAMILIES = ("conv", "lm")
@@ -70,6 +70,11 @@ class ESConfig:
             ``log(f_t / f_0)`` over the run) or ``"final"`` (:func:`~.population.final_fitness`:
             ``log`` of the mean loss over the last 10% of the steps, the validation suite's
             measure, relative to ``f_0``).
+        max_recurrent_norm: if set, the largest singular value of ``W_hh`` is kept at or below
+            it (:func:`project_recurrent_norm` after every step and on the starting weights).
+            Below 1 the recurrence is a contraction: the hidden state, and so the step, decays
+            to zero as the gradients do, so the rule cannot keep stepping on its own late in
+            training. Unconstrained ES drifts above 1 (why: weights/README.md).
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -84,6 +89,7 @@ class ESConfig:
     slow_horizon: int = 500
     seed: int = 0
     objective: str = "weighted"
+    max_recurrent_norm: float | None = None
 
     def validate(self) -> None:
         bad = [f for f in self.families if f not in FAMILIES]
@@ -95,6 +101,37 @@ class ESConfig:
             raise ValueError(f"sigma and meta_lr must be positive, got {self.sigma}, {self.meta_lr}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; known: {sorted(OBJECTIVES)}")
+        if self.max_recurrent_norm is not None and not self.max_recurrent_norm > 0:
+            raise ValueError(f"max_recurrent_norm must be positive, got {self.max_recurrent_norm}")
+
+
+def project_recurrent_norm(theta: Tensor, max_norm: float, hidden_size: int = 10) -> Tensor:
+    """``theta`` (one flat parameter vector) with ``W_hh`` scaled so that its spectral norm is
+    at most ``max_norm``; unchanged where it already is.
+
+    Args:
+        theta: the net's parameters in :func:`~.population.flatten` order.
+        max_norm: the largest singular value allowed.
+        hidden_size: the net's hidden units.
+
+    Returns:
+        A new vector.
+
+    Example:
+        >>> theta = flatten(SimpleOptimizerNet())
+        >>> H = 10
+        >>> theta[H:H + H * H] = 2 * torch.eye(H).reshape(-1)
+        >>> out = project_recurrent_norm(theta, 0.9)
+        >>> round(torch.linalg.matrix_norm(out[H:H + H * H].view(H, H), 2).item(), 4)
+        0.9
+    """
+    H = hidden_size
+    out = theta.clone()
+    w_hh = out[H : H + H * H].view(H, H)
+    norm = torch.linalg.matrix_norm(w_hh.double(), 2).item()
+    if norm > max_norm:
+        w_hh.mul_(max_norm / norm)
+    return out
 
 
 def draw_generation(cfg: ESConfig, generation: int) -> tuple[int, TaskSpec, int]:
@@ -212,7 +249,8 @@ def meta_train_es(
         ckpt = torch.load(ckpt_path, weights_only=False)
         # the length of the run may grow between sessions; nothing else may change
         # (a checkpoint without an objective key was written with the weighted objective)
-        if {"engine": "es", "objective": "weighted", **ckpt["config"], "generations": cfg.generations} != cfg_json:
+        if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, **ckpt["config"],
+                "generations": cfg.generations} != cfg_json:
             raise ValueError(f"{ckpt_path} was written with another configuration: {ckpt['config']}")
         net = SimpleOptimizerNet()
         z0, scales, start = ckpt["z"], ckpt["scales"], ckpt["next_generation"]
@@ -220,7 +258,10 @@ def meta_train_es(
     else:
         net, _ = resolve_net(init, arch="simple")
         scales = torch.cat([s.reshape(-1) for s in meta_lr_scales(net).values()])
-        z0 = flatten(net) / scales
+        theta0 = flatten(net)
+        if cfg.max_recurrent_norm is not None:
+            theta0 = project_recurrent_norm(theta0, cfg.max_recurrent_norm, net.hidden_size)
+        z0 = theta0 / scales
         start, adam_state = 0, None
         (out / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
     # z is the state (theta = z * scales does not round-trip exactly through theta / scales)
@@ -241,6 +282,9 @@ def meta_train_es(
         # Adam minimises: the fitness is a loss, so its estimated gradient is the gradient
         z.grad = grad.clone()
         adam.step()
+        if cfg.max_recurrent_norm is not None:
+            with torch.no_grad():
+                z.copy_(project_recurrent_norm(z * scales, cfg.max_recurrent_norm) / scales)
         entry["z_step_norm"] = round(float(grad.norm()), 4)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -297,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default=d.objective,
                    help="weighted: t-weighted mean log loss ratio over the run; final: log loss ratio "
                         "over the last 10%% of the steps (the validation suite's measure)")
+    p.add_argument("--max-recurrent-norm", type=float, default=None,
+                   help="keep W_hh's largest singular value at or below this (below 1: steps vanish with the gradients)")
     p.add_argument("--engine", choices=["es", "bptt"], default="es")
     p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
@@ -309,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ESConfig(families=tuple(args.families), instances=args.instances, pairs=args.pairs,
                    horizons=tuple(args.horizons), sigma=args.sigma, meta_lr=args.meta_lr,
                    generations=args.generations, scaled_fraction=args.scaled_fraction,
-                   slow_horizon=args.slow_horizon, seed=args.seed, objective=args.objective)
+                   slow_horizon=args.slow_horizon, seed=args.seed, objective=args.objective,
+                   max_recurrent_norm=args.max_recurrent_norm)
     images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
     meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, until=args.until,
                   time_budget=args.time_budget, engine=args.engine)
