@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from l2l_optim.meta.es import ESConfig, es_generation, meta_train_es
-from l2l_optim.meta.families import FAMILIES, ImageData, TaskSpec, build_task, sample_spec
+from l2l_optim.meta.families import FAMILIES, VARIANTS, ImageData, TaskSpec, build_task, sample_spec
 from l2l_optim.meta.population import (
     fitness,
     flatten,
@@ -61,7 +61,7 @@ def test_flatten_and_load_flat_round_trip():
         flatten(SimpleOptimizerNet(bias=True))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + tuple(VARIANTS))
 def test_every_family_trains_and_members_of_an_instance_agree(family):
     spec = sample_spec(random.Random(3), (family,))
     task = build_task(spec, 2, 3, seed=1, images=fake_images(), scaled_fraction=0.5)
@@ -173,3 +173,18 @@ def test_max_recurrent_norm_keeps_w_hh_a_contraction(tmp_path):
                                                    "generations": 4}), progress=False)
     with pytest.raises(ValueError, match="max_recurrent_norm must be positive"):
         ESConfig(max_recurrent_norm=0.0).validate()
+
+
+def test_mlp_wide_draws_wide_full_size_mlps_and_leaves_mlp_draws_unchanged():
+    specs = [sample_spec(random.Random(s), ("mlp-wide",)) for s in range(40)]
+    assert {sp.family for sp in specs} == {"mlp"}
+    assert all(sp.config["side"] == 28 and 1 <= len(sp.config["hidden"]) <= 2 for sp in specs)
+    assert {w for sp in specs for w in sp.config["hidden"]} == {96, 128, 192}
+    # the validation suite's wide MLP (784-256-256-10) is not in the family
+    assert all(256 not in sp.config["hidden"] for sp in specs)
+    # a run that never names the variant draws what it always drew
+    narrow = [sample_spec(random.Random(s), ("mlp",)).config["hidden"] for s in range(40)]
+    assert max(w for h in narrow for w in h) <= 128
+    ESConfig(families=("mlp-wide", "quadratic")).validate()
+    with pytest.raises(ValueError, match="unknown task families"):
+        ESConfig(families=("mlp-huge",)).validate()

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleOptimizerNet
-from .families import FAMILIES, ImageData, TaskSpec, build_task, sample_spec
+from .families import FAMILIES, VARIANTS, ImageData, TaskSpec, build_task, sample_spec
 from .population import OBJECTIVES, diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
@@ -54,7 +54,8 @@ class ESConfig:
     """Settings of ES meta-training (all recorded in the checkpoint and the weight file).
 
     Args:
-        families: the task families generations draw from.
+        families: the task families generations draw from (:data:`~.families.FAMILIES`, or
+            a size variant of one, :data:`~.families.VARIANTS`).
         instances: task instances (inits, batches, scales) per generation.
         pairs: antithetic direction pairs per generation (shared by all instances).
         horizons: optimizee steps of a generation, drawn uniformly from this tuple.
@@ -92,9 +93,10 @@ class ESConfig:
     max_recurrent_norm: float | None = None
 
     def validate(self) -> None:
-        bad = [f for f in self.families if f not in FAMILIES]
+        known = FAMILIES + tuple(VARIANTS)
+        bad = [f for f in self.families if f not in known]
         if bad or not self.families:
-            raise ValueError(f"unknown task families {bad}; known: {FAMILIES}")
+            raise ValueError(f"unknown task families {bad}; known: {known}")
         if self.instances < 1 or self.pairs < 1 or not self.horizons or min(self.horizons) < 1:
             raise ValueError("instances, pairs and every horizon must be >= 1")
         if not (self.sigma > 0 and self.meta_lr > 0):
@@ -237,7 +239,8 @@ def meta_train_es(
 
     cfg = config or ESConfig()
     if images is None or not images.available:
-        cfg.families = tuple(f for f in cfg.families if f not in ("mlp", "conv", "autoencoder"))
+        cfg.families = tuple(f for f in cfg.families
+                             if VARIANTS.get(f, f) not in ("mlp", "conv", "autoencoder"))
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Run or resume ES meta-training in --out-dir.")
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
     p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path)")
-    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often)")
+    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often; "
+                        "mlp-wide: MLPs on 28x28 with 96-192 units)")
     p.add_argument("--instances", type=int, default=d.instances, help="task instances per generation")
     p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs per generation")
     p.add_argument("--horizons", type=int, nargs="+", default=list(d.horizons), help="optimizee steps, drawn per generation")

@@ -42,9 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FAMILIES", "BatchedTask", "TaskSpec", "sample_spec", "build_task", "ImageData"]
+__all__ = ["FAMILIES", "VARIANTS", "BatchedTask", "TaskSpec", "sample_spec", "build_task", "ImageData"]
 
 FAMILIES = ("mlp", "conv", "autoencoder", "lm", "regression", "quadratic")
+# Names that draw from a family with another size distribution (the task is built as that
+# family): ``mlp-wide`` is an MLP classifier on 28x28 inputs with 1-2 hidden layers of 96-192
+# units. Per-coordinate steps of a fixed size move a wide layer's outputs more, so a rule
+# meta-trained on narrow nets alone takes steps too large for wide ones.
+VARIANTS = {"mlp-wide": "mlp"}
 _ACTS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
 
@@ -90,8 +95,13 @@ def sample_spec(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> Tas
     """Draw a task of a random family from ``families`` with ``rng`` (a ``random.Random``)."""
     family = rng.choice(families)
     c: dict = {"batch_size": rng.choice([32, 64, 128]), "init_scale": _log_uniform(rng, 0.5, 2.0)}
-    if family in ("mlp", "autoencoder", "conv"):
+    if family in ("mlp", "autoencoder", "conv", "mlp-wide"):
         c["dataset"] = rng.choice(["mnist", "fashion-mnist"])
+    if family == "mlp-wide":
+        c["side"] = 28
+        c["hidden"] = [rng.choice([96, 128, 192]) for _ in range(rng.randint(1, 2))]
+        c["act"] = rng.choice(list(_ACTS))
+        return TaskSpec(VARIANTS[family], c)
     if family == "mlp":
         # full-size inputs give the gradient scales of real models (fan-in 784); they are
         # drawn as often as the small ones, with narrower layers to bound the cost
