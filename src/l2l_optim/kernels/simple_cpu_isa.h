@@ -139,7 +139,8 @@ inline float tanh_f32(float x) {
   return std::copysign(e / (e + 2.0f), x);
 }
 
-// fp64 tanh, vectorisable, the same scheme: |x| < 0.55: x + x^3 P(x^2) with a degree-10 fit
+// fp64 tanh, vectorisable, two formulas (fp64 parameters are rare, so accuracy comes before
+// the cost of computing both in every lane): |x| < 0.55: x + x^3 P(x^2) with a degree-10 fit
 // (also in triton.py); otherwise 1 - 2 / (1 + exp(2|x|)) with exp by Cody-Waite reduction
 // (fdlibm's ln2 split) and its Taylor polynomial to r^13. Max error 1.5 ulp (checked against
 // long double tanhl on 2e7 random inputs); unlike std::tanh it vectorises.
