@@ -21,6 +21,7 @@ aggregate adds one scalar shared by every coordinate):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
@@ -34,21 +35,24 @@ NOISE_STDS = (1e-5, 1e-4, 1e-3, 1e-2)
 @torch.no_grad()
 def response(net, gradients=GRADIENTS, noise_stds=NOISE_STDS, coords: int = 4000, seed: int = 0) -> dict:
     """The response curve of a :class:`~l2l_optim.nets.SimpleOptimizerNet` (see the module docstring)."""
+    net = copy.deepcopy(net).double()
     H = net.hidden_size
-    w_a = net.alpha * net.w_out[:H]
+    w_a = net.alpha * net.w_out[:H]  # the per-coordinate part of the output
+
+    def run(grads, n: int, steps: int) -> torch.Tensor:
+        # the net's own recurrence (its forward); its update also holds the aggregate, left out
+        state = net.init_state(n, dtype=torch.float64)
+        for t in range(steps):
+            _, state = net(grads(t), state)
+        return w_a @ state["h"]
+
     g = torch.tensor(gradients, dtype=torch.float64)
-    w_ih, w_hh, w_a = net.w_ih.double(), net.w_hh.double(), w_a.double()
-    h = torch.zeros(H, len(g), dtype=torch.float64)
-    for _ in range(200):
-        h = torch.tanh(w_ih * g + w_hh @ h)
-    gain = (w_a @ h) / g
+    gain = run(lambda t: g, len(g), 200) / g
     stds = torch.tensor(noise_stds, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    hn = torch.zeros(H, len(stds), coords, dtype=torch.float64)
-    for _ in range(300):
-        noise = stds[:, None] * torch.randn(len(stds), coords, generator=gen, dtype=torch.float64)
-        hn = torch.tanh(w_ih[:, :, None] * noise + torch.einsum("jk,kbn->jbn", w_hh, hn))
-    rms = torch.einsum("j,jbn->bn", w_a, hn).pow(2).mean(1).sqrt()
+    noise = lambda t: (stds[:, None] * torch.randn(len(stds), coords, generator=gen, dtype=torch.float64)).reshape(-1)
+    rms = run(noise, len(stds) * coords, 300).view(len(stds), coords).pow(2).mean(1).sqrt()
+    w_hh = net.w_hh
     return {
         "gradient": list(gradients), "u_over_g": gain.tolist(),
         "noise_std": list(noise_stds), "noise_rms_step": rms.tolist(),

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..nets import SimpleOptimizerNet
-from .families import FAMILIES, VARIANTS, ImageData, TaskSpec, build_task, sample_spec
+from .families import FAMILIES, IMAGE_FAMILIES, VARIANTS, ImageData, TaskSpec, build_task, sample_spec
 from .population import OBJECTIVES, diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
 
@@ -239,8 +239,7 @@ def meta_train_es(
 
     cfg = config or ESConfig()
     if images is None or not images.available:
-        cfg.families = tuple(f for f in cfg.families
-                             if VARIANTS.get(f, f) not in ("mlp", "conv", "autoencoder"))
+        cfg.families = tuple(f for f in cfg.families if VARIANTS.get(f, f) not in IMAGE_FAMILIES)
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +286,7 @@ def meta_train_es(
         adam.step()
         if cfg.max_recurrent_norm is not None:
             with torch.no_grad():
-                z.copy_(project_recurrent_norm(z * scales, cfg.max_recurrent_norm) / scales)
+                z.copy_(project_recurrent_norm(z * scales, cfg.max_recurrent_norm, net.hidden_size) / scales)
         entry["z_step_norm"] = round(float(grad.norm()), 4)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")

@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FAMILIES", "VARIANTS", "BatchedTask", "TaskSpec", "sample_spec", "build_task", "ImageData"]
+__all__ = ["FAMILIES", "IMAGE_FAMILIES", "VARIANTS", "BatchedTask", "TaskSpec", "sample_spec", "build_task", "ImageData"]
 
 FAMILIES = ("mlp", "conv", "autoencoder", "lm", "regression", "quadratic")
+# the families trained on MNIST / Fashion-MNIST images (they need ImageData)
+IMAGE_FAMILIES = ("mlp", "conv", "autoencoder")
 # Names that draw from a family with another size distribution (the task is built as that
 # family): ``mlp-wide`` is an MLP classifier on 28x28 inputs with 1-2 hidden layers of 96-192
 # units. Per-coordinate steps of a fixed size move a wide layer's outputs more, so a rule
@@ -95,7 +97,7 @@ def sample_spec(rng: random.Random, families: tuple[str, ...] = FAMILIES) -> Tas
     """Draw a task of a random family from ``families`` with ``rng`` (a ``random.Random``)."""
     family = rng.choice(families)
     c: dict = {"batch_size": rng.choice([32, 64, 128]), "init_scale": _log_uniform(rng, 0.5, 2.0)}
-    if family in ("mlp", "autoencoder", "conv", "mlp-wide"):
+    if VARIANTS.get(family, family) in IMAGE_FAMILIES:
         c["dataset"] = rng.choice(["mnist", "fashion-mnist"])
     if family == "mlp-wide":
         c["side"] = 28
@@ -172,7 +174,7 @@ class BatchedTask:
     def _setup_data(self) -> None:
         c, g = self.c, self.gen
         fam = self.spec.family
-        if fam in ("mlp", "autoencoder", "conv"):
+        if fam in IMAGE_FAMILIES:
             if self.images is None or not self.images.available:
                 raise RuntimeError(f"family {fam!r} needs image data (ImageData with a loader)")
             self.x, self.y = self.images.get(c["dataset"], 14 if fam == "conv" else c["side"])
@@ -192,7 +194,7 @@ class BatchedTask:
         """One minibatch per instance, repeated for its members: ``(M, B, ...)``."""
         c, g, K, B = self.c, self.gen, self.K, self.c["batch_size"]
         fam = self.spec.family
-        if fam in ("mlp", "autoencoder", "conv"):
+        if fam in IMAGE_FAMILIES:
             idx = torch.randint(0, self.x.shape[0], (K, B), generator=g)
             x = self.x[idx]  # (K, B, 1, s, s)
             x = x if fam == "conv" else x.flatten(2)
