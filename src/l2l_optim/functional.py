@@ -20,9 +20,9 @@ from .kernels._common import (
     packed_weights,
     split_skip,
 )
-from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
+from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights, rms_normalise
 
-__all__ = ["simple_update", "coordinatewise_update"]
+__all__ = ["simple_update", "normalise_inputs", "coordinatewise_update"]
 
 
 def simple_update(
@@ -117,6 +117,38 @@ def simple_update(
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     with torch.no_grad():
         kernel(params, grads, hiddens, lrs, weights, skip, aggregate)
+
+
+def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor],
+                     skip: Tensor | bool | None = None) -> list[Tensor]:
+    """The inputs of a ``SimpleOptimizerNet(input_norm="rms")``: each gradient over its running rms.
+
+    :func:`~l2l_optim.nets.rms_normalise` per tensor (the net's own ``forward`` does the same),
+    run before :func:`simple_update`, which then takes the results as its ``grads``.
+
+    Args:
+        grads: the gradients.
+        running_squares: one flat float32 / float64 tensor of ``g.numel()`` running mean
+            squares per gradient (the optimizer's state ``"v"``), updated in place.
+        skip: as in :func:`simple_update`: when true the running squares are left unchanged.
+
+    Returns:
+        The normalised gradients, each of its gradient's shape and dtype.
+
+    Example:
+        >>> v = [torch.zeros(2)]
+        >>> normalise_inputs([torch.tensor([2.0, -0.5])], v)[0].tolist(), v[0].tolist()
+        ([1.0, -1.0], [4.0, 0.25])
+    """
+    out = []
+    for g, v in zip(grads, running_squares, strict=True):
+        x, v_new = rms_normalise(g.reshape(-1), v)
+        if isinstance(skip, Tensor):
+            v_new = torch.where(skip, v, v_new)
+        if skip is not True:
+            v.copy_(v_new)
+        out.append(x.to(g.dtype).view(g.shape))
+    return out
 
 
 def coordinatewise_update(

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, kernels
-from .functional import coordinatewise_update, simple_update
+from .functional import coordinatewise_update, normalise_inputs, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet
@@ -618,13 +618,15 @@ class LearnedOptimizer(HubMixin, Optimizer):
             )
         )
         saved_state = sd.get("state", {})
-        flat_shapes = {}
+        flat_shapes, state_dtypes = {}, {}
         for pid, value in saved_state.items():
             p = id_map.get(pid)
             if p is None:
                 raise ValueError(f"{name}.load_state_dict: state for unknown parameter id {pid}")
-            expected = self.net.init_state(p.numel(), device="meta")
+            expected = self.net.init_state(p.numel(), device="meta",
+                                           dtype=self._state_dtype_for(p, saved_of[pid]))
             flat_shapes[pid] = {k: t.shape for k, t in expected.items()}
+            state_dtypes[pid] = {k: t.dtype for k, t in expected.items()}
             want = set(expected) | {"step"}
             if not isinstance(value, dict) or set(value) != want:
                 got = sorted(value) if isinstance(value, dict) else type(value).__name__
@@ -643,7 +645,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
             for k, t in value.items():
                 if not isinstance(t, Tensor):  # a plain-number step count
                     t = torch.tensor(t)
-                dtype = torch.int64 if k == "step" else self._state_dtype_for(p, saved_of[pid])
+                # (the net's own choice per key: e.g. a running mean of squares stays float32)
+                dtype = torch.int64 if k == "step" else state_dtypes[pid][k]
                 state[k] = t.to(
                     device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
                 )
@@ -783,6 +786,8 @@ class SimpleOptimizer(LearnedOptimizer):
 
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
+        if self.net.input_norm is not None:
+            grads = normalise_inputs(grads, [s["v"] for s in states], skip)
         simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
                       impl=self.defaults["impl"], skip=skip, aggregate=aggregate)
 

@@ -303,10 +303,13 @@ def _check_config(path: Path, arch: str, config: Any) -> dict:
         elif isinstance(default, float):
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value))
+        elif default is None:  # an optional string option (SimpleOptimizerNet's input_norm)
+            ok = value is None or isinstance(value, str)
         else:
             ok = value is None or isinstance(value, type(default))
         if not ok:
-            kind = "bool" if isinstance(default, bool) else f"finite {type(default).__name__}"
+            kind = ("bool" if isinstance(default, bool) else "string or null" if default is None
+                    else f"finite {type(default).__name__}")
             raise WeightsError(f"{path}: bad config: {key}={value!r} is not a {kind}")
     hidden = config.get("hidden_size", known.get("hidden_size"))
     if isinstance(hidden, int) and not 1 <= hidden <= MAX_HIDDEN_SIZE:

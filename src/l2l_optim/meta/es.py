@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..nets import SimpleOptimizerNet
+from ..nets import INITS, INPUT_NORMS, SimpleOptimizerNet, init_net
 from .families import FAMILIES, IMAGE_FAMILIES, VARIANTS, ImageData, TaskSpec, build_task, sample_spec
 from .population import OBJECTIVES, diverged, fitness, flatten, load_flat, run_population
 from .trajectory import meta_lr_scales
@@ -76,6 +76,10 @@ class ESConfig:
             Below 1 the recurrence is a contraction: the hidden state, and so the step, decays
             to zero as the gradients do, so the rule cannot keep stepping on its own late in
             training. Unconstrained ES drifts above 1 (why: weights/README.md).
+        input_norm: the net's input (:data:`~l2l_optim.nets.INPUT_NORMS`): ``None``, the
+            paper's raw gradient, or ``"rms"``, the gradient over its running root mean
+            square. It must match the starting weights' (or, for an init name such as
+            ``"adam"``, it is the net that init builds).
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -91,6 +95,7 @@ class ESConfig:
     seed: int = 0
     objective: str = "weighted"
     max_recurrent_norm: float | None = None
+    input_norm: str | None = None
 
     def validate(self) -> None:
         known = FAMILIES + tuple(VARIANTS)
@@ -103,6 +108,8 @@ class ESConfig:
             raise ValueError(f"sigma and meta_lr must be positive, got {self.sigma}, {self.meta_lr}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; known: {sorted(OBJECTIVES)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"Invalid input_norm: {self.input_norm!r}; expected one of {INPUT_NORMS}")
         if self.max_recurrent_norm is not None and not self.max_recurrent_norm > 0:
             raise ValueError(f"max_recurrent_norm must be positive, got {self.max_recurrent_norm}")
 
@@ -161,7 +168,7 @@ def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
     task = build_task(spec, K, 2 * P + 1, seed=seed, images=images,
                       scale_range=cfg.scale_range, scaled_fraction=cfg.scaled_fraction)
     t0 = time.perf_counter()
-    losses = run_population(task, members.repeat(K, 1), horizon)
+    losses = run_population(task, members.repeat(K, 1), horizon, input_norm=cfg.input_norm)
     seconds = time.perf_counter() - t0
     fit = OBJECTIVES[cfg.objective](losses).view(K, 2 * P + 1)
     div = diverged(losses).view(K, 2 * P + 1)
@@ -194,19 +201,23 @@ def meta_train_es(
     time_budget: float | None = None,
     progress: bool = True,
     engine: str = "es",
+    init_lr: float = 1e-3,
 ) -> SimpleOptimizerNet:
     """Run (or resume) ES meta-training in ``out_dir``; returns the current net.
 
     Args:
         out_dir: holds ``config.json``, ``log.jsonl`` (one line per generation),
             ``checkpoint.pt`` (written after every generation) and ``weights.safetensors``.
-        init: the starting weights (anything :func:`~l2l_optim.weights.resolve_net` takes).
+        init: the starting weights (anything :func:`~l2l_optim.weights.resolve_net` takes), or
+            the name of an init rule (:data:`~l2l_optim.nets.INITS`, e.g. ``"adam"``) applied to
+            a fresh ``SimpleOptimizerNet(input_norm=config.input_norm)``.
         config: the settings (ignored when resuming: the checkpoint's are used, and a
             different config raises).
         images: image data for the image families (None: those families are skipped).
         until: stop after this generation (default: ``config.generations``).
         time_budget: stop after the first generation that ends past this many seconds.
         progress: print one line per generation.
+        init_lr: the step size of an init rule named by ``init`` (unused for weights).
         engine: ``"es"`` (this module's estimator) or ``"bptt"``
             (:func:`~.population_bptt.bptt_generation`: the same generations, the same
             objective, a truncated-BPTT gradient), for comparing the two on one budget.
@@ -251,14 +262,20 @@ def meta_train_es(
         ckpt = torch.load(ckpt_path, weights_only=False)
         # the length of the run may grow between sessions; nothing else may change
         # (a checkpoint without an objective key was written with the weighted objective)
-        if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, **ckpt["config"],
+        if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, "input_norm": None, **ckpt["config"],
                 "generations": cfg.generations} != cfg_json:
             raise ValueError(f"{ckpt_path} was written with another configuration: {ckpt['config']}")
-        net = SimpleOptimizerNet()
+        net = SimpleOptimizerNet(input_norm=cfg.input_norm)
         z0, scales, start = ckpt["z"], ckpt["scales"], ckpt["next_generation"]
         adam_state = ckpt["adam"]
     else:
-        net, _ = resolve_net(init, arch="simple")
+        if isinstance(init, str) and init in INITS:
+            net = init_net(SimpleOptimizerNet(input_norm=cfg.input_norm), init, lr=init_lr)
+        else:
+            net, _ = resolve_net(init, arch="simple")
+        if net.input_norm != cfg.input_norm:
+            raise ValueError(f"the starting weights have input_norm={net.input_norm!r}, the "
+                             f"configuration {cfg.input_norm!r}")
         scales = torch.cat([s.reshape(-1) for s in meta_lr_scales(net).values()])
         theta0 = flatten(net)
         if cfg.max_recurrent_norm is not None:
@@ -311,7 +328,8 @@ def meta_train_es(
 def net_from_checkpoint(path: str | Path) -> tuple[SimpleOptimizerNet, dict]:
     """The rule an ES checkpoint holds, and ``{"generation", "config"}`` for its metadata."""
     ckpt = torch.load(path, weights_only=False)
-    net = load_flat(SimpleOptimizerNet(), (ckpt["z"] * ckpt["scales"]).detach())
+    net = SimpleOptimizerNet(input_norm=ckpt["config"].get("input_norm"))
+    net = load_flat(net, (ckpt["z"] * ckpt["scales"]).detach())
     net.eval()
     return net, {"generation": int(ckpt["next_generation"]), "config": ckpt["config"]}
 
@@ -329,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="l2l-optim meta-es",
                                 description="Run or resume ES meta-training in --out-dir.")
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
-    p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path)")
+    p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path), or an init "
+                        "rule of l2l_optim.nets.init_net (adam: with --input-norm rms)")
     p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often; "
                         "mlp-wide: MLPs on 28x28 with 96-192 units)")
     p.add_argument("--instances", type=int, default=d.instances, help="task instances per generation")
@@ -346,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                         "over the last 10%% of the steps (the validation suite's measure)")
     p.add_argument("--max-recurrent-norm", type=float, default=None,
                    help="keep W_hh's largest singular value at or below this (below 1: steps vanish with the gradients)")
+    p.add_argument("--init-lr", type=float, default=1e-3, help="step size of an init rule given as --init")
+    p.add_argument("--input-norm", choices=["rms"], default=None,
+                   help="feed the net the gradient over its running rms (beyond the paper; default: the raw gradient)")
     p.add_argument("--engine", choices=["es", "bptt"], default="es")
     p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
@@ -359,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                    horizons=tuple(args.horizons), sigma=args.sigma, meta_lr=args.meta_lr,
                    generations=args.generations, scaled_fraction=args.scaled_fraction,
                    slow_horizon=args.slow_horizon, seed=args.seed, objective=args.objective,
-                   max_recurrent_norm=args.max_recurrent_norm)
+                   max_recurrent_norm=args.max_recurrent_norm, input_norm=args.input_norm)
     images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
     meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, until=args.until,
-                  time_budget=args.time_budget, engine=args.engine)
+                  time_budget=args.time_budget, engine=args.engine, init_lr=args.init_lr)
     command = "python -m l2l_optim meta-es " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"wrote {Path(args.out_dir) / 'weights.safetensors'} ({command})")
     return 0

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..nets import SimpleOptimizerNet
+from ..nets import INPUT_NORMS, SimpleOptimizerNet, rms_normalise
 from .families import BatchedTask
 
 __all__ = ["PopulationWeights", "unflatten", "flatten", "population_step", "run_population", "fitness"]
@@ -103,7 +103,7 @@ def _kernel_stepper(theta: Tensor, hidden_size: int):
 
 
 def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size: int = 10,
-                   diverge_factor: float = 1e3, impl: str = "auto") -> Tensor:
+                   diverge_factor: float = 1e3, impl: str = "auto", input_norm: str | None = None) -> Tensor:
     """Train every member for ``steps`` steps with its own weights; no meta-gradient.
 
     A member whose loss turns non-finite or exceeds ``diverge_factor`` times its initial loss
@@ -114,16 +114,21 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         impl: ``"auto"`` runs each member's update through the fused CPU kernel (one call per
             member, in place) when it is available, else :func:`population_step`;
             ``"torch"`` forces :func:`population_step`.
+        input_norm: the nets' ``input_norm`` (``SimpleOptimizerNet``): ``"rms"`` feeds every
+            member :func:`~l2l_optim.nets.rms_normalise` of its gradient, as the optimizer does.
 
     Returns:
         ``(steps + 1, M)`` losses: the initial loss, then the loss after each step (each on
         that step's minibatch, before the update it feeds).
     """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"Invalid input_norm: {input_norm!r}; expected one of {INPUT_NORMS}")
     with torch.no_grad():
         params = task.init_params()
         flat = _flat(params).contiguous()
         M, N = flat.shape
         h = torch.zeros(M, hidden_size, N)
+        v = torch.zeros(M, N) if input_norm == "rms" else None
         kernel_step = _kernel_stepper(theta, hidden_size) if impl == "auto" else None
         w = unflatten(theta, hidden_size)
         losses = torch.empty(steps + 1, M)
@@ -144,6 +149,9 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
             losses[t] = torch.where(alive, f, bound)
             if t == steps:
                 break
+            if v is not None:
+                # frozen members' v is never read again: no need to hold it
+                g, v = rms_normalise(g, v)
             if kernel_step is not None:
                 kernel_step(flat, g, h, alive)
             else:

@@ -26,6 +26,8 @@ __all__ = ["bptt_generation"]
 def bptt_generation(z: Tensor, scales: Tensor, cfg: ESConfig, generation: int, images: ImageData | None,
                     *, unroll: int = 20, floor: float = 1e-6) -> tuple[Tensor, dict]:
     """The gradient of the generation's fitness with respect to ``z`` (theta = z * scales)."""
+    if cfg.input_norm is not None:
+        raise ValueError("the bptt engine trains the raw-gradient net only (input_norm=None)")
     seed, spec, horizon = draw_generation(cfg, generation)
     task = build_task(spec, cfg.instances, 1, seed=seed, images=images,
                       scale_range=cfg.scale_range, scaled_fraction=cfg.scaled_fraction)

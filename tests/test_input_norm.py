@@ -1,0 +1,209 @@
+"""SimpleOptimizerNet(input_norm="rms"): the gradient over its running rms as the net's input.
+
+The rule is the same 132-parameter net; what changes is its input and one more state tensor.
+Every path that runs it (the net's forward, the optimizer's kernels, the population runner of
+meta-training) must compute the same thing, and it must be blind to the gradient's scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l2l_optim import SimpleOptimizer
+from l2l_optim.functional import normalise_inputs
+from l2l_optim.meta.es import ESConfig, meta_train_es
+from l2l_optim.meta.families import build_task, sample_spec
+from l2l_optim.meta.population import flatten, run_population
+from l2l_optim.nets import SimpleOptimizerNet, init_net, rms_normalise
+from l2l_optim.weights import load_weights, save_weights
+
+
+def rms_net(lr: float = 3e-3) -> SimpleOptimizerNet:
+    net = init_net(SimpleOptimizerNet(input_norm="rms"), "adam", lr=lr)
+    with torch.no_grad():  # make every unit matter, not only the diagonal init
+        net.w_hh.add_(0.05 * torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))
+        net.w_out[10:].fill_(1e-4)
+    return net
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+
+
+def train(m: torch.nn.Module, opt, steps: int = 15, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        (scale * m(torch.randn(16, 5, generator=g)).pow(2).mean()).backward()
+        opt.step()
+
+
+def flat(m: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(-10, 30), st.integers(0, 2**31 - 1))
+def test_rms_normalise_is_blind_to_the_gradient_scale(exponent, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # magnitudes 5e-4..1.5e-3, so that eps (1e-12) stays below 1e-5 of every rms here
+    g1, g2 = torch.randn(2, 64, generator=gen).sign() * (0.5 + torch.rand(2, 64, generator=gen)) * 1e-3
+    # a power of two scales exactly
+    c = 2.0 ** exponent
+    v, vc = torch.zeros(64), torch.zeros(64)
+    for g in (g1, g2):
+        x, v = rms_normalise(g, v)
+        xc, vc = rms_normalise(c * g, vc)
+        torch.testing.assert_close(xc, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vc, v * c * c, rtol=1e-6, atol=0)
+
+
+def test_rms_normalise_starts_at_the_first_square_and_then_averages():
+    x, v = rms_normalise(torch.tensor([2.0, 0.0]), torch.zeros(2))
+    assert x.tolist() == [1.0, 0.0] and v.tolist() == [4.0, 0.0]
+    x, v = rms_normalise(torch.tensor([0.0, 3.0]), v)
+    assert v.tolist() == pytest.approx([4.0 * 0.999, 9.0])
+    assert x.tolist() == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_optimizer_kernels_match_the_nets_forward(impl):
+    from l2l_optim import kernels
+
+    if impl == "cpu" and kernels.resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    net = rms_net()
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=net, impl=impl)
+    train(m, opt)
+    # the net's own forward, over all coordinates at once, as the paper writes the rule
+    ref = model()
+    ps = list(ref.parameters())
+    state = net.init_state(sum(p.numel() for p in ps))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(15):
+        for p in ps:
+            p.grad = None
+        ref(torch.randn(16, 5, generator=g)).pow(2).mean().backward()
+        with torch.no_grad():
+            u, state = net(torch.cat([p.grad.reshape(-1) for p in ps]), state)
+            i = 0
+            for p in ps:
+                p.add_(u[i:i + p.numel()].view_as(p))
+                i += p.numel()
+    torch.testing.assert_close(flat(m), flat(ref), rtol=1e-5, atol=1e-6)
+    v = torch.cat([opt.state[p]["v"] for p in m.parameters()])
+    torch.testing.assert_close(v, state["v"], rtol=1e-6, atol=0)
+    assert not torch.equal(flat(m), flat(model()))
+
+
+def test_optimizer_is_blind_to_the_loss_scale():
+    a, b = model(), model()
+    train(a, SimpleOptimizer(a.parameters(), weights=rms_net()))
+    train(b, SimpleOptimizer(b.parameters(), weights=rms_net()), scale=2.0 ** -8)
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-4, atol=1e-6)
+    # the paper's raw-gradient rule is not
+    c, d = model(), model()
+    train(c, SimpleOptimizer(c.parameters()))
+    train(d, SimpleOptimizer(d.parameters()), scale=2.0 ** -8)
+    assert not torch.allclose(flat(c), flat(d), rtol=1e-3)
+
+
+def test_a_skipped_step_leaves_the_running_squares_untouched():
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net())
+    train(m, opt, steps=3)
+    before = {p: {k: t.clone() for k, t in opt.state[p].items()} for p in m.parameters()}
+    params = flat(m)
+    opt.zero_grad()
+    m(torch.randn(4, 5)).pow(2).mean().backward()
+    last = list(m.parameters())[-1]
+    last.grad.view(-1)[-1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    assert torch.equal(flat(m), params)
+    for p in m.parameters():
+        for k, t in opt.state[p].items():
+            assert torch.equal(t, before[p][k]), k
+
+
+def test_normalise_inputs_with_a_device_skip_flag_keeps_the_squares():
+    v = [torch.tensor([4.0, 1.0])]
+    normalise_inputs([torch.tensor([1.0, 1.0])], v, skip=torch.tensor(True))
+    assert v[0].tolist() == [4.0, 1.0]
+    normalise_inputs([torch.tensor([1.0, 1.0])], v, skip=torch.tensor(False))
+    assert v[0].tolist() == pytest.approx([4.0 * 0.999 + 0.001, 1.0])
+
+
+def test_state_dict_round_trip_keeps_float32_squares_under_bfloat16_state():
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net(), state_dtype=torch.bfloat16)
+    train(m, opt, steps=2)
+    state = opt.state[m[0].weight]
+    assert state["h"].dtype == torch.bfloat16 and state["v"].dtype == torch.float32
+    again = SimpleOptimizer(copy.deepcopy(m).parameters(), weights=rms_net(), state_dtype=torch.bfloat16)
+    again.load_state_dict(opt.state_dict())
+    loaded = next(iter(again.state.values()))
+    assert loaded["v"].dtype == torch.float32
+    assert torch.equal(loaded["v"], opt.state[m[0].weight]["v"])
+
+
+def test_weight_files_carry_the_input_norm(tmp_path):
+    net = rms_net()
+    save_weights(net, tmp_path / "w.safetensors")
+    loaded = load_weights(tmp_path / "w.safetensors").net
+    assert loaded.input_norm == "rms" and loaded.num_parameters() == 132
+    assert "input_norm" not in SimpleOptimizerNet().config  # the paper's nets are unchanged
+    with pytest.raises(ValueError, match="Invalid input_norm"):
+        SimpleOptimizerNet(input_norm="l2")
+    with pytest.raises(ValueError, match="needs a SimpleOptimizerNet"):
+        init_net(SimpleOptimizerNet(), "adam")
+
+
+def test_population_runner_trains_as_the_optimizer_does():
+    spec = sample_spec(random.Random(0), ("regression",))
+    net = rms_net()
+    theta = flatten(net).unsqueeze(0)
+    losses = run_population(build_task(spec, 1, 1, seed=3), theta, 12, input_norm="rms")
+    # the same task, trained member by member through the net's own forward
+    task = build_task(spec, 1, 1, seed=3)
+    params = task.init_params()
+    keys = list(params)
+    state = net.init_state(sum(params[k][0].numel() for k in keys))
+    ref = []
+    for t in range(13):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        f = task.losses(leaves, task.sample_batch())
+        ref.append(float(f[0].detach()))
+        if t == 12:
+            break
+        grads = torch.autograd.grad(f.sum(), [leaves[k] for k in keys])
+        with torch.no_grad():
+            u, state = net(torch.cat([g[0].reshape(-1) for g in grads]), state)
+            i = 0
+            for k in keys:
+                n = params[k][0].numel()
+                params[k] = params[k] + u[i:i + n].view_as(params[k][0]).unsqueeze(0)
+                i += n
+    torch.testing.assert_close(losses[:, 0], torch.tensor(ref), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="Invalid input_norm"):
+        run_population(build_task(spec, 1, 1, seed=3), theta, 2, input_norm="l2")
+
+
+def test_es_trains_a_normalised_rule_from_the_adam_init(tmp_path):
+    cfg = ESConfig(families=("quadratic",), instances=1, pairs=2, horizons=(10,), generations=2,
+                   input_norm="rms")
+    out = meta_train_es(tmp_path, init="adam", config=cfg, progress=False, init_lr=2e-3)
+    assert out.input_norm == "rms"
+    assert load_weights(tmp_path / "weights.safetensors").net.input_norm == "rms"
+    assert json.loads((tmp_path / "config.json").read_text())["input_norm"] == "rms"
+    with pytest.raises(ValueError, match="input_norm"):
+        meta_train_es(tmp_path / "other", init="simple-v0", config=cfg, progress=False)
