@@ -58,20 +58,27 @@ def test_rms_normalise_is_blind_to_the_gradient_scale(exponent, seed):
     g1, g2 = torch.randn(2, 64, generator=gen).sign() * (0.5 + torch.rand(2, 64, generator=gen)) * 1e-3
     # a power of two scales exactly
     c = 2.0 ** exponent
-    v, vc = torch.zeros(64), torch.zeros(64)
+    v, vc, ones, ones_c = torch.zeros(64), torch.zeros(64), torch.zeros(64), torch.zeros(64)
     for g in (g1, g2):
-        x, v = rms_normalise(g, v)
-        xc, vc = rms_normalise(c * g, vc)
+        x, v, ones = rms_normalise(g, v, ones)
+        xc, vc, ones_c = rms_normalise(c * g, vc, ones_c)
         torch.testing.assert_close(xc, x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vc, v * c * c, rtol=1e-6, atol=0)
 
 
-def test_rms_normalise_starts_at_the_first_square_and_then_averages():
-    x, v = rms_normalise(torch.tensor([2.0, 0.0]), torch.zeros(2))
-    assert x.tolist() == [1.0, 0.0] and v.tolist() == [4.0, 0.0]
-    x, v = rms_normalise(torch.tensor([0.0, 3.0]), v)
-    assert v.tolist() == pytest.approx([4.0 * 0.999, 9.0])
-    assert x.tolist() == pytest.approx([0.0, 1.0])
+def test_rms_normalise_is_adams_bias_corrected_second_moment():
+    g = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    v, c = torch.zeros(5), torch.zeros(5)
+    for t in range(1, 31):
+        x, v, c = rms_normalise(g[t - 1], v, c)
+        # Adam: v_hat_t = sum_i beta^(t-i) (1 - beta) g_i^2 / (1 - beta^t)
+        w = 0.999 ** torch.arange(t - 1, -1, -1, dtype=torch.float64)[:, None] * 0.001
+        v_hat = (w * g[:t].double() ** 2).sum(0) / (1 - 0.999 ** t)
+        torch.testing.assert_close(x.double(), g[t - 1].double() / v_hat.sqrt(), rtol=1e-5, atol=1e-6)
+    assert c[0].item() == pytest.approx(1 - 0.999 ** 30, rel=1e-5)
+    # the first step is the sign; a zero gradient gives a zero input
+    x, _, _ = rms_normalise(torch.tensor([2.0, -0.5, 0.0]), torch.zeros(3), torch.zeros(3))
+    assert x.tolist() == [1.0, -1.0, 0.0]
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
@@ -100,8 +107,9 @@ def test_optimizer_kernels_match_the_nets_forward(impl):
                 p.add_(u[i:i + p.numel()].view_as(p))
                 i += p.numel()
     torch.testing.assert_close(flat(m), flat(ref), rtol=1e-5, atol=1e-6)
-    v = torch.cat([opt.state[p]["v"] for p in m.parameters()])
-    torch.testing.assert_close(v, state["v"], rtol=1e-6, atol=0)
+    for key in ("v", "c"):
+        got = torch.cat([opt.state[p][key] for p in m.parameters()])
+        torch.testing.assert_close(got, state[key], rtol=1e-6, atol=0)
     assert not torch.equal(flat(m), flat(model()))
 
 
@@ -135,12 +143,13 @@ def test_a_skipped_step_leaves_the_running_squares_untouched():
             assert torch.equal(t, before[p][k]), k
 
 
-def test_normalise_inputs_with_a_device_skip_flag_keeps_the_squares():
-    v = [torch.tensor([4.0, 1.0])]
-    normalise_inputs([torch.tensor([1.0, 1.0])], v, skip=torch.tensor(True))
-    assert v[0].tolist() == [4.0, 1.0]
-    normalise_inputs([torch.tensor([1.0, 1.0])], v, skip=torch.tensor(False))
+def test_normalise_inputs_with_a_device_skip_flag_keeps_the_running_means():
+    v, c = [torch.tensor([4.0, 1.0])], [torch.tensor([0.5, 0.5])]
+    normalise_inputs([torch.tensor([1.0, 1.0])], v, c, skip=torch.tensor(True))
+    assert v[0].tolist() == [4.0, 1.0] and c[0].tolist() == [0.5, 0.5]
+    normalise_inputs([torch.tensor([1.0, 1.0])], v, c, skip=torch.tensor(False))
     assert v[0].tolist() == pytest.approx([4.0 * 0.999 + 0.001, 1.0])
+    assert c[0].tolist() == pytest.approx([0.5 * 0.999 + 0.001] * 2)
 
 
 def test_state_dict_round_trip_keeps_float32_squares_under_bfloat16_state():
@@ -148,7 +157,7 @@ def test_state_dict_round_trip_keeps_float32_squares_under_bfloat16_state():
     opt = SimpleOptimizer(m.parameters(), weights=rms_net(), state_dtype=torch.bfloat16)
     train(m, opt, steps=2)
     state = opt.state[m[0].weight]
-    assert state["h"].dtype == torch.bfloat16 and state["v"].dtype == torch.float32
+    assert state["h"].dtype == torch.bfloat16 and state["v"].dtype == state["c"].dtype == torch.float32
     again = SimpleOptimizer(copy.deepcopy(m).parameters(), weights=rms_net(), state_dtype=torch.bfloat16)
     again.load_state_dict(opt.state_dict())
     loaded = next(iter(again.state.values()))

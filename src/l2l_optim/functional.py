@@ -119,7 +119,7 @@ def simple_update(
         kernel(params, grads, hiddens, lrs, weights, skip, aggregate)
 
 
-def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor],
+def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor], running_ones: list[Tensor],
                      skip: Tensor | bool | None = None) -> list[Tensor]:
     """The inputs of a ``SimpleOptimizerNet(input_norm="rms")``: each gradient over its running rms.
 
@@ -130,23 +130,25 @@ def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor],
         grads: the gradients.
         running_squares: one flat float32 / float64 tensor of ``g.numel()`` running mean
             squares per gradient (the optimizer's state ``"v"``), updated in place.
-        skip: as in :func:`simple_update`: when true the running squares are left unchanged.
+        running_ones: the bias corrections, alike (state ``"c"``), updated in place.
+        skip: as in :func:`simple_update`: when true the running means are left unchanged.
 
     Returns:
         The normalised gradients, each of its gradient's shape and dtype.
 
     Example:
-        >>> v = [torch.zeros(2)]
-        >>> normalise_inputs([torch.tensor([2.0, -0.5])], v)[0].tolist(), v[0].tolist()
-        ([1.0, -1.0], [4.0, 0.25])
+        >>> v, c = [torch.zeros(2)], [torch.zeros(2)]
+        >>> normalise_inputs([torch.tensor([2.0, -0.5])], v, c)[0].tolist()
+        [1.0, -1.0]
     """
     out = []
-    for g, v in zip(grads, running_squares, strict=True):
-        x, v_new = rms_normalise(g.reshape(-1), v)
+    for g, v, c in zip(grads, running_squares, running_ones, strict=True):
+        x, v_new, c_new = rms_normalise(g.reshape(-1), v, c)
         if isinstance(skip, Tensor):
-            v_new = torch.where(skip, v, v_new)
+            v_new, c_new = torch.where(skip, v, v_new), torch.where(skip, c, c_new)
         if skip is not True:
             v.copy_(v_new)
+            c.copy_(c_new)
         out.append(x.to(g.dtype).view(g.shape))
     return out
 

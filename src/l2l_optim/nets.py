@@ -62,33 +62,36 @@ RMS_BETA = 0.999
 RMS_EPS = 1e-12
 
 
-def rms_normalise(grad: Tensor, v: Tensor, beta: float = RMS_BETA, eps: float = RMS_EPS) -> tuple[Tensor, Tensor]:
-    """The gradient divided by a running root mean square of itself, per coordinate.
+def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
+                  eps: float = RMS_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient divided by a running root mean square of itself, per coordinate (Adam's).
 
-    ``v' = g**2`` where ``v == 0`` (no non-zero gradient seen yet), else
-    ``beta * v + (1 - beta) * g**2``; the input is ``g / (sqrt(v') + eps)``. Starting ``v``
-    at the first squared gradient needs no step counter (Adam's bias correction does), so
-    the rule stays a function of its inputs and its per-coordinate state. The result is
+    ``v' = beta * v + (1 - beta) * g**2`` and ``c' = beta * c + (1 - beta)``, both starting
+    at zero, so ``c' = 1 - beta**t`` after t steps and ``v' / c'`` is Adam's bias-corrected
+    second moment; the input is ``g / (sqrt(v' / c') + eps)``. ``c`` is kept per coordinate,
+    a running mean of ones, instead of a step counter, so the rule stays a function of its
+    input and its per-coordinate state (and a skipped step skips it too). The result is
     invariant to the gradient's scale: the same rule suits a loss scaled by 1e-3 or 1e3.
 
     Args:
         grad: gradients, any shape.
         v: the running mean of squared gradients, same shape, float32 or float64.
-        beta: the running mean's decay.
+        c: the running mean of ones (the bias correction), same shape and dtype.
+        beta: the running means' decay.
         eps: added to the root mean square.
 
     Returns:
-        ``(normalised gradient in v's dtype, new v)``; the inputs are not modified.
+        ``(normalised gradient in v's dtype, new v, new c)``; the inputs are not modified.
 
     Example:
-        >>> x, v = rms_normalise(torch.tensor([-3.0, 0.0]), torch.zeros(2))
-        >>> x.tolist(), v.tolist()
-        ([-1.0, 0.0], [9.0, 0.0])
+        >>> x, v, c = rms_normalise(torch.tensor([-3.0, 0.0]), torch.zeros(2), torch.zeros(2))
+        >>> x.tolist(), c.tolist()
+        ([-1.0, 0.0], [0.0010000000474974513, 0.0010000000474974513])
     """
     g = grad.to(v.dtype)
-    g2 = g * g
-    v_new = torch.where(v == 0, g2, v * beta + g2 * (1 - beta))
-    return g / (v_new.sqrt() + eps), v_new
+    v_new = v * beta + (g * g) * (1 - beta)
+    c_new = c * beta + (1 - beta)
+    return g / ((v_new / c_new).sqrt() + eps), v_new, c_new
 
 
 class CoordinatewiseNet(nn.Module):
@@ -140,8 +143,8 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         aggregate: use the mean hidden state across coordinates in the output
             (False is the "no aggregation" ablation: ``u = w_out . (alpha h')``).
         input_norm: ``None`` (the paper: the raw gradient is the input) or ``"rms"`` (the
-            input is :func:`rms_normalise` of the gradient, with its running mean of squares
-            ``v`` in the state). Beyond the paper; same 132 parameters.
+            input is :func:`rms_normalise` of the gradient, with its running means ``v`` and
+            ``c`` in the state). Beyond the paper; same 132 parameters.
 
     With the defaults the net has exactly 132 parameters:
     ``w_ih`` 10, ``w_hh`` 100, ``alpha`` 1, ``beta`` 1, ``w_out`` 20.
@@ -207,16 +210,17 @@ class SimpleOptimizerNet(CoordinatewiseNet):
     def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
         state = {"h": torch.zeros(self.hidden_size, n, device=device, dtype=dtype)}
         if self.input_norm == "rms":
-            # a running mean of squares needs more than bfloat16's 8 bits: 0.1% steps vanish
+            # running means need more than bfloat16's 8 bits: their 0.1% steps would vanish
             v_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             state["v"] = torch.zeros(n, device=device, dtype=v_dtype)
+            state["c"] = torch.zeros(n, device=device, dtype=v_dtype)
         return state
 
     def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
         h = state["h"]
         new_state = {}
         if self.input_norm == "rms":
-            x, new_state["v"] = rms_normalise(grad, state["v"])
+            x, new_state["v"], new_state["c"] = rms_normalise(grad, state["v"], state["c"])
             grad = x.to(grad.dtype)
         pre = self.w_ih * grad.unsqueeze(0) + self.w_hh @ h  # (H, n)
         if self.bias:

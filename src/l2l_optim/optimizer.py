@@ -787,7 +787,7 @@ class SimpleOptimizer(LearnedOptimizer):
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         if self.net.input_norm is not None:
-            grads = normalise_inputs(grads, [s["v"] for s in states], skip)
+            grads = normalise_inputs(grads, [s["v"] for s in states], [s["c"] for s in states], skip)
         simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
                       impl=self.defaults["impl"], skip=skip, aggregate=aggregate)
 

@@ -129,6 +129,7 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         M, N = flat.shape
         h = torch.zeros(M, hidden_size, N)
         v = torch.zeros(M, N) if input_norm == "rms" else None
+        c = torch.zeros_like(v) if v is not None else None
         kernel_step = _kernel_stepper(theta, hidden_size) if impl == "auto" else None
         w = unflatten(theta, hidden_size)
         losses = torch.empty(steps + 1, M)
@@ -150,8 +151,8 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
             if t == steps:
                 break
             if v is not None:
-                # frozen members' v is never read again: no need to hold it
-                g, v = rms_normalise(g, v)
+                # frozen members' v and c are never read again: no need to hold them
+                g, v, c = rms_normalise(g, v, c)
             if kernel_step is not None:
                 kernel_step(flat, g, h, alive)
             else:
