@@ -120,8 +120,8 @@ def test_optimizer_is_blind_to_the_loss_scale():
     torch.testing.assert_close(flat(a), flat(b), rtol=1e-4, atol=1e-6)
     # the paper's raw-gradient rule is not
     c, d = model(), model()
-    train(c, SimpleOptimizer(c.parameters()))
-    train(d, SimpleOptimizer(d.parameters()), scale=2.0 ** -8)
+    train(c, SimpleOptimizer(c.parameters(), weights="simple-raw"))
+    train(d, SimpleOptimizer(d.parameters(), weights="simple-raw"), scale=2.0 ** -8)
     assert not torch.allclose(flat(c), flat(d), rtol=1e-3)
 
 
@@ -163,6 +163,10 @@ def test_state_dict_round_trip_keeps_float32_squares_under_bfloat16_state():
     loaded = next(iter(again.state.values()))
     assert loaded["v"].dtype == torch.float32
     assert torch.equal(loaded["v"], opt.state[m[0].weight]["v"])
+
+
+def test_the_default_weights_normalise_their_input():
+    assert SimpleOptimizer([torch.zeros(2, requires_grad=True)]).net.input_norm == "rms"
 
 
 def test_weight_files_carry_the_input_norm(tmp_path):

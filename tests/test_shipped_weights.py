@@ -19,7 +19,8 @@ from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOp
 # name -> (net class, parameter count, config the file must hold)
 _BASE = {"hidden_size": 10, "bias": False, "aggregate": True}
 PLANNED = {
-    "simple": (SimpleOptimizerNet, 132, _BASE),
+    "simple": (SimpleOptimizerNet, 132, dict(_BASE, input_norm="rms")),
+    "simple-raw": (SimpleOptimizerNet, 132, _BASE),
     "simple-v0": (SimpleOptimizerNet, 132, _BASE),
     "simple-bias": (SimpleOptimizerNet, 143, dict(_BASE, bias=True)),
     "simple-noagg": (SimpleOptimizerNet, 121, dict(_BASE, aggregate=False)),

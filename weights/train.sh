@@ -13,10 +13,19 @@ declare -A CMD=(
   [dm]="--arch dm --trajectories 3 --threads 1 --seed 0"
   [rnnprop]="--arch rnnprop --trajectories 2 --threads 1 --seed 0"
 )
+SIMPLE_ARGS="--out-dir runs/simple-rms --init adam --init-lr 1e-3 --input-norm rms --families mlp mlp-wide mlp conv autoencoder lm regression quadratic --instances 1 --pairs 8 --horizons 1000 2000 4000 --slow-horizon 1000 --meta-lr 0.02 --generations 1000 --seed 31 --until 20"
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-bias simple-noagg simple-uniform dm rnnprop)
+[ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-raw simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
   if [ "$name" = simple ]; then
+    # ES on the task population with the normalised input (input_norm="rms"), from the
+    # Adam-like init rule; the generation given by --until was selected on the validation
+    # suite (see README.md)
+    $PY -m l2l_optim meta-es $SIMPLE_ARGS
+    cp runs/simple-rms/weights.safetensors weights/simple.safetensors
+    continue
+  fi
+  if [ "$name" = simple-raw ]; then
     # ES on the task population in two stages (see README.md): stage 1 from simple-v0, its
     # generation 53 (simple-es1); stage 2 from there with more and larger image tasks and
     # longer horizons, its generation 59 selected on the validation suite
@@ -25,7 +34,7 @@ for name in "${names[@]}"; do
     $PY -m l2l_optim meta-es --out-dir runs/simple-es2 --init runs/simple-es/weights.safetensors \
       --families mlp mlp mlp conv autoencoder autoencoder lm regression quadratic --instances 2 \
       --pairs 8 --horizons 1000 2000 4000 --seed 2 --until 59
-    cp runs/simple-es2/weights.safetensors weights/simple.safetensors
+    cp runs/simple-es2/weights.safetensors weights/simple-raw.safetensors
     continue
   fi
   $PY -m l2l_optim meta-fit ${CMD[$name]} --out-dir "runs/$name"

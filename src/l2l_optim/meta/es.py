@@ -194,7 +194,7 @@ def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
 def meta_train_es(
     out_dir: str | Path,
     *,
-    init: str | Path | SimpleOptimizerNet = "simple",
+    init: str | Path | SimpleOptimizerNet = "simple-raw",
     config: ESConfig | None = None,
     images: ImageData | None = None,
     until: int | None = None,
@@ -210,7 +210,9 @@ def meta_train_es(
             ``checkpoint.pt`` (written after every generation) and ``weights.safetensors``.
         init: the starting weights (anything :func:`~l2l_optim.weights.resolve_net` takes), or
             the name of an init rule (:data:`~l2l_optim.nets.INITS`, e.g. ``"adam"``) applied to
-            a fresh ``SimpleOptimizerNet(input_norm=config.input_norm)``.
+            a fresh ``SimpleOptimizerNet(input_norm=config.input_norm)``. Its ``input_norm``
+            must be the configuration's (the default ``"simple-raw"`` is a raw-gradient rule,
+            as ``ESConfig()`` is; the shipped ``"simple"`` goes with ``input_norm="rms"``).
         config: the settings (ignored when resuming: the checkpoint's are used, and a
             different config raises).
         images: image data for the image families (None: those families are skipped).
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="l2l-optim meta-es",
                                 description="Run or resume ES meta-training in --out-dir.")
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
-    p.add_argument("--init", default="simple", help="starting weights (a shipped name or a path), or an init "
+    p.add_argument("--init", default="simple-raw", help="starting weights (a shipped name or a path), or an init "
                         "rule of l2l_optim.nets.init_net (adam: with --input-norm rms)")
     p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often; "
                         "mlp-wide: MLPs on 28x28 with 96-192 units)")

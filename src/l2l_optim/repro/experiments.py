@@ -65,9 +65,10 @@ class Experiment:
 
 
 SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple-v0")
-# the package's default weights (meta-trained by ES on a task population), beside the
-# paper-faithful ones on the paper's transfer tasks: context, not a claim of the paper
-DEFAULT = OptSpec("simple-default", "SimpleOptimizer, default weights (simple)", "learned", "simple")
+# the raw-gradient weights meta-trained by ES on a task population (the default before the
+# normalised-input one), beside the paper-faithful ones on the paper's transfer tasks:
+# context, not a claim of the paper
+DEFAULT = OptSpec("simple-default", "SimpleOptimizer, ES weights (simple-raw)", "learned", "simple-raw")
 # one seed where a 10,000-step run costs ~20 minutes of a core (fig5a)
 DEFAULT_ONE_SEED = replace(DEFAULT, seeds=1)
 SGD = OptSpec("sgd", "SGD (tuned lr)", "sgd")
