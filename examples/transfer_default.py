@@ -1,4 +1,4 @@
-"""The default weights on LeNet/MNIST for 10,000 steps at lr=1, Figure 4a's protocol, one seed.
+"""The default weights on LeNet/MNIST for 10,000 steps at lr=1, Figure 4a's protocol, one seed a run.
 
     python examples/transfer_default.py --seed 0 --weights simple --data-root /path/to/data
 
