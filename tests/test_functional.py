@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from l2l_optim import kernels
-from l2l_optim.functional import simple_update
+from l2l_optim.functional import RunningRms, simple_update
 from l2l_optim.kernels import simple_update_reference
 from l2l_optim.kernels._common import CACHE, compute_dtype, packed_weights
 from l2l_optim.nets import DMOptimizerNet, SimpleOptimizerNet
@@ -93,16 +93,34 @@ def equal(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def make_rms(params, seed=1):
+    """Running means of the rms input norm some steps in: positive v, c = 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    squares, ones = [], []
+    for p in params:
+        c = torch.full((p.numel(),), 0.3, dtype=torch.float64)
+        squares.append((torch.rand(p.numel(), generator=g, dtype=torch.float64) * c)
+                       .to(p.device, compute_dtype(p.dtype)))
+        ones.append(c.to(p.device, compute_dtype(p.dtype)))
+    return RunningRms(squares, ones)
+
+
 def step_both(impl, device, specs, net, steps=3, lrs=None):
     """`steps` steps of simple_update(impl) and of the reference on the same start; returns
-    (ref params, ref hiddens, params, hiddens)."""
+    (ref params, ref hiddens, params, hiddens), and for a net with the rms input norm the
+    running means after them (ref, impl) too."""
     p, g, h = make_state(specs, device)
     p_ref, g_ref, h_ref = clone(p), clone(g), clone(h)
+    rms = make_rms(p) if net.input_norm else None
+    rms_ref = RunningRms(clone(rms.squares), clone(rms.ones)) if rms else None
     lrs = lrs or [0.05] * len(specs)
     cd = compute_dtype(*(x.dtype for x in p))
     for _ in range(steps):
-        simple_update(p, g, h, lrs, net, impl=impl)
-        simple_update_reference(p_ref, g_ref, h_ref, lrs, net.fused_weights(dtype=cd, device=device))
+        simple_update(p, g, h, lrs, net, impl=impl, rms=rms)
+        simple_update_reference(p_ref, g_ref, h_ref, lrs, net.fused_weights(dtype=cd, device=device),
+                                rms=rms_ref)
+    if rms:
+        return p_ref, h_ref, p, h, rms_ref, rms
     return p_ref, h_ref, p, h
 
 
@@ -130,6 +148,46 @@ def test_matches_reference(impl, device, case):
         return
     tol = {"fp32": 1e-6, "fp64": 1e-12, "bf16-hidden": 4 * 2.0**-8, "mixed": 3 * 2.0**-8}[case]
     assert max_err(p, p_ref) <= tol * 10 and max_err(h, h_ref) <= tol
+
+
+@pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_matches_reference_with_the_rms_input_norm(impl, device, case):
+    # the fused paths normalise inside pass 1; the running means they write must be the
+    # reference's (last bits aside), and so must everything downstream of the input
+    p_ref, h_ref, p, h, rms_ref, rms = step_both(impl, device, SPECS[case],
+                                                 random_net(1, input_norm="rms"))
+    for a, b in zip(rms.squares + rms.ones, rms_ref.squares + rms_ref.ones):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device.type == device
+    if impl == "reference":
+        assert equal([x.cpu() for x in p + h + rms.squares + rms.ones],
+                     p_ref + h_ref + rms_ref.squares + rms_ref.ones)
+        return
+    # v and c: a multiply-add may be fused (one rounding less), relative error ~1 ulp
+    for a, b in zip(rms.squares + rms.ones, rms_ref.squares + rms_ref.ones):
+        torch.testing.assert_close(a.cpu(), b, rtol=4 * torch.finfo(b.dtype).eps, atol=0)
+    tol = {"fp32": 1e-6, "fp64": 1e-12, "bf16-hidden": 4 * 2.0**-8, "mixed": 3 * 2.0**-8}[case]
+    assert max_err(p, p_ref) <= tol * 10 and max_err(h, h_ref) <= tol
+    # and the input norm did change the result
+    p_raw, h_raw, *_ = step_both("reference", device, SPECS[case], random_net(1))
+    assert max_err(h_raw, h_ref) > 10 * tol
+
+
+def test_a_net_with_the_rms_input_norm_needs_its_running_means():
+    p, g, h = make_state(SPECS["fp32"], "cpu")
+    net = random_net(1, input_norm="rms")
+    with pytest.raises(ValueError, match="pass its running means as rms="):
+        simple_update(p, g, h, [0.1] * 3, net)
+    rms = make_rms(p)
+    for impl, _ in PATHS:
+        bad = RunningRms([x.double() for x in rms.squares], rms.ones)
+        with pytest.raises(ValueError, match="rms squares 0 must hold 7 torch.float32 values"):
+            simple_update(p, g, h, [0.1] * 3, net, impl=impl, rms=bad)
+        with pytest.raises(ValueError, match="one running mean of each kind per parameter"):
+            simple_update(p, g, h, [0.1] * 3, net, impl=impl, rms=(rms.squares[:2], rms.ones))
+        with pytest.raises(TypeError, match="rms must be a RunningRms"):
+            simple_update(p, g, h, [0.1] * 3, net, impl=impl, rms=rms.squares)
+    assert equal(p, make_state(SPECS["fp32"], "cpu")[0])  # refused calls change nothing
 
 
 @pytest.mark.parametrize("impl", [i for i, d in PATHS if d == "cpu" and i != "triton"])
@@ -162,13 +220,16 @@ def test_matches_simple_optimizer_step(impl):
 def test_skip_leaves_everything_untouched(impl, device, how):
     # finite gradients: only the flag can stop the step
     p, g, h = make_state(SPECS["mixed"], device)
-    p0, h0 = clone(p), clone(h)
+    rms = make_rms(p)
+    p0, h0, v0, c0 = clone(p), clone(h), clone(rms.squares), clone(rms.ones)
+    net = random_net(3, input_norm="rms")
     skip = torch.tensor(True, device=device) if how == "tensor" else True
-    simple_update(p, g, h, [0.1] * 3, random_net(3), impl=impl, skip=skip)
-    assert equal(p, p0) and equal(h, h0)
+    simple_update(p, g, h, [0.1] * 3, net, impl=impl, skip=skip, rms=rms)
+    assert equal(p, p0) and equal(h, h0) and equal(rms.squares, v0) and equal(rms.ones, c0)
     no = torch.tensor(False, device=device) if how == "tensor" else False
-    simple_update(p, g, h, [0.1] * 3, random_net(3), impl=impl, skip=no)
+    simple_update(p, g, h, [0.1] * 3, net, impl=impl, skip=no, rms=rms)
     assert not equal(p, p0) and not equal(h, h0)
+    assert not equal(rms.squares, v0) and not equal(rms.ones, c0)
 
 
 # ---------------------------------------------------------------------------------- cache

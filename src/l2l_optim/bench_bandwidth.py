@@ -15,7 +15,9 @@ module times, in the same interleaved rounds:
 
 A step's achieved bandwidth counts :data:`BYTES_PER_COORD` bytes per coordinate: with an fp32
 hidden state, read g 4, h 40, theta 4, write h 40, theta 4, and the second pass reads and writes
-theta again, 4 + 4: 100 B; with a bf16 hidden state h is 20 + 20: 60 B. The copy counts its
+theta again, 4 + 4: 100 B; with a bf16 hidden state h is 20 + 20: 60 B. A net with the rms
+input norm (the shipped default) also reads and writes its two fp32 running means, v and c:
+:data:`RMS_BYTES_PER_COORD` = 16 B more, 116 and 76 B. The copy counts its
 read and its write, as STREAM's copy does (on x86 both the kernel's stores and the copy's incur
 the same write-allocate reads, which neither count).
 
@@ -37,14 +39,17 @@ import torch
 from torch import Tensor
 
 from .bench import GRAD_SCALE, SIZES, _available_memory, _fmt_ms, resolved_impl, time_steps
-from .functional import simple_update
+from .functional import RunningRms, simple_update
 from .optimizer import SimpleOptimizer
 
-__all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "BYTES_PER_COORD", "STATE_DTYPES",
+__all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "BYTES_PER_COORD",
+           "RMS_BYTES_PER_COORD", "STATE_DTYPES",
            "resolve_size", "run_bandwidth", "format_bandwidth", "bandwidth_targets", "count_subnormal"]
 
 #: bytes moved per coordinate by one fused step, by hidden-state dtype (see the module docstring)
 BYTES_PER_COORD = {"float32": 100, "bfloat16": 60}
+#: what the rms input norm adds: its running means v and c (fp32), each read and written
+RMS_BYTES_PER_COORD = 16
 #: the hidden-state dtypes by name
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: hidden-state bytes per coordinate, for the memory check (10 hidden values)
@@ -222,14 +227,15 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
     for size in cfg.sizes:
         label, shapes = resolve_size(size)
         n = sum(math.prod(s) for s in shapes)
-        size_rows = [BandwidthRow(size, label, n, len(shapes), d, BYTES_PER_COORD[d])
+        extra = RMS_BYTES_PER_COORD if _shipped_input_norm() else 0
+        size_rows = [BandwidthRow(size, label, n, len(shapes), d, BYTES_PER_COORD[d] + extra)
                      for d in cfg.state_dtypes]
         rows.extend(size_rows)
         for row in size_rows:
             row.copy_bytes = _copy_bytes(row, cfg.copy_max_bytes)
         copy_max = max(row.copy_bytes for row in size_rows)
         # parameters and gradients (8 B), every dtype's state, the copy buffers
-        need = n * (8 + sum(_STATE_BYTES[d] for d in cfg.state_dtypes)) + copy_max
+        need = n * (8 + sum(_STATE_BYTES[d] + extra // 2 for d in cfg.state_dtypes)) + copy_max
         avail = _available_memory(device)
         if need > 0.6 * avail:  # the machine is shared: leave the others room
             for row in size_rows:
@@ -252,11 +258,14 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
             for row, opt in zip(size_rows, opts):
                 hiddens = [opt.state[p]["h"] for p in params]
                 lrs = [opt.param_groups[0]["lr"]] * len(params)
+                rms = (RunningRms([opt.state[p]["v"] for p in params],
+                                  [opt.state[p]["c"] for p in params]) if extra else None)
                 k = row.copy_bytes // 8
                 variants = (
                     ("copy_s", lambda s=src[:k], d=dst[:k]: d.copy_(s)),
                     ("step_s", opt.step),
-                    ("update_s", lambda o=opt, h=hiddens, lr=lrs: simple_update(params, grads, h, lr, o.net)),
+                    ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms:
+                        simple_update(params, grads, h, lr, o.net, rms=m)),
                 )
                 for attr, fn in variants:
                     times, _ = time_steps(_Call(fn), per_round, warmup=cfg.warmup, device=device,
@@ -270,6 +279,13 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         log(format_bandwidth(size_rows))
         del opts, params, grads, src, dst
     return rows
+
+
+def _shipped_input_norm() -> str | None:
+    """The input norm of the shipped default weights, which the table's optimizers use."""
+    from .weights import resolve_net
+
+    return getattr(resolve_net("simple")[0], "input_norm", None)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -309,7 +325,8 @@ def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
     for dtype in ("float32", "bfloat16"):
         row = next((r for r in rows if r.size == "10m" and r.state_dtype == dtype
                     and r.step_s and r.copy_s), None)
-        out.append(dict(target=f"10M step, {dtype} state ({BYTES_PER_COORD[dtype]} B/coord): "
+        nbytes = BYTES_PER_COORD[dtype] if row is None else row.bytes_per_coord
+        out.append(dict(target=f"10M step, {dtype} state ({nbytes} B/coord): "
                                ">= 80% of copy GB/s",
                         measured=None if row is None else row.step_fraction, unit="%",
                         met=None if row is None else row.step_fraction >= 0.8))

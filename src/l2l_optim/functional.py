@@ -15,6 +15,7 @@ from torch import Tensor
 from . import kernels
 from .kernels._common import (
     Aggregate,
+    RunningRms,
     check_lengths,
     compute_dtype,
     packed_weights,
@@ -22,7 +23,7 @@ from .kernels._common import (
 )
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights, rms_normalise
 
-__all__ = ["simple_update", "normalise_inputs", "coordinatewise_update"]
+__all__ = ["simple_update", "RunningRms", "normalise_inputs", "coordinatewise_update"]
 
 
 def simple_update(
@@ -35,11 +36,13 @@ def simple_update(
     impl: str = "auto",
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
+    rms: RunningRms | tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> None:
     r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
 
     Per coordinate ``i`` of every tensor in the call, with gradient ``g_i`` and hidden state
-    ``h_i``: ``h_i' = tanh(w_ih g_i + w_hh h_i + b_h)`` and
+    ``h_i``: ``h_i' = tanh(w_ih x_i + w_hh h_i + b_h)``, where ``x_i = g_i`` or, with ``rms``,
+    the gradient over its running root mean square (:func:`~l2l_optim.nets.rms_normalise`), and
     ``theta_i <- theta_i + lr * (w_a . h_i' + w_b . mean_j h_j' + b_out)``, the mean running
     over every coordinate of every tensor in the call. Coordinates of float64 parameters are
     computed in float64, all others in float32; bfloat16 / float16 storage is rounded once.
@@ -73,6 +76,12 @@ def simple_update(
             it may be a collective; when it raises, pass 1 (the hidden states and the
             per-coordinate part of the update) has already been applied. ``None`` (the
             default): the mean over this call's coordinates, in one fused pass.
+        rms: the running means of a net with ``input_norm="rms"`` (required for such a
+            net, ``None`` for the others): ``RunningRms(squares, ones)``, or a pair of lists,
+            one flat tensor of ``p.numel()`` elements per parameter in its compute dtype
+            (float64 for float64 parameters, else float32), zeros before the first step;
+            updated in place by the same pass that reads the gradient (SimpleOptimizer's
+            states ``"v"`` and ``"c"``). Skipped steps leave them unchanged.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version
@@ -80,7 +89,8 @@ def simple_update(
 
     Raises:
         ValueError: an unknown ``impl``, lists of different lengths, a sparse gradient, an
-            unsupported dtype or a hidden state of the wrong shape.
+            unsupported dtype, a hidden state of the wrong shape, a net with
+            ``input_norm="rms"`` without ``rms``, or running means that do not fit.
         TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights, a tensor
             is a subclass the kernels cannot address (e.g. DTensor: pass its ``to_local()``),
             ``aggregate`` is not callable or returns no one-element tensor.
@@ -107,6 +117,11 @@ def simple_update(
         )
     if aggregate is not None and not callable(aggregate):
         raise TypeError(f"aggregate must be callable, got {type(aggregate).__name__}")
+    if rms is None and getattr(weights, "input_norm", None) is not None:
+        raise ValueError(
+            f"this net normalises its input (input_norm={weights.input_norm!r}): pass its "
+            "running means as rms=RunningRms(squares, ones)"
+        )
     check_lengths(params, grads, hiddens, lrs)
     done, skip = split_skip(skip)
     if done or not params:
@@ -116,7 +131,7 @@ def simple_update(
     if isinstance(weights, SimpleOptimizerNet):
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     with torch.no_grad():
-        kernel(params, grads, hiddens, lrs, weights, skip, aggregate)
+        kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms)
 
 
 def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor], running_ones: list[Tensor],

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, kernels
-from .functional import coordinatewise_update, normalise_inputs, simple_update
+from .functional import RunningRms, coordinatewise_update, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet
@@ -786,10 +786,12 @@ class SimpleOptimizer(LearnedOptimizer):
 
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
+        # the rms input norm's running means go to the kernel, which updates them as it reads g
+        rms = None
         if self.net.input_norm is not None:
-            grads = normalise_inputs(grads, [s["v"] for s in states], [s["c"] for s in states], skip)
+            rms = RunningRms([s["v"] for s in states], [s["c"] for s in states])
         simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
-                      impl=self.defaults["impl"], skip=skip, aggregate=aggregate)
+                      impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
 
 
 class DMOptimizer(LearnedOptimizer):

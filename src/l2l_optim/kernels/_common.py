@@ -6,6 +6,8 @@
   so that every path accepts and rejects the same calls with the same messages.
 * :data:`Aggregate`, :func:`call_aggregate`: the external reduction between the two passes
   (a mean over coordinates that other processes hold).
+* :class:`RunningRms`, :func:`check_rms`: the running means of the rms input norm
+  (``SimpleOptimizerNet(input_norm="rms")``), which every path updates in the same call.
 * :func:`contiguous_inplace`: contiguous working copies of non-contiguous tensors, copied back
   after the kernel, and the autograd version bump that in-place writes through raw pointers
   need.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,6 +36,8 @@ __all__ = [
     "split_skip",
     "Aggregate",
     "call_aggregate",
+    "RunningRms",
+    "check_rms",
     "check_lengths",
     "check_inputs",
     "contiguous_inplace",
@@ -92,6 +96,46 @@ def call_aggregate(aggregate: Aggregate, sums: Tensor) -> Tensor:
         got = f"{type(shared).__name__} {tuple(getattr(shared, 'shape', ()))}"
         raise TypeError(f"aggregate must return a one-element floating-point tensor, got {got}")
     return shared.reshape(()).to(device=sums.device, dtype=torch.float64)
+
+
+class RunningRms(NamedTuple):
+    """The running means of the rms input norm (:func:`~l2l_optim.nets.rms_normalise`), one
+    per parameter: flat tensors of ``p.numel()`` elements in the parameter's compute dtype
+    (:func:`compute_dtype`), updated in place by the step (SimpleOptimizer's states ``"v"``
+    and ``"c"``)."""
+
+    squares: list[Tensor]  # v: the running mean of squared gradients
+    ones: list[Tensor]  # c: the running mean of ones (the bias correction)
+
+
+def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device | None = None,
+              device_rule: str = "") -> None:
+    """Raise unless ``rms`` is a :class:`RunningRms` that fits ``params`` (see check_inputs).
+
+    Raises:
+        TypeError: not a pair of lists, or a tensor subclass.
+        ValueError: a length, element count or dtype that does not fit.
+        RuntimeError: a tensor on another device than ``device``.
+    """
+    if not (isinstance(rms, tuple) and len(rms) == 2 and all(isinstance(x, (list, tuple))
+                                                          for x in rms)):
+        raise TypeError("rms must be a RunningRms(squares, ones) of two lists of tensors, got "
+                        f"{type(rms).__name__}")
+    squares, ones = rms
+    if not len(squares) == len(ones) == len(params):
+        raise ValueError(f"rms needs one running mean of each kind per parameter, got "
+                         f"{len(squares)} and {len(ones)} for {len(params)} parameters")
+    for i, (p, v, c) in enumerate(zip(params, squares, ones)):
+        cd = compute_dtype(p.dtype)
+        for x, what in ((v, "rms squares"), (c, "rms ones")):
+            _check_plain(x, what, i)
+            if device is not None and x.device != device:
+                raise RuntimeError(f"impl={impl!r} {device_rule}; got a tensor on {x.device}")
+            if x.numel() != p.numel() or x.dtype != cd:
+                raise ValueError(
+                    f"impl={impl!r}: {what} {i} must hold {p.numel()} {cd} values (the "
+                    f"compute dtype of a {p.dtype} parameter), got {x.numel()} {x.dtype}"
+                )
 
 
 def _check_plain(x: Any, what: str, i: int) -> None:
@@ -191,30 +235,33 @@ def bump_versions(*lists: list[Tensor]) -> None:
 
 @contextlib.contextmanager
 def contiguous_inplace(
-    params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor]
-) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
-    """Yield contiguous ``(params, grads, hiddens)`` for a kernel that writes raw memory.
+    params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], *more: list[Tensor]
+) -> Iterator[tuple[list[Tensor], ...]]:
+    """Yield contiguous ``(params, grads, hiddens, *more)`` for a kernel that writes raw memory.
 
-    Non-contiguous parameters and hidden states get contiguous copies, written back into the
-    originals (strides kept) when the block ends without an exception. Then the version
-    counters of the originals are bumped: the kernel's writes bypass autograd, and a backward
-    through a graph that saved these tensors must fail loudly, as after ``p.add_()``.
+    Non-contiguous parameters, hidden states and tensors of ``more`` (other state the kernel
+    updates in place, such as the rms input norm's running means) get contiguous copies,
+    written back into the originals (strides kept) when the block ends without an exception.
+    Then the version counters of the originals are bumped: the kernel's writes bypass
+    autograd, and a backward through a graph that saved these tensors must fail loudly, as
+    after ``p.add_()``.
     """
-    ps, gs, hs, copy_back = [], [], [], []
-    for p, g, h in zip(params, grads, hiddens):
-        pc = p if p.is_contiguous() else p.contiguous()
-        hc = h if h.is_contiguous() else h.contiguous()
-        if pc is not p:
-            copy_back.append((p, pc))
-        if hc is not h:
-            copy_back.append((h, hc))
-        ps.append(pc)
-        gs.append(g if g.is_contiguous() else g.contiguous())
-        hs.append(hc)
-    yield ps, gs, hs
+    copy_back = []
+
+    def working(ts: list[Tensor]) -> list[Tensor]:
+        out = []
+        for t in ts:
+            tc = t if t.is_contiguous() else t.contiguous()
+            if tc is not t:
+                copy_back.append((t, tc))
+            out.append(tc)
+        return out
+
+    gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    yield (working(params), gs, working(hiddens), *(working(ts) for ts in more))
     for dst, src in copy_back:
         dst.copy_(src)
-    bump_versions(params, hiddens)
+    bump_versions(params, hiddens, *more)
 
 
 # ---------------------------------------------------------------------------------- cache

@@ -49,12 +49,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights
+from ..nets import RMS_BETA, RMS_EPS, SimpleWeights
 from . import _cpu_library
 from ._common import (
     Aggregate,
+    RunningRms,
     call_aggregate,
     check_inputs,
+    check_rms,
     contiguous_inplace,
     packed_weights,
     split_skip,
@@ -164,12 +166,21 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"l2l_optim cpu kernel: {_ERRORS.get(rc, f'error {rc}')}")
 
 
-def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool):
+# the rms input norm's constants as the library takes them: beta, 1 - beta (rounded as
+# nets.rms_normalise rounds it), eps
+_NORM = (ctypes.c_double * 3)(RMS_BETA, 1 - RMS_BETA, RMS_EPS)
+
+
+def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``."""
     lib = load_library()
     n = len(params)
     if not (len(grads) == len(hiddens) == len(lrs) == n):
         raise RuntimeError("l2l_optim cpu kernel: params, grads, hiddens and lrs differ in length")
+    norm = bool(squares)
+    if norm and not len(squares) == len(ones) == n:
+        raise RuntimeError("l2l_optim cpu kernel: the rms running means differ in length from params")
+    v_ptrs, c_ptrs = [], []
     w_ptr, w_len = _weights_pointer(weights)
     h_size = _hidden_size(w_len)
     p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, numels, scratch = [], [], [], [], [], [], [], []
@@ -186,6 +197,15 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool):
                                f"got {tuple(h.shape)}")
         p_ptrs.append(pp), p_codes.append(pc), g_ptrs.append(gp), g_codes.append(gc)
         h_ptrs.append(hp), h_codes.append(hc), numels.append(k)
+        if norm:
+            # the compute dtype: fp64 for fp64 parameters, else fp32 (the library reads them so)
+            code = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for x, ptrs, what in ((squares[i], v_ptrs, "rms squares"), (ones[i], c_ptrs, "rms ones")):
+                xp, _ = _pointer(x, what, i, {code: 0})
+                if x.numel() != k:
+                    raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
+                                       f"elements, param has {k}")
+                ptrs.append(xp or None)
         # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
         scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else None)
     skip_ptr, _flag = _skip_pointer(skip)
@@ -193,7 +213,8 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool):
     rc = lib.l2l_simple_pass1(
         n, _array(_P, p_ptrs), _array(ctypes.c_int32, p_codes), _array(_P, g_ptrs),
         _array(ctypes.c_int32, g_codes), _array(_P, h_ptrs), _array(ctypes.c_int32, h_codes),
-        _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
+        _array(_P, v_ptrs) if norm else None, _array(_P, c_ptrs) if norm else None,
+        _NORM if norm else None, _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
         _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
         w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
     _check(rc)
@@ -210,15 +231,18 @@ def _hidden_size(w_len: int) -> int:
     return h
 
 
+# squares, ones: the rms input norm's running means, or empty lists for none (an op's
+# arguments cannot be None lists)
 def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
-                   lrs: list[float], weights: Tensor, skip: Optional[Tensor]) -> None:
-    _pass1(params, grads, hiddens, lrs, weights, skip, want_sums=False)
+                   lrs: list[float], weights: Tensor, skip: Optional[Tensor],
+                   squares: list[Tensor], ones: list[Tensor]) -> None:
+    _pass1(params, grads, hiddens, lrs, weights, skip, False, squares, ones)
 
 
 def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
-                         lrs: list[float], weights: Tensor,
-                         skip: Optional[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    sums, scratch = _pass1(params, grads, hiddens, lrs, weights, skip, want_sums=True)
+                         lrs: list[float], weights: Tensor, skip: Optional[Tensor],
+                         squares: list[Tensor], ones: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    sums, scratch = _pass1(params, grads, hiddens, lrs, weights, skip, True, squares, ones)
     # an empty buffer for the parameters that need none (an op returns tensors, not None)
     return sums, [torch.empty(0) if s is None else s for s in scratch]
 
@@ -265,16 +289,18 @@ def _register_ops() -> None:
     """
     lib = "l2l_optim_cpu"
     update = torch.library.custom_op(f"{lib}::simple_update", _simple_update,
-                                     mutates_args=("params", "hiddens"), device_types="cpu")
+                                     mutates_args=("params", "hiddens", "squares", "ones"),
+                                     device_types="cpu")
     pass1 = torch.library.custom_op(f"{lib}::simple_update_pass1", _simple_update_pass1,
-                                    mutates_args=("params", "hiddens"), device_types="cpu")
+                                    mutates_args=("params", "hiddens", "squares", "ones"),
+                                    device_types="cpu")
     pass2 = torch.library.custom_op(f"{lib}::simple_update_pass2", _simple_update_pass2,
                                     mutates_args=("params",), device_types="cpu")
-    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip: None)
+    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones: None)
     pass2.register_fake(lambda params, scratch, lrs, weights, shared, skip: None)
 
     @pass1.register_fake
-    def _(params, grads, hiddens, lrs, weights, skip):
+    def _(params, grads, hiddens, lrs, weights, skip, squares, ones):
         sums = weights.new_empty((len(params),), dtype=torch.float64)
         low = (torch.bfloat16, torch.float16)
         return sums, [weights.new_empty((p.numel() if p.dtype in low else 0,), dtype=torch.float32)
@@ -305,8 +331,11 @@ def simple_update_cpu(
     weights: SimpleWeights,
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
+    rms: RunningRms | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
+
+    With ``rms`` the input norm runs inside pass 1, on each block as it is read.
 
     Without ``aggregate`` one call runs both passes; with it, pass 1 and pass 2 are two calls
     and ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
@@ -319,6 +348,8 @@ def simple_update_cpu(
     load_library()
     check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
                  device_rule="runs on CPU tensors only")
+    if rms is not None:
+        check_rms("cpu", rms, params, device=_CPU, device_rule="runs on CPU tensors only")
     done, skip = split_skip(skip)
     if skip is not None and skip.device.type != "cpu":
         raise RuntimeError("impl='cpu': the skip flag must be a CPU tensor")
@@ -328,11 +359,13 @@ def simple_update_cpu(
     packed = packed_weights(weights, _CPU, torch.float64, flat=True)
     lr_list = [float(lr) for lr in lrs]
     update, pass1, pass2 = _ops()
-    with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
+    squares, ones = rms if rms is not None else ([], [])
+    with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
+                                             list(ones)) as (ps, gs, hs, vs, cs):
         if aggregate is None:
-            update(ps, gs, hs, lr_list, packed, skip)
+            update(ps, gs, hs, lr_list, packed, skip, vs, cs)
             return
-        sums, scratch = pass1(ps, gs, hs, lr_list, packed, skip)
+        sums, scratch = pass1(ps, gs, hs, lr_list, packed, skip, vs, cs)
         shared = call_aggregate(aggregate, sums)
         pass2(ps, scratch, lr_list, packed, shared, skip)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights
+from ..nets import SimpleWeights, rms_normalise
 from ._common import (
     Aggregate,
+    RunningRms,
     call_aggregate,
     check_inputs,
+    check_rms,
     compute_dtype,
     packed_weights,
     split_skip,
@@ -31,6 +33,7 @@ def simple_update_reference(
     weights: SimpleWeights,
     skip: Tensor | None = None,
     aggregate: Aggregate | None = None,
+    rms: RunningRms | None = None,
 ) -> None:
     """Apply one SimpleOptimizer step in place to ``params`` and ``hiddens``.
 
@@ -48,6 +51,9 @@ def simple_update_reference(
             tensor on the first parameter's device) go through it and the scalar it returns
             replaces ``w_b . mean(h')`` (see :data:`~._common.Aggregate`). It is called once
             per call with parameters, also when a tensor ``skip`` is true (with zeros).
+        rms: for a net with the rms input norm, its running means (updated in place); the
+            RNN's input is then :func:`~l2l_optim.nets.rms_normalise` of the gradient, in the
+            compute dtype. ``None``: the raw gradient.
 
     The aggregate is the mean of ``h'`` over every coordinate of every tensor in the call.
 
@@ -58,6 +64,9 @@ def simple_update_reference(
     """
     H = weights.w_ih.numel()
     check_inputs("reference", params, grads, hiddens, lrs, H)
+    if rms is not None:
+        check_rms("reference", rms, params)
+        rms = RunningRms(*rms)
     done, skip = split_skip(skip)
     if done or not params:
         return
@@ -70,14 +79,18 @@ def simple_update_reference(
                                                       device=params[0].device))
             return
         skip = None
-    new_hiddens = []
+    new_hiddens, new_rms = [], []
     sums = []  # per tensor: sum of w_b . h' over its coordinates (for aggregate)
     total = torch.zeros(H, dtype=torch.float64)
     count = 0
-    for p, g, h in zip(params, grads, hiddens):
+    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
         cd = compute_dtype(p.dtype)
         w = packed_weights(weights, p.device, cd)
         g_flat = g.reshape(-1).to(cd)
+        if rms is not None:
+            g_flat, v_new, c_new = rms_normalise(g_flat, rms.squares[i].reshape(-1),
+                                                 rms.ones[i].reshape(-1))
+            new_rms.append((v_new, c_new))
         h_old = h.to(cd)
         pre = w.w_ih.unsqueeze(1) * g_flat.unsqueeze(0) + w.w_hh @ h_old + w.b_h.unsqueeze(1)
         h_new = torch.tanh(pre)
@@ -103,3 +116,8 @@ def simple_update_reference(
             p_new, h_new = torch.where(skip, p, p_new), torch.where(skip, h, h_new)
         p.copy_(p_new)
         h.copy_(h_new)
+    for v, c, (v_new, c_new) in zip(rms.squares if rms else (), rms.ones if rms else (), new_rms):
+        if skip is not None:
+            v_new, c_new = torch.where(skip, v.reshape(-1), v_new), torch.where(skip, c.reshape(-1), c_new)
+        v.copy_(v_new.view(v.shape))
+        c.copy_(c_new.view(c.shape))

@@ -5,14 +5,18 @@
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
 //
-//     h_i' = tanh(w_ih * g_i + w_hh @ h_i + b_h)
+//     x_i  = g_i, or with the rms input norm (nets.rms_normalise):
+//            v_i = beta v_i + (1 - beta) g_i^2,  c_i = beta c_i + (1 - beta),
+//            x_i = g_i / (sqrt(v_i / c_i) + eps)      (v, c updated in place)
+//     h_i' = tanh(w_ih * x_i + w_hh @ h_i + b_h)
 //     u_i  = w_a . h_i' + b_out + w_b . mean_j(h_j')      (mean over every coordinate of the call)
 //     theta_i += lr * u_i
 //
 // Because the aggregate enters linearly, w_b . mean(h') = (1/N) sum_j (w_b . h_j') is ONE scalar
 // shared by every coordinate, so the step is two passes:
 //
-//   pass 1 (one sweep over all coordinates, all tensors): read g, h, theta; compute h'; write h';
+//   pass 1 (one sweep over all coordinates, all tensors): read g, h, theta (and v, c: write them
+//          back); compute h'; write h';
 //          apply the per-coordinate part lr * (w_a . h' + b_out); store per-block partial sums of
 //          w_b . h'.
 //   reduce: the partial sums, in block order, in double.
@@ -118,11 +122,19 @@ struct Item {
   int64_t len;
 };
 
+// The rms input norm's constants (nets.RMS_BETA, RMS_EPS), as the caller passes them.
+struct Norm {
+  double beta, one_minus_beta, eps;
+};
+
 // One tensor of the call.
 struct Job {
   void* param;
   const void* grad;
   void* hidden;
+  void* squares;  // the rms input norm's running means v and c, in the compute dtype (fp64 for
+  void* ones;     // fp64 parameters, else fp32), updated in place; nullptr: no input norm
+  const Norm* norm;
   float* scratch;  // bf16 / fp16 parameters: the zeroed fp32 buffer of u; else nullptr
   int32_t pk, gk, hk;  // dtype codes of param, grad, hidden state
   int64_t n;
@@ -324,7 +336,7 @@ using namespace l2l;
 // ------------------------------------------------------------------------------------------------
 // the C ABI (argument order and meaning mirrored in cpu.py)
 
-L2L_API int l2l_abi_version(void) { return 1; }
+L2L_API int l2l_abi_version(void) { return 2; }
 
 // the hash of the sources and flags this library was built from; _build.py finds it in the
 // file by its prefix, so a loader can tell a stale library without loading it
@@ -372,6 +384,9 @@ L2L_API int l2l_select_isa(const char* name) {
 //   params, grads, hiddens: data pointers (numels[t] elements; hiddens (H, numels[t]))
 //   param_dtypes, grad_dtypes, hidden_dtypes: dtype codes (params and grads: any of the four;
 //       hidden states: kF32, kF64 or kBF16)
+//   squares, ones, norm: NULL, or the rms input norm: per tensor the running means v and c
+//       (numels[t] elements of the compute dtype: fp64 for fp64 parameters, else fp32;
+//       updated in place) and norm = {beta, 1 - beta, eps}
 //   lrs: one learning rate per tensor
 //   scratch: per tensor, for bf16 / fp16 parameters a zeroed fp32 buffer of numels[t] elements
 //       (pass 2 reads it back), ignored for the others; may be NULL when there are none
@@ -382,6 +397,7 @@ L2L_API int l2l_select_isa(const char* name) {
 L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                              const void* const* grads, const int32_t* grad_dtypes,
                              void* const* hiddens, const int32_t* hidden_dtypes,
+                             void* const* squares, void* const* ones, const double* norm,
                              const int64_t* numels, const double* lrs, float* const* scratch,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
                              double* sums, int n_threads) {
@@ -391,6 +407,9 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
   Step step;
   int rc = step.init(n_tensors, params, param_dtypes, numels, lrs, scratch, weights, n_weights);
   if (rc != kOk) return rc;
+  if ((squares == nullptr) != (ones == nullptr) || (squares == nullptr) != (norm == nullptr))
+    return kBadArgument;
+  const Norm nm = norm == nullptr ? Norm{0.0, 0.0, 0.0} : Norm{norm[0], norm[1], norm[2]};
   for (int64_t t = 0; t < n_tensors; ++t) {
     Job& job = step.jobs[t];
     if (!valid_param_dtype(grad_dtypes[t]) || !valid_hidden_dtype(hidden_dtypes[t]))
@@ -400,6 +419,12 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
     job.gk = grad_dtypes[t];
     job.hk = hidden_dtypes[t];
     if (job.n > 0 && (job.grad == nullptr || job.hidden == nullptr)) return kBadArgument;
+    if (norm != nullptr) {
+      job.squares = squares[t];
+      job.ones = ones[t];
+      job.norm = &nm;
+      if (job.n > 0 && (job.squares == nullptr || job.ones == nullptr)) return kBadArgument;
+    }
   }
   if (step.N == 0) return kOk;
   double* partial = static_cast<double*>(std::malloc(static_cast<size_t>(step.n_items) * sizeof(double)));

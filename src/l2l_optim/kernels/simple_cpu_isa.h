@@ -337,11 +337,36 @@ inline const C* load_grad_block(const Job& job, int64_t i0, int64_t len, C* __re
   return buf;
 }
 
+// The rms input norm on one block: v = beta v + (1 - beta) g^2, c = beta c + (1 - beta) in
+// place, and x = g / (sqrt(v / c) + eps) into buf, in the order of nets.rms_normalise (the
+// compiler may fuse a multiply and an add: the last bit may differ from torch's).
+template <typename C>
+inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i0, int64_t len,
+                                C* __restrict buf) {
+  C* __restrict v = static_cast<C*>(job.squares) + i0;
+  C* __restrict c = static_cast<C*>(job.ones) + i0;
+  const C beta = static_cast<C>(job.norm->beta);
+  const C omb = static_cast<C>(job.norm->one_minus_beta);
+  const C eps = static_cast<C>(job.norm->eps);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const C gi = g[i];
+    const C vn = v[i] * beta + (gi * gi) * omb;
+    const C cn = c[i] * beta + omb;
+    v[i] = vn;
+    c[i] = cn;
+    buf[i] = gi / (std::sqrt(vn / cn) + eps);
+  }
+  return buf;
+}
+
 template <typename C, typename S>
 double run_block_typed(const Job& job, const Item& it, const Weights<C>& w) {
   alignas(64) C gbuf[kBlock];
+  alignas(64) C xbuf[kBlock];
   alignas(64) C sbuf[kBlock];
   const C* g = load_grad_block<C>(job, it.start, it.len, gbuf);
+  if (job.squares != nullptr) g = normalise_block<C>(job, g, it.start, it.len, xbuf);
   S* h = static_cast<S*>(job.hidden);
   C* out;
   C lr;

@@ -10,7 +10,9 @@ Structure (the same two passes as the CPU kernel, see ``simple_cpu.cpp``):
    tensor of the group: each program takes one block of ``BLOCK`` coordinates of one tensor
    (a block table maps program id -> (tensor, start); a pointer table holds the tensors'
    addresses), reads g, the ``(H, BLOCK)`` hidden tile (coalesced: coordinate last) and theta,
-   computes ``h' = tanh(w_ih g + w_hh h + b_h)``, writes ``h'``, applies
+   computes ``h' = tanh(w_ih g + w_hh h + b_h)`` (with the rms input norm, ``g`` is first
+   divided by its running rms, whose running means it reads and writes in the same
+   program), writes ``h'``, applies
    ``theta += lr (w_a . h' + b_out)`` and writes the block's sum of ``w_b . h'`` to a partials
    buffer. bf16/fp16 parameters instead write ``u = w_a . h' + b_out`` to an fp32 scratch
    buffer so that theta is rounded once, as in the reference.
@@ -55,12 +57,14 @@ import os
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights
+from ..nets import RMS_BETA, RMS_EPS, SimpleWeights
 from ._common import (
     CACHE,
     Aggregate,
+    RunningRms,
     call_aggregate,
     check_inputs,
+    check_rms,
     compute_dtype,
     contiguous_inplace,
     packed_weights,
@@ -157,11 +161,11 @@ if triton is not None:
 
     @triton.jit
     def _pass1_kernel(
-        p_tab, g_tab, h_tab, n_tab, sc_tab, lr_tab, blk_t, blk_s,
-        w_ptr, part_ptr, scratch_ptr, skip_ptr,
+        p_tab, g_tab, h_tab, v_tab, c_tab, n_tab, sc_tab, lr_tab, blk_t, blk_s,
+        w_ptr, norm_ptr, part_ptr, scratch_ptr, skip_ptr,
         H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, H_DT: tl.constexpr, C_DT: tl.constexpr,
-        INPLACE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        INPLACE: tl.constexpr, HAS_SKIP: tl.constexpr, RMS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(blk_t + pid)
@@ -177,6 +181,22 @@ if triton is not None:
         rmask = rows < H
 
         g = tl.load(gp + offs, mask=mask, other=0.0).to(C_DT)
+        if RMS:
+            # nets.rms_normalise: v, c (compute dtype) updated in place; correctly rounded
+            # sqrt and division, as torch's (fp32 `/` on a GPU is an approximation)
+            vp = tl.load(v_tab + t).to(tl.pointer_type(C_DT))
+            cp = tl.load(c_tab + t).to(tl.pointer_type(C_DT))
+            beta = tl.load(norm_ptr).to(C_DT)
+            omb = tl.load(norm_ptr + 1).to(C_DT)
+            eps = tl.load(norm_ptr + 2).to(C_DT)
+            v = tl.load(vp + offs, mask=mask, other=0.0) * beta + (g * g) * omb
+            c = tl.load(cp + offs, mask=mask, other=0.0) * beta + omb
+            tl.store(vp + offs, v, mask=mask)
+            tl.store(cp + offs, c, mask=mask)
+            if C_DT == tl.float64:  # fp64 division and sqrt round correctly as they are
+                g = g / (tl.sqrt(v / c) + eps)
+            else:
+                g = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, c)) + eps)
         hmask = rmask[:, None] & mask[None, :]
         h = tl.load(hp + rows[:, None].to(tl.int64) * n + offs[None, :], mask=hmask, other=0.0)
         h = h.to(C_DT)
@@ -305,17 +325,18 @@ def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.d
     return host.to(device)
 
 
-def _plan(params, grads, hiddens, device, block) -> _Plan:
+def _plan(params, grads, hiddens, squares, ones, device, block) -> _Plan:
     # the tables hold addresses, not tensors: a key of addresses, sizes and dtypes is exact
     # (a tensor freed and another allocated at the same address reuses a correct table)
     key = ("triton-plan", device, block) + tuple(
         (p.data_ptr(), g.data_ptr(), h.data_ptr(), p.numel(), p.dtype, g.dtype, h.dtype)
         for p, g, h in zip(params, grads, hiddens)
-    )
-    return CACHE.get(key, lambda: _make_plan(params, grads, hiddens, device, block))
+    ) + tuple(x.data_ptr() for x in (*squares, *ones))
+    return CACHE.get(key, lambda: _make_plan(params, grads, hiddens, squares, ones, device, block))
 
 
-def _make_plan(params, grads, hiddens, device, block) -> _Plan:
+def _make_plan(params, grads, hiddens, squares, ones, device, block) -> _Plan:
+    # squares, ones: the rms input norm's running means, or empty lists (then 0 addresses)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
         if p.numel() == 0:
@@ -339,6 +360,8 @@ def _make_plan(params, grads, hiddens, device, block) -> _Plan:
         p_tab = [params[i].data_ptr() for i in idx]
         g_tab = [grads[i].data_ptr() for i in idx]
         h_tab = [hiddens[i].data_ptr() for i in idx]
+        v_tab = [squares[i].data_ptr() if squares else 0 for i in idx]
+        c_tab = [ones[i].data_ptr() if ones else 0 for i in idx]
         n_tab = [params[i].numel() for i in idx]
         sc_tab = []
         blk_t, blk_s = [], []
@@ -355,10 +378,11 @@ def _make_plan(params, grads, hiddens, device, block) -> _Plan:
         grp.n_blocks = len(blk_t)
         grp.part_base = part_base
         part_base += grp.n_blocks
-        tab = _upload(p_tab + g_tab + h_tab + n_tab + sc_tab + blk_t + blk_s, torch.int64, device)
+        tab = _upload(p_tab + g_tab + h_tab + v_tab + c_tab + n_tab + sc_tab + blk_t + blk_s,
+                      torch.int64, device)
         o = 0
         views = {}
-        for name, length in (("p", T), ("g", T), ("h", T), ("n", T), ("sc", T),
+        for name, length in (("p", T), ("g", T), ("h", T), ("v", T), ("c", T), ("n", T), ("sc", T),
                              ("bt", grp.n_blocks), ("bs", grp.n_blocks)):
             views[name] = tab[o : o + length]
             o += length
@@ -483,8 +507,12 @@ def simple_update_triton(
     weights: SimpleWeights,
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
+    rms: RunningRms | None = None,
 ) -> None:
     """The fused Triton update; same contract as :func:`~.reference.simple_update_reference`.
+
+    With ``rms`` the input norm runs inside pass 1 (its running means are read and written
+    in the same program as the gradient).
 
     Raises:
         RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device (CPU
@@ -502,14 +530,21 @@ def simple_update_triton(
             "'reference' (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
         )
     H = weights.w_ih.numel()
-    check_inputs("triton", params, grads, hiddens, lrs, H, device=device,
-                 device_rule="needs all tensors on one device (impl='reference' takes several)")
+    rule = "needs all tensors on one device (impl='reference' takes several)"
+    check_inputs("triton", params, grads, hiddens, lrs, H, device=device, device_rule=rule)
+    if rms is not None:
+        check_rms("triton", rms, params, device=device, device_rule=rule)
     done, skip = split_skip(skip)
     if done or not params:
         return
-    with torch.no_grad(), contiguous_inplace(params, grads, hiddens) as (ps, gs, hs):
+    squares, ones = rms if rms is not None else ([], [])
+    with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
+                                             list(ones)) as (ps, gs, hs, vs, cs):
         block = BLOCK_INTERPRET if interp else BLOCK_GPU
-        plan = _plan(ps, gs, hs, device, block)
+        plan = _plan(ps, gs, hs, vs, cs, device, block)
+        # beta, 1 - beta (rounded as nets.rms_normalise rounds it), eps
+        norm = CACHE.get(("triton-rms-norm", device),
+                         lambda: _upload([RMS_BETA, 1 - RMS_BETA, RMS_EPS], torch.float64, device))
         if plan.n_total == 0:
             if aggregate is not None:  # a collective that every process must enter
                 call_aggregate(aggregate, torch.zeros(len(ps), dtype=torch.float64, device=device))
@@ -527,11 +562,12 @@ def simple_update_triton(
             w = packed_weights(weights, device, grp.cdt, flat=True)
             tb = grp.tab
             _pass1_kernel[(grp.n_blocks,)](
-                tb["p"], tb["g"], tb["h"], tb["n"], tb["sc"], lr_tab, tb["bt"], tb["bs"],
-                w, partials[grp.part_base :], scratch, skip_t,
+                tb["p"], tb["g"], tb["h"], tb["v"], tb["c"], tb["n"], tb["sc"], lr_tab, tb["bt"],
+                tb["bs"], w, norm, partials[grp.part_base :], scratch, skip_t,
                 H=H, HP=HP, BLOCK=block,
                 P_DT=_TL_DTYPES[grp.pdt], G_DT=_TL_DTYPES[grp.gdt], H_DT=_TL_DTYPES[grp.hdt],
-                C_DT=_TL_DTYPES[grp.cdt], INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
+                C_DT=_TL_DTYPES[grp.cdt], INPLACE=grp.inplace, HAS_SKIP=has_skip,
+                RMS=rms is not None, **warps,
             )
         if aggregate is None:
             _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
