@@ -37,7 +37,8 @@ LIB_NAME = "libl2l_simple_cpu.so.1"
 # AVX2 and SSE2 copies of the coordinate loops stay scalar (3.5x and 2.2x slower per
 # coordinate; the AVX-512 copy vectorises either way, with masks)
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast",
-         "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden", "-fno-exceptions",
+         "-fno-trapping-math", "-fno-math-errno", "-fno-tree-loop-distribute-patterns",
+         "-fvisibility=hidden", "-fno-exceptions",
          "-fno-rtti", "-Wl,--as-needed"]
 _HASH_MARK = re.compile(rb"l2l-source-hash:([0-9a-f]{16})\0")  # kSourceHash in simple_cpu.cpp
 

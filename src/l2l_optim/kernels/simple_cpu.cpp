@@ -151,23 +151,27 @@ struct Job {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
 #define L2L_FAST_ROUND 1
+#define L2L_ONE_SWEEP 0
 namespace l2l {
 namespace avx512 {
 #include "simple_cpu_isa.h"
 }  // namespace avx512
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_ONE_SWEEP
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define L2L_FAST_ROUND 1
+#define L2L_ONE_SWEEP 1
 namespace l2l {
 namespace avx2 {
 #include "simple_cpu_isa.h"
 }  // namespace avx2
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_ONE_SWEEP
 #pragma GCC pop_options
 
 #define L2L_FAST_ROUND 0
@@ -179,12 +183,14 @@ namespace avx2 {
 #define L2L_FAST_ROUND 0
 #endif
 #endif
+#define L2L_ONE_SWEEP 0
 namespace l2l {
 namespace baseline {
 #include "simple_cpu_isa.h"
 }  // namespace baseline
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_ONE_SWEEP
 
 namespace l2l {
 

@@ -6,6 +6,8 @@
 // compiler's ISA macros (a target pragma does not change them in C++), and the shared types
 // (Weights, Job, Item, the dtype codes, the block constants) come from simple_cpu.cpp.
 //
+// L2L_ONE_SWEEP (0 or 1) picks the loop structure of pass1_fixed for the copy (see there).
+//
 // L2L_FAST_ROUND is 1 where std::nearbyint compiles to one vector instruction (SSE4.1 and up,
 // AArch64); the x86-64 baseline (SSE2) rounds by adding and subtracting 1.5 * 2^23 instead,
 // which is the same round-to-nearest-even for the magnitudes the tanh sees and, unlike a
@@ -210,10 +212,14 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
 // parameters `out` is a zeroed fp32 scratch buffer and lr = 1, so it receives u exactly.
 // Returns the block's sum of w_b . h'.
 //
-// The block is processed in sub-blocks of kSub coordinates, in three vectorised sweeps over an
-// L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h for all H units, (b) tanh
-// in place, (c) store h', accumulate u and s. Fusing all three in one loop body needs more
-// vector registers than there are, and the spills cost more than the extra sweeps.
+// The block is processed in sub-blocks of kSub coordinates. With L2L_ONE_SWEEP == 0, in three
+// vectorised sweeps over an L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h
+// for all H units, (b) tanh in place, (c) store h', accumulate u and s; on AVX-512 fusing them
+// spills more than the extra sweeps cost. With L2L_ONE_SWEEP == 1 (the AVX2 copy) one sweep
+// does all three per vector of coordinates for fp32 compute and state: with 16 registers the
+// three-sweep form waits on its buffer, and one sweep measures faster on a 10M-coordinate step
+// (BENCHMARKS.md).
+// Both compute the same operations in the same order: the same bits.
 //
 // noinline: GCC vectorises these loops reliably only when the function is compiled on its own
 // (inlined into a caller it can fall back to scalar code).
@@ -234,46 +240,83 @@ __attribute__((noinline)) double pass1_fixed(
     for (int k = 0; k < H; ++k) hh[j * H + k] = w.hh[j * H + k];
   }
   const C b_out = w.b_out;
-  alignas(64) C pre[H][kSub];
+  // fp32 compute and state only: GCC keeps fp64 scalar in one sweep, and the bf16 state's
+  // conversions make it slower than three
+  if constexpr (L2L_ONE_SWEEP && sizeof(C) == 4 && sizeof(S) == 4) {
+    for (int64_t c0 = 0; c0 < len; c0 += kSub) {
+      const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
+      S* __restrict hc = h + i0 + c0;
+      const C* __restrict gc = g + c0;
+      C* __restrict oc = out + c0;
+      C* __restrict sc = sbuf + c0;
+#pragma omp simd
+      for (int ii = 0; ii < cl; ++ii) {
+        C hk[H], pre[H];
+#pragma GCC unroll 16
+        for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
+        const C gi = gc[ii];
+#pragma GCC unroll 16
+        for (int j = 0; j < H; ++j) {
+          C p = ih[j] * gi + bh[j];
+#pragma GCC unroll 16
+          for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
+          pre[j] = p;
+        }
+        C u = b_out;
+        C s = C(0);
+#pragma GCC unroll 16
+        for (int j = 0; j < H; ++j) {
+          const C t = tanh_c(pre[j]);
+          hc[j * n + ii] = Cvt<S, C>::store(t);
+          u += wa[j] * t;
+          s += wb[j] * t;
+        }
+        oc[ii] = oc[ii] + lr * u;
+        sc[ii] = s;
+      }
+    }
+  } else {
+    alignas(64) C pre[H][kSub];
 
-  for (int64_t c0 = 0; c0 < len; c0 += kSub) {
-    const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
-    S* __restrict hc = h + i0 + c0;
-    const C* __restrict gc = g + c0;
+    for (int64_t c0 = 0; c0 < len; c0 += kSub) {
+      const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
+      S* __restrict hc = h + i0 + c0;
+      const C* __restrict gc = g + c0;
 #pragma omp simd
-    for (int ii = 0; ii < cl; ++ii) {
-      C hk[H];
+      for (int ii = 0; ii < cl; ++ii) {
+        C hk[H];
 #pragma GCC unroll 16
-      for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
-      const C gi = gc[ii];
+        for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
+        const C gi = gc[ii];
 #pragma GCC unroll 16
-      for (int j = 0; j < H; ++j) {
-        C p = ih[j] * gi + bh[j];
+        for (int j = 0; j < H; ++j) {
+          C p = ih[j] * gi + bh[j];
 #pragma GCC unroll 16
-        for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
-        pre[j][ii] = p;
+          for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
+          pre[j][ii] = p;
+        }
       }
-    }
-    for (int j = 0; j < H; ++j) {
-      C* __restrict pj = pre[j];
-#pragma omp simd
-      for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
-    }
-    C* __restrict oc = out + c0;
-    C* __restrict sc = sbuf + c0;
-#pragma omp simd
-    for (int ii = 0; ii < cl; ++ii) {
-      C u = b_out;
-      C s = C(0);
-#pragma GCC unroll 16
       for (int j = 0; j < H; ++j) {
-        const C t = pre[j][ii];
-        hc[j * n + ii] = Cvt<S, C>::store(t);
-        u += wa[j] * t;
-        s += wb[j] * t;
+        C* __restrict pj = pre[j];
+#pragma omp simd
+        for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
       }
-      oc[ii] = oc[ii] + lr * u;
-      sc[ii] = s;
+      C* __restrict oc = out + c0;
+      C* __restrict sc = sbuf + c0;
+#pragma omp simd
+      for (int ii = 0; ii < cl; ++ii) {
+        C u = b_out;
+        C s = C(0);
+#pragma GCC unroll 16
+        for (int j = 0; j < H; ++j) {
+          const C t = pre[j][ii];
+          hc[j * n + ii] = Cvt<S, C>::store(t);
+          u += wa[j] * t;
+          s += wb[j] * t;
+        }
+        oc[ii] = oc[ii] + lr * u;
+        sc[ii] = s;
+      }
     }
   }
   return block_sum(sbuf, len);
