@@ -171,8 +171,14 @@ def _check(rc: int) -> None:
 _NORM = (ctypes.c_double * 3)(RMS_BETA, 1 - RMS_BETA, RMS_EPS)
 
 
-def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones):
-    """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``."""
+def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
+           checked: bool = False):
+    """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
+
+    ``checked``: the caller has run check_inputs (and check_rms) and made every tensor
+    contiguous, in eager mode (simple_update_cpu): then the pointers are read without
+    checking each tensor again, which is most of the call's cost for small tensors.
+    """
     lib = load_library()
     n = len(params)
     if not (len(grads) == len(hiddens) == len(lrs) == n):
@@ -180,8 +186,22 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
     norm = bool(squares)
     if norm and not len(squares) == len(ones) == n:
         raise RuntimeError("l2l_optim cpu kernel: the rms running means differ in length from params")
-    v_ptrs, c_ptrs = [], []
     w_ptr, w_len = _weights_pointer(weights)
+    if checked:
+        p_ptrs = [p.data_ptr() or None for p in params]
+        p_codes = [DTYPE_CODES[p.dtype] for p in params]
+        g_ptrs = [g.data_ptr() or None for g in grads]
+        g_codes = [DTYPE_CODES[g.dtype] for g in grads]
+        h_ptrs = [h.data_ptr() or None for h in hiddens]
+        h_codes = [HIDDEN_CODES[h.dtype] for h in hiddens]
+        numels = [p.numel() for p in params]
+        v_ptrs = [x.data_ptr() or None for x in squares]
+        c_ptrs = [x.data_ptr() or None for x in ones]
+        scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
+                   for k, c in zip(numels, p_codes)]
+        return _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs,
+                           c_ptrs, numels, lrs, scratch, w_ptr, w_len, skip, want_sums)
+    v_ptrs, c_ptrs = [], []
     h_size = _hidden_size(w_len)
     p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, numels, scratch = [], [], [], [], [], [], [], []
     for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
@@ -208,6 +228,13 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
                 ptrs.append(xp or None)
         # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
         scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else None)
+    return _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs, c_ptrs,
+                       numels, lrs, scratch, w_ptr, w_len, skip, want_sums)
+
+
+def _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs, c_ptrs,
+                numels, lrs, scratch, w_ptr, w_len, skip, want_sums):
+    norm = bool(v_ptrs)
     skip_ptr, _flag = _skip_pointer(skip)
     sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
     rc = lib.l2l_simple_pass1(
@@ -362,6 +389,13 @@ def simple_update_cpu(
     squares, ones = rms if rms is not None else ([], [])
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
+        if not torch.compiler.is_compiling():
+            # eager: every tensor was checked above, so pass 1 reads the pointers unchecked
+            sums, scratch = _pass1(ps, gs, hs, lr_list, packed, skip, aggregate is not None,
+                                   vs, cs, checked=True)
+            if aggregate is not None:
+                pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+            return
         if aggregate is None:
             update(ps, gs, hs, lr_list, packed, skip, vs, cs)
             return
