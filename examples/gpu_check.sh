@@ -11,7 +11,9 @@
 #   1. the kernel parity tests on CUDA: every `triton` test of tests/test_kernels.py (against
 #      the reference, fp64/fp32/mixed dtypes/bf16 state/non-contiguous/skip/...), plus the
 #      no-host-sync and CUDA-graph capture test; the Triton non-finite scan against
-#      torch.isfinite and the skip/raise policy on CUDA (tests/test_triton_finite.py);
+#      torch.isfinite and the skip/raise policy on CUDA (tests/test_triton_finite.py); the
+#      functional update on CUDA, the rms input norm inside the Triton kernel included
+#      (tests/test_functional.py);
 #   2. the fused Triton update alone at 100M parameters (25 x 2000x2000, fp32 and bf16 hidden
 #      state), timed with CUDA events, against the memory-traffic bound (bytes moved / the
 #      device-to-device copy bandwidth measured in the same run); the target is <= 1.25x;
@@ -39,6 +41,7 @@ EOF
 
 echo "== 1. parity tests on CUDA"
 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_finite.py \
+    tests/test_functional.py \
     -k "(triton and not interpreter) or flags or policy or last_coordinate" -x \
     -m "not slow" 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "PARITY TESTS FAILED"; status=1; }

@@ -145,9 +145,9 @@ OPTIMIZERS: dict[str, Spec] = {
     "simple-ref": Spec(_learned("simple", impl="reference"), 40, 48, "SimpleOptimizer(impl='reference')"),
     "simple-fused": Spec(_learned("simple", impl="auto"), 40, 0, "SimpleOptimizer(impl='auto')"),
     "simple-kernel": Spec(_KernelOnly, 40, 0, "the fused kernel alone (no optimizer wrapper)"),
-    # the default weights' rule: the input normalisation runs before the fused kernel
+    # the default weights' rule: the fused kernel also normalises the input (two more values)
     "simple-rms-fused": Spec(lambda ps: SimpleOptimizer(ps, lr=1e-3, weights=SimpleOptimizerNet(input_norm="rms")),
-                             48, 12, "SimpleOptimizer(impl='auto'), input_norm='rms' net"),
+                             48, 0, "SimpleOptimizer(impl='auto'), input_norm='rms' net"),
     "simple-fused-bf16": Spec(_learned("simple", impl="auto", state_dtype=torch.bfloat16), 20, 4,
                               "SimpleOptimizer(impl='auto', state_dtype=torch.bfloat16)"),
     "dm": Spec(_learned("dm"), 320, 1400, "DMOptimizer"),

@@ -139,7 +139,10 @@ def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor], running
     """The inputs of a ``SimpleOptimizerNet(input_norm="rms")``: each gradient over its running rms.
 
     :func:`~l2l_optim.nets.rms_normalise` per tensor (the net's own ``forward`` does the same),
-    run before :func:`simple_update`, which then takes the results as its ``grads``.
+    as separate tensor operations, for a caller that feeds the inputs to another update.
+    :func:`simple_update` does the same inside its fused pass when given ``rms=`` (which is
+    how SimpleOptimizer runs such a net) and keeps the inputs in the compute dtype, where
+    this returns them in each gradient's dtype.
 
     Args:
         grads: the gradients.
