@@ -173,6 +173,34 @@ def test_matches_reference_with_the_rms_input_norm(impl, device, case):
     assert max_err(h_raw, h_ref) > 10 * tol
 
 
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_rms_running_means_may_be_strided_empty_or_aggregated(impl, device):
+    # strided views are updated through their strides; an empty parameter has nothing to do;
+    # with an aggregate callback (two passes) the result is the one-pass result
+    specs = SPECS["fp32"] + [((0,), torch.float32, torch.float32)]
+    net = random_net(4, input_norm="rms")
+    p, g, h = make_state(specs, device)
+    rms = make_rms(p)
+    simple_update(p, g, h, [0.1] * 4, net, impl=impl, rms=rms)
+
+    p2, g2, h2 = make_state(specs, device)
+    base = make_rms(p2)
+    wide = [torch.zeros(2 * x.numel(), dtype=x.dtype, device=device) for x in base.squares + base.ones]
+    for w, x in zip(wide, base.squares + base.ones):
+        w[::2] = x
+    strided = RunningRms([w[::2] for w in wide[:4]], [w[::2] for w in wide[4:]])
+    count = sum(x.numel() for x in p2)
+
+    def mean_of_sums(sums):
+        return (sums.sum() / count).reshape(1)
+
+    simple_update(p2, g2, h2, [0.1] * 4, net, impl=impl, rms=strided, aggregate=mean_of_sums)
+    tol = 0 if impl == "reference" else 1e-6
+    assert max_err(p2, p) <= tol and max_err(h2, h) <= tol
+    assert max_err(strided.squares + strided.ones, rms.squares + rms.ones) <= tol
+    assert all(w[1::2].eq(0).all() for w in wide)  # the other elements are untouched
+
+
 def test_a_net_with_the_rms_input_norm_needs_its_running_means():
     p, g, h = make_state(SPECS["fp32"], "cpu")
     net = random_net(1, input_norm="rms")
