@@ -106,6 +106,18 @@ def test_train_targets_logic():
             TrainRow("base", "", 1, 128, "simple", x_adam=1.6)]
     met = {t["target"].split(":")[0]: t["met"] for t in train_targets(rows)}
     assert met == {"base": False, "mlp4m": True}
+    assert [t["bound"] for t in train_targets(rows)] == [None, None]  # no bandwidth given
+
+
+def test_train_targets_memory_bound():
+    # fused Adam: 4 ms whole, 1 ms of it the step; SimpleOptimizer moves 100 B per parameter
+    # of 1e6 at 10 GB/s: at least 10 ms, so the best whole step is (3 + 10) / 4 = 3.25x
+    adam = TrainRow("base", "", 10**6, 128, "adam-fused", whole_s=[0.004], step_s=[0.001], x_adam=1.0)
+    simple = TrainRow("base", "", 10**6, 128, "simple", whole_s=[0.02], step_s=[0.016], x_adam=5.0)
+    base = train_targets([adam, simple], copy_gbs=10.0, bytes_per_param=100)[0]
+    assert base["bound"] == pytest.approx(3.25) and base["met"] is False
+    table = bench_cli.format_targets([base])
+    assert "| 5.00x | NOT met | 3.25x |" in table
 
 
 def test_command_json(tmp_path, capsys, keep_threads):

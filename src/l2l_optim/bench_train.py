@@ -246,20 +246,36 @@ def format_train(rows: list[TrainRow]) -> str:
     return "\n".join(lines)
 
 
-def train_targets(rows: list[TrainRow]) -> list[dict]:
+def train_targets(rows: list[TrainRow], copy_gbs: float | None = None,
+                  bytes_per_param: float | None = None) -> list[dict]:
     """The issue's whole-step targets (SimpleOptimizer against fused Adam).
+
+    Args:
+        rows: the training-step table.
+        copy_gbs, bytes_per_param: the same run's streaming-copy bandwidth (GB/s) and the
+            bytes SimpleOptimizer's step moves per parameter; when given, each target also
+            gets ``bound``: the ratio a step moving those bytes at the copy's speed would
+            reach, ``(fused Adam's forward and backward + bytes / bandwidth) / fused Adam's
+            whole step``, the best the target can be on this machine.
 
     Returns:
         One dict per target: ``target``, ``measured`` (the ratio, or None), ``unit``
-        (``"x"``: a ratio) and ``met`` (True / False, None when not measured).
+        (``"x"``: a ratio), ``met`` (True / False, None when not measured) and ``bound``
+        (a ratio or None).
     """
     out = []
     for model, limit in TRAIN_TARGETS.items():
         row = next((r for r in rows if r.model == model and r.optimizer == "simple"
                     and not math.isnan(r.x_adam)), None)
+        adam = next((r for r in rows if r.model == model and r.optimizer == "adam-fused"), None)
+        bound = None
+        if row is not None and adam is not None and copy_gbs and bytes_per_param:
+            floor_s = bytes_per_param * row.n_params / (copy_gbs * 1e9)
+            whole = adam.whole_median
+            bound = (whole - adam.step_median + floor_s) / whole
         out.append(dict(target=f"{model}: SimpleOptimizer whole step <= {limit}x fused Adam's",
                         measured=None if row is None else row.x_adam, unit="x",
-                        met=None if row is None else row.x_adam <= limit))
+                        met=None if row is None else row.x_adam <= limit, bound=bound))
     return out
 
 
