@@ -2,6 +2,8 @@
 // (raw pointers, dtype codes), loaded with ctypes by kernels/cpu.py. No libtorch headers or
 // symbols: the library is built once, at install time (hatch_build.py), for every torch
 // version, and picks its instruction set when it is loaded.
+// (About 520 lines, of which half is this comment and the C ABI's argument checks: the ABI
+// stays in one file so that cpu.py's ctypes signatures have one counterpart.)
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
 //

@@ -1,4 +1,6 @@
 // The per-instruction-set half of the fused CPU kernel: everything that runs per coordinate.
+// (About 520 lines: the tanh, the conversions and the per-block update, each used by the
+// others in one translation unit per instruction set, so they stay in one file.)
 //
 // simple_cpu.cpp includes this file once per instruction set, each time inside its own
 // namespace and under a target pragma (AVX-512, AVX2 + FMA, the architecture's baseline), and

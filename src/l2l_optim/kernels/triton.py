@@ -1,6 +1,6 @@
 """The fused SimpleOptimizer update on CUDA, in Triton. ``impl="auto"`` picks it for CUDA tensors.
 
-(About 550 lines: the update's kernels, the non-finite scan that guards it, and the host side
+(About 590 lines: the update's kernels, the non-finite scan that guards it, and the host side
 that builds both from one kind of cached block table share the dtype maps, the upload and the
 interpreter switch, so they stay in one module.)
 
