@@ -29,8 +29,10 @@ tensor in Python before a pointer reaches C: plain, dense, contiguous CPU tensor
 What the kernel does and why it is deterministic is described at the top of ``simple_cpu.cpp``:
 one pass computes ``h'``, writes it, applies ``lr * (w_a . h' + b_out)`` and stores per-block
 partial sums of ``w_b . h'``; the partials are reduced in a fixed order and a second, cheap
-pass adds ``lr * w_b . mean(h')``. Results are bitwise independent of the thread count (the
-kernel uses ``torch.get_num_threads()`` threads).
+pass adds ``lr * w_b . mean(h')``. With the rms input norm (``rms=``) the first pass also
+reads and writes the running means and feeds the RNN the normalised gradient, block by block.
+Results are bitwise independent of the thread count (the kernel uses
+``torch.get_num_threads()`` threads).
 
 Supported: parameters in float32 / float64 / bfloat16 / float16 (any shape, 0-dim included;
 non-contiguous ones are copied to contiguous and back), gradients of any of these dtypes,
