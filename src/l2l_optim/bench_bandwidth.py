@@ -13,6 +13,10 @@ module times, in the same interleaved rounds:
   read of ``src`` plus the write of ``dst`` moves as many bytes as the step (capped by
   ``copy_max_bytes``): the streaming-copy bandwidth this machine gives under this run's load.
 
+Each round times the copy first, then the step and the update, whose order alternates from round
+to round: on sets that fit in the last-level cache the second one would otherwise always find
+the state the first left there (use an even number of rounds).
+
 A step's achieved bandwidth counts :data:`BYTES_PER_COORD` bytes per coordinate: with an fp32
 hidden state, read g 4, h 40, theta 4, write h 40, theta 4, and the second pass reads and writes
 theta again, 4 + 4: 100 B; with a bf16 hidden state h is 20 + 20: 60 B. A net with the rms
@@ -267,6 +271,8 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
                     ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms:
                         simple_update(params, grads, h, lr, o.net, rms=m)),
                 )
+                if r % 2:  # step and update take turns right after the copy, which evicts
+                    variants = (variants[0], variants[2], variants[1])  # what the other warmed
                 for attr, fn in variants:
                     times, _ = time_steps(_Call(fn), per_round, warmup=cfg.warmup, device=device,
                                           budget=cfg.budget / cfg.rounds)
