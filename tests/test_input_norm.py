@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2l_optim import SimpleOptimizer
-from l2l_optim.functional import normalise_inputs
+from l2l_optim.functional import simple_update
 from l2l_optim.meta.es import ESConfig, meta_train_es
 from l2l_optim.meta.families import build_task, sample_spec
 from l2l_optim.meta.population import flatten, run_population
@@ -143,11 +143,18 @@ def test_a_skipped_step_leaves_the_running_squares_untouched():
             assert torch.equal(t, before[p][k]), k
 
 
-def test_normalise_inputs_with_a_device_skip_flag_keeps_the_running_means():
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_a_device_skip_flag_keeps_the_running_means(impl):
+    from l2l_optim import kernels
+
+    if impl == "cpu" and kernels.resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    net, p, h = rms_net(), [torch.zeros(2)], [torch.zeros(10, 2)]
     v, c = [torch.tensor([4.0, 1.0])], [torch.tensor([0.5, 0.5])]
-    normalise_inputs([torch.tensor([1.0, 1.0])], v, c, skip=torch.tensor(True))
+    g = [torch.tensor([1.0, 1.0])]
+    simple_update(p, g, h, [1.0], net, impl=impl, skip=torch.tensor(True), rms=(v, c))
     assert v[0].tolist() == [4.0, 1.0] and c[0].tolist() == [0.5, 0.5]
-    normalise_inputs([torch.tensor([1.0, 1.0])], v, c, skip=torch.tensor(False))
+    simple_update(p, g, h, [1.0], net, impl=impl, skip=torch.tensor(False), rms=(v, c))
     assert v[0].tolist() == pytest.approx([4.0 * 0.999 + 0.001, 1.0])
     assert c[0].tolist() == pytest.approx([0.5 * 0.999 + 0.001] * 2)
 

@@ -21,9 +21,9 @@ from .kernels._common import (
     packed_weights,
     split_skip,
 )
-from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights, rms_normalise
+from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
 
-__all__ = ["simple_update", "RunningRms", "normalise_inputs", "coordinatewise_update"]
+__all__ = ["simple_update", "RunningRms", "coordinatewise_update"]
 
 
 def simple_update(
@@ -132,43 +132,6 @@ def simple_update(
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     with torch.no_grad():
         kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms)
-
-
-def normalise_inputs(grads: list[Tensor], running_squares: list[Tensor], running_ones: list[Tensor],
-                     skip: Tensor | bool | None = None) -> list[Tensor]:
-    """The inputs of a ``SimpleOptimizerNet(input_norm="rms")``: each gradient over its running rms.
-
-    :func:`~l2l_optim.nets.rms_normalise` per tensor (the net's own ``forward`` does the same),
-    as separate tensor operations, for a caller that feeds the inputs to another update.
-    :func:`simple_update` does the same inside its fused pass when given ``rms=`` (which is
-    how SimpleOptimizer runs such a net) and keeps the inputs in the compute dtype, where
-    this returns them in each gradient's dtype.
-
-    Args:
-        grads: the gradients.
-        running_squares: one flat float32 / float64 tensor of ``g.numel()`` running mean
-            squares per gradient (the optimizer's state ``"v"``), updated in place.
-        running_ones: the bias corrections, alike (state ``"c"``), updated in place.
-        skip: as in :func:`simple_update`: when true the running means are left unchanged.
-
-    Returns:
-        The normalised gradients, each of its gradient's shape and dtype.
-
-    Example:
-        >>> v, c = [torch.zeros(2)], [torch.zeros(2)]
-        >>> normalise_inputs([torch.tensor([2.0, -0.5])], v, c)[0].tolist()
-        [1.0, -1.0]
-    """
-    out = []
-    for g, v, c in zip(grads, running_squares, running_ones, strict=True):
-        x, v_new, c_new = rms_normalise(g.reshape(-1), v, c)
-        if isinstance(skip, Tensor):
-            v_new, c_new = torch.where(skip, v, v_new), torch.where(skip, c, c_new)
-        if skip is not True:
-            v.copy_(v_new)
-            c.copy_(c_new)
-        out.append(x.to(g.dtype).view(g.shape))
-    return out
 
 
 def coordinatewise_update(
