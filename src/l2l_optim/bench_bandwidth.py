@@ -228,10 +228,11 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
     device = torch.device(cfg.device)
     per_round = max(1, math.ceil(cfg.steps / cfg.rounds))
     rows: list[BandwidthRow] = []
+    # the optimizers use the shipped default weights; with the rms input norm they move more
+    extra = RMS_BYTES_PER_COORD if _shipped_input_norm() else 0
     for size in cfg.sizes:
         label, shapes = resolve_size(size)
         n = sum(math.prod(s) for s in shapes)
-        extra = RMS_BYTES_PER_COORD if _shipped_input_norm() else 0
         size_rows = [BandwidthRow(size, label, n, len(shapes), d, BYTES_PER_COORD[d] + extra)
                      for d in cfg.state_dtypes]
         rows.extend(size_rows)

@@ -59,6 +59,7 @@ from ._common import (
     call_aggregate,
     check_inputs,
     check_rms,
+    compute_dtype,
     contiguous_inplace,
     packed_weights,
     split_skip,
@@ -220,10 +221,10 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
         p_ptrs.append(pp), p_codes.append(pc), g_ptrs.append(gp), g_codes.append(gc)
         h_ptrs.append(hp), h_codes.append(hc), numels.append(k)
         if norm:
-            # the compute dtype: fp64 for fp64 parameters, else fp32 (the library reads them so)
-            code = torch.float64 if p.dtype == torch.float64 else torch.float32
+            # in the compute dtype, as the library reads them
+            cd = compute_dtype(p.dtype)
             for x, ptrs, what in ((squares[i], v_ptrs, "rms squares"), (ones[i], c_ptrs, "rms ones")):
-                xp, _ = _pointer(x, what, i, {code: 0})
+                xp, _ = _pointer(x, what, i, {cd: 0})
                 if x.numel() != k:
                     raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
                                        f"elements, param has {k}")

@@ -116,8 +116,10 @@ def simple_update_reference(
             p_new, h_new = torch.where(skip, p, p_new), torch.where(skip, h, h_new)
         p.copy_(p_new)
         h.copy_(h_new)
-    for v, c, (v_new, c_new) in zip(rms.squares if rms else (), rms.ones if rms else (), new_rms):
-        if skip is not None:
-            v_new, c_new = torch.where(skip, v.reshape(-1), v_new), torch.where(skip, c.reshape(-1), c_new)
-        v.copy_(v_new.view(v.shape))
-        c.copy_(c_new.view(c.shape))
+    if rms is None:
+        return
+    for v, c, (v_new, c_new) in zip(rms.squares, rms.ones, new_rms):
+        for old, new in ((v, v_new), (c, c_new)):
+            if skip is not None:
+                new = torch.where(skip, old.reshape(-1), new)
+            old.copy_(new.view(old.shape))
