@@ -174,6 +174,34 @@ def _check(rc: int) -> None:
 _NORM = (ctypes.c_double * 3)(RMS_BETA, 1 - RMS_BETA, RMS_EPS)
 
 
+def _pointers(tensors) -> list[int | None]:
+    """Data pointers for the C arrays (None for an empty tensor's)."""
+    return [t.data_ptr() or None for t in tensors]
+
+
+def _check_tensors(params, grads, hiddens, squares, ones, h_size: int) -> None:
+    """RuntimeError unless every tensor is one the library may address, of the right size."""
+    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
+        _pointer(p, "param", i, DTYPE_CODES)
+        _pointer(g, "grad", i, DTYPE_CODES)
+        _pointer(h, "hidden", i, HIDDEN_CODES)
+        k = p.numel()
+        if g.numel() != k:
+            raise RuntimeError(f"l2l_optim cpu kernel: grad {i} has {g.numel()} elements, "
+                               f"param has {k}")
+        if h.dim() != 2 or tuple(h.shape) != (h_size, k):
+            raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} must have shape ({h_size}, {k}), "
+                               f"got {tuple(h.shape)}")
+        if squares:
+            # in the compute dtype, as the library reads them
+            cd = compute_dtype(p.dtype)
+            for x, what in ((squares[i], "rms squares"), (ones[i], "rms ones")):
+                _pointer(x, what, i, {cd: 0})
+                if x.numel() != k:
+                    raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
+                                       f"elements, param has {k}")
+
+
 def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
            checked: bool = False):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
@@ -190,60 +218,22 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
     if norm and not len(squares) == len(ones) == n:
         raise RuntimeError("l2l_optim cpu kernel: the rms running means differ in length from params")
     w_ptr, w_len = _weights_pointer(weights)
-    if checked:
-        p_ptrs = [p.data_ptr() or None for p in params]
-        p_codes = [DTYPE_CODES[p.dtype] for p in params]
-        g_ptrs = [g.data_ptr() or None for g in grads]
-        g_codes = [DTYPE_CODES[g.dtype] for g in grads]
-        h_ptrs = [h.data_ptr() or None for h in hiddens]
-        h_codes = [HIDDEN_CODES[h.dtype] for h in hiddens]
-        numels = [p.numel() for p in params]
-        v_ptrs = [x.data_ptr() or None for x in squares]
-        c_ptrs = [x.data_ptr() or None for x in ones]
-        scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
-                   for k, c in zip(numels, p_codes)]
-        return _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs,
-                           c_ptrs, numels, lrs, scratch, w_ptr, w_len, skip, want_sums)
-    v_ptrs, c_ptrs = [], []
-    h_size = _hidden_size(w_len)
-    p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, numels, scratch = [], [], [], [], [], [], [], []
-    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
-        pp, pc = _pointer(p, "param", i, DTYPE_CODES)
-        gp, gc = _pointer(g, "grad", i, DTYPE_CODES)
-        hp, hc = _pointer(h, "hidden", i, HIDDEN_CODES)
-        k = p.numel()
-        if g.numel() != k:
-            raise RuntimeError(f"l2l_optim cpu kernel: grad {i} has {g.numel()} elements, "
-                               f"param has {k}")
-        if h.dim() != 2 or tuple(h.shape) != (h_size, k):
-            raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} must have shape ({h_size}, {k}), "
-                               f"got {tuple(h.shape)}")
-        p_ptrs.append(pp), p_codes.append(pc), g_ptrs.append(gp), g_codes.append(gc)
-        h_ptrs.append(hp), h_codes.append(hc), numels.append(k)
-        if norm:
-            # in the compute dtype, as the library reads them
-            cd = compute_dtype(p.dtype)
-            for x, ptrs, what in ((squares[i], v_ptrs, "rms squares"), (ones[i], c_ptrs, "rms ones")):
-                xp, _ = _pointer(x, what, i, {cd: 0})
-                if x.numel() != k:
-                    raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
-                                       f"elements, param has {k}")
-                ptrs.append(xp or None)
-        # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
-        scratch.append(torch.zeros(k, dtype=torch.float32) if pc >= 2 else None)
-    return _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs, c_ptrs,
-                       numels, lrs, scratch, w_ptr, w_len, skip, want_sums)
-
-
-def _call_pass1(lib, n, p_ptrs, p_codes, g_ptrs, g_codes, h_ptrs, h_codes, v_ptrs, c_ptrs,
-                numels, lrs, scratch, w_ptr, w_len, skip, want_sums):
-    norm = bool(v_ptrs)
+    if not checked:
+        _check_tensors(params, grads, hiddens, squares, ones, _hidden_size(w_len))
+    p_codes = [DTYPE_CODES[p.dtype] for p in params]
+    numels = [p.numel() for p in params]
+    # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
+    scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
+               for k, c in zip(numels, p_codes)]
     skip_ptr, _flag = _skip_pointer(skip)
     sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
     rc = lib.l2l_simple_pass1(
-        n, _array(_P, p_ptrs), _array(ctypes.c_int32, p_codes), _array(_P, g_ptrs),
-        _array(ctypes.c_int32, g_codes), _array(_P, h_ptrs), _array(ctypes.c_int32, h_codes),
-        _array(_P, v_ptrs) if norm else None, _array(_P, c_ptrs) if norm else None,
+        n, _array(_P, _pointers(params)), _array(ctypes.c_int32, p_codes),
+        _array(_P, _pointers(grads)), _array(ctypes.c_int32, [DTYPE_CODES[g.dtype] for g in grads]),
+        _array(_P, _pointers(hiddens)),
+        _array(ctypes.c_int32, [HIDDEN_CODES[h.dtype] for h in hiddens]),
+        _array(_P, _pointers(squares)) if norm else None,
+        _array(_P, _pointers(ones)) if norm else None,
         _NORM if norm else None, _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
         _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
         w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
