@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
-from ..nets import SimpleOptimizerNet, SimpleWeights
+from ..nets import RMS_BETA, RMS_EPS, SimpleOptimizerNet, SimpleWeights
 
 __all__ = [
     "PARAM_DTYPES",
@@ -37,6 +37,7 @@ __all__ = [
     "Aggregate",
     "call_aggregate",
     "RunningRms",
+    "RMS_CONSTANTS",
     "check_rms",
     "check_lengths",
     "check_inputs",
@@ -106,6 +107,11 @@ class RunningRms(NamedTuple):
 
     squares: list[Tensor]  # v: the running mean of squared gradients
     ones: list[Tensor]  # c: the running mean of ones (the bias correction)
+
+
+#: the rms input norm's constants as the fused kernels take them: beta, 1 - beta (rounded as
+#: nets.rms_normalise rounds it: a Python float, cast to the compute dtype), eps
+RMS_CONSTANTS = (RMS_BETA, 1 - RMS_BETA, RMS_EPS)
 
 
 def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device | None = None,

@@ -51,10 +51,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..nets import RMS_BETA, RMS_EPS, SimpleWeights
+from ..nets import SimpleWeights
 from . import _cpu_library
 from ._common import (
     Aggregate,
+    RMS_CONSTANTS,
     RunningRms,
     call_aggregate,
     check_inputs,
@@ -169,9 +170,7 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"l2l_optim cpu kernel: {_ERRORS.get(rc, f'error {rc}')}")
 
 
-# the rms input norm's constants as the library takes them: beta, 1 - beta (rounded as
-# nets.rms_normalise rounds it), eps
-_NORM = (ctypes.c_double * 3)(RMS_BETA, 1 - RMS_BETA, RMS_EPS)
+_NORM = (ctypes.c_double * 3)(*RMS_CONSTANTS)
 
 
 def _pointers(tensors) -> list[int | None]:

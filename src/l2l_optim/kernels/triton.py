@@ -57,9 +57,10 @@ import os
 import torch
 from torch import Tensor
 
-from ..nets import RMS_BETA, RMS_EPS, SimpleWeights
+from ..nets import SimpleWeights
 from ._common import (
     CACHE,
+    RMS_CONSTANTS,
     Aggregate,
     RunningRms,
     call_aggregate,
@@ -542,9 +543,9 @@ def simple_update_triton(
                                              list(ones)) as (ps, gs, hs, vs, cs):
         block = BLOCK_INTERPRET if interp else BLOCK_GPU
         plan = _plan(ps, gs, hs, vs, cs, device, block)
-        # beta, 1 - beta (rounded as nets.rms_normalise rounds it), eps
+        # the rms input norm's constants, read by pass 1 in the compute dtype
         norm = CACHE.get(("triton-rms-norm", device),
-                         lambda: _upload([RMS_BETA, 1 - RMS_BETA, RMS_EPS], torch.float64, device))
+                         lambda: _upload(list(RMS_CONSTANTS), torch.float64, device))
         if plan.n_total == 0:
             if aggregate is not None:  # a collective that every process must enter
                 call_aggregate(aggregate, torch.zeros(len(ps), dtype=torch.float64, device=device))
