@@ -15,7 +15,7 @@ treat them alike:
 * ``net.config`` is the JSON-able dict of constructor arguments, and
   :func:`l2l_optim.registry.build_net` rebuilds a net from it (used by the weight files).
 * :func:`init_net` sets a net's starting point for meta-training (``"sign"``, ``"sgd"``,
-  ``"small-output"``); :mod:`l2l_optim.registry` says which one each architecture uses.
+  ``"adam"``, ``"small-output"``); :mod:`l2l_optim.registry` says which one each architecture uses.
 
 The module stays one file over 500 lines: the three nets, their shared interface and the init
 rules that set their starting points (:func:`init_net`) are one concept, the meta-optimizer
