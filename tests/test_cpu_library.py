@@ -249,19 +249,22 @@ def _disassembly(path: str, function: str) -> list[str] | None:
     return lines or None
 
 
-@pytest.mark.parametrize("isa,division", [("avx2", r"vdivps\s.*ymm"), ("baseline", r"\sdivps\s")])
-def test_the_per_coordinate_loops_are_vectorised(isa, division):
+@pytest.mark.parametrize("state", ["float", "unsigned short"])  # fp32, bf16 hidden state
+@pytest.mark.parametrize("isa,division", [("avx512", r"vdivps\s.*zmm"), ("avx2", r"vdivps\s.*ymm"),
+                                          ("baseline", r"\sdivps\s")])
+def test_the_per_coordinate_loops_are_vectorised(isa, division, state):
     # With trapping math GCC keeps the tanh's clamp as a branch and the AVX2 and SSE2 copies of
     # the fp32 loop scalar (3.5x and 2.2x slower): the build flags must let it vectorise. Read
     # from the machine code, since the results are the same either way: the tanh's division
-    # must run on packed registers.
+    # must run on packed registers, in every copy (the AVX-512 one is read on machines that
+    # cannot run it, too).
     import re
 
     from l2l_optim.kernels import cpu
 
     if resolve_impl("auto", "cpu") != "cpu":
         pytest.skip("no CPU kernel in this build")
-    code = _disassembly(cpu.kernel_info()["path"], f"l2l::{isa}::pass1_fixed<10, float, float>")
+    code = _disassembly(cpu.kernel_info()["path"], f"l2l::{isa}::pass1_fixed<10, float, {state}>")
     if code is None:
         pytest.skip("objdump missing, or no x86-64 copy of that name (another compiler)")
     assert sum(bool(re.search(division, line)) for line in code) >= 1
