@@ -3,10 +3,10 @@
 Three tables, chosen with ``--tables`` (default: all three):
 
 * ``bandwidth`` (:mod:`l2l_optim.bench_bandwidth`): the fused SimpleOptimizer step's achieved
-  GB/s (100 B per coordinate with an fp32 hidden state, 60 B with bf16) beside the
-  streaming-copy GB/s measured in the same run on as many bytes, and the share of the step
-  that the non-finite check and bookkeeping take, on one 10M-coordinate tensor and the
-  parameter sets below;
+  GB/s (116 B per coordinate with an fp32 hidden state and the default's rms input norm, 76 B
+  with bf16) beside the streaming-copy GB/s measured in the same run on as many bytes, and
+  the share of the step that the non-finite check and bookkeeping take, on one
+  10M-coordinate tensor and the parameter sets below;
 * ``train`` (:mod:`l2l_optim.bench_train`): whole training steps (zero_grad, forward,
   backward, step) of SimpleOptimizer against fused and foreach Adam, as ratios to fused Adam,
   on the base MLP, LeNet-5, the 5-layer MLP, a 4M-parameter MLP and a small transformer;
