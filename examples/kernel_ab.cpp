@@ -1,0 +1,129 @@
+// A/B timing of two or more builds of the fused CPU kernel's library, in one process.
+//
+// On a shared machine, separate runs of a benchmark spread by 10-40% (other tenants' load
+// comes and goes over seconds), which hides a change worth 5%. This program loads every build
+// given and calls their pass 1 (l2l_simple_pass1: the rms norm, the recurrence, the tanh and the
+// update) in alternation on the same data, rotating which build goes first each round; the
+// ratio of each build's time to the first's in the same round, its median over the rounds, is
+// what to quote (a burst of load that hits one call moves a mean, not the median). Two copies of one build agree to 1-2% (an A/A run says how far to trust it).
+//
+// Build the variants with the package's flags (kernels/_build.py: FLAGS), e.g.
+//   g++ -O3 -std=c++17 -fPIC -shared -fopenmp -ffp-contract=fast -fno-trapping-math
+//       -fno-math-errno -fno-tree-loop-distribute-patterns -fvisibility=hidden
+//       src/l2l_optim/kernels/simple_cpu.cpp -o /tmp/a.so
+// and this program with
+//   g++ -O2 examples/kernel_ab.cpp -o /tmp/kernel_ab -ldl
+// Usage:
+//   /tmp/kernel_ab N ROUNDS THREADS STATE ISA LIB [LIB ...]
+//     N coordinates in one tensor (10000000: memory-bound; 65536: in cache), STATE float32 or
+//     bfloat16 (the hidden state), ISA avx512, avx2 or baseline.
+// The data: fp32 parameters, gradients of magnitude 1e-3, the rms input norm on, random
+// weights (the time does not depend on their values). The timed call is pass 1 alone, without
+// the aggregate's pass 2 and without Python.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+// l2l_simple_pass1 of the library's C ABI, version 2 (kernels/simple_cpu.cpp)
+typedef int (*Pass1)(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
+                     const void* const* grads, const int32_t* grad_dtypes, void* const* hiddens,
+                     const int32_t* hidden_dtypes, void* const* squares, void* const* ones,
+                     const double* norm, const int64_t* numels, const double* lrs,
+                     float* const* scratch, const double* weights, int64_t n_weights,
+                     const uint8_t* skip, double* sums, int n_threads);
+typedef int (*IntFn)(void);
+typedef int (*SelectIsa)(const char*);
+
+int main(int argc, char** argv) {
+  if (argc < 7) {
+    std::fprintf(stderr, "usage: %s N ROUNDS THREADS float32|bfloat16 ISA LIB [LIB ...]\n", argv[0]);
+    return 2;
+  }
+  const int64_t n = std::atoll(argv[1]);
+  const int rounds = std::atoi(argv[2]);
+  const int threads = std::atoi(argv[3]);
+  const bool bf16 = std::strcmp(argv[4], "bfloat16") == 0;
+  const char* isa = argv[5];
+  const int n_libs = argc - 6;
+  if (n <= 0 || rounds <= 0 || threads <= 0 || (!bf16 && std::strcmp(argv[4], "float32") != 0)) {
+    std::fprintf(stderr, "bad arguments\n");
+    return 2;
+  }
+  std::vector<Pass1> pass1(n_libs);
+  for (int i = 0; i < n_libs; ++i) {
+    // RTLD_LOCAL: each build keeps its own symbols (give each build its own file name: the
+    // loader returns the same handle for one path twice)
+    void* lib = dlopen(argv[6 + i], RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      std::fprintf(stderr, "%s\n", dlerror());
+      return 1;
+    }
+    auto abi = reinterpret_cast<IntFn>(dlsym(lib, "l2l_abi_version"));
+    if (abi == nullptr || abi() != 2) {
+      std::fprintf(stderr, "%s: not C ABI version 2\n", argv[6 + i]);
+      return 1;
+    }
+    if (reinterpret_cast<SelectIsa>(dlsym(lib, "l2l_select_isa"))(isa) != 0) {
+      std::fprintf(stderr, "%s: this CPU does not run %s\n", argv[6 + i], isa);
+      return 1;
+    }
+    pass1[i] = reinterpret_cast<Pass1>(dlsym(lib, "l2l_simple_pass1"));
+  }
+
+  const int H = 10;
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> param(n), grad(n), v(n, 0.f), c(n, 0.f);
+  std::vector<float> h32(bf16 ? 1 : H * n, 0.f);
+  std::vector<uint16_t> h16(bf16 ? H * n : 1, 0);
+  for (auto& x : param) x = normal(rng);
+  for (auto& x : grad) x = normal(rng) * 1e-3f;
+  std::vector<double> weights(4 * H + H * H + 1);  // the packed layout: only its length matters
+  for (auto& x : weights) x = normal(rng) * 0.3;
+
+  void* params[1] = {param.data()};
+  const void* grads[1] = {grad.data()};
+  void* hiddens[1] = {bf16 ? static_cast<void*>(h16.data()) : static_cast<void*>(h32.data())};
+  void* squares[1] = {v.data()};
+  void* ones[1] = {c.data()};
+  const int32_t f32_code[1] = {0}, hidden_code[1] = {bf16 ? 2 : 0};
+  const int64_t numels[1] = {n};
+  const double lrs[1] = {1e-3};
+  const double norm[3] = {0.999, 1 - 0.999, 1e-12};
+
+  std::vector<std::vector<double>> ns_per_coord(n_libs);
+  for (int r = 0; r <= rounds; ++r) {  // round 0 warms up
+    for (int k = 0; k < n_libs; ++k) {
+      const int i = (k + r) % n_libs;
+      const auto t0 = std::chrono::steady_clock::now();
+      const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, squares,
+                              ones, norm, numels, lrs, nullptr, weights.data(),
+                              static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
+      const auto t1 = std::chrono::steady_clock::now();
+      if (rc != 0) {
+        std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
+        return 1;
+      }
+      if (r > 0) ns_per_coord[i].push_back(std::chrono::duration<double>(t1 - t0).count() / n * 1e9);
+    }
+  }
+  std::printf("n=%lld rounds=%d threads=%d state=%s isa=%s\n", static_cast<long long>(n), rounds,
+              threads, argv[4], isa);
+  for (int i = 0; i < n_libs; ++i) {
+    std::vector<double> sorted = ns_per_coord[i];
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<double> ratios;
+    for (int r = 0; r < rounds; ++r) ratios.push_back(ns_per_coord[i][r] / ns_per_coord[0][r]);
+    std::sort(ratios.begin(), ratios.end());
+    std::printf("%-40s ns/coord: min %.2f, median %.2f; time / first's, median over rounds: %.3f\n",
+                argv[6 + i], sorted[0], sorted[sorted.size() / 2], ratios[ratios.size() / 2]);
+  }
+  return 0;
+}
