@@ -268,3 +268,28 @@ def test_the_per_coordinate_loops_are_vectorised(isa, division, state):
     if code is None:
         pytest.skip("objdump missing, or no x86-64 copy of that name (another compiler)")
     assert sum(bool(re.search(division, line)) for line in code) >= 1
+
+
+def test_the_kernel_ab_tool_times_the_library(tmp_path):
+    # examples/kernel_ab.cpp declares pass 1's C signature itself: it must build, accept this
+    # library's ABI version and run both hidden-state dtypes on it
+    import shutil
+
+    from l2l_optim.kernels import _build, cpu
+
+    if resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    if shutil.which(_build.compiler()[0]) is None:
+        pytest.skip("no C++ compiler")
+    source = Path(__file__).resolve().parents[1] / "examples" / "kernel_ab.cpp"
+    exe = tmp_path / "kernel_ab"
+    subprocess.run([*_build.compiler(), "-O1", str(source), "-o", str(exe), "-ldl"], check=True)
+    info = cpu.kernel_info()
+    for state in ("float32", "bfloat16"):
+        out = subprocess.run([str(exe), "5000", "2", "1", state, info["isa"], info["path"]],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"state={state} isa={info['isa']}" in out
+        assert "median over rounds: 1.000" in out  # one build against itself
+    bad = subprocess.run([str(exe), "5000", "2", "1", "float16", info["isa"], info["path"]],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad arguments" in bad.stderr
