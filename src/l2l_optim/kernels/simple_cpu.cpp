@@ -153,7 +153,14 @@ struct Job {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
 #define L2L_FAST_ROUND 1
-#define L2L_ONE_SWEEP 0
+// Three sweeps (see pass1_fixed) measured faster on an AVX-512 machine, but in GCC 12's code
+// the one-sweep loop takes 431 instructions per 16 coordinates against about 500 for the three
+// sweeps together, and on AVX2 one sweep is 1.16-1.20x faster. -DL2L_AVX512_ONE_SWEEP=1
+// builds it, to compare the two with examples/kernel_ab.cpp where AVX-512 runs.
+#ifndef L2L_AVX512_ONE_SWEEP
+#define L2L_AVX512_ONE_SWEEP 0
+#endif
+#define L2L_ONE_SWEEP L2L_AVX512_ONE_SWEEP
 namespace l2l {
 namespace avx512 {
 #include "simple_cpu_isa.h"
