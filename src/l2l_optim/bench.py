@@ -12,7 +12,9 @@ parameter sets:
 * ``base``: the paper's base MLP, 784-500-10 (``models.base_mlp``, 397,510 parameters);
 * ``mlp5``: the 5-layer MLP with 16x the parameters, 784-1330-1330-1330-1330-10
   (``models.mlp5``, 6,368,050 parameters);
-* ``100m``: a synthetic list of 25 tensors of 2000 x 2000 (100,000,000 parameters).
+* ``100m``: a synthetic list of 25 tensors of 2000 x 2000 (100,000,000 parameters);
+* ``many``: 300 tensors of 128 values: the fixed cost a step pays per tensor, which rules
+  on models of many small tensors.
 
 For each (size, optimizer) it reports the median (and the fastest) step time after warm-up,
 the ratio to fused Adam measured in the same run, and the optimizer-state bytes per parameter.
@@ -76,6 +78,8 @@ SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
     "base": ("base MLP 784-500-10", lambda: _model_shapes(base_mlp)),
     "mlp5": ("5-layer MLP 784-1330x4-10 (16x)", lambda: _model_shapes(mlp5)),
     "100m": ("synthetic 25 x (2000, 2000)", lambda: [(2000, 2000)] * 25),
+    # a step's fixed cost per tensor, which dominates on models of many small tensors
+    "many": ("synthetic 300 x (128,): the cost per tensor", lambda: [(128,)] * 300),
 }
 
 

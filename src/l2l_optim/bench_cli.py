@@ -18,9 +18,10 @@ non-finite handling <= 5% of the step, whole step <= 1.5x fused Adam on the base
 
 The step table times ``optimizer.step()`` alone for SimpleOptimizer (reference, fused, kernel
 only, bf16 state), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp on ``base``
-(the base MLP), ``mlp5`` (6.4M parameters) and ``100m`` (25 x 2000 x 2000), with random
-meta-weights (step time does not depend on their values); see :mod:`l2l_optim.bench`. The
-other tables use the shipped weights, SimpleOptimizer's default.
+(the base MLP), ``mlp5`` (6.4M parameters), ``100m`` (25 x 2000 x 2000) and ``many`` (300 x
+128: the cost per tensor), with random meta-weights (step time does not depend on their
+values); see :mod:`l2l_optim.bench`. The other tables use the shipped weights,
+SimpleOptimizer's default.
 
 The machines this runs on are shared, so every table is measured in interleaved rounds: in
 each round every variant is warmed up and timed in turn, so that a burst of load from another
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a few minutes: --tables bandwidth,train --bw-sizes 10m,base --models "
                          "base,lenet,mlp4m,transformer --steps 10 --rounds 2 --budget 10 "
                          "(options given explicitly win)")
-    ap.add_argument("--sizes", default="base,mlp5,100m",
+    ap.add_argument("--sizes", default="base,mlp5,100m,many",
                     help=f"step table: comma-separated, from {','.join(SIZES)} (default: all)")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                     help=f"step table: comma-separated, from {','.join(OPTIMIZERS)} (default: all)")

@@ -391,7 +391,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
                     g = p.grad
                     if g.is_sparse or g.layout != torch.strided:
                         raise RuntimeError(f"{name} does not support sparse gradients")
-                    if torch.is_complex(g):
+                    if g.is_complex():
                         raise ValueError(f"{name} does not support complex gradients")
                     params.append(p)
                     grads.append(g)
