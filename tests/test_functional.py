@@ -218,6 +218,38 @@ def test_a_net_with_the_rms_input_norm_needs_its_running_means():
     assert equal(p, make_state(SPECS["fp32"], "cpu")[0])  # refused calls change nothing
 
 
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_every_path_refuses_tensors_of_the_wrong_size_or_dtype(impl, device):
+    # the fused paths take well-formed tensors in one fast pass and leave anything else to the
+    # full checks: each refusal must still come, with its message, before anything is written
+    p, g, h = make_state(SPECS["fp32"], device)
+    net = random_net(1, input_norm="rms")
+    rms = make_rms(p)
+    before = clone(p) + clone(h) + clone(rms.squares) + clone(rms.ones)
+
+    def call(p=p, g=g, h=h, rms=rms):
+        simple_update(p, g, h, [0.1] * 3, net, impl=impl, rms=rms)
+
+    with pytest.raises(ValueError, match=r"hidden state must have shape \(10, 7\), got \(4, 7\)"):
+        call(h=[torch.zeros(4, 7, device=device)] + h[1:])
+    with pytest.raises(ValueError, match=r"hidden state must have shape \(10, 15\), got \(10, 16\)"):
+        call(h=h[:2] + [torch.zeros(H, 16, device=device)])
+    with pytest.raises(ValueError, match="a gradient of 6 elements for a parameter of 7"):
+        call(g=[g[0][:6]] + g[1:])
+    with pytest.raises(ValueError, match="unsupported dtype torch.float32 / torch.int64"):
+        call(g=g[:2] + [g[2].long()])
+    with pytest.raises(ValueError, match="unsupported hidden-state dtype torch.float16"):
+        call(h=h[:1] + [h[1].half()] + h[2:])
+    short = RunningRms(rms.squares[:2] + [rms.squares[2][:-1]], rms.ones)
+    with pytest.raises(ValueError, match="rms squares 2 must hold 15 torch.float32 values"):
+        call(rms=short)
+    with pytest.raises(ValueError, match="rms ones 0 must hold 7 torch.float32 values"):
+        call(rms=RunningRms(rms.squares, [rms.ones[0][:3]] + rms.ones[1:]))
+    assert equal(p + h + rms.squares + rms.ones, before)  # refused calls change nothing
+    call()  # the well-formed call runs
+    assert not equal(p, before[:3])
+
+
 @pytest.mark.parametrize("impl", [i for i, d in PATHS if d == "cpu" and i != "triton"])
 def test_matches_simple_optimizer_step(impl):
     # SimpleOptimizer.step() on CPU (a host-side non-finite check, so skip=None) with a fresh

@@ -46,7 +46,7 @@ which SimpleOptimizer uses on this path instead of a norm per tensor.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ from ._common import (
     Aggregate,
     RMS_CONSTANTS,
     RunningRms,
+    bump_versions,
     call_aggregate,
     check_inputs,
     check_rms,
@@ -201,13 +202,74 @@ def _check_tensors(params, grads, hiddens, squares, ones, h_size: int) -> None:
                                        f"elements, param has {k}")
 
 
+class _Plan(NamedTuple):
+    """Pass 1's per-tensor arrays, read from tensors the library takes as they are."""
+
+    p_ptrs: list
+    p_codes: list
+    g_ptrs: list
+    g_codes: list
+    h_ptrs: list
+    h_codes: list
+    v_ptrs: list
+    c_ptrs: list
+    numels: list
+
+
+def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Plan | None:
+    """The arrays of pass 1 when every tensor is one the library reads and writes as it is,
+    else None (then the full checks say what is wrong, or contiguous copies are made).
+
+    As it is: a plain tensor or parameter, dense, strided, contiguous, on the CPU, of a dtype
+    the kernel takes, of the right size (the running means in the compute dtype). Whatever
+    passes here passes check_inputs, check_rms and _check_tensors too; it runs for every
+    tensor of every step, so it reads each property once, in one loop.
+    """
+    n = len(params)
+    norm = bool(squares)
+    if not len(grads) == len(hiddens) == len(lrs) == n:
+        return None
+    if (len(squares), len(ones)) != ((n, n) if norm else (0, 0)):
+        return None
+    strided, param_type = torch.strided, torch.nn.Parameter
+    plan = _Plan([], [], [], [], [], [], [], [], [])
+    for i in range(n):
+        p, g, h = params[i], grads[i], hiddens[i]
+        for x in ((p, g, h, squares[i], ones[i]) if norm else (p, g, h)):
+            if ((type(x) is not Tensor and type(x) is not param_type) or x.layout != strided
+                    or x.is_nested or not x.is_cpu or not x.is_contiguous()):
+                return None
+        p_code, g_code = DTYPE_CODES.get(p.dtype), DTYPE_CODES.get(g.dtype)
+        h_code = HIDDEN_CODES.get(h.dtype)
+        if p_code is None or g_code is None or h_code is None:
+            return None
+        k = p.numel()
+        if g.numel() != k or h.shape != (h_size, k):
+            return None
+        if norm:
+            v, c, cd = squares[i], ones[i], compute_dtype(p.dtype)
+            if v.dtype != cd or c.dtype != cd or v.numel() != k or c.numel() != k:
+                return None
+            plan.v_ptrs.append(v.data_ptr() or None)
+            plan.c_ptrs.append(c.data_ptr() or None)
+        plan.p_ptrs.append(p.data_ptr() or None)
+        plan.g_ptrs.append(g.data_ptr() or None)
+        plan.h_ptrs.append(h.data_ptr() or None)
+        plan.p_codes.append(p_code)
+        plan.g_codes.append(g_code)
+        plan.h_codes.append(h_code)
+        plan.numels.append(k)
+    return plan
+
+
 def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
-           checked: bool = False):
+           checked: bool = False, plan: _Plan | None = None):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
 
     ``checked``: the caller has run check_inputs (and check_rms) and made every tensor
     contiguous, in eager mode (simple_update_cpu): then the pointers are read without
     checking each tensor again, which is most of the call's cost for small tensors.
+    ``plan``: the arrays :func:`_plain_plan` read from these tensors (implies ``checked``).
     """
     lib = load_library()
     n = len(params)
@@ -217,22 +279,25 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
     if norm and not len(squares) == len(ones) == n:
         raise RuntimeError("l2l_optim cpu kernel: the rms running means differ in length from params")
     w_ptr, w_len = _weights_pointer(weights)
-    if not checked:
-        _check_tensors(params, grads, hiddens, squares, ones, _hidden_size(w_len))
-    p_codes = [DTYPE_CODES[p.dtype] for p in params]
-    numels = [p.numel() for p in params]
+    if plan is None:
+        if not checked:
+            _check_tensors(params, grads, hiddens, squares, ones, _hidden_size(w_len))
+        plan = _Plan(_pointers(params), [DTYPE_CODES[p.dtype] for p in params], _pointers(grads),
+                     [DTYPE_CODES[g.dtype] for g in grads], _pointers(hiddens),
+                     [HIDDEN_CODES[h.dtype] for h in hiddens], _pointers(squares),
+                     _pointers(ones), [p.numel() for p in params])
+    p_codes, numels = plan.p_codes, plan.numels
     # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
     scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
                for k, c in zip(numels, p_codes)]
     skip_ptr, _flag = _skip_pointer(skip)
     sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
     rc = lib.l2l_simple_pass1(
-        n, _array(_P, _pointers(params)), _array(ctypes.c_int32, p_codes),
-        _array(_P, _pointers(grads)), _array(ctypes.c_int32, [DTYPE_CODES[g.dtype] for g in grads]),
-        _array(_P, _pointers(hiddens)),
-        _array(ctypes.c_int32, [HIDDEN_CODES[h.dtype] for h in hiddens]),
-        _array(_P, _pointers(squares)) if norm else None,
-        _array(_P, _pointers(ones)) if norm else None,
+        n, _array(_P, plan.p_ptrs), _array(ctypes.c_int32, p_codes),
+        _array(_P, plan.g_ptrs), _array(ctypes.c_int32, plan.g_codes),
+        _array(_P, plan.h_ptrs), _array(ctypes.c_int32, plan.h_codes),
+        _array(_P, plan.v_ptrs) if norm else None,
+        _array(_P, plan.c_ptrs) if norm else None,
         _NORM if norm else None, _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
         _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
         w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
@@ -365,10 +430,20 @@ def simple_update_cpu(
         TypeError: as the reference (a tensor subclass such as DTensor).
     """
     load_library()
-    check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
-                 device_rule="runs on CPU tensors only")
-    if rms is not None:
-        check_rms("cpu", rms, params, device=_CPU, device_rule="runs on CPU tensors only")
+    plan = None
+    lists = (list, tuple)
+    if (not torch.compiler.is_compiling()
+            and all(isinstance(x, lists) for x in (params, grads, hiddens, lrs))
+            and (rms is None or (isinstance(rms, RunningRms) and isinstance(rms.squares, lists)
+                                 and isinstance(rms.ones, lists)))):
+        # the common case in one pass: tensors the library takes as they are
+        sq, on = rms if rms is not None else ((), ())
+        plan = _plain_plan(params, grads, hiddens, lrs, sq, on, weights.w_ih.numel())
+    if plan is None:
+        check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=_CPU,
+                     device_rule="runs on CPU tensors only")
+        if rms is not None:
+            check_rms("cpu", rms, params, device=_CPU, device_rule="runs on CPU tensors only")
     done, skip = split_skip(skip)
     if skip is not None and skip.device.type != "cpu":
         raise RuntimeError("impl='cpu': the skip flag must be a CPU tensor")
@@ -379,6 +454,14 @@ def simple_update_cpu(
     lr_list = [float(lr) for lr in lrs]
     update, pass1, pass2 = _ops()
     squares, ones = rms if rms is not None else ([], [])
+    if plan is not None:
+        sums, scratch = _pass1(params, grads, hiddens, lr_list, packed, skip, aggregate is not None,
+                               squares, ones, plan=plan)
+        if aggregate is not None:
+            pass2(params, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+        # the kernel's writes bypass autograd, as in contiguous_inplace
+        bump_versions(params, hiddens, list(squares), list(ones))
+        return
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
         if not torch.compiler.is_compiling():
