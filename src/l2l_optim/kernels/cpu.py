@@ -45,6 +45,7 @@ which SimpleOptimizer uses on this path instead of a norm per tensor.
 
 from __future__ import annotations
 
+import array
 import ctypes
 from typing import NamedTuple, Optional
 
@@ -144,8 +145,23 @@ def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
     raise RuntimeError(f"{prefix} has no addressable storage (a functional or storage-less tensor)")
 
 
+# array.array type codes of the C arrays' element types (same sizes, checked below)
+_TYPECODES = {_P: "Q", ctypes.c_int32: "i", ctypes.c_int64: "q", ctypes.c_double: "d"}
+if any(array.array(code).itemsize != ctypes.sizeof(ctype) for ctype, code in _TYPECODES.items()):
+    raise ImportError("l2l_optim cpu kernel: array.array and ctypes disagree on an element size")
+
+
 def _array(ctype, values):
-    return (ctype * max(len(values), 1))(*values)
+    """A C array of ``values`` (for pointers, None is null), at least one element long.
+
+    Built through array.array, which packs a list of Python numbers several times faster
+    than ctypes' own constructor: a step passes a dozen arrays with one entry per tensor.
+    """
+    buf = array.array(_TYPECODES[ctype],
+                      [0 if v is None else v for v in values] if ctype is _P else values)
+    if not buf:
+        buf.append(0)
+    return (ctype * len(buf)).from_buffer(buf)  # shares buf's memory and keeps it alive
 
 
 def _skip_pointer(skip: Tensor | None) -> tuple[int | None, Tensor | None]:
