@@ -238,8 +238,9 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
 
     As it is: a plain tensor or parameter, dense, strided, contiguous, on the CPU, of a dtype
     the kernel takes, of the right size (the running means in the compute dtype). Whatever
-    passes here passes check_inputs, check_rms and _check_tensors too; it runs for every
-    tensor of every step, so it reads each property once, in one loop.
+    passes here passes check_inputs, check_rms and _check_tensors too. It runs for every
+    tensor of every step, so it reads each property once, a list at a time (comprehensions
+    cost less per tensor than one loop with its branches).
     """
     n = len(params)
     norm = bool(squares)
@@ -247,35 +248,32 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
         return None
     if (len(squares), len(ones)) != ((n, n) if norm else (0, 0)):
         return None
-    strided, param_type = torch.strided, torch.nn.Parameter
-    plan = _Plan([], [], [], [], [], [], [], [], [])
-    for i in range(n):
-        p, g, h = params[i], grads[i], hiddens[i]
-        for x in ((p, g, h, squares[i], ones[i]) if norm else (p, g, h)):
-            if ((type(x) is not Tensor and type(x) is not param_type) or x.layout != strided
-                    or x.is_nested or not x.is_cpu or not x.is_contiguous()):
-                return None
-        p_code, g_code = DTYPE_CODES.get(p.dtype), DTYPE_CODES.get(g.dtype)
-        h_code = HIDDEN_CODES.get(h.dtype)
-        if p_code is None or g_code is None or h_code is None:
+    tensors = [*params, *grads, *hiddens, *squares, *ones]
+    plain, strided = (Tensor, torch.nn.Parameter), torch.strided
+    if not all([type(x) in plain for x in tensors]):
+        return None
+    if not all([x.layout == strided and not x.is_nested and x.is_cpu and x.is_contiguous()
+                for x in tensors]):
+        return None
+    p_codes = [DTYPE_CODES.get(p.dtype) for p in params]
+    g_codes = [DTYPE_CODES.get(g.dtype) for g in grads]
+    h_codes = [HIDDEN_CODES.get(h.dtype) for h in hiddens]
+    if None in p_codes or None in g_codes or None in h_codes:
+        return None
+    numels = [p.numel() for p in params]
+    if [g.numel() for g in grads] != numels:
+        return None
+    if [h.shape for h in hiddens] != [(h_size, k) for k in numels]:  # torch.Size == tuple
+        return None
+    if norm:
+        # the compute dtype (compute_dtype): float64 for float64 parameters, else float32
+        cds = [torch.float64 if code == 1 else torch.float32 for code in p_codes]
+        if ([v.dtype for v in squares] != cds or [c.dtype for c in ones] != cds
+                or [v.numel() for v in squares] != numels or [c.numel() for c in ones] != numels):
             return None
-        k = p.numel()
-        if g.numel() != k or h.shape != (h_size, k):
-            return None
-        if norm:
-            v, c, cd = squares[i], ones[i], compute_dtype(p.dtype)
-            if v.dtype != cd or c.dtype != cd or v.numel() != k or c.numel() != k:
-                return None
-            plan.v_ptrs.append(v.data_ptr() or None)
-            plan.c_ptrs.append(c.data_ptr() or None)
-        plan.p_ptrs.append(p.data_ptr() or None)
-        plan.g_ptrs.append(g.data_ptr() or None)
-        plan.h_ptrs.append(h.data_ptr() or None)
-        plan.p_codes.append(p_code)
-        plan.g_codes.append(g_code)
-        plan.h_codes.append(h_code)
-        plan.numels.append(k)
-    return plan
+    ptrs = [x.data_ptr() or None for x in tensors]
+    return _Plan(ptrs[:n], p_codes, ptrs[n:2 * n], g_codes, ptrs[2 * n:3 * n], h_codes,
+                 ptrs[3 * n:4 * n], ptrs[4 * n:], numels)
 
 
 def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
