@@ -616,6 +616,12 @@ def test_cpu_first_nonfinite_names_the_first_tensor_with_a_nan_or_inf(dtype):
             assert cpu.first_nonfinite(ts) == 3
             ts[3][5] = 0.0
             assert cpu.first_nonfinite([ts[0], ts[4].t()]) == 1  # a non-contiguous view
+            # a strided view scans its own elements, not the storage's first numel()
+            wide = torch.zeros(20, dtype=dtype)
+            wide[1] = float("nan")  # outside wide[::2]
+            assert cpu.first_nonfinite([ts[0], wide[::2]]) == -1
+            wide[1], wide[18] = 0.0, float("inf")  # inside, beyond the storage's first 10
+            assert cpu.first_nonfinite([ts[0], wide[::2]]) == 1
     finally:
         torch.set_num_threads(threads)
     signed_nan = clone(base)

@@ -503,15 +503,28 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     lib = _cpu_library._lib
     if lib is None:
         return None
-    ptrs, codes, numels, copies = [], [], [], []
-    for t in tensors:
-        found = _address(t, DTYPE_CODES)
-        if found is None and type(t) is Tensor and t.layout == torch.strided and not t.is_contiguous():
-            copies.append(t.contiguous())  # a non-contiguous gradient: scan a copy
-            found = _address(copies[-1], DTYPE_CODES)
-        if found is None:
-            return None
-        ptrs.append(found[0] or None), codes.append(found[1]), numels.append(t.numel())
+    copies = []
+    # the common case a list at a time (it runs for every gradient of every step): what
+    # _address takes, for every tensor
+    plain, strided = (Tensor, torch.nn.Parameter), torch.strided
+    codes = [DTYPE_CODES.get(t.dtype) if type(t) in plain else None for t in tensors]
+    ptrs = numels = None
+    if None not in codes and all([t.layout == strided and not t.is_nested and t.is_cpu
+                                  and t.is_contiguous() and not torch._is_functional_tensor(t)
+                                  for t in tensors]):
+        ptrs, numels = [t.data_ptr() for t in tensors], [t.numel() for t in tensors]
+        if not all([ptr or not k for ptr, k in zip(ptrs, numels)]):
+            ptrs = None
+    if ptrs is None:
+        ptrs, codes, numels = [], [], []
+        for t in tensors:
+            found = _address(t, DTYPE_CODES)
+            if found is None and type(t) is Tensor and t.layout == torch.strided and not t.is_contiguous():
+                copies.append(t.contiguous())  # a non-contiguous gradient: scan a copy
+                found = _address(copies[-1], DTYPE_CODES)
+            if found is None:
+                return None
+            ptrs.append(found[0] or None), codes.append(found[1]), numels.append(t.numel())
     bad = lib.l2l_first_nonfinite(len(tensors), _array(_P, ptrs), _array(ctypes.c_int32, codes),
                                   _array(ctypes.c_int64, numels), torch.get_num_threads())
     if bad < -1:
