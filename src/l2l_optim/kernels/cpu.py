@@ -1,5 +1,9 @@
 """The fused SimpleOptimizer update on CPU: a C++/OpenMP shared library called through ctypes.
 
+(About 550 lines: the C calls, the ops torch.compile traces around them and the public entries
+share the pointer, dtype-code and array helpers and the checks that stand between a tensor and
+a raw pointer, so they stay in one module.)
+
 The library (``simple_cpu.cpp`` + ``simple_cpu_isa.h``) is plain C++ with a C ABI: it takes
 data pointers, dtype codes, sizes, learning rates and the packed fp64 weights, and links
 against nothing from torch, so one build serves every torch version. It is compiled at
@@ -232,6 +236,16 @@ class _Plan(NamedTuple):
     numels: list
 
 
+def _all_plain_contiguous_cpu(tensors: list) -> bool:
+    """Whether every one is a plain tensor or parameter, dense, strided, contiguous and on the
+    CPU: what :func:`_address` asks of each, a list at a time (list comprehensions cost less
+    per tensor than a loop with its branches, and this runs for every tensor of every step)."""
+    plain, strided = (Tensor, torch.nn.Parameter), torch.strided
+    return (all([type(x) in plain for x in tensors])
+            and all([x.layout == strided and not x.is_nested and x.is_cpu and x.is_contiguous()
+                     for x in tensors]))
+
+
 def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Plan | None:
     """The arrays of pass 1 when every tensor is one the library reads and writes as it is,
     else None (then the full checks say what is wrong, or contiguous copies are made).
@@ -239,8 +253,7 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
     As it is: a plain tensor or parameter, dense, strided, contiguous, on the CPU, of a dtype
     the kernel takes, of the right size (the running means in the compute dtype). Whatever
     passes here passes check_inputs, check_rms and _check_tensors too. It runs for every
-    tensor of every step, so it reads each property once, a list at a time (comprehensions
-    cost less per tensor than one loop with its branches).
+    tensor of every step, so it reads each property once, a list at a time.
     """
     n = len(params)
     norm = bool(squares)
@@ -249,11 +262,7 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
     if (len(squares), len(ones)) != ((n, n) if norm else (0, 0)):
         return None
     tensors = [*params, *grads, *hiddens, *squares, *ones]
-    plain, strided = (Tensor, torch.nn.Parameter), torch.strided
-    if not all([type(x) in plain for x in tensors]):
-        return None
-    if not all([x.layout == strided and not x.is_nested and x.is_cpu and x.is_contiguous()
-                for x in tensors]):
+    if not _all_plain_contiguous_cpu(tensors):
         return None
     p_codes = [DTYPE_CODES.get(p.dtype) for p in params]
     g_codes = [DTYPE_CODES.get(g.dtype) for g in grads]
@@ -468,22 +477,23 @@ def simple_update_cpu(
     lr_list = [float(lr) for lr in lrs]
     update, pass1, pass2 = _ops()
     squares, ones = rms if rms is not None else ([], [])
-    if plan is not None:
-        sums, scratch = _pass1(params, grads, hiddens, lr_list, packed, skip, aggregate is not None,
-                               squares, ones, plan=plan)
+
+    def eager(ps, gs, hs, vs, cs, plan=None):
+        # every tensor was checked above (or planned), so pass 1 reads the pointers unchecked
+        sums, scratch = _pass1(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
+                               checked=True, plan=plan)
         if aggregate is not None:
-            pass2(params, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+            pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+
+    if plan is not None:
+        eager(params, grads, hiddens, squares, ones, plan)
         # the kernel's writes bypass autograd, as in contiguous_inplace
         bump_versions(params, hiddens, list(squares), list(ones))
         return
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
         if not torch.compiler.is_compiling():
-            # eager: every tensor was checked above, so pass 1 reads the pointers unchecked
-            sums, scratch = _pass1(ps, gs, hs, lr_list, packed, skip, aggregate is not None,
-                                   vs, cs, checked=True)
-            if aggregate is not None:
-                pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+            eager(ps, gs, hs, vs, cs)
             return
         if aggregate is None:
             update(ps, gs, hs, lr_list, packed, skip, vs, cs)
@@ -506,12 +516,10 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     copies = []
     # the common case a list at a time (it runs for every gradient of every step): what
     # _address takes, for every tensor
-    plain, strided = (Tensor, torch.nn.Parameter), torch.strided
-    codes = [DTYPE_CODES.get(t.dtype) if type(t) in plain else None for t in tensors]
     ptrs = numels = None
-    if None not in codes and all([t.layout == strided and not t.is_nested and t.is_cpu
-                                  and t.is_contiguous() and not torch._is_functional_tensor(t)
-                                  for t in tensors]):
+    if (_all_plain_contiguous_cpu(tensors)
+            and not any([torch._is_functional_tensor(t) for t in tensors])
+            and None not in (codes := [DTYPE_CODES.get(t.dtype) for t in tensors])):
         ptrs, numels = [t.data_ptr() for t in tensors], [t.numel() for t in tensors]
         if not all([ptr or not k for ptr, k in zip(ptrs, numels)]):
             ptrs = None
