@@ -250,14 +250,13 @@ def _disassembly(path: str, function: str) -> list[str] | None:
 
 
 @pytest.mark.parametrize("state", ["float", "unsigned short"])  # fp32, bf16 hidden state
-@pytest.mark.parametrize("isa,division", [("avx512", r"vdivps\s.*zmm"), ("avx2", r"vdivps\s.*ymm"),
-                                          ("baseline", r"\sdivps\s")])
+@pytest.mark.parametrize("isa,division", [("avx512", r"vdivps\s.*zmm"), ("baseline", r"\sdivps\s")])
 def test_the_per_coordinate_loops_are_vectorised(isa, division, state):
-    # With trapping math GCC keeps the tanh's clamp as a branch and the AVX2 and SSE2 copies of
-    # the fp32 loop scalar (3.5x and 2.2x slower): the build flags must let it vectorise. Read
-    # from the machine code, since the results are the same either way: the tanh's division
-    # must run on packed registers, in every copy (the AVX-512 one is read on machines that
-    # cannot run it, too).
+    # With trapping math GCC keeps the tanh's clamp as a branch and the SSE2 copy of the fp32
+    # loop scalar (2.2x slower): the build flags must let it vectorise. Read from the machine
+    # code, since the results are the same either way: the tanh's division must run on packed
+    # registers, in every copy GCC vectorises (the AVX-512 one is read on machines that cannot
+    # run it, too; the AVX2 copy's loop is written in intrinsics, the next test).
     import re
 
     from l2l_optim.kernels import cpu
@@ -268,6 +267,76 @@ def test_the_per_coordinate_loops_are_vectorised(isa, division, state):
     if code is None:
         pytest.skip("objdump missing, or no x86-64 copy of that name (another compiler)")
     assert sum(bool(re.search(division, line)) for line in code) >= 1
+
+
+@pytest.mark.parametrize("state", ["float", "unsigned short"])
+def test_the_avx2_copy_runs_the_intrinsics_loop(state):
+    # the AVX2 copy's pass 1 for the default hidden size hands every block to pass1_avx2
+    # (simple_cpu_avx2.h); a build without it (L2L_AVX2_INTRINSICS unset) runs GCC's loop
+    from l2l_optim.kernels import cpu
+
+    if resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    code = _disassembly(cpu.kernel_info()["path"], f"l2l::avx2::pass1_fixed<10, float, {state}>")
+    if code is None:
+        pytest.skip("objdump missing, or no x86-64 copy of that name (another compiler)")
+    assert any(f"l2l::avx2::pass1_avx2<{state}>" in line for line in code)
+
+
+def test_the_avx2_intrinsics_loop_gives_the_portable_loops_bits(tmp_path, monkeypatch):
+    """The AVX2 copy's intrinsics loop against GCC's vectorisation of the portable loop (the
+    library built with -DL2L_AVX2_INTRINSICS=0): the same bits in the parameters, the hidden
+    state and the running means, for fp32 and bf16 state, with and without the rms norm, at
+    sizes that end in every remainder of eight lanes, with a NaN and with large gradients."""
+    import torch
+
+    from l2l_optim.kernels import _build, cpu
+    from l2l_optim.kernels import _cpu_library as loader
+    from l2l_optim.kernels._common import RunningRms
+
+    if resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    if "avx2" not in cpu.kernel_info()["supported"]:
+        pytest.skip("this CPU does not run AVX2")
+    cmd = _build.command(tmp_path / "portable.so")
+    cmd.insert(-3, "-DL2L_AVX2_INTRINSICS=0")
+    subprocess.run(cmd, check=True, capture_output=True)
+    portable = loader._open(tmp_path / "portable.so")
+
+    def run(hidden_dtype, rms_on):
+        sizes = [1, 7, 8, 13, 2048 * 2 + 5, 4099]
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=g) for n in sizes]
+        hiddens = [torch.tanh(torch.randn(10, n, generator=g)).to(hidden_dtype) for n in sizes]
+        rms = RunningRms([torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes])
+        net = SimpleOptimizerNet()
+        with torch.no_grad():
+            for q in net.parameters():
+                q.copy_(torch.rand(q.shape, generator=g) - 0.5)
+        for step in range(4):
+            grads = [torch.randn(n, generator=g) * (1e3 if step == 3 else 1e-3) for n in sizes]
+            if step == 2:
+                grads[-1][-1] = -float("nan")  # through the loop: bf16 makes it 0x7FC0, no sign
+            cpu.simple_update_cpu(params, grads, hiddens, [1e-3] * len(sizes),
+                                  net.fused_weights(), rms=rms if rms_on else None)
+        return params + hiddens + rms.squares + rms.ones
+
+    def bits(t):  # NaN == NaN, -0 != +0
+        return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+    before = cpu.kernel_info()["isa"]
+    try:
+        cpu.select_isa("avx2")
+        cases = [(dt, on) for dt in (torch.float32, torch.bfloat16) for on in (False, True)]
+        shipped = [run(*case) for case in cases]
+        monkeypatch.setattr(loader, "_lib", portable)
+        cpu.select_isa("avx2")
+        for case, mine in zip(cases, shipped):
+            for a, b in zip(mine, run(*case)):
+                assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), case
+    finally:
+        monkeypatch.undo()
+        cpu.select_isa(before)
 
 
 def test_the_kernel_ab_tool_times_the_library(tmp_path):

@@ -2,7 +2,7 @@
 // (raw pointers, dtype codes), loaded with ctypes by kernels/cpu.py. No libtorch headers or
 // symbols: the library is built once, at install time (hatch_build.py), for every torch
 // version, and picks its instruction set when it is loaded.
-// (About 520 lines, of which half is this comment and the C ABI's argument checks: the ABI
+// (About 540 lines, of which half is this comment and the C ABI's argument checks: the ABI
 // stays in one file so that cpu.py's ctypes signatures have one counterpart.)
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
@@ -67,6 +67,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // the AVX2 copy's coordinate loop (simple_cpu_avx2.h)
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -174,6 +178,11 @@ namespace avx512 {
 #pragma GCC target("arch=x86-64-v3")
 #define L2L_FAST_ROUND 1
 #define L2L_ONE_SWEEP 1
+// The AVX2 copy runs pass 1's default loop in intrinsics (simple_cpu_avx2.h), with the portable
+// loop's bits; -DL2L_AVX2_INTRINSICS=0 builds the portable loop instead, to compare the two.
+#ifndef L2L_AVX2_INTRINSICS
+#define L2L_AVX2_INTRINSICS 1
+#endif
 namespace l2l {
 namespace avx2 {
 #include "simple_cpu_isa.h"
@@ -181,6 +190,7 @@ namespace avx2 {
 }  // namespace l2l
 #undef L2L_FAST_ROUND
 #undef L2L_ONE_SWEEP
+#undef L2L_AVX2_INTRINSICS
 #pragma GCC pop_options
 
 #define L2L_FAST_ROUND 0
