@@ -359,6 +359,7 @@ def test_the_kernel_ab_tool_times_the_library(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         assert f"state={state} isa={info['isa']}" in out
         assert "median over rounds: 1.000" in out  # one build against itself
+        assert "bits: the first's" in out
     bad = subprocess.run([str(exe), "5000", "2", "1", "float16", info["isa"], info["path"]],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "bad arguments" in bad.stderr
