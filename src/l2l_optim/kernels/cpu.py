@@ -4,15 +4,13 @@
 share the pointer, dtype-code and array helpers and the checks that stand between a tensor and
 a raw pointer, so they stay in one module.)
 
-The library (``simple_cpu.cpp``, ``simple_cpu_isa.h``, ``simple_cpu_avx2.h``) is plain C++
-with a C ABI: it takes data pointers, dtype codes, sizes, learning rates and the packed fp64
-weights, and links
-against nothing from torch, so one build serves every torch version. It is compiled at
+The library (``simple_cpu.cpp``, ``simple_cpu_isa.h``, ``simple_cpu_avx2.h``) is plain C++ with
+a C ABI: it takes data pointers, dtype codes, sizes, learning rates and the packed fp64 weights,
+and links against nothing from torch, so one build serves every torch version. It is compiled at
 install time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory
 as ``libl2l_simple_cpu.so.1``, without ``-march``: it holds an AVX-512, an AVX2 + FMA and a
 baseline copy of its loops and picks the best one the CPU runs when it loads
-(:func:`kernel_info` says which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower
-one).
+(:func:`kernel_info` says which; ``L2L_OPTIM_CPU_ISA=avx2`` or ``baseline`` forces a lower one).
 
 Where no library was installed (a checkout on ``PYTHONPATH``) or the installed one was built
 from other sources (an editable install whose sources changed since), the first use compiles
