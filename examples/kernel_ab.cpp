@@ -101,21 +101,25 @@ int main(int argc, char** argv) {
   const double lrs[1] = {1e-3};
   const double norm[3] = {0.999, 1 - 0.999, 1e-12};
 
-  // the same three steps from the same state on every build: a hash of what they leave
+  // one call of build i's pass 1 on the data above; false (after a message) on an error
+  auto run = [&](int i) {
+    const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, squares,
+                            ones, norm, numels, lrs, nullptr, weights.data(),
+                            static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
+    if (rc != 0) std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
+    return rc == 0;
+  };
+  // the starting state (assignment keeps each vector's buffer, so the pointers above hold)
   const std::vector<float> param0 = param, v0 = v, c0 = c, h32_0 = h32;
   const std::vector<uint16_t> h16_0 = h16;
+  auto restore = [&] { param = param0, v = v0, c = c0, h32 = h32_0, h16 = h16_0; };
+
+  // the same three steps from the same state on every build: a hash of what they leave
   std::vector<uint64_t> bits(n_libs);
   for (int i = 0; i < n_libs; ++i) {
-    param = param0, v = v0, c = c0, h32 = h32_0, h16 = h16_0;
-    for (int step = 0; step < 3; ++step) {
-      const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, squares,
-                              ones, norm, numels, lrs, nullptr, weights.data(),
-                              static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
-      if (rc != 0) {
-        std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
-        return 1;
-      }
-    }
+    restore();
+    for (int step = 0; step < 3; ++step)
+      if (!run(i)) return 1;
     uint64_t hash = 1469598103934665603ull;  // FNV-1a over 32-bit words
     auto mix = [&hash](const void* p, size_t bytes) {
       const unsigned char* b = static_cast<const unsigned char*>(p);
@@ -131,21 +135,16 @@ int main(int argc, char** argv) {
     if (bf16) mix(h16.data(), 2 * h16.size()); else mix(h32.data(), 4 * h32.size());
     bits[i] = hash;
   }
-  param = param0, v = v0, c = c0, h32 = h32_0, h16 = h16_0;
+  restore();
 
   std::vector<std::vector<double>> ns_per_coord(n_libs);
   for (int r = 0; r <= rounds; ++r) {  // round 0 warms up
     for (int k = 0; k < n_libs; ++k) {
       const int i = (k + r) % n_libs;
       const auto t0 = std::chrono::steady_clock::now();
-      const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, squares,
-                              ones, norm, numels, lrs, nullptr, weights.data(),
-                              static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
+      const bool ok = run(i);
       const auto t1 = std::chrono::steady_clock::now();
-      if (rc != 0) {
-        std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
-        return 1;
-      }
+      if (!ok) return 1;
       if (r > 0) ns_per_coord[i].push_back(std::chrono::duration<double>(t1 - t0).count() / n * 1e9);
     }
   }

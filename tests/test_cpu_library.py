@@ -298,8 +298,7 @@ def test_the_avx2_intrinsics_loop_gives_the_portable_loops_bits(tmp_path, monkey
         pytest.skip("no CPU kernel in this build")
     if "avx2" not in cpu.kernel_info()["supported"]:
         pytest.skip("this CPU does not run AVX2")
-    cmd = _build.command(tmp_path / "portable.so")
-    cmd.insert(-3, "-DL2L_AVX2_INTRINSICS=0")
+    cmd = _build.command(tmp_path / "portable.so") + ["-DL2L_AVX2_INTRINSICS=0"]
     subprocess.run(cmd, check=True, capture_output=True)
     portable = loader._open(tmp_path / "portable.so")
 
