@@ -84,7 +84,8 @@ def test_count_subnormal():
 def test_train_rows():
     rows = run_train(TrainConfig(models=["base", "transformer"], **QUIET), log=lambda m: None)
     assert [(r.model, r.optimizer) for r in rows] == [
-        (m, o) for m in ("base", "transformer") for o in ("adam-fused", "adam-foreach", "simple")]
+        (m, o) for m in ("base", "transformer")
+        for o in ("adam-fused", "adam-foreach", "simple", "simple-bf16")]
     assert rows[0].n_params == 397_510 and rows[0].batch_size == 128
     for r in rows:
         assert len(r.whole_s) == len(r.step_s) == 2
@@ -94,11 +95,13 @@ def test_train_rows():
         assert r.subnormal_grads == 0 and r.skipped_steps == 0
         assert json.dumps(r.to_json())
     assert rows[0].x_adam == 1.0
-    assert [bool(r.impl) for r in rows[:3]] == [False, False, True]  # only SimpleOptimizer has one
-    assert "<= 1.5" in format_train(rows)
+    assert [bool(r.impl) for r in rows[:4]] == [False, False, True, True]  # only SimpleOptimizer has one
+    assert format_train(rows).count("<= 1.5") == 2  # base's fp32 and bf16 state rows
     targets = train_targets(rows)
+    assert len(targets) == 4 and "(bf16 state)" in targets[2]["target"]
     assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)
-    assert targets[1]["met"] is None  # mlp4m not run
+    assert targets[2]["measured"] == rows[3].x_adam and targets[2]["met"] in (True, False)
+    assert targets[1]["met"] is None and targets[3]["met"] is None  # mlp4m not run
 
 
 def test_train_targets_logic():
@@ -107,6 +110,12 @@ def test_train_targets_logic():
     met = {t["target"].split(":")[0]: t["met"] for t in train_targets(rows)}
     assert met == {"base": False, "mlp4m": True}
     assert [t["bound"] for t in train_targets(rows)] == [None, None]  # no bandwidth given
+    # a bf16-state row adds its own two targets, read on its own row
+    rows.append(TrainRow("base", "", 1, 128, "simple-bf16", x_adam=1.4))
+    targets = train_targets(rows)
+    assert [(t["target"].split(" whole")[0], t["met"]) for t in targets] == [
+        ("base: SimpleOptimizer", False), ("mlp4m: SimpleOptimizer", True),
+        ("base: SimpleOptimizer (bf16 state)", True), ("mlp4m: SimpleOptimizer (bf16 state)", None)]
 
 
 def test_train_targets_memory_bound():
@@ -118,6 +127,16 @@ def test_train_targets_memory_bound():
     assert base["bound"] == pytest.approx(3.25) and base["met"] is False
     table = bench_cli.format_targets([base])
     assert "| 5.00x | NOT met | 3.25x |" in table
+    # per optimizer: bf16 state moves 60 B at 12 GB/s: (3 + 5) / 4 = 2x
+    bf16 = TrainRow("base", "", 10**6, 128, "simple-bf16", whole_s=[0.01], step_s=[0.006],
+                    x_adam=2.5)
+    targets = train_targets([adam, simple, bf16], copy_gbs={"simple": 10.0, "simple-bf16": 12.0},
+                            bytes_per_param={"simple": 100, "simple-bf16": 60})
+    assert [t["bound"] for t in targets] == [pytest.approx(3.25), None, pytest.approx(2.0), None]
+    # a bandwidth measured for one state dtype only gives no bound to the other
+    targets = train_targets([adam, simple, bf16], copy_gbs={"simple": 10.0},
+                            bytes_per_param={"simple": 100})
+    assert targets[2]["bound"] is None and targets[0]["bound"] == pytest.approx(3.25)
 
 
 def test_command_json(tmp_path, capsys, keep_threads):
@@ -136,6 +155,33 @@ def test_command_json(tmp_path, capsys, keep_threads):
     assert [r["optimizer"] for r in data["train"]] == ["adam-fused", "simple"]
     assert [r["optimizer"] for r in data["step"]] == ["adam-fused", "simple-fused"]
     assert len(data["targets"]) == 5 and data["threads"] == 1
+
+
+def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
+        tmp_path, monkeypatch, keep_threads):
+    # the 10M rows are too slow for a test: canned rows, to check the wiring from the bandwidth
+    # table to the training-step targets (fp32 state: 100 B at 10 GB/s; bf16: 60 B at 12 GB/s)
+    def bandwidth(cfg, log):
+        return [BandwidthRow("10m", "", 10**7, 1, dtype, size, copy_bytes=10**9, step_s=[0.1],
+                             update_s=[0.1], copy_s=[1e9 / (gbs * 1e9)])
+                for dtype, size, gbs in (("float32", 100, 10.0), ("bfloat16", 60, 12.0))]
+
+    def train(cfg, log):
+        adam = TrainRow("base", "", 10**6, 128, "adam-fused", whole_s=[0.004], step_s=[0.001],
+                        x_adam=1.0)
+        return [adam] + [TrainRow("base", "", 10**6, 128, o, whole_s=[0.01], step_s=[0.006],
+                                  x_adam=2.5) for o in ("simple", "simple-bf16")]
+
+    monkeypatch.setattr(bench_cli, "run_bandwidth", bandwidth)
+    monkeypatch.setattr(bench_cli, "run_train", train)
+    path = tmp_path / "bench.json"
+    assert bench_cli.main(["--tables", "bandwidth,train", "--json", str(path)]) == 0
+    bounds = {t["target"].split(" whole")[0]: t["bound"]
+              for t in json.loads(path.read_text())["targets"] if "whole step" in t["target"]}
+    # (3 ms of fused Adam's forward and backward + bytes / bandwidth) / its 4 ms whole step
+    assert bounds == {"base: SimpleOptimizer": pytest.approx(3.25),
+                      "base: SimpleOptimizer (bf16 state)": pytest.approx(2.0),
+                      "mlp4m: SimpleOptimizer": None, "mlp4m: SimpleOptimizer (bf16 state)": None}
 
 
 def test_command_rejects_unknown_names(capsys, keep_threads):

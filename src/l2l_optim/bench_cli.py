@@ -204,10 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                                          device=args.device, **common), log=log)
             sections.append(f"## Training step\n\n{_wrap(describe_train())}\n\n{format_train(rows)}")
             data["train"] = [r.to_json() for r in rows]
-            # the bandwidth table's 10M fp32 row, when it ran: the copy speed and the step's bytes
-            bw = next((r for r in data.get("bandwidth", []) if r.get("size") == "10m"
-                       and r.get("state_dtype") == "float32" and r.get("copy_gbs")), None)
-            targets += train_targets(rows, bw and bw["copy_gbs"], bw and bw["bytes_per_coord"])
+            # the bandwidth table's 10M rows, where they ran: per state dtype, the copy speed
+            # and the step's bytes
+            copy_gbs, step_bytes = {}, {}
+            for name, dtype in (("simple", "float32"), ("simple-bf16", "bfloat16")):
+                bw = next((r for r in data.get("bandwidth", []) if r.get("size") == "10m"
+                           and r.get("state_dtype") == dtype and r.get("copy_gbs")), None)
+                if bw is not None:
+                    copy_gbs[name], step_bytes[name] = bw["copy_gbs"], bw["bytes_per_coord"]
+            targets += train_targets(rows, copy_gbs, step_bytes)
         else:
             kw = dict(steps=50, warmup=3, rounds=5, budget=120.0) | common
             results = run(sizes, opts, device=args.device, log=log, **kw)
