@@ -270,40 +270,34 @@ def test_the_per_coordinate_loops_are_vectorised(isa, division, state):
 
 
 @pytest.mark.parametrize("state", ["float", "unsigned short"])
-def test_the_avx2_copy_runs_the_intrinsics_loop(state):
-    # the AVX2 copy's pass 1 for the default hidden size hands every block to pass1_avx2
-    # (simple_cpu_avx2.h); a build without it (L2L_AVX2_INTRINSICS unset) runs GCC's loop
+@pytest.mark.parametrize("isa,runs_it", [("avx2", True), ("avx512", False)])
+def test_which_copies_run_the_intrinsics_loop(isa, runs_it, state):
+    # the AVX2 copy's pass 1 for the default hidden size hands every block to pass1_simd
+    # (simple_cpu_simd.h); the AVX-512 copy runs GCC's loop unless built with
+    # -DL2L_AVX512_INTRINSICS=1. Read from the machine code, so the AVX-512 copy is checked on
+    # machines that cannot run it, too.
     from l2l_optim.kernels import cpu
 
     if resolve_impl("auto", "cpu") != "cpu":
         pytest.skip("no CPU kernel in this build")
-    code = _disassembly(cpu.kernel_info()["path"], f"l2l::avx2::pass1_fixed<10, float, {state}>")
+    code = _disassembly(cpu.kernel_info()["path"], f"l2l::{isa}::pass1_fixed<10, float, {state}>")
     if code is None:
         pytest.skip("objdump missing, or no x86-64 copy of that name (another compiler)")
-    assert any(f"l2l::avx2::pass1_avx2<{state}>" in line for line in code)
+    assert any(f"l2l::{isa}::pass1_simd<{state}>" in line for line in code) == runs_it
 
 
-def test_the_avx2_intrinsics_loop_gives_the_portable_loops_bits(tmp_path, monkeypatch):
-    """The AVX2 copy's intrinsics loop against GCC's vectorisation of the portable loop (the
-    library built with -DL2L_AVX2_INTRINSICS=0): the same bits in the parameters, the hidden
-    state and the running means, for fp32 and bf16 state, with and without the rms norm, at
-    sizes that end in every remainder of eight lanes, with a NaN and with large gradients."""
+def _kernel_bits(isa: str) -> list:
+    """Four steps of the loaded library's ``isa`` copy, from a fixed start, on sizes that end in
+    every kind of remainder of eight and sixteen lanes, with a NaN and with large gradients:
+    the parameters, hidden states and running means, for fp32 and bf16 state, with and without
+    the rms norm."""
     import torch
 
-    from l2l_optim.kernels import _build, cpu
-    from l2l_optim.kernels import _cpu_library as loader
+    from l2l_optim.kernels import cpu
     from l2l_optim.kernels._common import RunningRms
 
-    if resolve_impl("auto", "cpu") != "cpu":
-        pytest.skip("no CPU kernel in this build")
-    if "avx2" not in cpu.kernel_info()["supported"]:
-        pytest.skip("this CPU does not run AVX2")
-    cmd = _build.command(tmp_path / "portable.so") + ["-DL2L_AVX2_INTRINSICS=0"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    portable = loader._open(tmp_path / "portable.so")
-
     def run(hidden_dtype, rms_on):
-        sizes = [1, 7, 8, 13, 2048 * 2 + 5, 4099]
+        sizes = [1, 7, 8, 13, 16, 31, 2048 * 2 + 5, 4099, 2048 + 24]
         g = torch.Generator().manual_seed(0)
         params = [torch.randn(n, generator=g) for n in sizes]
         hiddens = [torch.tanh(torch.randn(10, n, generator=g)).to(hidden_dtype) for n in sizes]
@@ -325,17 +319,57 @@ def test_the_avx2_intrinsics_loop_gives_the_portable_loops_bits(tmp_path, monkey
 
     before = cpu.kernel_info()["isa"]
     try:
-        cpu.select_isa("avx2")
-        cases = [(dt, on) for dt in (torch.float32, torch.bfloat16) for on in (False, True)]
-        shipped = [run(*case) for case in cases]
-        monkeypatch.setattr(loader, "_lib", portable)
-        cpu.select_isa("avx2")
-        for case, mine in zip(cases, shipped):
-            for a, b in zip(mine, run(*case)):
-                assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), case
+        cpu.select_isa(isa)
+        return [[bits(t) for t in run(dt, on)]
+                for dt in (torch.float32, torch.bfloat16) for on in (False, True)]
     finally:
-        monkeypatch.undo()
         cpu.select_isa(before)
+
+
+@pytest.mark.parametrize("isa,define,other_runs_simd", [
+    # the shipped AVX2 intrinsics loop against GCC's vectorisation of the portable loop
+    ("avx2", "-DL2L_AVX2_INTRINSICS=0", False),
+    # the sixteen-lane loop on plain arrays against the shipped AVX2 loop
+    ("avx2", "-DL2L_SIMD_EMULATE=1", True),
+    # the AVX-512 intrinsics loop against the shipped AVX-512 copy's GCC loop
+    ("avx512", "-DL2L_AVX512_INTRINSICS=1", True),
+])
+def test_the_shipped_loop_gives_the_bits_of(tmp_path, monkeypatch, isa, define, other_runs_simd):
+    """The shipped library's loop in one copy against another build's loop in the same copy:
+    the same bits in every result of :func:`_kernel_bits`.
+
+    The emulated build runs the AVX-512 intrinsics loop's logic (sixteen lanes: its tail, its
+    bf16 stores) with plain C++ in place of the AVX-512 intrinsics, so it is checked on
+    machines without AVX-512; the AVX-512 intrinsics themselves are checked where AVX-512
+    runs."""
+    import torch
+
+    from l2l_optim.kernels import _build, cpu
+    from l2l_optim.kernels import _cpu_library as loader
+
+    if resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    if isa not in cpu.kernel_info()["supported"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    other = tmp_path / "other.so"
+    subprocess.run(_build.command(other) + [define], check=True, capture_output=True)
+    # the define took effect: the other build's loop is another machine code
+    shipped_code = _disassembly(cpu.kernel_info()["path"], f"l2l::{isa}::pass1_fixed<10, float, float>")
+    other_code = _disassembly(str(other), f"l2l::{isa}::pass1_fixed<10, float, float>")
+    if shipped_code is not None and other_code is not None:
+        def opcodes(lines):  # without the addresses, which differ between any two builds
+            return [line.split("\t")[-1].split()[0] for line in lines if "\t" in line]
+
+        assert any(f"l2l::{isa}::pass1_simd<float>" in line for line in other_code) == other_runs_simd
+        simd = f"l2l::{isa}::pass1_simd<float>"
+        assert opcodes(other_code) != opcodes(shipped_code) or (
+            opcodes(_disassembly(str(other), simd) or [])
+            != opcodes(_disassembly(cpu.kernel_info()["path"], simd) or []))
+    shipped = _kernel_bits(isa)
+    monkeypatch.setattr(loader, "_lib", loader._open(other))
+    for case, (mine, theirs) in enumerate(zip(shipped, _kernel_bits(isa))):
+        for a, b in zip(mine, theirs):
+            assert a.dtype == b.dtype and torch.equal(a, b), (define, case)
 
 
 def test_the_kernel_ab_tool_times_the_library(tmp_path):

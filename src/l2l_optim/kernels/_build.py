@@ -28,7 +28,7 @@ from pathlib import Path
 __all__ = ["SOURCES", "LIB_NAME", "FLAGS", "BuildError", "source_dir", "source_hash",
            "library_hash", "compiler", "command", "compile_library"]
 
-SOURCES = ("simple_cpu.cpp", "simple_cpu_isa.h", "simple_cpu_avx2.h")  # the first is compiled
+SOURCES = ("simple_cpu.cpp", "simple_cpu_isa.h", "simple_cpu_simd.h")  # the first is compiled
 # a name no import system takes for a Python module (no .so suffix at its end), so that
 # pkgutil.walk_packages and import machinery pass over it
 LIB_NAME = "libl2l_simple_cpu.so.1"

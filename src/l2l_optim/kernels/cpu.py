@@ -4,7 +4,7 @@
 share the pointer, dtype-code and array helpers and the checks that stand between a tensor and
 a raw pointer, so they stay in one module.)
 
-The library (``simple_cpu.cpp``, ``simple_cpu_isa.h``, ``simple_cpu_avx2.h``) is plain C++ with
+The library (``simple_cpu.cpp``, ``simple_cpu_isa.h``, ``simple_cpu_simd.h``) is plain C++ with
 a C ABI: it takes data pointers, dtype codes, sizes, learning rates and the packed fp64 weights,
 and links against nothing from torch, so one build serves every torch version. It is compiled at
 install time (``hatch_build.py``, for wheels and for ``pip install -e .``) into this directory

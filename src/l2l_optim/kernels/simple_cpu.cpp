@@ -69,7 +69,7 @@
 #include <limits>
 
 #if defined(__x86_64__)
-#include <immintrin.h>  // the AVX2 copy's coordinate loop (simple_cpu_avx2.h)
+#include <immintrin.h>  // the AVX2 and AVX-512 copies' coordinate loop (simple_cpu_simd.h)
 #endif
 
 #ifdef _OPENMP
@@ -165,6 +165,15 @@ struct Job {
 #define L2L_AVX512_ONE_SWEEP 0
 #endif
 #define L2L_ONE_SWEEP L2L_AVX512_ONE_SWEEP
+// -DL2L_AVX512_INTRINSICS=1 runs pass 1's default loop in intrinsics in this copy too
+// (simple_cpu_simd.h, sixteen lanes, the portable loop's bits). It is off until it is measured
+// where AVX-512 runs: in instructions (428 per 16 coordinates, no spills) it is close to GCC's
+// one sweep, which measured slower than the three sweeps there (examples/avx512_check.sh
+// compares the three builds).
+#ifndef L2L_AVX512_INTRINSICS
+#define L2L_AVX512_INTRINSICS 0
+#endif
+#define L2L_SIMD_BACKEND (L2L_AVX512_INTRINSICS ? 2 : 0)
 namespace l2l {
 namespace avx512 {
 #include "simple_cpu_isa.h"
@@ -172,16 +181,23 @@ namespace avx512 {
 }  // namespace l2l
 #undef L2L_FAST_ROUND
 #undef L2L_ONE_SWEEP
+#undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define L2L_FAST_ROUND 1
 #define L2L_ONE_SWEEP 1
-// The AVX2 copy runs pass 1's default loop in intrinsics (simple_cpu_avx2.h), with the portable
-// loop's bits; -DL2L_AVX2_INTRINSICS=0 builds the portable loop instead, to compare the two.
+// The AVX2 copy runs pass 1's default loop in intrinsics (simple_cpu_simd.h), with the portable
+// loop's bits; -DL2L_AVX2_INTRINSICS=0 builds the portable loop instead, to compare the two, and
+// -DL2L_SIMD_EMULATE=1 the AVX-512 copy's sixteen-lane loop on plain arrays (a test build).
 #ifndef L2L_AVX2_INTRINSICS
 #define L2L_AVX2_INTRINSICS 1
+#endif
+#if defined(L2L_SIMD_EMULATE) && L2L_SIMD_EMULATE
+#define L2L_SIMD_BACKEND 3
+#else
+#define L2L_SIMD_BACKEND (L2L_AVX2_INTRINSICS ? 1 : 0)
 #endif
 namespace l2l {
 namespace avx2 {
@@ -190,7 +206,7 @@ namespace avx2 {
 }  // namespace l2l
 #undef L2L_FAST_ROUND
 #undef L2L_ONE_SWEEP
-#undef L2L_AVX2_INTRINSICS
+#undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
 #define L2L_FAST_ROUND 0
@@ -203,6 +219,7 @@ namespace avx2 {
 #endif
 #endif
 #define L2L_ONE_SWEEP 0
+#define L2L_SIMD_BACKEND 0
 namespace l2l {
 namespace baseline {
 #include "simple_cpu_isa.h"
@@ -210,6 +227,7 @@ namespace baseline {
 }  // namespace l2l
 #undef L2L_FAST_ROUND
 #undef L2L_ONE_SWEEP
+#undef L2L_SIMD_BACKEND
 
 namespace l2l {
 

@@ -9,8 +9,8 @@
 // (Weights, Job, Item, the dtype codes, the block constants) come from simple_cpu.cpp.
 //
 // L2L_ONE_SWEEP (0 or 1) picks the loop structure of pass1_fixed for the copy (see there);
-// L2L_AVX2_INTRINSICS, defined (to 1) in the AVX2 copy only, replaces its fp32-compute loop with
-// simple_cpu_avx2.h's.
+// L2L_SIMD_BACKEND (0: none) names the vector interface of simple_cpu_simd.h whose loop replaces
+// the copy's fp32-compute loop for the default hidden size (see there).
 //
 // L2L_FAST_ROUND is 1 where std::nearbyint compiles to one vector instruction (SSE4.1 and up,
 // AArch64); the x86-64 baseline (SSE2) rounds by adding and subtracting 1.5 * 2^23 instead,
@@ -220,8 +220,8 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
   return total;
 }
 
-#if defined(L2L_AVX2_INTRINSICS) && L2L_AVX2_INTRINSICS
-#include "simple_cpu_avx2.h"
+#if L2L_SIMD_BACKEND
+#include "simple_cpu_simd.h"
 #endif
 
 // Pass 1 on one block, hidden size H known at compile time (the default 10).
@@ -235,8 +235,8 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
 // spills more than the extra sweeps cost. With L2L_ONE_SWEEP == 1 (the AVX2 copy) one sweep
 // does all three per vector of coordinates for fp32 compute and state: with 16 registers the
 // three-sweep form waits on its buffer, and one sweep measures faster on a 10M-coordinate step
-// (BENCHMARKS.md). The AVX2 copy's default build runs neither for fp32 compute with fp32 or
-// bf16 state: pass1_avx2 (simple_cpu_avx2.h) takes those blocks.
+// (BENCHMARKS.md). The AVX2 and AVX-512 copies' default builds run neither for fp32 compute with
+// fp32 or bf16 state: pass1_simd (simple_cpu_simd.h) takes those blocks.
 // All of them compute the same operations in the same order: the same bits.
 //
 // noinline: GCC vectorises these loops reliably only when the function is compiled on its own
@@ -248,9 +248,9 @@ __attribute__((noinline)) double pass1_fixed(
     int64_t n, int64_t i0, int64_t len,
     C* __restrict out,  // theta or scratch, offset to the block
     C lr, const Weights<C>& w, C* __restrict sbuf) {
-#if defined(L2L_AVX2_INTRINSICS) && L2L_AVX2_INTRINSICS
+#if L2L_SIMD_BACKEND
   if constexpr (H == 10 && sizeof(C) == 4 && sizeof(S) != 8) {
-    return pass1_avx2<S>(g, h, n, i0, len, out, lr, w, sbuf);
+    return pass1_simd<S>(g, h, n, i0, len, out, lr, w, sbuf);
   }
 #endif
   // local copies of the weights so that the compiler sees loop-invariant broadcast operands
