@@ -1,4 +1,10 @@
-"""Tests for l2l_optim.optimizer: the torch.optim contract around the learned update."""
+"""Tests for l2l_optim.optimizer: the torch.optim contract around the learned update.
+
+(About 1,200 lines, in sections: validation, the weights' forms, the step contract, the update
+maths on both paths, the non-finite policy, state_dict and resuming, copy and pickle, and the
+rough edges a new user runs into. optimizer.py holds the contract in one module, and its tests
+share fixtures and optimizer factories across the sections, so they stay in one file.)
+"""
 
 from __future__ import annotations
 
