@@ -31,20 +31,22 @@ def test_bandwidth_rows():
         ("4096", "float32"), ("4096", "bfloat16"), ("3e4", "float32"), ("3e4", "bfloat16")]
     for r in rows:
         assert not r.skipped
-        assert len(r.step_s) == len(r.update_s) == len(r.copy_s) == 2
+        assert len(r.step_s) == len(r.update_s) == len(r.copy_s) == len(r.check_s) == 2
         # the shipped default normalises its input: two fp32 running means read and written
         assert r.bytes_per_coord == {"float32": 116, "bfloat16": 76}[r.state_dtype]
         # the copy moves as many bytes as the step (no cap at these sizes)
         assert r.copy_bytes == r.step_bytes
         for v in (r.step_gbs, r.update_gbs, r.copy_gbs):
             assert v > 0 and math.isfinite(v)
-        assert math.isfinite(r.step_fraction) and math.isfinite(r.check_share)
+        assert math.isfinite(r.step_fraction) and math.isfinite(r.overhead_share)
+        assert 0 < r.check_share < 1  # the check alone, timed: a part of the step
         assert r.subnormals == 0 and r.skipped_steps == 0
         assert r.impl in ("cpu", "reference")
         assert json.dumps(r.to_json())
     assert rows[2].n_coords == 30_000
     table = format_bandwidth(rows)
     assert table.count("\n") == 1 + len(rows) and "skipped" not in table
+    assert len({line.count("|") for line in table.splitlines()}) == 1  # every row has every column
     # no 10M row: the targets are listed as not measured
     assert [t["met"] for t in bandwidth_targets(rows)] == [None, None, None]
 
@@ -60,19 +62,36 @@ def test_bandwidth_copy_cap_and_sizes():
 
 
 def test_bandwidth_targets_logic():
-    def row(dtype, step, update, copy):
+    def row(dtype, step, update, copy, check):
         r = BandwidthRow("10m", "", 10_000_000, 1, dtype, {"float32": 100, "bfloat16": 60}[dtype],
-                         copy_bytes=10**9, step_s=[step], update_s=[update], copy_s=[copy])
+                         copy_bytes=10**9, step_s=[step], update_s=[update], copy_s=[copy],
+                         check_s=[check])
         return r
 
-    # fp32: 1 GB in 0.1 s against a copy of 1 GB in 0.09 s = 90%; check share 4%
-    fast = row("float32", 0.1, 0.096, 0.09)
-    slow = row("bfloat16", 0.1, 0.05, 0.05)  # 0.6 GB in 0.1 s against 20 GB/s: 30%
+    # fp32: 1 GB in 0.1 s against a copy of 1 GB in 0.09 s = 90%; the check alone 4% of the
+    # step, the step 8% more than the update (the check's share is read on the check's time)
+    fast = row("float32", 0.1, 0.092, 0.09, 0.004)
+    slow = row("bfloat16", 0.1, 0.05, 0.05, 0.01)  # 0.6 GB in 0.1 s against 20 GB/s: 30%
     t = bandwidth_targets([fast, slow])
     assert t[0]["measured"] == pytest.approx(0.9) and t[0]["met"] is True
     assert t[1]["measured"] == pytest.approx(0.3) and t[1]["met"] is False
     assert t[2]["measured"] == pytest.approx(0.04) and t[2]["met"] is True
+    assert fast.overhead_share == pytest.approx(0.08)
     assert "90%" in bench_cli.format_targets(t) and "NOT met" in bench_cli.format_targets(t)
+
+
+def test_the_check_timing_refuses_non_finite_gradients():
+    # the check variant times the non-finite handling of a step that goes on; a skipped step
+    # would time the other branch (and count a skip), so it stops the benchmark instead
+    from l2l_optim import SimpleOptimizer
+    from l2l_optim.bench_bandwidth import _check_nonfinite
+
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor([0.0, float("nan"), 1.0])
+    opt = SimpleOptimizer([p])
+    params, grads, _, _, where = opt._gather()
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="finite"):
+        _check_nonfinite(opt, params, grads, where)
 
 
 def test_count_subnormal():
