@@ -3,8 +3,8 @@
 What a user pays per training step is ``zero_grad``, the forward and backward passes and
 ``opt.step()`` together; this module times that whole step for SimpleOptimizer (its defaults:
 shipped weights, fused kernel, fp32 state, ``nonfinite="skip"``; and the same with bf16 state),
-and torch's Adam (fused and foreach) on the models of :data:`TRAIN_MODELS`, and reports each optimizer's whole step as a
-ratio to fused Adam's in the same run.
+and torch's Adam (fused and foreach) on the models of :data:`TRAIN_MODELS`, and reports each
+optimizer's whole step as a ratio to fused Adam's in the same run.
 
 The gradients come from real forward and backward passes on random inputs of realistic scale
 (``randn`` images, the normalised MNIST pixels' scale, and random labels; the transformer's

@@ -235,8 +235,9 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
 // spills more than the extra sweeps cost. With L2L_ONE_SWEEP == 1 (the AVX2 copy) one sweep
 // does all three per vector of coordinates for fp32 compute and state: with 16 registers the
 // three-sweep form waits on its buffer, and one sweep measures faster on a 10M-coordinate step
-// (BENCHMARKS.md). The AVX2 and AVX-512 copies' default builds run neither for fp32 compute with
-// fp32 or bf16 state: pass1_simd (simple_cpu_simd.h) takes those blocks.
+// (BENCHMARKS.md). For fp32 compute with fp32 or bf16 state the AVX2 copy runs neither:
+// pass1_simd (simple_cpu_simd.h) takes those blocks, as in the AVX-512 copy of a build with
+// -DL2L_AVX512_INTRINSICS=1.
 // All of them compute the same operations in the same order: the same bits.
 //
 // noinline: GCC vectorises these loops reliably only when the function is compiled on its own

@@ -130,16 +130,24 @@ struct Simd {
   static F zero() { return set1(0.0f); }
   static F load(const float* p) { return map([&](int i) { return p[i]; }); }
   static void store(float* p, F x) { std::memcpy(p, x.v, sizeof(x.v)); }
-  static F fmadd(F a, F b, F c) { return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); }); }
-  static F fnmadd(F a, F b, F c) { return map([&](int i) { return std::fma(-a.v[i], b.v[i], c.v[i]); }); }
+  static F fmadd(F a, F b, F c) {
+    return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); });
+  }
+  static F fnmadd(F a, F b, F c) {
+    return map([&](int i) { return std::fma(-a.v[i], b.v[i], c.v[i]); });
+  }
   static F mul(F a, F b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
   static F add(F a, F b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
   static F sub(F a, F b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
   static F div(F a, F b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
   static F min(F a, F b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
   static F and_(F a, F b) { return as_float(andi(as_int(a), as_int(b))); }
-  static F or_(F a, F b) { return as_float(mapi([&](int i) { return as_int(a).v[i] | as_int(b).v[i]; })); }
-  static F xor_(F a, F b) { return as_float(mapi([&](int i) { return as_int(a).v[i] ^ as_int(b).v[i]; })); }
+  static F or_(F a, F b) {
+    return as_float(mapi([&](int i) { return as_int(a).v[i] | as_int(b).v[i]; }));
+  }
+  static F xor_(F a, F b) {
+    return as_float(mapi([&](int i) { return as_int(a).v[i] ^ as_int(b).v[i]; }));
+  }
   static I as_int(F a) {
     I r;
     std::memcpy(r.v, a.v, sizeof(r.v));
@@ -284,7 +292,7 @@ __attribute__((noinline)) double pass1_simd(const float* __restrict g, S* __rest
   S* __restrict hb = h + i0;
   int64_t ii = 0;
   for (; ii + kV <= len; ii += kV) simd_step(g + ii, hb + ii, n, out + ii, sbuf + ii, lrv, wv);
-  if (ii < len) {  // the last 1 to kV - 1 coordinates, through a zero-padded copy: the same operations
+  if (ii < len) {  // the last 1 to kV - 1 coordinates, through a zero-padded copy: same operations
     const int rest = static_cast<int>(len - ii);
     alignas(64) float gt[kV] = {}, ot[kV] = {}, st[kV];
     alignas(64) S ht[10 * kV] = {};
