@@ -271,13 +271,13 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         opts = [SimpleOptimizer(params, state_dtype=STATE_DTYPES[d]) for d in cfg.state_dtypes]
         for opt in opts:
             opt.step()  # creates the hidden states that the functional update reuses
-        # the check's inputs as step() gathers them: (params, grads, where)
-        gathered = {}
+        # the check's inputs as step() gathers them: (params, grads, where), per optimizer
+        checked = []
         for opt in opts:
             ps, gs, _, _, where = opt._gather()
-            gathered[id(opt)] = (ps, gs, where)
+            checked.append((ps, gs, where))
         for r in range(cfg.rounds):
-            for row, opt in zip(size_rows, opts):
+            for row, opt, check_args in zip(size_rows, opts, checked):
                 hiddens = [opt.state[p]["h"] for p in params]
                 lrs = [opt.param_groups[0]["lr"]] * len(params)
                 rms = (RunningRms([opt.state[p]["v"] for p in params],
@@ -288,7 +288,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
                     ("step_s", opt.step),
                     ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms:
                         simple_update(params, grads, h, lr, o.net, rms=m)),
-                    ("check_s", functools.partial(_check_nonfinite, opt, *gathered[id(opt)])),
+                    ("check_s", functools.partial(_check_nonfinite, opt, *check_args)),
                 )
                 if r % 2:  # step and update take turns right after the copy, which evicts
                     # what the other warmed

@@ -54,8 +54,9 @@ from .bench import (DEFAULT_OPTIMIZERS, GRAD_SCALE, OPTIMIZERS, SIZES, format_ta
 from .bench_bandwidth import (BW_SIZES, DEFAULT_BW_SIZES, STATE_DTYPES, BandwidthConfig,
                               bandwidth_targets, format_bandwidth, resolve_size, run_bandwidth)
 from .bench_bandwidth import describe as describe_bandwidth
-from .bench_train import (DEFAULT_MODELS, DEFAULT_TRAIN_OPTIMIZERS, TRAIN_MODELS, TRAIN_OPTIMIZERS,
-                          TrainConfig, format_train, run_train, train_targets)
+from .bench_train import (DEFAULT_MODELS, DEFAULT_TRAIN_OPTIMIZERS, TARGET_STATE_DTYPES,
+                          TRAIN_MODELS, TRAIN_OPTIMIZERS, TrainConfig, format_train, run_train,
+                          train_targets)
 from .bench_train import describe as describe_train
 
 __all__ = ["main", "TABLES", "QUICK", "format_targets"]
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             # the bandwidth table's 10M rows, where they ran: per state dtype, the copy speed
             # and the step's bytes
             copy_gbs, step_bytes = {}, {}
-            for name, dtype in (("simple", "float32"), ("simple-bf16", "bfloat16")):
+            for name, dtype in TARGET_STATE_DTYPES.items():
                 bw = next((r for r in data.get("bandwidth", []) if r.get("size") == "10m"
                            and r.get("state_dtype") == dtype and r.get("copy_gbs")), None)
                 if bw is not None:

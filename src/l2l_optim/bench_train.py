@@ -39,7 +39,7 @@ from .optimizer import SimpleOptimizer
 from .suite import default_suite
 
 __all__ = ["TrainConfig", "TrainModel", "TrainRow", "TRAIN_MODELS", "TRAIN_OPTIMIZERS",
-           "TARGET_OPTIMIZERS", "run_train", "format_train", "train_targets"]
+           "TARGET_OPTIMIZERS", "TARGET_STATE_DTYPES", "run_train", "format_train", "train_targets"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -107,6 +107,9 @@ TRAIN_TARGETS = {"base": 1.5, "mlp4m": 1.3}
 #: fp32 hidden state and the bf16 one the README recommends for large models (its bytes per
 #: parameter, and so its memory bound, are lower)
 TARGET_OPTIMIZERS = {"simple": "SimpleOptimizer", "simple-bf16": "SimpleOptimizer (bf16 state)"}
+#: their hidden-state dtypes: the bandwidth table's row whose bytes and copy speed give each
+#: one's memory bound
+TARGET_STATE_DTYPES = {"simple": "float32", "simple-bf16": "bfloat16"}
 
 
 @dataclass

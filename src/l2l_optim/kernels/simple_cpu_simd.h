@@ -141,13 +141,14 @@ struct Simd {
   static F sub(F a, F b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
   static F div(F a, F b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
   static F min(F a, F b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
-  static F and_(F a, F b) { return as_float(andi(as_int(a), as_int(b))); }
-  static F or_(F a, F b) {
-    return as_float(mapi([&](int i) { return as_int(a).v[i] | as_int(b).v[i]; }));
+  template <typename Op>
+  static F bitwise(F a, F b, Op op) {  // op on each lane's bits
+    const I x = as_int(a), y = as_int(b);
+    return as_float(mapi([&](int i) { return op(x.v[i], y.v[i]); }));
   }
-  static F xor_(F a, F b) {
-    return as_float(mapi([&](int i) { return as_int(a).v[i] ^ as_int(b).v[i]; }));
-  }
+  static F and_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x & y; }); }
+  static F or_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x | y; }); }
+  static F xor_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x ^ y; }); }
   static I as_int(F a) {
     I r;
     std::memcpy(r.v, a.v, sizeof(r.v));
