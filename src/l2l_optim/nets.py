@@ -52,6 +52,8 @@ __all__ = [
     "init_simple_sgd_like",
     "init_simple_sign_momentum",
     "init_simple_normalised_momentum",
+    "init_simple_schedule_free",
+    "averaged_step",
     "INPUT_NORMS",
     "rms_normalise",
 ]
@@ -96,6 +98,29 @@ def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
     v_new = v * beta + (g * g) * (1 - beta)
     c_new = c * beta + (1 - beta)
     return g / ((v_new / c_new).sqrt() + eps), v_new, c_new
+
+
+def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, step_z) -> None:
+    """One Schedule-Free step around any update of the base sequence, in place.
+
+    With ``x`` the running average of the ``z``s and ``y = (1 - b) z + b x`` (``b`` =
+    ``averaging``), a step ``z' = z + u`` and ``x' = (1 - c) x + c z'`` give
+    ``y' = (1 - c) y + c z + (1 - b (1 - c)) u``: only ``y`` (the parameters) and ``z`` are
+    kept, ``x`` is implied. ``step_z()`` moves ``z`` in place (any rule's update), so ``u``
+    is never materialised.
+
+    Args:
+        y: the parameters (the interpolation point, where gradients are taken).
+        z: the base sequence, one tensor per parameter.
+        c: the newest ``z``'s weight in the average: ``1 / t`` at step t (uniform weights).
+        averaging: the interpolation weight ``b`` in [0, 1).
+        step_z: called once, between the two halves, to move ``z`` in place.
+    """
+    k = 1.0 - averaging * (1.0 - c)
+    torch._foreach_mul_(y, 1.0 - c)
+    torch._foreach_add_(y, z, alpha=c - k)
+    step_z()
+    torch._foreach_add_(y, z, alpha=k)
 
 
 class CoordinatewiseNet(nn.Module):
@@ -149,6 +174,13 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         input_norm: ``None`` (the paper: the raw gradient is the input) or ``"rms"`` (the
             input is :func:`rms_normalise` of the gradient, with its running means ``v`` and
             ``c`` in the state). Beyond the paper; same 132 parameters.
+        averaging: Schedule-Free iterate averaging around the net's step, with this
+            interpolation weight (0, the default, is off; Schedule-Free AdamW uses 0.9).
+            The net's update moves a base sequence ``z``; the uniform average ``x`` of the
+            ``z``s (Schedule-Free's weights at a constant lr) anneals by itself, and the
+            gradient is taken at ``y = (1 - averaging) z + averaging x``, which the
+            parameters hold (:func:`averaged_step`). Beyond the paper; no extra parameters,
+            one extra state tensor ``z``.
 
     With the defaults the net has exactly 132 parameters:
     ``w_ih`` 10, ``w_hh`` 100, ``alpha`` 1, ``beta`` 1, ``w_out`` 20.
@@ -168,11 +200,14 @@ class SimpleOptimizerNet(CoordinatewiseNet):
     arch = "simple"
 
     def __init__(self, hidden_size: int = 10, bias: bool = False, aggregate: bool = True,
-                 input_norm: str | None = None):
+                 input_norm: str | None = None, averaging: float = 0.0):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"Invalid input_norm: {input_norm!r}; expected one of {INPUT_NORMS}")
+        if not 0.0 <= averaging < 1.0:
+            raise ValueError(f"Invalid averaging: {averaging!r}; expected 0 <= averaging < 1")
         self.input_norm = input_norm
+        self.averaging = float(averaging)
         self.hidden_size = hidden_size
         self.bias = bias
         self.aggregate = aggregate
@@ -209,6 +244,8 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         # only when set, so the paper's nets keep their config and fingerprint
         if self.input_norm is not None:
             config["input_norm"] = self.input_norm
+        if self.averaging:
+            config["averaging"] = self.averaging
         return config
 
     def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
@@ -218,6 +255,9 @@ class SimpleOptimizerNet(CoordinatewiseNet):
             v_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             state["v"] = torch.zeros(n, device=device, dtype=v_dtype)
             state["c"] = torch.zeros(n, device=device, dtype=v_dtype)
+        if self.averaging:
+            # the base sequence; the optimizer starts it at the parameter's value
+            state["z"] = torch.zeros(n, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         return state
 
     def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
@@ -421,7 +461,7 @@ class RNNPropNet(CoordinatewiseNet):
         return update, {"h1": h1, "c1": c1, "h2": h2, "c2": c2, "m": m, "v": v, "t": t}
 
 
-INITS = ("default", "sign", "sgd", "adam", "small-output")
+INITS = ("default", "sign", "sgd", "adam", "schedule-free", "small-output")
 
 
 def init_net(net: CoordinatewiseNet, init: str, *, lr: float = 1e-3) -> CoordinatewiseNet:
@@ -436,7 +476,9 @@ def init_net(net: CoordinatewiseNet, init: str, *, lr: float = 1e-3) -> Coordina
             (SimpleOptimizerNet: SGD with momentum at learning rate ``lr``,
             :func:`init_simple_sgd_like`); ``"adam"`` (SimpleOptimizerNet with
             ``input_norm="rms"``: momentum on the normalised gradient, Adam-like,
-            :func:`init_simple_normalised_momentum`); ``"small-output"`` (the LSTM nets: output layer
+            :func:`init_simple_normalised_momentum`); ``"schedule-free"`` (SimpleOptimizerNet
+            with ``input_norm="rms"``: the normalised gradient step of Schedule-Free AdamW,
+            no momentum, :func:`init_simple_schedule_free`); ``"small-output"`` (the LSTM nets: output layer
             scaled by 0.01 and its bias zeroed, so the first updates are ~1e-3 per coordinate
             instead of ~0.05, which blows up a 400k-parameter MLP within a few steps).
         lr: the step size of the ``"sign"``, ``"sgd"`` and ``"adam"`` starting rules.
@@ -449,15 +491,15 @@ def init_net(net: CoordinatewiseNet, init: str, *, lr: float = 1e-3) -> Coordina
     """
     if init not in INITS:
         raise ValueError(f"Invalid init: {init!r}; expected one of {INITS}")
-    if init in ("sign", "sgd", "adam"):
+    if init in ("sign", "sgd", "adam", "schedule-free"):
         if not isinstance(net, SimpleOptimizerNet):
             raise ValueError(
                 f"init={init!r} applies to SimpleOptimizerNet only; use 'small-output' or 'default'"
             )
-        if init == "adam" and net.input_norm != "rms":
-            raise ValueError("init='adam' needs a SimpleOptimizerNet(input_norm='rms')")
+        if init in ("adam", "schedule-free") and net.input_norm != "rms":
+            raise ValueError(f"init={init!r} needs a SimpleOptimizerNet(input_norm='rms')")
         rules = {"sign": init_simple_sign_momentum, "sgd": init_simple_sgd_like,
-                 "adam": init_simple_normalised_momentum}
+                 "adam": init_simple_normalised_momentum, "schedule-free": init_simple_schedule_free}
         rules[init](net, lr)
     elif init == "small-output":
         out = getattr(net, "out", None)
@@ -528,6 +570,28 @@ def init_simple_normalised_momentum(
         net.w_ih.copy_((gain * d).view(H, 1))
         net.w_hh.copy_(torch.diag(1 - d))
         _start_output(net, -lr / (gain * H))
+
+
+def init_simple_schedule_free(
+    net: SimpleOptimizerNet, lr: float, gain_range: tuple[float, float] = (1e-3, 1e-2)
+) -> None:
+    """Start a SimpleOptimizerNet with ``input_norm="rms"`` as Schedule-Free AdamW's base step.
+
+    Schedule-Free AdamW moves its base sequence by ``-lr * g / rms(g)``, with no momentum
+    (the interpolation ``y`` between ``z`` and its average plays that part). Unit k computes
+    ``h_k' = tanh(k_k x)`` with no recurrence and a small gain ``k_k`` (log-spaced over
+    ``gain_range``), so the tanh is linear to 1e-4 for inputs of a few rms, and the output
+    ``sum_k -lr / (k_k H) * h_k`` is ``-lr * x``. With ``averaging=0.9`` the rule is then
+    Schedule-Free AdamW at learning rate ``lr`` (a test compares the two). ``W_hh`` and the
+    aggregate's weights start at zero, free for meta-training to use.
+    """
+    H = net.hidden_size
+    with torch.no_grad():
+        gains = torch.logspace(math.log10(gain_range[0]), math.log10(gain_range[1]), H)
+        net.w_ih.copy_(gains.view(H, 1))
+        net.w_hh.zero_()
+        _start_output(net, 0.0)
+        net.w_out[:H].copy_(-lr / (gains * H))
 
 
 def init_simple_sign_momentum(

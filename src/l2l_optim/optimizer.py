@@ -40,7 +40,7 @@ from . import distributed, kernels
 from .functional import RunningRms, coordinatewise_update, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
-from .nets import CoordinatewiseNet, SimpleOptimizerNet
+from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
 from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
@@ -784,14 +784,48 @@ class SimpleOptimizer(LearnedOptimizer):
             return triton_kernels.finite_flags_triton(grads)
         return super()._finite_flags(grads)
 
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = super()._init_state(p, group)
+        if "z" in state:
+            if distributed.is_dtensor(p):
+                raise NotImplementedError(
+                    "SimpleOptimizer: weights with averaging do not support DTensor parameters")
+            # the base sequence starts where the parameter is (x = y = z)
+            state["z"].copy_(p.detach().reshape(-1))
+        return state
+
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         # the rms input norm's running means go to the kernel, which updates them as it reads g
         rms = None
         if self.net.input_norm is not None:
             rms = RunningRms([s["v"] for s in states], [s["c"] for s in states])
-        simple_update(params, grads, [s["h"] for s in states], lrs, self.net,
-                      impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
+
+        def step(targets: list[Tensor]) -> None:
+            simple_update(targets, grads, [s["h"] for s in states], lrs, self.net,
+                          impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
+
+        if not self.net.averaging:
+            step(params)
+            return
+        # Schedule-Free averaging: the rule moves z, the parameters hold the interpolation
+        # point y; a skipped step must change neither (the host reads the device flag here)
+        if skip is not None and bool(skip):
+            return
+        zs = [s["z"].view(p.shape) for s, p in zip(states, params)]
+        # c = 1 / t from each parameter's own step count (all equal in the usual case)
+        cs = [1.0 / (int(s["step"]) + 1) for s in states]
+        if all(p.dtype == z.dtype for p, z in zip(params, zs)) and len(set(cs)) == 1:
+            averaged_step(params, zs, cs[0], self.net.averaging, lambda: step(zs))
+            return
+        # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time
+        ys = [p.detach().to(z.dtype, copy=True) for p, z in zip(params, zs)]
+        b = self.net.averaging
+        for y, z, c in zip(ys, zs, cs):
+            y.mul_(1.0 - c).add_(z, alpha=c - (1.0 - b * (1.0 - c)))
+        step(zs)
+        for p, y, z, c in zip(params, ys, zs, cs):
+            p.copy_(y.add_(z, alpha=1.0 - b * (1.0 - c)))
 
 
 class DMOptimizer(LearnedOptimizer):

@@ -80,6 +80,9 @@ class ESConfig:
             paper's raw gradient, or ``"rms"``, the gradient over its running root mean
             square. It must match the starting weights' (or, for an init name such as
             ``"adam"``, it is the net that init builds).
+        averaging: the net's Schedule-Free interpolation weight
+            (:class:`~l2l_optim.nets.SimpleOptimizerNet`; 0 is off). Like ``input_norm``
+            it must match the starting weights'.
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -96,6 +99,7 @@ class ESConfig:
     objective: str = "weighted"
     max_recurrent_norm: float | None = None
     input_norm: str | None = None
+    averaging: float = 0.0
 
     def validate(self) -> None:
         known = FAMILIES + tuple(VARIANTS)
@@ -110,6 +114,8 @@ class ESConfig:
             raise ValueError(f"unknown objective {self.objective!r}; known: {sorted(OBJECTIVES)}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"Invalid input_norm: {self.input_norm!r}; expected one of {INPUT_NORMS}")
+        if not 0.0 <= self.averaging < 1.0:
+            raise ValueError(f"averaging must be in [0, 1), got {self.averaging}")
         if self.max_recurrent_norm is not None and not self.max_recurrent_norm > 0:
             raise ValueError(f"max_recurrent_norm must be positive, got {self.max_recurrent_norm}")
 
@@ -168,7 +174,8 @@ def es_generation(theta: Tensor, scales: Tensor, cfg: ESConfig, generation: int,
     task = build_task(spec, K, 2 * P + 1, seed=seed, images=images,
                       scale_range=cfg.scale_range, scaled_fraction=cfg.scaled_fraction)
     t0 = time.perf_counter()
-    losses = run_population(task, members.repeat(K, 1), horizon, input_norm=cfg.input_norm)
+    losses = run_population(task, members.repeat(K, 1), horizon, input_norm=cfg.input_norm,
+                            averaging=cfg.averaging)
     seconds = time.perf_counter() - t0
     fit = OBJECTIVES[cfg.objective](losses).view(K, 2 * P + 1)
     div = diverged(losses).view(K, 2 * P + 1)
@@ -202,6 +209,7 @@ def meta_train_es(
     progress: bool = True,
     engine: str = "es",
     init_lr: float = 1e-3,
+    snapshot_every: int = 0,
 ) -> SimpleOptimizerNet:
     """Run (or resume) ES meta-training in ``out_dir``; returns the current net.
 
@@ -220,6 +228,8 @@ def meta_train_es(
         time_budget: stop after the first generation that ends past this many seconds.
         progress: print one line per generation.
         init_lr: the step size of an init rule named by ``init`` (unused for weights).
+        snapshot_every: also save the rule every this many generations, as
+            ``snapshots/genNNNNN.safetensors`` (0: never).
         engine: ``"es"`` (this module's estimator) or ``"bptt"``
             (:func:`~.population_bptt.bptt_generation`: the same generations, the same
             objective, a truncated-BPTT gradient), for comparing the two on one budget.
@@ -264,20 +274,24 @@ def meta_train_es(
         ckpt = torch.load(ckpt_path, weights_only=False)
         # the length of the run may grow between sessions; nothing else may change
         # (a checkpoint without an objective key was written with the weighted objective)
-        if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, "input_norm": None, **ckpt["config"],
-                "generations": cfg.generations} != cfg_json:
+        if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, "input_norm": None,
+                "averaging": 0.0, **ckpt["config"], "generations": cfg.generations} != cfg_json:
             raise ValueError(f"{ckpt_path} was written with another configuration: {ckpt['config']}")
-        net = SimpleOptimizerNet(input_norm=cfg.input_norm)
+        net = SimpleOptimizerNet(input_norm=cfg.input_norm, averaging=cfg.averaging)
         z0, scales, start = ckpt["z"], ckpt["scales"], ckpt["next_generation"]
         adam_state = ckpt["adam"]
     else:
         if isinstance(init, str) and init in INITS:
-            net = init_net(SimpleOptimizerNet(input_norm=cfg.input_norm), init, lr=init_lr)
+            net = init_net(SimpleOptimizerNet(input_norm=cfg.input_norm, averaging=cfg.averaging), init,
+                           lr=init_lr)
         else:
             net, _ = resolve_net(init, arch="simple")
         if net.input_norm != cfg.input_norm:
             raise ValueError(f"the starting weights have input_norm={net.input_norm!r}, the "
                              f"configuration {cfg.input_norm!r}")
+        if net.averaging != cfg.averaging:
+            raise ValueError(f"the starting weights have averaging={net.averaging!r}, the "
+                             f"configuration {cfg.averaging!r}")
         scales = torch.cat([s.reshape(-1) for s in meta_lr_scales(net).values()])
         theta0 = flatten(net)
         if cfg.max_recurrent_norm is not None:
@@ -313,6 +327,13 @@ def meta_train_es(
                  "adam": adam.state_dict(), "next_generation": g + 1}
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        if snapshot_every and (g + 1) % snapshot_every == 0:
+            # the rule at this generation, for tracking the validation score along the run
+            snap = SimpleOptimizerNet(input_norm=cfg.input_norm, averaging=cfg.averaging)
+            load_flat(snap, (z * scales).detach())
+            (out / "snapshots").mkdir(exist_ok=True)
+            save_weights(snap.eval(), out / "snapshots" / f"gen{g + 1:05d}.safetensors",
+                         metadata={"es_config": cfg_json, "generations": g + 1})
         if progress:
             fit = entry.get("fitness_centre", entry.get("fitness"))
             print(f"gen {g:5d} {entry['family']:11s} T={entry['horizon']:5d} fit {fit:+.4f} "
@@ -330,7 +351,8 @@ def meta_train_es(
 def net_from_checkpoint(path: str | Path) -> tuple[SimpleOptimizerNet, dict]:
     """The rule an ES checkpoint holds, and ``{"generation", "config"}`` for its metadata."""
     ckpt = torch.load(path, weights_only=False)
-    net = SimpleOptimizerNet(input_norm=ckpt["config"].get("input_norm"))
+    net = SimpleOptimizerNet(input_norm=ckpt["config"].get("input_norm"),
+                             averaging=ckpt["config"].get("averaging", 0.0))
     net = load_flat(net, (ckpt["z"] * ckpt["scales"]).detach())
     net.eval()
     return net, {"generation": int(ckpt["next_generation"]), "config": ckpt["config"]}
@@ -360,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate (relative)")
     p.add_argument("--generations", type=int, default=d.generations, help="length of the whole run")
     p.add_argument("--scaled-fraction", type=float, default=d.scaled_fraction, help="instances with scale augmentation")
+    p.add_argument("--scale-range", type=float, nargs=2, default=list(d.scale_range), metavar=("LO", "HI"),
+                   help="log-uniform range of the scale augmentation (parameter and loss scales)")
     p.add_argument("--slow-horizon", type=int, default=d.slow_horizon, help="horizon cap of the conv and lm families")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default=d.objective,
@@ -370,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-lr", type=float, default=1e-3, help="step size of an init rule given as --init")
     p.add_argument("--input-norm", choices=["rms"], default=None,
                    help="feed the net the gradient over its running rms (beyond the paper; default: the raw gradient)")
+    p.add_argument("--averaging", type=float, default=0.0,
+                   help="Schedule-Free averaging around the rule's step with this interpolation weight "
+                        "(0.9: Schedule-Free AdamW's; default 0: off)")
+    p.add_argument("--snapshot-every", type=int, default=0,
+                   help="also save the rule every this many generations under snapshots/")
     p.add_argument("--engine", choices=["es", "bptt"], default="es")
     p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
@@ -382,11 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ESConfig(families=tuple(args.families), instances=args.instances, pairs=args.pairs,
                    horizons=tuple(args.horizons), sigma=args.sigma, meta_lr=args.meta_lr,
                    generations=args.generations, scaled_fraction=args.scaled_fraction,
+                   scale_range=tuple(args.scale_range),
                    slow_horizon=args.slow_horizon, seed=args.seed, objective=args.objective,
-                   max_recurrent_norm=args.max_recurrent_norm, input_norm=args.input_norm)
+                   max_recurrent_norm=args.max_recurrent_norm, input_norm=args.input_norm,
+                   averaging=args.averaging)
     images = ImageData(lambda name: load_dataset(name, "train", root=args.data_root))
     meta_train_es(args.out_dir, init=args.init, config=cfg, images=images, until=args.until,
-                  time_budget=args.time_budget, engine=args.engine, init_lr=args.init_lr)
+                  time_budget=args.time_budget, engine=args.engine, init_lr=args.init_lr,
+                  snapshot_every=args.snapshot_every)
     command = "python -m l2l_optim meta-es " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"wrote {Path(args.out_dir) / 'weights.safetensors'} ({command})")
     return 0

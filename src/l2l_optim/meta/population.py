@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..nets import INPUT_NORMS, SimpleOptimizerNet, rms_normalise
+from ..nets import INPUT_NORMS, SimpleOptimizerNet, averaged_step, rms_normalise
 from .families import BatchedTask
 
 __all__ = ["PopulationWeights", "unflatten", "flatten", "population_step", "run_population", "fitness"]
@@ -103,7 +103,8 @@ def _kernel_stepper(theta: Tensor, hidden_size: int):
 
 
 def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size: int = 10,
-                   diverge_factor: float = 1e3, impl: str = "auto", input_norm: str | None = None) -> Tensor:
+                   diverge_factor: float = 1e3, impl: str = "auto", input_norm: str | None = None,
+                   averaging: float = 0.0) -> Tensor:
     """Train every member for ``steps`` steps with its own weights; no meta-gradient.
 
     A member whose loss turns non-finite or exceeds ``diverge_factor`` times its initial loss
@@ -116,6 +117,9 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
             ``"torch"`` forces :func:`population_step`.
         input_norm: the nets' ``input_norm`` (``SimpleOptimizerNet``): ``"rms"`` feeds every
             member :func:`~l2l_optim.nets.rms_normalise` of its gradient, as the optimizer does.
+        averaging: the nets' ``averaging``: each member's rule moves a base sequence ``z``
+            and the losses are taken at Schedule-Free's interpolation point (the optimizer's
+            :func:`~l2l_optim.nets.averaged_step`, at a constant lr: ``c = 1 / t``).
 
     Returns:
         ``(steps + 1, M)`` losses: the initial loss, then the loss after each step (each on
@@ -131,6 +135,8 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         v = torch.zeros(M, N) if input_norm == "rms" else None
         c = torch.zeros_like(v) if v is not None else None
         kernel_step = _kernel_stepper(theta, hidden_size) if impl == "auto" else None
+        # with averaging, `flat` holds y (where gradients are taken) and the rule moves z
+        z = flat.clone() if averaging else flat
         w = unflatten(theta, hidden_size)
         losses = torch.empty(steps + 1, M)
         alive = torch.ones(M, dtype=torch.bool)
@@ -153,12 +159,22 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
             if v is not None:
                 # frozen members' v and c are never read again: no need to hold them
                 g, v, c = rms_normalise(g, v, c)
-            if kernel_step is not None:
-                kernel_step(flat, g, h, alive)
+            def step_z() -> None:
+                nonlocal z, h
+                if kernel_step is not None:
+                    kernel_step(z, g, h, alive)
+                else:
+                    u, h = population_step(w, torch.where(alive[:, None], g, torch.zeros((), dtype=g.dtype)), h)
+                    z.add_(torch.where(alive[:, None], u, torch.zeros((), dtype=u.dtype)))
+
+            if averaging:
+                y_old = flat.clone()
+                # the newest z's weight in the uniform average
+                averaged_step([flat], [z], 1.0 / (t + 1), averaging, step_z)
+                # frozen members keep their parameters
+                flat.copy_(torch.where(alive[:, None], flat, y_old))
             else:
-                g = torch.where(alive[:, None], g, torch.zeros((), dtype=g.dtype))
-                u, h = population_step(w, g, h)
-                flat = flat + torch.where(alive[:, None], u, torch.zeros((), dtype=u.dtype))
+                step_z()
         return losses
 
 

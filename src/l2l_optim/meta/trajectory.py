@@ -47,7 +47,9 @@ def meta_lr_scales(net: CoordinatewiseNet) -> dict[str, Tensor]:
         out_scale = rms(net.w_out[:H]).clamp_min(1e-12)
         scales = dict(ones)
         scales["w_ih"] = net.w_ih.abs().clamp_min(rms(net.w_ih) * 1e-3 + 1e-12)
-        scales["w_hh"] = net.w_hh.abs().clamp_min(0.1 * rms(net.w_hh) + 1e-12)
+        # a rule that starts without recurrence (the schedule-free init) still needs W_hh to move
+        hh_floor = 0.1 * rms(net.w_hh) if bool(net.w_hh.any()) else torch.tensor(0.05)
+        scales["w_hh"] = net.w_hh.abs().clamp_min(hh_floor + 1e-12)
         scales["w_out"] = net.w_out.abs().clamp_min(out_scale)
         if net.bias:
             scales["b_out"] = out_scale.expand_as(net.b_out).clone()

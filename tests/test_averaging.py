@@ -1,0 +1,186 @@
+"""Schedule-Free averaging as an option of the SimpleOptimizer rule (``averaging``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from l2l_optim import SimpleOptimizer
+from l2l_optim.meta.families import TaskSpec, build_task
+from l2l_optim.meta.population import flatten, run_population
+from l2l_optim.nets import SimpleOptimizerNet, averaged_step, init_net
+from l2l_optim.weights import fingerprint, load_weights, save_weights
+
+schedulefree = pytest.importorskip("schedulefree")
+
+
+def sf_net(lr: float = 2.5e-3, averaging: float = 0.9) -> SimpleOptimizerNet:
+    return init_net(SimpleOptimizerNet(input_norm="rms", averaging=averaging), "schedule-free", lr=lr)
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def train(model, opt, steps, seed=0, skip_grad=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=gen)
+        y = torch.sin(x.sum(1, keepdim=True))
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if skip_grad is not None:
+            skip_grad(model)
+        opt.step()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_schedule_free_init_is_schedule_free_adamw(impl):
+    # the init rule with averaging 0.9 is Schedule-Free AdamW at its defaults, to the tanh's
+    # linearity (gains of 1e-3..1e-2 on inputs of a few rms)
+    if impl == "cpu":
+        from l2l_optim import kernels
+        if kernels.resolve_impl("auto", "cpu") != "cpu":
+            pytest.skip("the fused CPU kernel is not built")
+    ours, theirs = small_model(), small_model()
+    train(ours, SimpleOptimizer(ours.parameters(), weights=sf_net(), impl=impl), 200)
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), warmup_steps=0)
+    ref.train()
+    train(theirs, ref, 200)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)
+    # and without averaging it is a different rule (plain normalised SGD): the test can fail
+    plain = small_model()
+    train(plain, SimpleOptimizer(plain.parameters(), weights=sf_net(averaging=0.0), impl=impl), 200)
+    assert max((a - b).abs().max() for a, b in zip(plain.parameters(), theirs.parameters())) > 1e-3
+
+
+def test_averaged_step_matches_the_explicit_three_sequences():
+    torch.manual_seed(0)
+    b = 0.9
+    z = torch.randn(5)
+    x = z.clone()
+    y = z.clone()
+    zs = z.clone()
+    for t in range(1, 6):
+        u = torch.randn(5)
+        c = 1.0 / t
+        z_new, x_new = z + u, None
+        x_new = (1 - c) * x + c * z_new
+        y_expected = (1 - b) * z_new + b * x_new
+
+        def move():
+            zs.add_(u)
+
+        averaged_step([y], [zs], c, b, move)
+        torch.testing.assert_close(y, y_expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(zs, z_new)
+        z, x = z_new, x_new
+
+
+def test_population_paths_agree_with_averaging():
+    spec = TaskSpec("regression", dict(batch_size=16, init_scale=1.0, inputs=4, hidden=[8], act="tanh", noise=0.1))
+    theta = flatten(sf_net())[None].repeat(2, 1)
+    theta[1] *= 1.05
+    runs = [run_population(build_task(spec, 1, 2, seed=3), theta, 60, input_norm="rms", averaging=0.9, impl=impl)
+            for impl in ("auto", "torch")]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-6)
+    plain = run_population(build_task(spec, 1, 2, seed=3), theta, 60, input_norm="rms", impl="torch")
+    assert not torch.allclose(plain, runs[1])
+
+
+def test_population_averaging_is_the_optimizer():
+    # one member of the population against SimpleOptimizer on the same model and batches
+    spec = TaskSpec("quadratic", dict(batch_size=8, init_scale=1.0, dim=16, cond=100.0, noise=0.1))
+    net = sf_net(lr=1e-2)
+    task = build_task(spec, 1, 1, seed=5)
+    losses = run_population(task, flatten(net)[None], 30, input_norm="rms", averaging=0.9, impl="torch")
+    task = build_task(spec, 1, 1, seed=5)
+    params = {k: v[0].clone().requires_grad_() for k, v in task.init_params().items()}
+    opt = SimpleOptimizer(list(params.values()), weights=net, impl="reference")
+    mine = []
+    for _ in range(31):
+        batch = task.sample_batch()
+        f = task.losses({k: v[None] for k, v in params.items()}, batch)
+        mine.append(float(f[0].detach()))
+        opt.zero_grad()
+        f.sum().backward()
+        opt.step()
+    torch.testing.assert_close(torch.tensor(mine), losses[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_skipped_step_changes_nothing_and_resume_is_exact():
+    model = small_model()
+    opt = SimpleOptimizer(model.parameters(), weights=sf_net())
+    train(model, opt, 5)
+    before = [p.detach().clone() for p in model.parameters()]
+    z_before = [opt.state[p]["z"].clone() for p in model.parameters()]
+
+    def poison(m):
+        next(m.parameters()).grad[0, 0] = float("nan")
+
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        train(model, opt, 1, seed=9, skip_grad=poison)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, opt.state[p]["z"]) for a, p in zip(z_before, model.parameters()))
+    # resume: a copy of model and optimizer continues bit for bit
+    twin = copy.deepcopy(model)
+    opt2 = SimpleOptimizer(twin.parameters(), weights=sf_net())
+    opt2.load_state_dict(opt.state_dict())
+    train(model, opt, 5, seed=2)
+    train(twin, opt2, 5, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def _solo(b0: torch.Tensor, steps: int) -> torch.Tensor:
+    solo = torch.nn.Parameter(b0.clone())
+    opt = SimpleOptimizer([solo], weights=sf_net(lr=0.1))
+    for _ in range(steps):
+        opt.zero_grad()
+        (solo.float() ** 2).sum().backward()
+        opt.step()
+    return solo.detach()
+
+
+def test_parameters_with_different_step_counts_and_dtypes():
+    # the init rule has no aggregate term, so parameters do not interact: a parameter that
+    # joins late (its own c = 1 / t) and a bfloat16 one (slow path) each move as if alone
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4))
+    b0 = torch.randn(3)
+    b = torch.nn.Parameter(b0.clone())
+    opt = SimpleOptimizer([a, b], weights=sf_net(lr=0.1))
+    for t in range(5):
+        opt.zero_grad()
+        (a.sum() + (b ** 2).sum() * (t >= 2)).backward()
+        if t < 2:
+            b.grad = None
+        opt.step()
+    assert int(opt.state[a]["step"]) == 5 and int(opt.state[b]["step"]) == 3
+    torch.testing.assert_close(b.detach(), _solo(b0, 3))
+    assert not torch.allclose(_solo(b0, 3), _solo(b0, 5))  # step counts matter: it can fail
+    low = _solo(b0.bfloat16(), 3)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), _solo(b0, 3), rtol=2e-2, atol=2e-2)
+
+
+def test_weight_file_keeps_the_averaging_flag(tmp_path):
+    net = sf_net()
+    path = tmp_path / "sf.safetensors"
+    save_weights(net, path)
+    loaded = load_weights(path)
+    again = loaded.net if hasattr(loaded, "net") else loaded
+    assert again.config["averaging"] == 0.9 and again.config["input_norm"] == "rms"
+    assert fingerprint(again) == fingerprint(net)
+    assert fingerprint(sf_net(averaging=0.0)) != fingerprint(net)
+    assert "averaging" not in SimpleOptimizerNet().config
+
+
+def test_invalid_averaging():
+    with pytest.raises(ValueError, match="Invalid averaging"):
+        SimpleOptimizerNet(averaging=1.0)
+    with pytest.raises(ValueError, match="Invalid averaging"):
+        SimpleOptimizerNet(averaging=-0.1)
