@@ -36,7 +36,7 @@ from .bench import _fmt_ms, resolved_impl, seeded, time_steps
 from .bench_bandwidth import count_subnormal
 from .models import base_mlp, lenet, mlp5
 from .optimizer import SimpleOptimizer
-from .suite import default_suite
+from .evaluation.suite import default_suite
 
 __all__ = ["TrainConfig", "TrainModel", "TrainRow", "TRAIN_MODELS", "TRAIN_OPTIMIZERS",
            "TARGET_OPTIMIZERS", "TARGET_STATE_DTYPES", "run_train", "format_train", "train_targets"]

@@ -20,10 +20,20 @@ milliseconds per step on one CPU thread.
 ``addition-transformer``      2-layer causal transformer (d 32, 4 heads) on 4-digit addition
 ``sine-regression``           MLP 16-64-64-1 on ``sin(3 <w, x>)`` plus noise, MSE
 ``fmnist-logreg``             logistic regression (linear 784-10) on Fashion-MNIST
+``fmnist-mlp-4096``           MLP 784-4096-10 (ReLU) on Fashion-MNIST, 3.2M parameters
+``mnist-mlp-narrow``          MLP 784-16-16-16-16-10 (tanh) on MNIST
+``fmnist-cnn-gn``             CNN with GroupNorm (conv 32 - conv 64, stride 2) on Fashion-MNIST
+``text-gru``                  GRU language model (embedding 32, hidden 128) on Markov text
+``text-transformer``          2-layer causal transformer (d 64) on the same Markov text
+``wide-target-regression``    linear regression 64-1 onto weights of size ~10, MSE
 ============================  ==========================================================
 
+The best fixed learning rate of Adam differs by more than two decades across these tasks
+(the wide MLP wants small steps, the large-target regression large ones), so a rule that
+takes one step size everywhere cannot do well on all of them.
+
 Example:
-    >>> from l2l_optim.suite import default_suite
+    >>> from l2l_optim.evaluation.suite import default_suite
     >>> [t.name for t in default_suite()][:2]
     ['fmnist-mlp-wide', 'mnist-cnn']
 """
@@ -42,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import _STATS, load_dataset
+from ..data import _STATS, load_dataset
 
 __all__ = ["SuiteTask", "SUITES", "default_suite", "get_suite"]
 
@@ -63,6 +73,8 @@ class SuiteTask:
         description: one line for tables.
         data_fn: optional; returns a fingerprint of the task's data, also hashed into the
             cache key, so that baselines computed on other data are not reused.
+        max_steps: the longest run the protocol gives this task (None: any); the costly
+            tasks stop at 5,000 steps, and longer horizons leave them out.
     """
 
     name: str
@@ -72,6 +84,7 @@ class SuiteTask:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     description: str = ""
     data_fn: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    max_steps: int | None = None
 
     def num_params(self) -> int:
         """The number of trainable parameters of the model."""
@@ -216,6 +229,72 @@ def _addition_batch(gen: torch.Generator, *, digits: int, batch_size: int) -> Ba
     return x, y
 
 
+def _cnn_gn(c1: int, c2: int, groups: int) -> nn.Sequential:
+    # 28 -> 14 -> 7, GroupNorm after each convolution
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, 2, 1), nn.GroupNorm(groups, c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, 2, 1), nn.GroupNorm(groups, c2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10),
+    )
+
+
+def _tanh_mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class _GRULM(nn.Module):
+    def __init__(self, vocab: int, d: int, hidden: int):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(vocab, d), nn.GRU(d, hidden, batch_first=True), nn.Linear(hidden, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.rnn(self.emb(idx))[0])
+
+
+@functools.lru_cache(maxsize=2)
+def _markov_text(vocab: int, order: int, length: int, seed: int) -> Tensor:
+    """A fixed corpus from a random sparse order-``order`` Markov chain over ``vocab`` tokens:
+    each context allows a handful of next tokens, so the text has structure to learn at
+    several ranges (loss falls from log(vocab) to the chain's entropy)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab**order, vocab, generator=g) * 2.5
+    probs = torch.softmax(logits, -1)
+    out = torch.empty(length, dtype=torch.long)
+    out[:order] = torch.randint(0, vocab, (order,), generator=g)
+    draws = torch.rand(length, generator=g)
+    cdf = probs.cumsum(-1)
+    ctx = 0
+    for i in range(order):
+        ctx = ctx * vocab + int(out[i])
+    for i in range(order, length):
+        nxt = min(int(torch.searchsorted(cdf[ctx], draws[i])), vocab - 1)
+        out[i] = nxt
+        ctx = (ctx * vocab + nxt) % vocab**order
+    return out
+
+
+def _text_batch(gen: torch.Generator, *, vocab: int, order: int, ctx: int, batch_size: int,
+                corpus: int, text_seed: int) -> Batch:
+    text = _markov_text(vocab, order, corpus, text_seed)
+    start = torch.randint(0, corpus - ctx - 1, (batch_size, 1), generator=gen)
+    seq = text[start + torch.arange(ctx + 1)]
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _regression_batch(gen: torch.Generator, *, dim: int, batch_size: int, scale: float, noise: float,
+                      teacher_seed: int) -> Batch:
+    # targets from weights of size ~scale: the optimum lies far from the init, so the best
+    # fixed step is large
+    w = scale * torch.randn(dim, 1, generator=torch.Generator().manual_seed(teacher_seed))
+    x = torch.randn(batch_size, dim, generator=gen)
+    return x, x @ w + noise * torch.randn(batch_size, 1, generator=gen)
+
+
 def _seq_ce(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=-100)
 
@@ -236,7 +315,7 @@ SUITE_VERSION = 1
 
 def _image_task(name: str, dataset: str, model: str, model_fn: Callable[[], nn.Module], *,
                 batch_size: int, target: str, loss: str, description: str, root: str | None,
-                **model_config: Any) -> SuiteTask:
+                max_steps: int | None = None, **model_config: Any) -> SuiteTask:
     config = dict(suite_version=SUITE_VERSION, dataset=dataset, model=model, batch_size=batch_size,
                   target=target, loss=loss, **model_config)
     return SuiteTask(
@@ -248,11 +327,12 @@ def _image_task(name: str, dataset: str, model: str, model_fn: Callable[[], nn.M
         loss_fn=F.cross_entropy if loss == "ce" else F.mse_loss,
         description=description,
         data_fn=functools.partial(_data_fingerprint, dataset, root),
+        max_steps=max_steps,
     )
 
 
 def default_suite(root: str | os.PathLike | None = None) -> list[SuiteTask]:
-    """The seven tasks of the default validation suite (datasets are loaded on first use).
+    """The thirteen tasks of the default validation suite (datasets are loaded on first use).
 
     Args:
         root: a directory to look for the datasets in first (see
@@ -265,6 +345,9 @@ def default_suite(root: str | os.PathLike | None = None) -> list[SuiteTask]:
     ae_dims = [784, 128, 64, 16, 64, 128, 784]
     tf = dict(digits=4, d_model=32, heads=4, layers=2, batch_size=32)
     sine = dict(dim=16, hidden=64, noise=0.1, teacher_seed=1234, batch_size=128)
+    narrow = [784, 16, 16, 16, 16, 10]
+    text = dict(vocab=32, order=2, ctx=32, batch_size=32, corpus=200_000, text_seed=7)
+    reg = dict(dim=64, batch_size=64, scale=10.0, noise=0.1, teacher_seed=99)
     return [
         _image_task("fmnist-mlp-wide", "fashion-mnist", "mlp", functools.partial(_mlp, [784, 256, 256, 10]),
                     batch_size=128, target="labels", loss="ce", root=r, dims=[784, 256, 256, 10],
@@ -299,6 +382,42 @@ def default_suite(root: str | os.PathLike | None = None) -> list[SuiteTask]:
         _image_task("fmnist-logreg", "fashion-mnist", "linear", functools.partial(_mlp, [784, 10]),
                     batch_size=128, target="labels", loss="ce", root=r, dims=[784, 10],
                     description="logistic regression 784-10, Fashion-MNIST, CE"),
+        _image_task("fmnist-mlp-4096", "fashion-mnist", "mlp", functools.partial(_mlp, [784, 4096, 10]),
+                    batch_size=128, target="labels", loss="ce", root=r, dims=[784, 4096, 10],
+                    description="MLP 784-4096-10, Fashion-MNIST, CE (3.2M params)", max_steps=5000),
+        _image_task("mnist-mlp-narrow", "mnist", "mlp-tanh", functools.partial(_tanh_mlp, narrow),
+                    batch_size=64, target="labels", loss="ce", root=r, dims=narrow,
+                    description="MLP 784-16-16-16-16-10 tanh, MNIST, CE"),
+        _image_task("fmnist-cnn-gn", "fashion-mnist", "cnn-gn", functools.partial(_cnn_gn, 32, 64, 8),
+                    batch_size=32, target="labels", loss="ce", root=r, channels=[32, 64], groups=8,
+                    description="CNN conv32-conv64 (stride 2) + GroupNorm, Fashion-MNIST, CE", max_steps=5000),
+        SuiteTask(
+            name="text-gru",
+            config=dict(suite_version=SUITE_VERSION, model="gru", loss="seq-ce", d=32, hidden=128, **text),
+            model_fn=functools.partial(_GRULM, vocab=text["vocab"], d=32, hidden=128),
+            batch_fn=functools.partial(_text_batch, **text),
+            loss_fn=_seq_ce,
+            description="GRU LM (emb 32, hidden 128) on order-2 Markov text, CE",
+            max_steps=5000,
+        ),
+        SuiteTask(
+            name="text-transformer",
+            config=dict(suite_version=SUITE_VERSION, model="transformer", loss="seq-ce", d_model=64, heads=4,
+                        layers=2, **text),
+            model_fn=functools.partial(_Transformer, vocab=text["vocab"], ctx=text["ctx"], d=64, heads=4, layers=2),
+            batch_fn=functools.partial(_text_batch, **text),
+            loss_fn=_seq_ce,
+            description="2-layer causal transformer d64 on order-2 Markov text, CE",
+            max_steps=5000,
+        ),
+        SuiteTask(
+            name="wide-target-regression",
+            config=dict(suite_version=SUITE_VERSION, model="linear", loss="mse", **reg),
+            model_fn=functools.partial(nn.Linear, reg["dim"], 1),
+            batch_fn=functools.partial(_regression_batch, **reg),
+            loss_fn=F.mse_loss,
+            description="linear regression 64-1 onto weights ~N(0, 10^2), MSE",
+        ),
     ]
 
 

@@ -1,0 +1,614 @@
+"""The validation protocol: a learned optimizer against tuned and tuning-free peers.
+
+For every task of a suite (:mod:`.suite`) and every seed, every optimizer starts from the same
+initial weights and sees the same minibatches. The *final loss* at a horizon ``H`` is the mean
+training loss over the last 10% of the first ``H`` steps (:func:`~l2l_optim.training.tail_mean`);
+a fixed-lr run's prefix is the shorter run, so one long run serves every horizon, while a
+scheduled run (warm-up and cosine decay over ``H``) is its own run per horizon. A run whose
+loss turned NaN/Inf before ``H`` ranks last.
+
+The peers (:mod:`.peers`): Adam and SGD with momentum at fixed learning rates, each tuned per
+horizon on a fine grid; AdamW with warm-up and cosine decay, tuned per horizon; Schedule-Free
+AdamW and Prodigy at their defaults. The learned optimizer runs through its public
+``torch.optim`` class at ``lr=1`` with no schedule; unless ``quick``, also at the lr
+multipliers 0.3 and 3 (does ``lr=1`` sit at the rule's own best?) and under the same
+warm-up-cosine multiplier as the scheduled AdamW.
+
+Each row reports the learned loss over: Adam at its default lr 1e-3; the best fixed-lr Adam or
+SGD; the best scheduled AdamW (with the learned rule under the same schedule); Schedule-Free
+AdamW; Prodigy. Below 1 the learned optimizer wins.
+
+Baseline runs do not depend on the learned weights, so they are cached: a JSON file maps a
+hash of each (task name, task config, data fingerprint, seed, grids, torch major.minor) to the
+runs (their length, tail means at the horizons and every 2% of the run, a 100-bin loss curve,
+the step of divergence). The shipped file ``validation/baselines.json`` in the weights
+directory is read first, then ``cache_dir``; what is missing is computed and written to
+``cache_dir`` after every run, so an interrupted job resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..registry import get_architecture
+from ..training import tail_mean
+from ..weights import resolve_net, weights_dirs
+from .peers import PEERS, TUNED, UNTUNED, _START, make_peer, search_grid, warmup_cosine
+from .suite import SuiteTask, get_suite
+
+__all__ = ["MULTIPLIERS", "TaskResult", "EvalResult", "evaluate", "baseline_entry", "cache_key",
+           "geometric_mean", "task_rows"]
+
+TAIL = 0.1  # final loss: the mean over the last 10% of the steps
+STALL = 0.95  # "stalled": final loss at least this fraction of the initial loss
+CURVE_POINTS = 100
+INITIAL_BATCHES = 10  # the initial loss: the initial model's mean over the first batches
+ADAM_DEFAULT = 1e-3
+#: the learned optimizer's lr multipliers: does lr=1 sit at the rule's own best?
+MULTIPLIERS = (0.3, 1.0, 3.0)
+SELF_TUNED = 1.05  # lr=1 counts as self-tuned within 5% of the best multiplier
+_FORMAT = "l2l-optim-eval-baselines/2"
+_PROTOCOL = 2  # bumped when the way a run is scored changes
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int,
+           schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
+    """One training run: init under ``seed``, batches from a generator seeded by ``seed``.
+
+    ``schedule(t)`` multiplies every group's starting lr at step t. Returns ``{"losses",
+    "seconds", "cpu_seconds", "skipped"}``; ``losses`` stops before the first non-finite
+    loss. CPU time (of the whole process) is the cost that does not depend on what else the
+    machine runs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.model_fn()
+    model.train()
+    opt = make_opt([p for p in model.parameters() if p.requires_grad])
+    base = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        # a learned optimizer's skipped-step warning; the count is reported instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(steps):
+            x, y = task.batch_fn(gen)
+            loss = task.loss_fn(model(x), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                break
+            losses.append(value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if schedule is not None:
+                m = schedule(t)
+                for g, lr in zip(opt.param_groups, base):
+                    g["lr"] = lr * m
+            opt.step()
+    return {"losses": losses, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "skipped": int(getattr(opt, "skipped_steps", 0))}
+
+
+@torch.no_grad()
+def _initial_loss(task: SuiteTask, seed: int) -> float:
+    """The initial model's mean loss over the first batches of the run's batch stream: the
+    reference of the "stalled" flag, less noisy than the first step's loss alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.model_fn()
+    model.train()  # as the runs see it (BatchNorm on batch statistics)
+    gen = torch.Generator().manual_seed(seed)
+    values = [float(task.loss_fn(model(x), y)) for x, y in (task.batch_fn(gen) for _ in range(INITIAL_BATCHES))]
+    return sum(values) / len(values)
+
+
+def _tail(losses: list[float], horizon: int) -> float:
+    """The final loss at ``horizon``; inf if the run ended before."""
+    return tail_mean(losses[:horizon], TAIL) if len(losses) >= horizon else math.inf
+
+
+def _record(run: dict[str, Any], steps: int, horizons: Sequence[int]) -> dict[str, Any]:
+    """What is kept of a run: tail means at ``horizons`` and at every 2% of ``steps`` (so that
+    shorter evaluations reuse the run), a CURVE_POINTS-bin mean curve, the divergence step."""
+    losses, n = run["losses"], min(CURVE_POINTS, steps)
+    grid = set(range(max(1, steps // 50), steps + 1, max(1, steps // 50)))
+    tails = {str(h): _tail(losses, h) for h in sorted(grid | {h for h in horizons if h <= steps})}
+    curve = [float(f"{sum(losses[lo:hi]) / (hi - lo):.6g}") if len(losses) >= hi else None
+             for lo, hi in ((i * steps // n, (i + 1) * steps // n) for i in range(n))]
+    return {"steps": steps, "tails": {h: (v if math.isfinite(v) else None) for h, v in tails.items()},
+            "curve": curve, "diverged_at": len(losses) if len(losses) < steps else None,
+            "skipped": run["skipped"], "seconds": round(run["seconds"], 2),
+            "cpu_seconds": round(run.get("cpu_seconds", math.nan), 2)}
+
+
+def _tail_of(rec: dict[str, Any], h: int) -> float:
+    v = rec["tails"].get(str(h))
+    return math.inf if v is None else v
+
+
+def _curve_upto(rec: dict[str, Any], steps: int) -> tuple[list[float], list[float | None]]:
+    """The record's curve over its first ``steps`` steps, as (bin centres, bin means)."""
+    n, total = len(rec["curve"]), rec["steps"]
+    idx = [i for i in range(n) if (i + 1) * total // n <= steps]
+    return [(i + 0.5) * total / n for i in idx], [rec["curve"][i] for i in idx]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _lr_key(lr: float | None) -> str:
+    return "default" if lr is None else f"{lr:g}"
+
+
+def _run_key(peer: str, horizon: int | None = None) -> str:
+    return peer if horizon is None else f"{peer}@{horizon}"
+
+
+def cache_key(task: SuiteTask, seed: int) -> str:
+    """The cache key of one task's baselines for one seed (16 hex characters).
+
+    It hashes the task's name, config and data fingerprint, the seed, the peers and their
+    grids, the scoring protocol and torch's major.minor version. The run length is not part
+    of it: a record serves every evaluation of at most its length."""
+    ident = {
+        "protocol": _PROTOCOL, "name": task.name, "config": task.config,
+        "data": task.data_fn() if task.data_fn is not None else None,
+        "seed": seed, "tail": TAIL, "warmup": "5% linear, cosine to 0",
+        "peers": {k: [_lr_key(x) for x in v[1]] if v[1] else None for k, v in sorted(PEERS.items())},
+        "torch": ".".join(torch.__version__.split(".")[:2]),
+    }
+    text = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shipped_baselines() -> list[Path]:
+    """The shipped baseline files (``validation/baselines.json`` in the weights directories)."""
+    return [p for d in weights_dirs() if (p := d / "validation" / "baselines.json").is_file()]
+
+
+def _read_entries(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a missing or unreadable cache only costs recomputation
+    return data.get("entries", {}) if isinstance(data, dict) and data.get("format") == _FORMAT else {}
+
+
+def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
+    # re-read and merge, so that processes sharing the file lose none of each other's entries
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = _read_entries(path)
+    entries[key] = entry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": _FORMAT, "entries": dict(sorted(entries.items()))}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _covers(rec: dict[str, Any] | None, steps: int, horizons: Sequence[int]) -> bool:
+    return rec is not None and rec["steps"] >= steps and all(str(h) in rec["tails"] for h in horizons)
+
+
+def _merge(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One entry holding every run of ``entries`` (the longer record of two)."""
+    out = copy.deepcopy(entries[0])
+    for e in entries[1:]:
+        for peer, runs in e["runs"].items():
+            for k, rec in runs.items():
+                old = out["runs"].setdefault(peer, {}).get(k)
+                if old is None or rec["steps"] > old["steps"]:
+                    out["runs"][peer][k] = rec
+    return out
+
+
+def baseline_entry(task: SuiteTask, *, steps: int, seed: int, horizons: Sequence[int],
+                   cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every peer's runs for one task and seed: from the shipped file or the cache, or run.
+
+    Each tuned peer's grid is searched per horizon (:func:`~.peers.search_grid`); a run that
+    the files already hold costs nothing, so an entry that covers the request runs nothing.
+
+    Args:
+        task: the task.
+        steps: the run length of the fixed-lr and untuned peers.
+        seed: the init and minibatch seed.
+        horizons: the horizons to tune for (each at most ``steps``).
+        cache_dir: where computed entries are written (default ``~/.cache/l2l_optim/eval``).
+        progress: print one line per computed run to stderr.
+
+    Returns:
+        ``{"task", "config", "seed", "torch", "initial_loss", "runs": {run key: {lr: record}}}``;
+        run keys are the peer names, and ``"adamw-cosine@H"`` for the scheduled runs of
+        horizon H; an untuned peer's lr key is ``"default"``.
+    """
+    key = cache_key(task, seed)
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2l_optim" / "eval"
+    cache_path = Path(cache_dir or default) / "baselines.json"
+    found = [e for path in [*shipped_baselines(), cache_path] if (e := _read_entries(path).get(key))]
+    entry = _merge(found) if found else {
+        "task": task.name, "config": task.config, "seed": seed, "torch": torch.__version__,
+        "initial_loss": _initial_loss(task, seed), "runs": {}}
+
+    def get(peer: str, lr: float | None, length: int, horizon: int | None = None) -> dict[str, Any]:
+        runs = entry["runs"].setdefault(_run_key(peer, horizon), {})
+        rec = runs.get(_lr_key(lr))
+        hs = [h for h in horizons if h <= length]
+        if _covers(rec, length, hs):
+            return rec
+        # a rerun keeps the old horizons and length: the longer run holds the shorter one
+        if rec is not None:
+            length = max(length, rec["steps"])
+            hs = sorted(set(hs) | {int(h) for h in rec["tails"]})
+        schedule = (lambda t: warmup_cosine(t, horizon)) if horizon is not None else None
+        run = _train(task, lambda ps: make_peer(peer, ps, lr), length, seed, schedule)
+        runs[_lr_key(lr)] = _record(run, length, hs)
+        _write_entry(cache_path, key, entry)
+        if progress:
+            print(f"  baseline {task.name} seed {seed} {_run_key(peer, horizon)} lr={_lr_key(lr)}: "
+                  f"{run['seconds']:.1f} s" + (f", diverged at step {len(run['losses'])}"
+                                                if len(run["losses"]) < length else ""),
+                  file=sys.stderr, flush=True)
+        return runs[_lr_key(lr)]
+
+    for peer in TUNED:
+        grid, scheduled = PEERS[peer][1], PEERS[peer][2]
+        for h in horizons:
+            length, sched_h = (h, h) if scheduled else (steps, None)
+            cached = entry["runs"].get(_run_key(peer, sched_h), {})
+            search_grid(grid, lambda lr: _tail_of(get(peer, lr, length, sched_h), h), _START[peer],
+                        known=lambda lr: _covers(cached.get(_lr_key(lr)), length, [h]))
+    for peer in UNTUNED:
+        get(peer, None, steps)
+    return entry
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TaskResult:
+    """One task at one horizon. Losses are final losses averaged over seeds, inf where a
+    run diverged before the horizon; ratios are the learned loss over a peer's (NaN where
+    the peer has no finite loss).
+
+    Attributes:
+        initial_loss: the initial model's mean loss over the first 10 batches.
+        adam_default_loss: Adam at lr 1e-3.
+        adam_lr, adam_loss, sgd_lr, sgd_loss: each fixed-lr peer's best lr and its loss.
+        cosine_lr, cosine_loss: the scheduled AdamW's best lr for this horizon and its loss.
+        schedule_free_loss, prodigy_loss: the untuned peers at their defaults.
+        learned_loss: the learned optimizer at lr=1.
+        learned_cosine_loss: the learned optimizer under the warm-up-cosine multiplier.
+        learned_by_multiplier: lr multiplier -> loss.
+        ratio: learned / min(best Adam, best SGD).
+        vs_adam_default, vs_cosine, vs_schedule_free, vs_prodigy: the other ratios
+            (``vs_cosine`` compares the two scheduled runs).
+        best_multiplier: the multiplier of lowest loss.
+        diverged: the learned run hit a NaN/Inf loss before the horizon (in some seed).
+        stalled: ``learned_loss >= 0.95 * initial_loss``.
+        skipped: steps the learned optimizer skipped for non-finite gradients (lr=1 run).
+        adam_by_lr, sgd_by_lr, cosine_by_lr: every searched lr's loss.
+    """
+
+    task: str
+    horizon: int
+    initial_loss: float
+    adam_default_loss: float
+    adam_lr: float
+    adam_loss: float
+    sgd_lr: float
+    sgd_loss: float
+    cosine_lr: float
+    cosine_loss: float
+    schedule_free_loss: float
+    prodigy_loss: float
+    learned_loss: float
+    learned_cosine_loss: float
+    learned_by_multiplier: dict[str, float]
+    ratio: float
+    vs_adam_default: float
+    vs_cosine: float
+    vs_schedule_free: float
+    vs_prodigy: float
+    best_multiplier: float
+    diverged: bool
+    stalled: bool
+    skipped: int = 0
+    adam_by_lr: dict[str, float] = field(default_factory=dict)
+    sgd_by_lr: dict[str, float] = field(default_factory=dict)
+    cosine_by_lr: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> str:
+        out = (["NaN/Inf"] if self.diverged else []) + (["stalled"] if self.stalled else [])
+        return ", ".join(out + ([f"{self.skipped} skipped"] if self.skipped else []))
+
+    @property
+    def self_tuned(self) -> bool:
+        """lr=1 is within 5% of the rule's best multiplier."""
+        best = min(self.learned_by_multiplier.values(), default=math.nan)
+        return self.learned_loss <= SELF_TUNED * best if math.isfinite(best) else math.isfinite(self.learned_loss)
+
+
+#: the ratio columns of a row, in table order
+RATIOS = ("vs_adam_default", "ratio", "vs_cosine", "vs_schedule_free", "vs_prodigy")
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        weights: the weights' description (source and fingerprint).
+        rows: one :class:`TaskResult` per task and horizon.
+        geomean: horizon -> geometric mean of ``ratio`` over tasks.
+        geomeans: ratio column -> horizon -> geometric mean over tasks.
+        curves: task -> {"learned", "adam", "sgd", "schedule-free"} -> {"step", "loss"}:
+            binned loss curves (the tuned peers at their best lr for the longest horizon),
+            averaged over seeds.
+        ms_per_step: task -> {"seconds": wall, "cpu_seconds": CPU} milliseconds per step of
+            the learned lr=1 runs.
+        tasks: task -> {"description", "params", "batch_size"}.
+    """
+
+    weights: str
+    suite: str
+    steps: int
+    horizons: list[int]
+    seeds: list[int]
+    rows: list[TaskResult]
+    geomean: dict[int, float]
+    geomeans: dict[str, dict[int, float]]
+    curves: dict[str, dict[str, dict[str, list]]]
+    ms_per_step: dict[str, dict[str, float]]
+    tasks: dict[str, dict[str, Any]]
+    seconds: float
+    quick: bool = False
+
+    def table(self) -> str:
+        """The result as a markdown table (:func:`~.report.format_table`)."""
+        from .report import format_table
+
+        return format_table(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; non-finite numbers become None."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if all(math.isfinite(v) for v in values) else math.inf
+
+
+def _best(by_lr: dict[str, float]) -> tuple[str, float]:
+    # min keeps the first of equal scores (the larger lr); inf (diverged) ranks last, and
+    # NaN, which never compares smaller, too
+    if not by_lr:
+        return "nan", math.inf
+    return min(sorted(by_lr.items(), key=lambda kv: -float(kv[0])),
+               key=lambda kv: math.inf if math.isnan(kv[1]) else kv[1])
+
+
+def _mean_curve(recs: list[dict[str, Any]], steps: int) -> dict[str, list]:
+    """The records' curves up to ``steps``, averaged over seeds (None where a run had ended)."""
+    curves = [_curve_upto(r, steps) for r in recs]
+    xs = curves[0][0]
+    same = [ys for x, ys in curves if x == xs]  # records of other lengths bin otherwise
+    return {"step": xs, "loss": [None if any(c[i] is None for c in same) else sum(c[i] for c in same) / len(same)
+                                 for i in range(len(xs))]}
+
+
+def geometric_mean(ratios: Sequence[float]) -> float:
+    """exp(mean(log r)) over the ratios that are not NaN; inf if any is inf.
+
+    Example:
+        >>> geometric_mean([0.5, 2.0, math.nan])
+        1.0
+    """
+    vals = [r for r in ratios if not math.isnan(r)]
+    if not vals:
+        return math.nan
+    if any(math.isinf(r) or r <= 0 for r in vals):
+        return math.inf if any(math.isinf(r) for r in vals) else 0.0
+    return math.exp(sum(math.log(r) for r in vals) / len(vals))
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if math.isfinite(b) and b > 0 else math.nan
+
+
+def _by_lr(entries: list[dict[str, Any]], run_key: str, h: int) -> dict[str, float]:
+    """lr -> seed-mean final loss at ``h``, over the lrs every seed's entry holds."""
+    common = set.intersection(*(set(e["runs"].get(run_key, {})) for e in entries))
+    return {k: _mean([_tail_of(e["runs"][run_key][k], h) for e in entries]) for k in common
+            if all(str(h) in e["runs"][run_key][k]["tails"] for e in entries)}
+
+
+def task_rows(name: str, entries: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
+              horizons: Sequence[int]) -> list[TaskResult]:
+    """One task's results per horizon, from its baseline entries (one per seed) and learned
+    records (run name -> one record per seed: ``"1"``, the other multipliers, ``"cosine@H"``)."""
+    init = sum(e["initial_loss"] for e in entries) / len(entries)
+    rows = []
+    for h in horizons:
+        adam, sgd, cos = _by_lr(entries, "adam", h), _by_lr(entries, "sgd", h), _by_lr(entries, f"adamw-cosine@{h}", h)
+        (adam_lr, adam_loss), (sgd_lr, sgd_loss), (cos_lr, cos_loss) = _best(adam), _best(sgd), _best(cos)
+        untuned = {p: _mean([_tail_of(e["runs"][p]["default"], h) for e in entries])
+                   if all(p in e["runs"] for e in entries) else math.nan for p in UNTUNED}
+        loss = _mean([_tail_of(r, h) for r in learned["1"]])
+        mults = {k: _mean([_tail_of(r, h) for r in learned[k]]) for k in learned if not k.startswith("cosine")}
+        cos_runs = learned.get(f"cosine@{h}")
+        learned_cos = _mean([_tail_of(r, h) for r in cos_runs]) if cos_runs else math.nan
+        diverged = any(r["diverged_at"] is not None and r["diverged_at"] < h for r in learned["1"])
+        best_mult = _best({k: v for k, v in mults.items()})[0]
+        rows.append(TaskResult(
+            task=name, horizon=h, initial_loss=init, adam_default_loss=adam.get(_lr_key(ADAM_DEFAULT), math.nan),
+            adam_lr=float(adam_lr), adam_loss=adam_loss, sgd_lr=float(sgd_lr), sgd_loss=sgd_loss,
+            cosine_lr=float(cos_lr), cosine_loss=cos_loss,
+            schedule_free_loss=untuned["schedule-free"], prodigy_loss=untuned["prodigy"],
+            learned_loss=loss, learned_cosine_loss=learned_cos, learned_by_multiplier=mults,
+            ratio=_div(loss, min(adam_loss, sgd_loss)),
+            vs_adam_default=_div(loss, adam.get(_lr_key(ADAM_DEFAULT), math.nan)),
+            vs_cosine=_div(learned_cos, cos_loss),
+            vs_schedule_free=_div(loss, untuned["schedule-free"]), vs_prodigy=_div(loss, untuned["prodigy"]),
+            best_multiplier=float(best_mult),
+            diverged=diverged, stalled=not diverged and loss >= STALL * init,
+            skipped=sum(r["skipped"] for r in learned["1"]),
+            adam_by_lr=adam, sgd_by_lr=sgd, cosine_by_lr=cos))
+    return rows
+
+
+def _horizons(steps: int, horizons: Sequence[int]) -> list[int]:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return sorted({int(h) for h in horizons if 1 <= int(h) <= steps} | {steps})
+
+
+def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", steps: int = 5000,
+             horizons: Sequence[int] = (1000, 5000), seeds: Sequence[int] = (0,),
+             tasks: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
+             data_root: str | os.PathLike | None = None, progress: bool = True,
+             threads: int | None = None, optimizer_kwargs: dict[str, Any] | None = None,
+             quick: bool = False) -> EvalResult:
+    """Run a learned optimizer on the validation suite and compare it with its peers.
+
+    Args:
+        weights: anything :func:`l2l_optim.weights.resolve_net` accepts: a shipped name such
+            as ``"simple"``, a ``.safetensors`` path, a run directory, an ``hf://`` address,
+            or a net. The net's registered optimizer class runs it.
+        suite: a suite name (``"default"``) or a list of :class:`~.suite.SuiteTask`.
+        steps: the length of the fixed-lr runs; a task with a smaller ``max_steps`` runs that
+            long and leaves out the longer horizons.
+        horizons: the step counts at which final losses are compared; those above ``steps``
+            are dropped and ``steps`` itself is always one.
+        seeds: the init and minibatch seeds; losses are averaged over seeds.
+        tasks: the names of the suite's tasks to run (default: all).
+        cache_dir: where computed baselines are cached (default ``~/.cache/l2l_optim/eval``).
+        data_root: a directory to look for the datasets in first.
+        progress: print one line per run to stderr.
+        threads: torch threads for the duration of the call (default: leave as is).
+        optimizer_kwargs: extra keyword arguments of the learned optimizer, e.g.
+            ``{"state_dtype": torch.bfloat16}`` (the baselines do not change).
+        quick: the learned optimizer at lr=1 only: no multiplier sweep, no scheduled runs
+            (their columns read n/a).
+
+    Returns:
+        An :class:`EvalResult`; ``result.table()`` is the markdown table.
+
+    Raises:
+        ValueError: an unknown suite or task name, ``steps < 1``, no seeds, or
+            ``optimizer_kwargs`` that set ``lr`` or ``weights``.
+        DatasetNotFoundError: a task's dataset is not available locally.
+        ImportError: ``schedulefree`` or ``prodigyopt`` is missing (``pip install 'l2l-optim[eval]'``).
+
+    Example:
+        The default suite reads MNIST and Fashion-MNIST from local files:
+
+        >>> result = evaluate("simple", steps=1000, horizons=(1000,))  # doctest: +SKIP
+        >>> print(result.table())  # doctest: +SKIP
+
+        Any list of :class:`~.suite.SuiteTask` works as a suite, e.g. a tiny regression (with
+        a temporary cache, since its baselines are computed here):
+
+        >>> import tempfile
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from l2l_optim.evaluation import SuiteTask
+        >>> def batch(gen):
+        ...     x = torch.randn(16, 4, generator=gen)
+        ...     return x, x.sum(dim=1, keepdim=True)
+        >>> tiny = SuiteTask(name="tiny", config={"features": 4}, model_fn=lambda: nn.Linear(4, 1),
+        ...                  batch_fn=batch, loss_fn=F.mse_loss)
+        >>> with tempfile.TemporaryDirectory() as cache:
+        ...     result = evaluate("simple", suite=[tiny], steps=20, horizons=(20,), quick=True,
+        ...                       cache_dir=cache, progress=False)
+        >>> [(row.task, row.horizon) for row in result.rows], sorted(result.geomeans["vs_schedule_free"])
+        ([('tiny', 20)], [20])
+    """
+    t_start = time.perf_counter()
+    hs = _horizons(steps, horizons)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
+    suite_tasks = get_suite(suite, data_root)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {t.name for t in suite_tasks})
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the suite has {[t.name for t in suite_tasks]}")
+        suite_tasks = [t for t in suite_tasks if t.name in set(tasks)]
+    net, description = resolve_net(weights)
+    opt_cls = get_architecture(net.arch).optimizer_class
+    kwargs = dict(optimizer_kwargs or {})
+    if "lr" in kwargs or "weights" in kwargs:
+        raise ValueError("optimizer_kwargs may not set lr or weights (the suite runs the net at lr=1.0)")
+    if kwargs:
+        opt_cls(torch.nn.Linear(1, 1).parameters(), weights=net, **kwargs)  # invalid options fail here
+        description = f"{description} ({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows, curves, ms, info = [], {}, {}, {}
+    try:
+        for task in suite_tasks:
+            t_steps = min(steps, task.max_steps or steps)
+            t_hs = [h for h in hs if h <= t_steps]
+            entries = [baseline_entry(task, steps=t_steps, seed=s, horizons=t_hs, cache_dir=cache_dir,
+                                      progress=progress) for s in seeds]
+            runs: dict[str, list[dict[str, Any]]] = {}
+            plan = [(f"{m:g}", m, t_steps, None) for m in (MULTIPLIERS if not quick else (1.0,))]
+            plan += [] if quick else [(f"cosine@{h}", 1.0, h, h) for h in t_hs]
+            for name, mult, length, sched_h in plan:
+                for s in seeds:
+                    schedule = (lambda t, h=sched_h: warmup_cosine(t, h)) if sched_h else None
+                    run = _train(task, lambda ps: opt_cls(ps, lr=mult, weights=net, **kwargs), length, s, schedule)
+                    runs.setdefault(name, []).append(_record(run, length, t_hs))
+                    if name == "1":
+                        ms.setdefault(task.name, []).append(run)
+                    if progress:
+                        print(f"  learned  {task.name} seed {s} {name}: {run['seconds']:.1f} s",
+                              file=sys.stderr, flush=True)
+            ms[task.name] = {k: 1e3 * sum(r[k] for r in ms[task.name]) / (t_steps * len(seeds))
+                             for k in ("seconds", "cpu_seconds")}
+            info[task.name] = {"description": task.description, "params": task.num_params(),
+                               "batch_size": task.config.get("batch_size")}
+            rows += task_rows(task.name, entries, runs, t_hs)
+            last = rows[-1]
+            curves[task.name] = {"learned": _mean_curve(runs["1"], t_steps)}
+            for peer, lr in (("adam", last.adam_lr), ("sgd", last.sgd_lr), ("schedule-free", None)):
+                recs = [e["runs"][peer][_lr_key(lr)] for e in entries if _lr_key(lr) in e["runs"].get(peer, {})]
+                if len(recs) == len(entries):
+                    curves[task.name][peer] = _mean_curve(recs, t_steps)
+    finally:
+        torch.set_num_threads(old_threads)
+    geomeans = {col: {h: geometric_mean([getattr(r, col) for r in rows if r.horizon == h]) for h in hs}
+                for col in RATIOS}
+    return EvalResult(weights=description, suite=suite if isinstance(suite, str) else "custom",
+                      steps=steps, horizons=hs, seeds=seeds, rows=rows, geomean=geomeans["ratio"],
+                      geomeans=geomeans, curves=curves, ms_per_step=ms, tasks=info,
+                      seconds=time.perf_counter() - t_start, quick=quick)
+
