@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from fake_idx import make_fake_datasets
-from l2l_optim import bench
 from l2l_optim.repro import cli, learned
 from l2l_optim.repro.claims import beats, compare, final_window, loss_at, mean_loss_at, seed_ranges_overlap
 from l2l_optim.repro.cli import main
@@ -200,6 +199,17 @@ def test_untrained_weights_are_flagged_in_the_summary_and_the_report(tmp_path, d
     assert "smoke-test numbers" in text and "(untrained weights)" in text
 
 
+def test_seeded_construction_leaves_the_global_rng_alone():
+    from l2l_optim.repro.seeding import seeded
+
+    state = torch.random.get_rng_state()
+    x = seeded(lambda: torch.randn(3), seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        assert torch.equal(seeded(lambda: torch.randn(3), seed=1), x)  # whatever the global state
+
+
 def test_every_finetune_setting_has_a_finetune_keyword():
     import inspect
 
@@ -283,39 +293,6 @@ def test_comparison_text_reads_the_stored_verdict(tmp_path):
     assert comparison_text(won) == "the final loss of A (1.5) is below that of B (inf): agrees"
     assert comparison_text(lost) == "the final loss of A (5) is not below that of B (1.5, +233.3%): disagrees"
     assert comparison_text(context).endswith("below that of B (5, -70.0%): context, not a claim of the paper")
-
-
-# ----------------------------------------------------------------------------------------
-# the benchmark's timer and seeded construction, which table1 uses
-
-
-class _CountingOptimizer:
-    def __init__(self):
-        self.steps = 0
-
-    def step(self):
-        self.steps += 1
-
-
-def test_time_steps_times_after_warmup_and_stops_at_the_budget():
-    opt, prepared = _CountingOptimizer(), []
-    step_s, whole_s = bench.time_steps(opt, 5, warmup=2, prepare=lambda: prepared.append(1))
-    assert (len(step_s), len(whole_s), opt.steps, len(prepared)) == (5, 5, 7, 7)
-    assert all(0 <= s <= w for s, w in zip(step_s, whole_s))
-    opt = _CountingOptimizer()
-    step_s, _ = bench.time_steps(opt, 1000, warmup=1, budget=0.0)
-    assert len(step_s) == 1 and opt.steps == 2
-
-
-def test_seeded_construction_leaves_the_global_rng_alone():
-    state = torch.random.get_rng_state()
-    a, x = bench.untrained_net("dm"), bench.seeded(lambda: torch.randn(3), seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    # the same values whatever the global RNG's state
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(123)
-        b, y = bench.untrained_net("dm"), bench.seeded(lambda: torch.randn(3), seed=1)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and torch.equal(x, y)
 
 
 def test_run_claims_let_two_processes_share_an_experiment(tmp_path):

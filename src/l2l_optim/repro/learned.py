@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..bench import untrained_net
-from ..nets import CoordinatewiseNet
-from ..registry import ARCHITECTURES, get_architecture
+from ..nets import CoordinatewiseNet, init_net
+from ..registry import ARCHITECTURES, build_net, get_architecture
 from ..weights import WeightsError, fingerprint, resolve_net
 from .experiments import STANDIN_NETS
+from .seeding import seeded
 
 __all__ = ["resolve_weights", "learned_factory"]
 
@@ -24,7 +24,8 @@ def _standin(name: str) -> CoordinatewiseNet:
     arch, config = STANDIN_NETS.get(name, (arch, {}))
     if arch is None:
         raise ValueError(f"no untrained stand-in for unknown weights {name!r}")
-    return untrained_net(arch, config, init=get_architecture(arch).default_init)
+    # seeded: the same stand-in every run, so the runs cached with it stay valid
+    return seeded(lambda: init_net(build_net(arch, config), get_architecture(arch).default_init))
 
 
 def resolve_weights(name: str, allow_random: bool) -> tuple[CoordinatewiseNet, dict]:

@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 # the library this experiment runner uses, all in one place
-from ..bench import seeded
 from ..finetuning import finetune, subsample_loader
 from ..tasks import Task, make_task, subsample_task
 from ..training import evaluate_model, search_lr, train_task
@@ -30,6 +29,7 @@ from .experiments import CLI, EXPERIMENTS, Experiment, OptSpec, Settings
 from .learned import learned_factory, resolve_weights
 from .plots import plot_curves
 from .report import format_experiment, trend
+from .seeding import seeded
 from .store import claim_run, file_lock, log, machine, now, read_json, seed_curves, write_curve, write_json
 
 __all__ = ["run_experiment", "summarize", "FINETUNE_KWARGS"]

@@ -1,24 +1,26 @@
 """Table 1: parameter counts and time per optimizer step on the base MLP.
 
-The step times come from :func:`l2l_optim.bench.time_steps` (the benchmark's timer): per
-optimizer, ``opt.step()`` alone and the whole training step (forward, backward, step) on a
-fixed batch of random inputs, after three warm-up steps.
+Per optimizer, the step times are ``opt.step()`` alone and the whole training step (forward,
+backward, step) on a fixed batch of random inputs, after three warm-up steps.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 # the library this experiment uses, all in one place
-from ..bench import resolved_impl, seeded, time_steps
+from ..kernels import resolve_impl
 from ..models import base_mlp
 from .experiments import CLI, PAPER_TABLE1, Settings
 from .learned import learned_factory, resolve_weights
 from .plots import plot_table1
 from .report import format_experiment
+from .seeding import seeded
 from .store import log, machine, now, read_json, write_json
 
 __all__ = ["run_table1"]
@@ -33,6 +35,30 @@ def _quantile(vals: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
+def _update_path(opt: torch.optim.Optimizer) -> str:
+    """The concrete update path of a SimpleOptimizer (``"cpu"``, ``"reference"``, ...); ``""``
+    for optimizers without one."""
+    impl = opt.param_groups[0].get("impl", getattr(opt, "impl", None))
+    return "" if impl is None else resolve_impl(impl, opt.param_groups[0]["params"][0].device.type)
+
+
+def _time_steps(opt: torch.optim.Optimizer, steps: int,
+                prepare: Callable[[], object]) -> tuple[list[float], list[float]]:
+    """``(step_seconds, whole_seconds)`` of ``steps`` steps after :data:`_WARMUP` untimed ones:
+    ``opt.step()`` alone, and ``prepare()`` (the forward and backward pass) plus the step."""
+    step_s, whole_s = [], []
+    for i in range(_WARMUP + steps):
+        t0 = time.perf_counter()
+        prepare()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if i >= _WARMUP:
+            step_s.append(t2 - t1)
+            whole_s.append(t2 - t0)
+    return step_s, whole_s
+
+
 def _optimizer(key: str, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, int | None, dict | None, str]:
     """``(optimizer, meta-parameters, weights info, update path)`` of table row ``key``."""
     if key not in PAPER_TABLE1:
@@ -41,7 +67,7 @@ def _optimizer(key: str, model: torch.nn.Module) -> tuple[torch.optim.Optimizer,
     # timing does not depend on the weights' values: untrained ones stand in for missing files
     net, info = resolve_weights(key, True)
     opt = learned_factory(net, info["arch"])(model.parameters())
-    return opt, net.num_parameters(), info, resolved_impl(opt) or "generic (net forward)"
+    return opt, net.num_parameters(), info, _update_path(opt) or "generic (net forward)"
 
 
 def _time_row(key: str, label: str, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict:
@@ -54,7 +80,7 @@ def _time_row(key: str, label: str, batch: tuple[torch.Tensor, torch.Tensor], st
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
-    step_s, whole_s = time_steps(opt, steps, warmup=_WARMUP, prepare=forward_backward)
+    step_s, whole_s = _time_steps(opt, steps, forward_backward)
     step_ms, train_ms = [1000 * t for t in step_s], [1000 * t for t in whole_s]
     paper_params, paper_ms = PAPER_TABLE1.get(key, (None, None))
     return {"optimizer": key, "label": label, "params": n_params, "step_ms_median": statistics.median(step_ms),
