@@ -32,11 +32,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# BENCH_ARGS: options for `l2l-optim bench`, e.g. --quick, or --json bench.json
+# The harness in benchmarks/ times the installed package; it runs from the repository root.
+# BENCH_ARGS: options for `python -m benchmarks.bench`, e.g. --quick, or --json bench.json
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m l2l_optim bench $(BENCH_ARGS)
-	$(PY) -m l2l_optim meta-bench
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.meta_throughput
 
 # JOBS=2 (or more) runs that many workers side by side on the figures (each takes the next
 # run nobody holds, one thread each); the last pass times table1 alone, fills any gap and

@@ -17,7 +17,7 @@
 #   2. the fused Triton update alone at 100M parameters (25 x 2000x2000, fp32 and bf16 hidden
 #      state), timed with CUDA events, against the memory-traffic bound (bytes moved / the
 #      device-to-device copy bandwidth measured in the same run); the target is <= 1.25x;
-#   3. `python -m l2l_optim bench --device cuda` on the base MLP and at 100M parameters.
+#   3. `python -m benchmarks.bench --device cuda` on the base MLP and at 100M parameters.
 #
 # Copy the numbers into BENCHMARKS.md with the GPU's name.
 set -uo pipefail
@@ -124,7 +124,7 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "KERNEL CHECK FAILED"; status=1; }
 
 echo "== 3. optimizer-step benchmark on CUDA"
-$PY -m l2l_optim bench --tables step --device cuda --sizes base,100m --steps 50 --rounds 5 --budget 60 \
+$PY -m benchmarks.bench --tables step --device cuda --sizes base,100m --steps 50 --rounds 5 --budget 60 \
     --optimizers sgd,adam-foreach,adam-fused,simple-ref,simple-fused,simple-fused-bf16,dm,rnnprop \
     --out "$OUT/bench.md" || { echo "BENCHMARK FAILED"; status=1; }
 

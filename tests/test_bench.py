@@ -1,5 +1,6 @@
-"""The benchmark's tables on tiny sizes: rows present, positive GB/s, finite ratios, the
-targets' logic and the command's JSON. Timing values are not checked (the machine is shared)."""
+"""The benchmark harness (``benchmarks/``, at the repository's root) on tiny sizes: rows
+present, positive GB/s, finite ratios, the targets' logic, the command's JSON, the timer.
+Timing values are not checked (the machine is shared)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import math
 import pytest
 import torch
 
-from l2l_optim import bench_cli
-from l2l_optim.bench_bandwidth import (BandwidthConfig, BandwidthRow, bandwidth_targets,
-                                      count_subnormal, format_bandwidth, resolve_size, run_bandwidth)
-from l2l_optim.bench_train import TrainConfig, TrainRow, format_train, run_train, train_targets
+from benchmarks import bench
+from benchmarks.bandwidth import (BandwidthConfig, BandwidthRow, _check_nonfinite, bandwidth_targets,
+                                  format_bandwidth, resolve_size, run_bandwidth)
+from benchmarks.common import count_subnormal, seeded, time_steps, untrained_net
+from benchmarks.train import TrainConfig, TrainRow, format_train, run_train, train_targets
 
 QUIET = dict(steps=2, warmup=1, rounds=2, budget=5.0)
 
@@ -77,14 +79,13 @@ def test_bandwidth_targets_logic():
     assert t[1]["measured"] == pytest.approx(0.3) and t[1]["met"] is False
     assert t[2]["measured"] == pytest.approx(0.04) and t[2]["met"] is True
     assert fast.overhead_share == pytest.approx(0.08)
-    assert "90%" in bench_cli.format_targets(t) and "NOT met" in bench_cli.format_targets(t)
+    assert "90%" in bench.format_targets(t) and "NOT met" in bench.format_targets(t)
 
 
 def test_the_check_timing_refuses_non_finite_gradients():
     # the check variant times the non-finite handling of a step that goes on; a skipped step
     # would time the other branch (and count a skip), so it stops the benchmark instead
     from l2l_optim import SimpleOptimizer
-    from l2l_optim.bench_bandwidth import _check_nonfinite
 
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.tensor([0.0, float("nan"), 1.0])
@@ -144,7 +145,7 @@ def test_train_targets_memory_bound():
     simple = TrainRow("base", "", 10**6, 128, "simple", whole_s=[0.02], step_s=[0.016], x_adam=5.0)
     base = train_targets([adam, simple], copy_gbs=10.0, bytes_per_param=100)[0]
     assert base["bound"] == pytest.approx(3.25) and base["met"] is False
-    table = bench_cli.format_targets([base])
+    table = bench.format_targets([base])
     assert "| 5.00x | NOT met | 3.25x |" in table
     # per optimizer: bf16 state moves 60 B at 12 GB/s: (3 + 5) / 4 = 2x
     bf16 = TrainRow("base", "", 10**6, 128, "simple-bf16", whole_s=[0.01], step_s=[0.006],
@@ -160,7 +161,7 @@ def test_train_targets_memory_bound():
 
 def test_command_json(tmp_path, capsys, keep_threads):
     path = tmp_path / "bench.json"
-    assert bench_cli.main([
+    assert bench.main([
         "--bw-sizes", "2048", "--state-dtypes", "float32", "--models", "transformer",
         "--train-optimizers", "adam-fused,simple", "--sizes", "base",
         "--optimizers", "adam-fused,simple-fused", "--steps", "1", "--rounds", "1",
@@ -191,10 +192,10 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
         return [adam] + [TrainRow("base", "", 10**6, 128, o, whole_s=[0.01], step_s=[0.006],
                                   x_adam=2.5) for o in ("simple", "simple-bf16")]
 
-    monkeypatch.setattr(bench_cli, "run_bandwidth", bandwidth)
-    monkeypatch.setattr(bench_cli, "run_train", train)
+    monkeypatch.setattr(bench, "run_bandwidth", bandwidth)
+    monkeypatch.setattr(bench, "run_train", train)
     path = tmp_path / "bench.json"
-    assert bench_cli.main(["--tables", "bandwidth,train", "--json", str(path)]) == 0
+    assert bench.main(["--tables", "bandwidth,train", "--json", str(path)]) == 0
     bounds = {t["target"].split(" whole")[0]: t["bound"]
               for t in json.loads(path.read_text())["targets"] if "whole step" in t["target"]}
     # (3 ms of fused Adam's forward and backward + bytes / bandwidth) / its 4 ms whole step
@@ -207,5 +208,34 @@ def test_command_rejects_unknown_names(capsys, keep_threads):
     for argv in (["--models", "vgg"], ["--tables", "nope"], ["--bw-sizes", "big"],
                  ["--state-dtypes", "float16"]):
         with pytest.raises(SystemExit):
-            bench_cli.main(argv)
+            bench.main(argv)
     assert "unknown" in capsys.readouterr().err
+
+
+class _CountingOptimizer:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+def test_time_steps_times_after_warmup_and_stops_at_the_budget():
+    opt, prepared = _CountingOptimizer(), []
+    step_s, whole_s = time_steps(opt, 5, warmup=2, prepare=lambda: prepared.append(1))
+    assert (len(step_s), len(whole_s), opt.steps, len(prepared)) == (5, 5, 7, 7)
+    assert all(0 <= s <= w for s, w in zip(step_s, whole_s))
+    opt = _CountingOptimizer()
+    step_s, _ = time_steps(opt, 1000, warmup=1, budget=0.0)
+    assert len(step_s) == 1 and opt.steps == 2
+
+
+def test_seeded_construction_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, x = untrained_net("dm"), seeded(lambda: torch.randn(3), seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # the same values whatever the global RNG's state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        b, y = untrained_net("dm"), seeded(lambda: torch.randn(3), seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and torch.equal(x, y)

@@ -326,6 +326,8 @@ def _kernel_bits(isa: str) -> list:
         cpu.select_isa(before)
 
 
+# A/B builds of the library: benchmark tooling (benchmarks/avx512_check.sh runs the AVX-512 case)
+@pytest.mark.slow
 @pytest.mark.parametrize("isa,define,other_runs_simd", [
     # the shipped AVX2 intrinsics loop against GCC's vectorisation of the portable loop
     ("avx2", "-DL2L_AVX2_INTRINSICS=0", False),
@@ -372,8 +374,9 @@ def test_the_shipped_loop_gives_the_bits_of(tmp_path, monkeypatch, isa, define, 
             assert a.dtype == b.dtype and torch.equal(a, b), (define, case)
 
 
+@pytest.mark.slow
 def test_the_kernel_ab_tool_times_the_library(tmp_path):
-    # examples/kernel_ab.cpp declares pass 1's C signature itself: it must build, accept this
+    # benchmarks/kernel_ab.cpp declares pass 1's C signature itself: it must build, accept this
     # library's ABI version and run both hidden-state dtypes on it; two copies of the library
     # (two files: the loader gives one path one handle) leave the same bits
     import shutil
@@ -384,7 +387,7 @@ def test_the_kernel_ab_tool_times_the_library(tmp_path):
         pytest.skip("no CPU kernel in this build")
     if shutil.which(_build.compiler()[0]) is None:
         pytest.skip("no C++ compiler")
-    source = Path(__file__).resolve().parents[1] / "examples" / "kernel_ab.cpp"
+    source = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.cpp"
     exe = tmp_path / "kernel_ab"
     subprocess.run([*_build.compiler(), "-O1", str(source), "-o", str(exe), "-ldl"], check=True)
     info = cpu.kernel_info()

@@ -11,8 +11,6 @@ Commands:
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
                an ``ImageFolder`` directory; writes the weights, a model card and a plot
 ``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluation`)
-``bench``      the benchmarks: bandwidth, training steps, step times (:mod:`l2l_optim.bench_cli`)
-``meta-bench`` meta-training throughput, BPTT against ES (:mod:`l2l_optim.meta.throughput`)
 ``reproduce``  the paper's experiments (:mod:`l2l_optim.repro`)
 =============  ==========================================================================
 
@@ -51,9 +49,7 @@ PROG = "l2l-optim"
 DELEGATED: dict[str, tuple[str, str]] = {
     "meta-fit": ("l2l_optim.meta.fit", "meta-train an optimizer net and write its weights"),
     "eval": ("l2l_optim.evaluation", "evaluate meta-weights against tuned baselines"),
-    "bench": ("l2l_optim.bench", "bandwidth against a copy, training steps and step times against Adam"),
     "meta-es": ("l2l_optim.meta.es", "meta-train SimpleOptimizer by ES on the task population"),
-    "meta-bench": ("l2l_optim.meta.throughput", "meta-training throughput, BPTT against ES"),
     "reproduce": ("l2l_optim.repro.cli", "run the paper's experiments and write RESULTS.md"),
 }
 _DATASETS = ("mnist", "fashion-mnist")

@@ -7,8 +7,7 @@
 * :mod:`.families`: a vectorised population of small optimizees (six task families, scale
   augmentation), :mod:`.population`: all of them trained at once, each by its own rule.
 * :mod:`.es`: antithetic ES over the population, long horizons, resumable
-  (:func:`~.es.meta_train_es`); :mod:`.throughput`: BPTT against ES in optimizee steps per
-  CPU-second (``python -m l2l_optim meta-bench``).
+  (:func:`~.es.meta_train_es`).
 """
 
 from .fit import MetaFitConfig, MetaFitResult, main, meta_fit

@@ -3,7 +3,7 @@
 # machines this project's sessions get may not). Run it from the repository root, on a quiet
 # machine:
 #
-#     bash examples/avx512_check.sh           # a few minutes: three library builds
+#     bash benchmarks/avx512_check.sh          # a few minutes: three library builds
 #
 # It needs python3 with torch, pytest and hypothesis, g++ and objdump; the package itself is
 # taken from ./src. It prints everything and also writes the logs to $OUT (default
@@ -14,7 +14,7 @@
 #      (tests/test_cpu_library.py::test_the_shipped_loop_gives_the_bits_of, whose AVX-512 case is
 #      skipped on other machines);
 #   2. the time: pass 1 of three builds of the library in alternation in one process
-#      (examples/kernel_ab.cpp), fp32 and bf16 state, 10M coordinates at 2 threads (the
+#      (benchmarks/kernel_ab.cpp), fp32 and bf16 state, 10M coordinates at 2 threads (the
 #      bandwidth target's case) and 65,536 in cache at 1 thread:
 #        three.so  the default: GCC's loop in three sweeps over an L1 buffer;
 #        one.so    GCC's loop in one sweep (-DL2L_AVX512_ONE_SWEEP=1);
@@ -41,7 +41,7 @@ if ! grep -q avx512f /proc/cpuinfo; then
 fi
 
 echo "== 1. bits: the AVX-512 intrinsics loop against the shipped loop"
-$PY -m pytest -q -p no:cacheprovider "tests/test_cpu_library.py::test_the_shipped_loop_gives_the_bits_of" \
+$PY -m pytest -q -p no:cacheprovider -m slow "tests/test_cpu_library.py::test_the_shipped_loop_gives_the_bits_of" \
     -k avx512 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
@@ -51,7 +51,7 @@ SRC=src/l2l_optim/kernels/simple_cpu.cpp
 g++ $FLAGS "$SRC" -o "$OUT/three.so" &&
     g++ $FLAGS -DL2L_AVX512_ONE_SWEEP=1 "$SRC" -o "$OUT/one.so" &&
     g++ $FLAGS -DL2L_AVX512_INTRINSICS=1 "$SRC" -o "$OUT/simd.so" &&
-    g++ -O2 examples/kernel_ab.cpp -o "$OUT/kernel_ab" -ldl || exit 1
+    g++ -O2 benchmarks/kernel_ab.cpp -o "$OUT/kernel_ab" -ldl || exit 1
 threads=$(( $(nproc) < 2 ? $(nproc) : 2 ))
 for state in float32 bfloat16; do
     "$OUT/kernel_ab" 10000000 10 "$threads" "$state" avx512 "$OUT/three.so" "$OUT/one.so" "$OUT/simd.so"

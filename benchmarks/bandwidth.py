@@ -1,4 +1,4 @@
-"""Bandwidth table of ``python -m l2l_optim bench``: how far the fused step is from the memory bound.
+"""Bandwidth table of ``python -m benchmarks.bench``: how far the fused step is from the memory bound.
 
 The fused SimpleOptimizer step streams every coordinate's state through memory about once, so
 its speed limit is the machine's memory bandwidth. Per parameter set and hidden-state dtype this
@@ -47,13 +47,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .bench import GRAD_SCALE, SIZES, _available_memory, _fmt_ms, resolved_impl, time_steps
-from .functional import RunningRms, simple_update
-from .optimizer import SimpleOptimizer
+from l2l_optim.functional import RunningRms, simple_update
+from l2l_optim.optimizer import SimpleOptimizer
+from l2l_optim.weights import resolve_net
+
+from .common import (GRAD_SCALE, SIZES, available_memory, count_subnormal, fmt_ms, resolved_impl,
+                     time_steps)
 
 __all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "BYTES_PER_COORD",
            "RMS_BYTES_PER_COORD", "STATE_DTYPES",
-           "resolve_size", "run_bandwidth", "format_bandwidth", "bandwidth_targets", "count_subnormal"]
+           "resolve_size", "run_bandwidth", "format_bandwidth", "bandwidth_targets"]
 
 #: bytes moved per coordinate by one fused step, by hidden-state dtype (see the module docstring)
 BYTES_PER_COORD = {"float32": 100, "bfloat16": 60}
@@ -204,18 +207,8 @@ class BandwidthRow:
         return out
 
 
-def count_subnormal(tensors: list[Tensor]) -> int:
-    """The number of subnormal (denormal) values in ``tensors``, each judged in its own dtype."""
-    total = 0
-    for t in tensors:
-        if t.is_floating_point():
-            a = t.detach().abs()
-            total += int(((a < torch.finfo(t.dtype).tiny) & (a > 0)).sum())
-    return total
-
-
 class _Call:
-    """``step()`` runs ``fn``: lets :func:`~l2l_optim.bench.time_steps` time any callable."""
+    """``step()`` runs ``fn``: lets :func:`~benchmarks.common.time_steps` time any callable."""
 
     def __init__(self, fn: Callable[[], object]):
         self.step = fn
@@ -253,7 +246,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         copy_max = max(row.copy_bytes for row in size_rows)
         # parameters and gradients (8 B), every dtype's state, the copy buffers
         need = n * (8 + sum(_STATE_BYTES[d] + extra // 2 for d in cfg.state_dtypes)) + copy_max
-        avail = _available_memory(device)
+        avail = available_memory(device)
         if need > 0.6 * avail:  # the machine is shared: leave the others room
             for row in size_rows:
                 row.skipped = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
@@ -317,8 +310,6 @@ def _check_nonfinite(opt: SimpleOptimizer, params: list[Tensor], grads: list[Ten
 
 def _shipped_input_norm() -> str | None:
     """The input norm of the shipped default weights, which the table's optimizers use."""
-    from .weights import resolve_net
-
     return getattr(resolve_net("simple")[0], "input_norm", None)
 
 
@@ -341,16 +332,16 @@ def format_bandwidth(rows: list[BandwidthRow]) -> str:
             continue
         skipped = f" ({r.skipped_steps} skipped steps)" if r.skipped_steps else ""
         lines.append(
-            f"{head} | {_fmt_ms(_median(r.step_s))} | {r.step_gbs:.1f} | {_fmt_ms(_median(r.update_s))} "
+            f"{head} | {fmt_ms(_median(r.step_s))} | {r.step_gbs:.1f} | {fmt_ms(_median(r.update_s))} "
             f"| {r.update_gbs:.1f} | {r.copy_bytes / 1e6:.0f} | {r.copy_gbs:.1f} "
-            f"| {r.step_fraction:.0%} | {r.update_fraction:.0%} | {_fmt_ms(_median(r.check_s))} "
+            f"| {r.step_fraction:.0%} | {r.update_fraction:.0%} | {fmt_ms(_median(r.check_s))} "
             f"| {r.check_share:.1%} | {r.overhead_share:.1%} | {r.subnormals}{skipped} |"
         )
     return "\n".join(lines)
 
 
 def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
-    """The issue's bandwidth targets, checked on the 10M-coordinate rows.
+    """The bandwidth targets, checked on the 10M-coordinate rows.
 
     Returns:
         One dict per target: ``target``, ``measured`` (a fraction, or None), ``unit``

@@ -1,18 +1,18 @@
-"""Benchmarks: ``python -m l2l_optim bench`` (``make bench``).
+"""Benchmarks: ``python -m benchmarks.bench`` from the repository's root (``make bench``).
 
 Three tables, chosen with ``--tables`` (default: all three):
 
-* ``bandwidth`` (:mod:`l2l_optim.bench_bandwidth`): the fused SimpleOptimizer step's achieved
+* ``bandwidth`` (:mod:`benchmarks.bandwidth`): the fused SimpleOptimizer step's achieved
   GB/s (116 B per coordinate with an fp32 hidden state and the default's rms input norm, 76 B
   with bf16) beside the streaming-copy GB/s measured in the same run on as many bytes, and
   the share of the step that the non-finite check and bookkeeping take, on one
   10M-coordinate tensor and the parameter sets below;
-* ``train`` (:mod:`l2l_optim.bench_train`): whole training steps (zero_grad, forward,
+* ``train`` (:mod:`benchmarks.train`): whole training steps (zero_grad, forward,
   backward, step) of SimpleOptimizer against fused and foreach Adam, as ratios to fused Adam,
   on the base MLP, LeNet-5, the 5-layer MLP, a 4M-parameter MLP and a small transformer;
-* ``step`` (this module): ``optimizer.step()`` alone, described below.
+* ``step`` (:mod:`benchmarks.step`): ``optimizer.step()`` alone, described below.
 
-A summary at the end checks the issue's targets (10M step >= 80% of the copy bandwidth,
+A summary at the end checks the targets (10M step >= 80% of the copy bandwidth,
 non-finite handling <= 5% of the step, whole step <= 1.5x fused Adam on the base MLP and
 <= 1.3x on the 4M MLP). ``--json PATH`` writes every raw time and derived column.
 
@@ -20,7 +20,7 @@ The step table times ``optimizer.step()`` alone for SimpleOptimizer (reference, 
 only, bf16 state), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp on ``base``
 (the base MLP), ``mlp5`` (6.4M parameters), ``100m`` (25 x 2000 x 2000) and ``many`` (300 x
 128: the cost per tensor), with random meta-weights (step time does not depend on their
-values); see :mod:`l2l_optim.bench`. The other tables use the shipped weights,
+values); see :mod:`benchmarks.step`. The other tables use the shipped weights,
 SimpleOptimizer's default.
 
 The machines this runs on are shared, so every table is measured in interleaved rounds: in
@@ -29,12 +29,12 @@ process falls on all of them alike. The first lines of the output give the machi
 load average at the start and the end; only runs on a quiet machine are worth quoting.
 
 Examples:
-    python -m l2l_optim bench                               # everything, 2 threads
-    python -m l2l_optim bench --quick                       # bandwidth and train, small sets
-    python -m l2l_optim bench --tables bandwidth --bw-sizes 10m --json bw.json
-    python -m l2l_optim bench --tables train --models base,mlp4m
-    python -m l2l_optim bench --tables step --sizes base --steps 50
-    python -m l2l_optim bench --device cuda --tables step --sizes 100m    # on a GPU
+    python -m benchmarks.bench                               # everything, 2 threads
+    python -m benchmarks.bench --quick                       # bandwidth and train, small sets
+    python -m benchmarks.bench --tables bandwidth --bw-sizes 10m --json bw.json
+    python -m benchmarks.bench --tables train --models base,mlp4m
+    python -m benchmarks.bench --tables step --sizes base --steps 50
+    python -m benchmarks.bench --device cuda --tables step --sizes 100m    # on a GPU
 """
 
 from __future__ import annotations
@@ -49,15 +49,14 @@ from dataclasses import asdict
 
 import torch
 
-from .bench import (DEFAULT_OPTIMIZERS, GRAD_SCALE, OPTIMIZERS, SIZES, format_table, machine_info,
-                    run)
-from .bench_bandwidth import (BW_SIZES, DEFAULT_BW_SIZES, STATE_DTYPES, BandwidthConfig,
-                              bandwidth_targets, format_bandwidth, resolve_size, run_bandwidth)
-from .bench_bandwidth import describe as describe_bandwidth
-from .bench_train import (DEFAULT_MODELS, DEFAULT_TRAIN_OPTIMIZERS, TARGET_STATE_DTYPES,
-                          TRAIN_MODELS, TRAIN_OPTIMIZERS, TrainConfig, format_train, run_train,
-                          train_targets)
-from .bench_train import describe as describe_train
+from .bandwidth import (BW_SIZES, DEFAULT_BW_SIZES, STATE_DTYPES, BandwidthConfig,
+                        bandwidth_targets, format_bandwidth, resolve_size, run_bandwidth)
+from .bandwidth import describe as describe_bandwidth
+from .common import GRAD_SCALE, SIZES, machine_info
+from .step import DEFAULT_OPTIMIZERS, OPTIMIZERS, format_table, run
+from .train import (DEFAULT_MODELS, DEFAULT_TRAIN_OPTIMIZERS, TARGET_STATE_DTYPES, TRAIN_MODELS,
+                    TRAIN_OPTIMIZERS, TrainConfig, format_train, run_train, train_targets)
+from .train import describe as describe_train
 
 __all__ = ["main", "TABLES", "QUICK", "format_targets"]
 
@@ -108,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; see the module docstring (``--help``) for the options.
 
     Args:
-        argv: the arguments after ``bench`` (default: ``sys.argv[1:]``).
+        argv: the command's arguments (default: ``sys.argv[1:]``).
 
     Returns:
         The exit status, 0.
     """
-    ap = argparse.ArgumentParser(prog="l2l-optim bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", default=None,
                     help=f"comma-separated, from {','.join(TABLES)} (default: all)")
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     data["targets"] = targets
     after = "load average at the end %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(
         os, "getloadavg") else ""
-    command = "l2l-optim bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     data.update(load_end=after, command=command)
     text = f"{before}\n{after}\ncommand: {command}\n\n" + "\n\n".join(sections) + "\n"
     print()

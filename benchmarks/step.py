@@ -1,13 +1,9 @@
-"""The step-time table of ``python -m l2l_optim bench`` (``--tables step``), and helpers the
-other tables share (:func:`time_steps`, :func:`seeded`, :func:`machine_info`).
-
-The command itself, with its bandwidth and training-step tables, is :mod:`l2l_optim.bench_cli`;
-:func:`main` here runs it.
+"""The step-time table of ``python -m benchmarks.bench`` (``--tables step``).
 
 Times ``optimizer.step()`` alone (gradients pre-filled with random values of realistic
 magnitude, ``randn * GRAD_SCALE``; no forward or backward) for SimpleOptimizer (reference and
-fused kernel), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp, on three
-parameter sets:
+fused kernel), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp, on four
+parameter sets (:data:`benchmarks.common.SIZES`):
 
 * ``base``: the paper's base MLP, 784-500-10 (``models.base_mlp``, 397,510 parameters);
 * ``mlp5``: the 5-layer MLP with 16x the parameters, 784-1330-1330-1330-1330-10
@@ -27,80 +23,36 @@ and listed as such; ``--budget`` caps the seconds spent timing one (size, optimi
 The meta-weights are random nets of the right architecture: step time does not depend on
 their values.
 
-Examples:
-    python -m l2l_optim bench --tables step                           # all sizes and optimizers
-    python -m l2l_optim bench --tables step --sizes base --steps 50   # quick
-    python -m l2l_optim bench --tables step --sizes 100m --optimizers simple-fused,adam-fused
-    python -m l2l_optim bench --tables step --device cuda --sizes 100m    # on a GPU
+Examples (from the repository's root):
+    python -m benchmarks.bench --tables step                           # all sizes and optimizers
+    python -m benchmarks.bench --tables step --sizes base --steps 50   # quick
+    python -m benchmarks.bench --tables step --sizes 100m --optimizers simple-fused,adam-fused
+    python -m benchmarks.bench --tables step --device cuda --sizes 100m    # on a GPU
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from .kernels import get_kernel, resolve_impl
-from .nets import SimpleOptimizerNet, init_net
-from .optimizer import SimpleOptimizer
-from .registry import build_net, get_architecture
-from .models import base_mlp, mlp5
+from l2l_optim.kernels import get_kernel, resolve_impl
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.optimizer import SimpleOptimizer
+from l2l_optim.registry import get_architecture
 
-__all__ = ["main", "SIZES", "OPTIMIZERS", "run", "format_table", "time_steps", "seeded", "untrained_net",
-           "resolved_impl", "machine_info", "GRAD_SCALE"]
+from .common import GRAD_SCALE, SIZES, available_memory, fmt_ms, resolved_impl, time_steps, untrained_net
 
-T = TypeVar("T")
-
-#: standard deviation of the random gradients of the step and bandwidth tables: the magnitude
-#: of real training gradients, far above the subnormal range (below 1.2e-38 in float32)
-GRAD_SCALE = 1e-3
-
-
-# ------------------------------------------------------------------------ parameter sets
-
-
-def _model_shapes(builder) -> list[tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: no memory, no draws from the global RNG
-        return [tuple(p.shape) for p in builder().parameters()]
-
-
-SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
-    "base": ("base MLP 784-500-10", lambda: _model_shapes(base_mlp)),
-    "mlp5": ("5-layer MLP 784-1330x4-10 (16x)", lambda: _model_shapes(mlp5)),
-    "100m": ("synthetic 25 x (2000, 2000)", lambda: [(2000, 2000)] * 25),
-    # a step's fixed cost per tensor, which dominates on models of many small tensors
-    "many": ("synthetic 300 x (128,): the cost per tensor", lambda: [(128,)] * 300),
-}
+__all__ = ["OPTIMIZERS", "DEFAULT_OPTIMIZERS", "run", "format_table"]
 
 
 # ---------------------------------------------------------------------------- optimizers
-
-
-def seeded(build: Callable[[], T], seed: int = 0) -> T:
-    """``build()`` with torch's global RNG seeded by ``seed``; the caller's RNG state is restored
-    afterwards, so seeded construction (module inits draw from the global RNG) has no side effect."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def untrained_net(arch: str, config: dict | None = None, *, init: str = "default", seed: int = 0):
-    """A net of ``arch`` drawn under ``seed`` and started with :func:`~l2l_optim.nets.init_net`.
-
-    For timing (a step's cost does not depend on the weights' values) and for smoke runs
-    without trained weights.
-    """
-    return seeded(lambda: init_net(build_net(arch, config), init), seed)
 
 
 def _learned(arch: str, **options):
@@ -183,20 +135,6 @@ class Result:
         return min(self.times) if self.times else math.nan
 
 
-def _available_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return math.inf
-
-
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     total = 0
     for state in opt.state.values():
@@ -204,60 +142,6 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
             if isinstance(v, Tensor):
                 total += v.numel() * v.element_size()
     return total
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolved_impl(opt) -> str:
-    """The concrete update path of a SimpleOptimizer (``"cpu"``, ``"triton"``, ...); ``""`` for
-    optimizers without one."""
-    impl = opt.param_groups[0].get("impl", getattr(opt, "impl", None))
-    if impl is None:
-        return ""
-    p = opt.param_groups[0]["params"][0]
-    return resolve_impl(impl, p.device.type)
-
-
-def time_steps(opt, steps: int, *, warmup: int = 3, prepare: Callable[[], object] | None = None,
-               device: torch.device | str = "cpu",
-               budget: float = math.inf) -> tuple[list[float], list[float]]:
-    """Time ``steps`` calls of ``opt.step()`` after ``warmup`` untimed ones.
-
-    Args:
-        prepare: called before every step, e.g. a forward and backward pass that fills the
-            gradients; timed into the whole-step times only. Without it the gradients in
-            place are reused.
-        device: synchronised after ``prepare`` and after each step (CUDA runs asynchronously).
-        budget: stop timing after about this many seconds of timed steps.
-
-    Returns:
-        ``(step_seconds, whole_seconds)``: per timed step, ``opt.step()`` alone, and
-        ``prepare`` plus ``opt.step()``.
-    """
-    device = torch.device(device)
-    step_s: list[float] = []
-    whole_s: list[float] = []
-    t_timed = math.inf
-    for i in range(warmup + steps):
-        if i == warmup:
-            t_timed = time.perf_counter()
-        t0 = time.perf_counter()
-        if prepare is not None:
-            prepare()
-            _sync(device)
-        t1 = time.perf_counter()
-        opt.step()
-        _sync(device)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            step_s.append(t2 - t1)
-            whole_s.append(t2 - t0)
-            if t2 - t_timed > budget:
-                break
-    return step_s, whole_s
 
 
 def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device="cpu",
@@ -286,7 +170,7 @@ def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device
                 # the parameters and gradients are already allocated and shared
                 spec = OPTIMIZERS[name]
                 need = n * (spec.state_bytes + spec.temp_bytes)
-                avail = _available_memory(device)
+                avail = available_memory(device)
                 if need > 0.6 * avail:
                     result.skipped = (
                         f"needs ~{need / 2**30:.1f} GiB (state {spec.state_bytes:g} B/param + "
@@ -324,13 +208,6 @@ def run(sizes, optimizers, *, steps=50, warmup=3, rounds=5, budget=120.0, device
 # ------------------------------------------------------------------------------ reporting
 
 
-def _fmt_ms(t: float) -> str:
-    if math.isnan(t):
-        return "-"
-    ms = t * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
 def format_table(results: list[Result]) -> str:
     lines = [
         "| params | optimizer | median ms | best ms | steps | x fused Adam | x fused Simple "
@@ -353,38 +230,8 @@ def format_table(results: list[Result]) -> str:
             xs = f"{r.median / simple.median:.2f}" if simple else "-"
             rate = r.n_params / r.median
             lines.append(
-                f"| {size} ({r.n_params:,}) | {name} | {_fmt_ms(r.median)} | {_fmt_ms(r.best)} "
+                f"| {size} ({r.n_params:,}) | {name} | {fmt_ms(r.median)} | {fmt_ms(r.best)} "
                 f"| {len(r.times)} | {xa} | {xs} | {rate / 1e6:.0f}M "
                 f"| {r.state_bytes / r.n_params:.1f} |"
             )
     return "\n".join(lines)
-
-
-def machine_info(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    parts = [f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} intra-op threads"]
-    if hasattr(os, "getloadavg"):
-        parts.append("load average %.1f/%.1f/%.1f" % os.getloadavg())
-    if device.type == "cuda":
-        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
-    return "; ".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m l2l_optim bench``: see :func:`l2l_optim.bench_cli.main`."""
-    from .bench_cli import main as bench_main  # it imports this module
-
-    return bench_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@
 //       -fno-math-errno -fno-tree-loop-distribute-patterns -fvisibility=hidden
 //       src/l2l_optim/kernels/simple_cpu.cpp -o /tmp/a.so
 // and this program with
-//   g++ -O2 examples/kernel_ab.cpp -o /tmp/kernel_ab -ldl
+//   g++ -O2 benchmarks/kernel_ab.cpp -o /tmp/kernel_ab -ldl
 // Usage:
 //   /tmp/kernel_ab N ROUNDS THREADS STATE ISA LIB [LIB ...]
 //     N coordinates in one tensor (10000000: memory-bound; 65536: in cache), STATE float32 or

@@ -1,4 +1,4 @@
-"""Training-step table of ``python -m l2l_optim bench``: whole steps against fused Adam.
+"""Training-step table of ``python -m benchmarks.bench``: whole steps against fused Adam.
 
 What a user pays per training step is ``zero_grad``, the forward and backward passes and
 ``opt.step()`` together; this module times that whole step for SimpleOptimizer (its defaults:
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import _fmt_ms, resolved_impl, seeded, time_steps
-from .bench_bandwidth import count_subnormal
-from .models import base_mlp, lenet, mlp5
-from .optimizer import SimpleOptimizer
-from .evaluation.suite import default_suite
+from l2l_optim.evaluation.suite import default_suite
+from l2l_optim.models import base_mlp, lenet, mlp5
+from l2l_optim.optimizer import SimpleOptimizer
+
+from .common import count_subnormal, fmt_ms, resolved_impl, seeded, time_steps
 
 __all__ = ["TrainConfig", "TrainModel", "TrainRow", "TRAIN_MODELS", "TRAIN_OPTIMIZERS",
            "TARGET_OPTIMIZERS", "TARGET_STATE_DTYPES", "run_train", "format_train", "train_targets"]
@@ -101,7 +101,7 @@ TRAIN_OPTIMIZERS: dict[str, Callable] = {
 }
 DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-bf16"]
 
-#: the issue's targets: SimpleOptimizer's whole step at most this many times fused Adam's
+#: the targets: SimpleOptimizer's whole step at most this many times fused Adam's
 TRAIN_TARGETS = {"base": 1.5, "mlp4m": 1.3}
 #: the rows the targets are read on, with their names in the targets summary: the default
 #: fp32 hidden state and the bf16 one the README recommends for large models (its bytes per
@@ -245,8 +245,8 @@ def format_train(rows: list[TrainRow]) -> str:
         target = TRAIN_TARGETS.get(r.model) if r.optimizer in TARGET_OPTIMIZERS else None
         lines.append(
             f"| {r.model} | {r.n_params:,} | {r.batch_size} | {r.optimizer}"
-            f"{f' ({r.impl})' if r.impl else ''} | {_fmt_ms(r.whole_median)} "
-            f"| {_fmt_ms(fwd_bwd)} | {_fmt_ms(r.step_median)} | {r.x_adam:.2f} "
+            f"{f' ({r.impl})' if r.impl else ''} | {fmt_ms(r.whole_median)} "
+            f"| {fmt_ms(fwd_bwd)} | {fmt_ms(r.step_median)} | {r.x_adam:.2f} "
             f"| {f'<= {target}' if target else ''} | {r.last_loss:.3g} | {r.subnormal_grads} "
             f"| {r.skipped_steps} |"
         )
@@ -255,7 +255,7 @@ def format_train(rows: list[TrainRow]) -> str:
 
 def train_targets(rows: list[TrainRow], copy_gbs: float | Mapping[str, float] | None = None,
                   bytes_per_param: float | Mapping[str, float] | None = None) -> list[dict]:
-    """The issue's whole-step targets (SimpleOptimizer against fused Adam).
+    """The whole-step targets (SimpleOptimizer against fused Adam).
 
     The ``simple`` rows' targets are always listed (unmeasured where the row is missing); the
     ``simple-bf16`` rows' where the table has any.

@@ -1,11 +1,12 @@
 """Meta-training throughput: optimizee steps meta-trained per CPU-second, engine against engine.
 
-``python -m l2l_optim meta-bench`` runs, in one process and one after the other:
+``python -m benchmarks.meta_throughput`` (the second half of ``make bench``) runs, in one process
+and one after the other:
 
 * **BPTT on the base MLP** (what :func:`~l2l_optim.meta.meta_fit` does with its defaults):
   trajectories of the paper's 784-500-10 MLP, unrolls of 20 steps, one meta-gradient per unroll;
-* **ES on the task population** (:mod:`.es`): one generation of every family at the given
-  horizon, ``instances x (2 pairs + 1)`` optimizees at once.
+* **ES on the task population** (:mod:`l2l_optim.meta.es`): one generation of every family at
+  the given horizon, ``instances x (2 pairs + 1)`` optimizees at once.
 
 Time is process CPU time (``time.process_time``), so another job on the machine slows the
 wall clock but not the figure much; the ratio of the two rates is the comparison. An
@@ -22,15 +23,19 @@ import time
 
 import torch
 
+from l2l_optim.data import load_dataset
+from l2l_optim.meta.es import ESConfig, es_generation
+from l2l_optim.meta.families import FAMILIES, ImageData
+from l2l_optim.meta.population import flatten
+from l2l_optim.meta.trajectory import meta_lr_scales, run_trajectory
+from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.tasks import make_task
+
 __all__ = ["bptt_rate", "es_rate", "main"]
 
 
 def bptt_rate(steps: int = 60, unroll: int = 20, data_root: str | None = None) -> dict:
     """Optimizee steps per CPU-second of truncated BPTT on the base MLP (meta_fit's defaults)."""
-    from ..nets import SimpleOptimizerNet, init_net
-    from ..tasks import make_task
-    from .trajectory import meta_lr_scales, run_trajectory
-
     task = make_task("mnist-mlp", root=data_root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -49,13 +54,6 @@ def bptt_rate(steps: int = 60, unroll: int = 20, data_root: str | None = None) -
 def es_rate(horizon: int = 200, instances: int = 4, pairs: int = 8, families: tuple[str, ...] | None = None,
             data_root: str | None = None) -> dict:
     """Optimizee steps per CPU-second of ES generations, one per family."""
-    from ..data import load_dataset
-    from ..nets import SimpleOptimizerNet, init_net
-    from .es import ESConfig, es_generation
-    from .families import FAMILIES, ImageData
-    from .population import flatten
-    from .trajectory import meta_lr_scales
-
     images = ImageData(lambda name: load_dataset(name, "train", root=data_root))
     fams = families or FAMILIES
     net = init_net(SimpleOptimizerNet(), "sign")
@@ -80,8 +78,8 @@ def es_rate(horizon: int = 200, instances: int = 4, pairs: int = 8, families: tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m l2l_optim meta-bench``: meta-training throughput, BPTT against ES, one run."""
-    ap = argparse.ArgumentParser(prog="l2l-optim meta-bench", description=__doc__,
+    """Meta-training throughput, BPTT against ES, one run; 0."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.meta_throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bptt-steps", type=int, default=60, help="base-MLP steps of BPTT (default 60)")
     ap.add_argument("--horizon", type=int, default=200, help="ES horizon per generation (default 200)")
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     es = es_rate(args.horizon, args.instances, args.pairs, data_root=args.data_root)
     ratio = es["steps_per_cpu_second"] / bptt["steps_per_cpu_second"]
     load = "%.1f/%.1f/%.1f" % os.getloadavg() if hasattr(os, "getloadavg") else "?"
-    command = "python -m l2l_optim meta-bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.meta_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"command: {command}\nthreads: {args.threads}, load average at the end: {load}\n")
     print("| engine | optimizee steps | CPU s | steps / CPU-s | meta-steps / CPU-hour |")
     print("|---|---|---|---|---|")
@@ -109,3 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"command": command, "load": load, "bptt": bptt, "es": es, "ratio": ratio}, f, indent=2)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
