@@ -17,11 +17,7 @@ treat them alike:
 * :func:`init_net` sets a net's starting point for meta-training (``"sign"``, ``"sgd"``,
   ``"adam"``, ``"small-output"``); :mod:`l2l_optim.registry` says which one each architecture uses.
 
-The module stays one file over 500 lines: the three nets, their shared interface and the init
-rules that set their starting points (:func:`init_net`) are one concept, the meta-optimizer
-net, and the init rules write the nets' parameters directly.
-
-SimpleOptimizerNet's update, per coordinate i:
+SimpleOptimizerNet's update (defined once in :mod:`l2l_optim.rule`), per coordinate i:
 
     h_i' = tanh(W_ih g_i + W_hh h_i)            (+ b_h with bias=True)
     m    = mean_j h_j'                          (over all n coordinates given)
@@ -35,11 +31,12 @@ folded values for the kernels.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .rule import INPUT_NORMS, RMS_BETA, RMS_EPS, SimpleWeights, averaged_step, output, recur, rms_normalise, shared_term
 
 __all__ = [
     "CoordinatewiseNet",
@@ -59,69 +56,6 @@ __all__ = [
 ]
 
 State = dict[str, Tensor]
-
-#: what SimpleOptimizerNet may do to the raw gradient before its RNN: ``None`` (the paper's
-#: raw gradient) or ``"rms"`` (:func:`rms_normalise`)
-INPUT_NORMS = (None, "rms")
-RMS_BETA = 0.999
-# small enough that gradients down to ~1e-10 still come out at unit scale
-RMS_EPS = 1e-12
-
-
-def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
-                  eps: float = RMS_EPS) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradient divided by a running root mean square of itself, per coordinate (Adam's).
-
-    ``v' = beta * v + (1 - beta) * g**2`` and ``c' = beta * c + (1 - beta)``, both starting
-    at zero, so ``c' = 1 - beta**t`` after t steps and ``v' / c'`` is Adam's bias-corrected
-    second moment; the input is ``g / (sqrt(v' / c') + eps)``. ``c`` is kept per coordinate,
-    a running mean of ones, instead of a step counter, so the rule stays a function of its
-    input and its per-coordinate state (and a skipped step skips it too). The result is
-    invariant to the gradient's scale: the same rule suits a loss scaled by 1e-3 or 1e3.
-
-    Args:
-        grad: gradients, any shape.
-        v: the running mean of squared gradients, same shape, float32 or float64.
-        c: the running mean of ones (the bias correction), same shape and dtype.
-        beta: the running means' decay.
-        eps: added to the root mean square.
-
-    Returns:
-        ``(normalised gradient in v's dtype, new v, new c)``; the inputs are not modified.
-
-    Example:
-        >>> x, v, c = rms_normalise(torch.tensor([-3.0, 0.0]), torch.zeros(2), torch.zeros(2))
-        >>> x.tolist(), c.tolist()
-        ([-1.0, 0.0], [0.0010000000474974513, 0.0010000000474974513])
-    """
-    g = grad.to(v.dtype)
-    v_new = v * beta + (g * g) * (1 - beta)
-    c_new = c * beta + (1 - beta)
-    return g / ((v_new / c_new).sqrt() + eps), v_new, c_new
-
-
-def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, step_z) -> None:
-    """One Schedule-Free step around any update of the base sequence, in place.
-
-    With ``x`` the running average of the ``z``s and ``y = (1 - b) z + b x`` (``b`` =
-    ``averaging``), a step ``z' = z + u`` and ``x' = (1 - c) x + c z'`` give
-    ``y' = (1 - c) y + c z + (1 - b (1 - c)) u``: only ``y`` (the parameters) and ``z`` are
-    kept, ``x`` is implied. ``step_z()`` moves ``z`` in place (any rule's update), so ``u``
-    is never materialised.
-
-    Args:
-        y: the parameters (the interpolation point, where gradients are taken).
-        z: the base sequence, one tensor per parameter.
-        c: the newest ``z``'s weight in the average: ``1 / t`` at step t (uniform weights).
-        averaging: the interpolation weight ``b`` in [0, 1).
-        step_z: called once, between the two halves, to move ``z`` in place.
-    """
-    k = 1.0 - averaging * (1.0 - c)
-    torch._foreach_mul_(y, 1.0 - c)
-    torch._foreach_add_(y, z, alpha=c - k)
-    step_z()
-    torch._foreach_add_(y, z, alpha=k)
-
 
 class CoordinatewiseNet(nn.Module):
     """Base class: a network applied to every coordinate of the optimizee with shared weights."""
@@ -144,23 +78,6 @@ class CoordinatewiseNet(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-class SimpleWeights(NamedTuple):
-    """SimpleOptimizerNet's weights folded for the fused kernels (all fp32 or fp64, detached).
-
-    The update is ``h' = tanh(w_ih * g + w_hh @ h + b_h)``,
-    ``u = w_a . h' + w_b . mean(h') + b_out``. Without bias, ``b_h`` is zeros and ``b_out`` 0;
-    without aggregation, ``w_b`` is zeros. Adding those zeros is exact, so one kernel serves
-    every variant.
-    """
-
-    w_ih: Tensor  # (H,)
-    w_hh: Tensor  # (H, H)
-    b_h: Tensor  # (H,)
-    w_a: Tensor  # (H,)
-    w_b: Tensor  # (H,)
-    b_out: Tensor  # () scalar
 
 
 class SimpleOptimizerNet(CoordinatewiseNet):
@@ -266,16 +183,10 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         if self.input_norm == "rms":
             x, new_state["v"], new_state["c"] = rms_normalise(grad, state["v"], state["c"])
             grad = x.to(grad.dtype)
-        pre = self.w_ih * grad.unsqueeze(0) + self.w_hh @ h  # (H, n)
-        if self.bias:
-            pre = pre + self.b_h.unsqueeze(1)
-        h_new = torch.tanh(pre)
         H = self.hidden_size
-        update = (self.alpha * self.w_out[:H]) @ h_new
-        if self.aggregate:
-            update = update + (self.beta * self.w_out[H:]) @ h_new.mean(dim=1)
-        if self.bias:
-            update = update + self.b_out
+        h_new = recur(self.w_ih.reshape(H), self.w_hh, self.b_h if self.bias else None, grad, h)
+        shared = shared_term(self.beta * self.w_out[H:], h_new.mean(dim=1)) if self.aggregate else None
+        update = output(self.alpha * self.w_out[:H], h_new, shared, self.b_out if self.bias else None)
         return update, {"h": h_new, **new_state}
 
     def fused_weights(self, dtype=torch.float32, device=None) -> SimpleWeights:

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
-from ..nets import RMS_BETA, RMS_EPS, SimpleOptimizerNet, SimpleWeights
+from ..nets import SimpleOptimizerNet
+from ..rule import RMS_BETA, RMS_EPS, SimpleWeights
 
 __all__ = [
     "PARAM_DTYPES",

@@ -55,7 +55,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights
+from ..rule import SimpleWeights, hidden_size_of_packed
 from . import _cpu_library
 from ._common import (
     Aggregate,
@@ -328,11 +328,12 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
 
 
 def _hidden_size(w_len: int) -> int:
-    """``H`` of a packed weight vector of ``4H + H^2 + 1`` entries."""
-    h = 0
-    while 4 * h + h * h + 1 < w_len:
-        h += 1
-    if 4 * h + h * h + 1 != w_len or not 1 <= h <= 64:
+    """``H`` of a packed weight vector (:func:`l2l_optim.rule.hidden_size_of_packed`)."""
+    try:
+        h = hidden_size_of_packed(w_len)
+    except ValueError:
+        h = 0
+    if not 1 <= h <= 64:
         raise RuntimeError(f"l2l_optim cpu kernel: bad packed weight length {w_len}")
     return h
 

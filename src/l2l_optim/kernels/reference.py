@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights, rms_normalise
+from ..rule import SimpleWeights, output, recur, rms_normalise, shared_term
 from ._common import (
     Aggregate,
     RunningRms,
@@ -91,9 +91,7 @@ def simple_update_reference(
             g_flat, v_new, c_new = rms_normalise(g_flat, rms.squares[i].reshape(-1),
                                                  rms.ones[i].reshape(-1))
             new_rms.append((v_new, c_new))
-        h_old = h.to(cd)
-        pre = w.w_ih.unsqueeze(1) * g_flat.unsqueeze(0) + w.w_hh @ h_old + w.b_h.unsqueeze(1)
-        h_new = torch.tanh(pre)
+        h_new = recur(w.w_ih, w.w_hh, w.b_h, g_flat, h.to(cd))
         new_hiddens.append(h_new)
         h_sum = h_new.sum(dim=1).to(device="cpu", dtype=torch.float64)
         total += h_sum
@@ -107,10 +105,10 @@ def simple_update_reference(
         cd = h_new.dtype
         w = packed_weights(weights, p.device, cd)
         if aggregate is None:
-            shared = (w.w_b.to(torch.float64).cpu() @ mean).to(device=p.device, dtype=cd)
+            shared = shared_term(w.w_b.to(torch.float64).cpu(), mean).to(device=p.device, dtype=cd)
         else:
             shared = agg.to(device=p.device, dtype=cd)
-        update = w.w_a @ h_new + shared + w.b_out
+        update = output(w.w_a, h_new, shared, w.b_out)
         p_new = p.to(cd) + lr * update.reshape(p.shape)
         if skip is not None:
             p_new, h_new = torch.where(skip, p, p_new), torch.where(skip, h, h_new)

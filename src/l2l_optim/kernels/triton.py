@@ -57,7 +57,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..nets import SimpleWeights
+from ..rule import SimpleWeights
 from ._common import (
     CACHE,
     RMS_CONSTANTS,

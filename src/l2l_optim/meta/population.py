@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..nets import INPUT_NORMS, SimpleOptimizerNet, averaged_step, rms_normalise
+from ..nets import SimpleOptimizerNet
+from ..rule import INPUT_NORMS, averaged_step, output, recur, rms_normalise, shared_term
 from .families import BatchedTask
 
 __all__ = ["PopulationWeights", "unflatten", "flatten", "population_step", "run_population", "fitness"]
@@ -25,9 +26,9 @@ __all__ = ["PopulationWeights", "unflatten", "flatten", "population_step", "run_
 class PopulationWeights(NamedTuple):
     """Per-member SimpleOptimizerNet weights, folded: ``u = w_a . h' + w_b . mean(h')``."""
 
-    w_ih: Tensor  # (M, H, 1)
+    w_ih: Tensor  # (M, H)
     w_hh: Tensor  # (M, H, H)
-    w_a: Tensor  # (M, 1, H)
+    w_a: Tensor  # (M, H)
     w_b: Tensor  # (M, H)
 
 
@@ -42,11 +43,11 @@ def unflatten(theta: Tensor, hidden_size: int = 10) -> PopulationWeights:
     """``(M, P)`` parameter rows -> :class:`PopulationWeights` (differentiable)."""
     H = hidden_size
     M = theta.shape[0]
-    w_ih = theta[:, :H].reshape(M, H, 1)
+    w_ih = theta[:, :H]
     w_hh = theta[:, H : H + H * H].reshape(M, H, H)
     alpha, beta = theta[:, H + H * H], theta[:, H + H * H + 1]
     w_out = theta[:, H + H * H + 2 : H + H * H + 2 + 2 * H]
-    return PopulationWeights(w_ih, w_hh, (alpha[:, None] * w_out[:, :H]).unsqueeze(1), beta[:, None] * w_out[:, H:])
+    return PopulationWeights(w_ih, w_hh, alpha[:, None] * w_out[:, :H], beta[:, None] * w_out[:, H:])
 
 
 def load_flat(net: SimpleOptimizerNet, theta: Tensor) -> SimpleOptimizerNet:
@@ -66,10 +67,8 @@ def population_step(w: PopulationWeights, g: Tensor, h: Tensor) -> tuple[Tensor,
         ``(update (M, N), new hidden (M, H, N))``, as ``SimpleOptimizerNet.forward`` computes
         them for each member.
     """
-    h_new = torch.tanh(torch.baddbmm(w.w_ih * g.unsqueeze(1), w.w_hh, h))
-    shared = (w.w_b * h_new.mean(2)).sum(1, keepdim=True)  # (M, 1)
-    update = torch.bmm(w.w_a, h_new).squeeze(1) + shared
-    return update, h_new
+    h_new = recur(w.w_ih, w.w_hh, None, g, h)
+    return output(w.w_a, h_new, shared_term(w.w_b, h_new.mean(2))), h_new
 
 
 def _flat(params: dict[str, Tensor]) -> Tensor:
