@@ -39,17 +39,18 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(PY) -m benchmarks.meta_throughput
 
-# JOBS=2 (or more) runs that many workers side by side on the figures (each takes the next
-# run nobody holds, one thread each); the last pass times table1 alone, fills any gap and
-# rebuilds the summaries and RESULTS.md.
+# The paper's experiments (experiments/repro/, run from the repository root). JOBS=2 (or more)
+# runs that many workers side by side on the figures (each takes the next run nobody holds,
+# one thread each); the last pass times table1 alone, fills any gap and rebuilds the summaries
+# and RESULTS.md.
 JOBS ?= 1
 FIGURES := fig2 fig3 fig4a fig4b fig5a fig5b fig5b-long
 
 reproduce: $(STAMP)
 ifneq ($(JOBS),1)
-	for i in $$(seq $(JOBS)); do $(PY) -m l2l_optim.repro $(FIGURES) --threads 1 --quiet & done; wait
+	for i in $$(seq $(JOBS)); do $(PY) -m experiments.repro $(FIGURES) --threads 1 --quiet & done; wait
 endif
-	$(PY) -m l2l_optim.repro all
+	$(PY) -m experiments.repro all
 
 # sdist and wheel (with the CPU kernel, or an error) in dist/, checked by twine
 dist: $(STAMP)

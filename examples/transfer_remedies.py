@@ -34,11 +34,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from l2l_optim import SimpleOptimizer, finetune
-from l2l_optim.training import evaluate_model, train_task
-from l2l_optim.repro.claims import final_window, window_mean
-from l2l_optim.repro.store import write_curve
 from l2l_optim.tasks import make_task
-from l2l_optim.training import evaluate_model, train_task
+from l2l_optim.training import evaluate_model, tail_mean, train_task
 from l2l_optim.weights import load_weights
 
 VARIANTS = ("simple", "simple-cosine", "simple-finetuned", "simple-finetuned-cosine", "sgd", "sgd-cosine")
@@ -54,6 +51,11 @@ class Config:
     out_dir: str = ""
     data_root: str = ""
     threads: int = 1
+
+
+def write_curve(path: Path, losses: list[float]) -> None:
+    """A ``step,train_loss`` CSV, as the reproduction writes its curves."""
+    path.write_text("step,train_loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
 
 
 def with_cosine(make, steps):
@@ -107,8 +109,8 @@ def main() -> None:
             rec = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else None
             if not rec or rec.get("settings") != settings:
                 r = train_task(task, make, steps=cfg.steps, seed=seed, progress=True, desc=f"{variant} s{seed}")
-                n = len(r.losses)
-                final = math.nan if r.diverged else window_mean(r.losses, final_window(n))
+                # the reproduction's final loss: the mean of the last 10% of the steps, at most 500
+                final = math.nan if r.diverged else tail_mean(r.losses, max_window=500)
                 acc = math.nan if r.diverged else evaluate_model(r.model, task.test, task.loss_fn)["test_acc"]
                 write_curve(stem.with_suffix(".csv"), r.losses)
                 rec = {"settings": settings, "final_loss": final, "test_acc": acc, "diverged": r.diverged,

@@ -22,7 +22,7 @@ from l2l_optim.nets import DMOptimizerNet, SimpleOptimizerNet
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.weights import fingerprint, save_weights
 
-COMMANDS = ["info", "finetune", "meta-fit", "eval", "meta-es", "reproduce"]
+COMMANDS = ["info", "finetune", "meta-fit", "eval", "meta-es"]
 
 
 @pytest.fixture

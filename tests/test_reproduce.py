@@ -1,5 +1,6 @@
-"""Tests for l2l_optim.repro: the claim rules on hand-made curves, every experiment end to end
-on tiny fake data, resuming, run claims, the report.
+"""Tests for experiments.repro, the paper reproduction at the repository's root: the claim
+rules on hand-made curves, every experiment end to end on tiny fake data, resuming, run claims,
+the report.
 
 The end-to-end tests use the shipped weights (``--allow-random-weights`` is passed but has
 nothing to substitute); one test removes them to exercise the untrained stand-ins. The fast
@@ -16,13 +17,13 @@ import subprocess
 import pytest
 import torch
 
+from experiments.repro import cli, learned
+from experiments.repro.claims import beats, compare, final_window, loss_at, mean_loss_at, seed_ranges_overlap
+from experiments.repro.cli import main
+from experiments.repro.experiments import ALL, EXPERIMENTS
+from experiments.repro.report import comparison_text, write_report
+from experiments.repro.store import claim_run, read_curve, read_json, write_json
 from fake_idx import make_fake_datasets
-from l2l_optim.repro import cli, learned
-from l2l_optim.repro.claims import beats, compare, final_window, loss_at, mean_loss_at, seed_ranges_overlap
-from l2l_optim.repro.cli import main
-from l2l_optim.repro.experiments import ALL, EXPERIMENTS
-from l2l_optim.repro.report import comparison_text, write_report
-from l2l_optim.repro.store import claim_run, read_curve, read_json, write_json
 from l2l_optim.weights import WeightsError
 
 TINY = ["--seeds", "1", "--batch-size", "32", "--subsample", "0.5", "--trajectories", "1", "--max-unrolls", "2",
@@ -137,7 +138,7 @@ def test_report_builds_results_md(tmp_path, data_root):
     main(["report", "--out", str(out), "--report", str(report), "--quiet"])
     text = report.read_text()
     for needle in ("# Reproducing the paper's experiments", "## Figure 3", "## Figure 4b",
-                   "## Agreement with the paper", "python -m l2l_optim.repro fig3", "![fig3](results/fig3/fig3.png)",
+                   "## Agreement with the paper", "python -m experiments.repro fig3", "![fig3](results/fig3/fig3.png)",
                    "Not run yet: table1, fig2",
                    "| optimizer | steps | seeds |", "Learning-rate search", "Fine-tuning: 1 trajectories"):
         assert needle in text, needle
@@ -200,7 +201,7 @@ def test_untrained_weights_are_flagged_in_the_summary_and_the_report(tmp_path, d
 
 
 def test_seeded_construction_leaves_the_global_rng_alone():
-    from l2l_optim.repro.seeding import seeded
+    from experiments.repro.seeding import seeded
 
     state = torch.random.get_rng_state()
     x = seeded(lambda: torch.randn(3), seed=1)
@@ -213,9 +214,9 @@ def test_seeded_construction_leaves_the_global_rng_alone():
 def test_every_finetune_setting_has_a_finetune_keyword():
     import inspect
 
+    from experiments.repro.experiments import FINETUNE_DEFAULTS
+    from experiments.repro.runner import FINETUNE_KWARGS
     from l2l_optim.finetuning import finetune
-    from l2l_optim.repro.experiments import FINETUNE_DEFAULTS
-    from l2l_optim.repro.runner import FINETUNE_KWARGS
 
     accepted = set(inspect.signature(finetune).parameters)
     for settings in [FINETUNE_DEFAULTS, *(e.finetune for e in EXPERIMENTS.values() if e.finetune)]:

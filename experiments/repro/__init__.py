@@ -1,13 +1,11 @@
 """The paper's experiments, one command each, and the RESULTS.md report built from them.
 
-Usage::
+Usage, from the repository's root::
 
-    python -m l2l_optim.repro <experiment> [<experiment> ...] [options]
-    python -m l2l_optim.repro all        # every experiment, then the report (make reproduce)
-    python -m l2l_optim.repro report     # rebuild RESULTS.md from results/*/summary.json
-    python -m l2l_optim.repro list       # the experiments and their default settings
-
-(``python -m l2l_optim reproduce ...`` is the same command.)
+    python -m experiments.repro <experiment> [<experiment> ...] [options]
+    python -m experiments.repro all        # every experiment, then the report (make reproduce)
+    python -m experiments.repro report     # rebuild RESULTS.md from results/*/summary.json
+    python -m experiments.repro list       # the experiments and their default settings
 
 Experiments:
 
@@ -42,6 +40,6 @@ written into RESULTS.md. ``--steps``/``--seeds`` replace every default.
 The modules, one job each: :mod:`.experiments` (the registry), :mod:`.store` (files, run
 claims, locks), :mod:`.learned` (which meta-weights), :mod:`.runner` (running a figure),
 :mod:`.table1` (the step-time table), :mod:`.claims` (the verdict rules), :mod:`.report`
-(RESULTS.md), :mod:`.plots`, :mod:`.cli`. The package uses the library only through its
-modules' public functions; nothing in the library imports it.
+(RESULTS.md), :mod:`.plots`, :mod:`.cli`. The package uses the installed library ``l2l_optim``
+only through its modules' public functions, and is no part of it.
 """

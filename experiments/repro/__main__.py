@@ -1,4 +1,4 @@
-"""``python -m l2l_optim.repro``: see :mod:`l2l_optim.repro`."""
+"""``python -m experiments.repro``: see :mod:`experiments.repro`."""
 
 import sys
 

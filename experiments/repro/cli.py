@@ -1,4 +1,4 @@
-"""Command line of the experiments: ``python -m l2l_optim.repro`` (``python -m l2l_optim reproduce``)."""
+"""Command line of the experiments: ``python -m experiments.repro``, from the repository's root."""
 
 from __future__ import annotations
 

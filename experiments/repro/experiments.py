@@ -16,7 +16,7 @@ __all__ = ["CLI", "OptSpec", "Claim", "Experiment", "EXPERIMENTS", "ALL", "FINET
 
 
 #: the command that runs the experiments (written into the summaries and RESULTS.md)
-CLI = "python -m l2l_optim.repro"
+CLI = "python -m experiments.repro"
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,9 @@ class Experiment:
 
 
 SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple-v0")
-# the raw-gradient weights meta-trained by ES on a task population (the default before the
-# normalised-input one), beside the paper-faithful ones on the paper's transfer tasks:
-# context, not a claim of the paper
-DEFAULT = OptSpec("simple-default", "SimpleOptimizer, ES weights (simple-raw)", "learned", "simple-raw")
+# the shipped default weights (meta-trained by ES on a task population, rms-normalised input),
+# beside the paper-faithful ones on the paper's transfer tasks: context, not a claim of the paper
+DEFAULT = OptSpec("simple-default", "SimpleOptimizer, default weights (simple)", "learned", "simple")
 # one seed where a 10,000-step run costs ~20 minutes of a core (fig5a)
 DEFAULT_ONE_SEED = replace(DEFAULT, seeds=1)
 SGD = OptSpec("sgd", "SGD (tuned lr)", "sgd")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..nets import CoordinatewiseNet, init_net
-from ..registry import ARCHITECTURES, build_net, get_architecture
-from ..weights import WeightsError, fingerprint, resolve_net
+from l2l_optim.nets import CoordinatewiseNet, init_net
+from l2l_optim.registry import ARCHITECTURES, build_net, get_architecture
+from l2l_optim.weights import WeightsError, fingerprint, resolve_net
+
 from .experiments import STANDIN_NETS
 from .seeding import seeded
 

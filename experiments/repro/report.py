@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 # the library this report names, in one place
-from ..training import search_lr
+from l2l_optim.training import search_lr
+
 from .claims import final_window, finite, window_mean
 from .experiments import ALL, CLI
 from .store import read_json

@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 # the library this experiment runner uses, all in one place
-from ..finetuning import finetune, subsample_loader
-from ..tasks import Task, make_task, subsample_task
-from ..training import evaluate_model, search_lr, train_task
-from ..weights import fingerprint, resolve_net
+from l2l_optim.finetuning import finetune, subsample_loader
+from l2l_optim.tasks import Task, make_task, subsample_task
+from l2l_optim.training import evaluate_model, search_lr, train_task
+from l2l_optim.weights import fingerprint, resolve_net
+
 from . import claims
 from .experiments import CLI, EXPERIMENTS, Experiment, OptSpec, Settings
 from .learned import learned_factory, resolve_weights

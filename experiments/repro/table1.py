@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 # the library this experiment uses, all in one place
-from ..kernels import resolve_impl
-from ..models import base_mlp
+from l2l_optim.kernels import resolve_impl
+from l2l_optim.models import base_mlp
+
 from .experiments import CLI, PAPER_TABLE1, Settings
 from .learned import learned_factory, resolve_weights
 from .plots import plot_table1

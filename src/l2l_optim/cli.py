@@ -11,7 +11,6 @@ Commands:
 ``finetune``   fine-tune meta-weights on a model (``module:factory``) and a dataset name or
                an ``ImageFolder`` directory; writes the weights, a model card and a plot
 ``eval``       evaluate meta-weights (:mod:`l2l_optim.evaluation`)
-``reproduce``  the paper's experiments (:mod:`l2l_optim.repro`)
 =============  ==========================================================================
 
 ``info`` and ``finetune`` are parsed here; every other command is a module with a
@@ -50,7 +49,6 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "meta-fit": ("l2l_optim.meta.fit", "meta-train an optimizer net and write its weights"),
     "eval": ("l2l_optim.evaluation", "evaluate meta-weights against tuned baselines"),
     "meta-es": ("l2l_optim.meta.es", "meta-train SimpleOptimizer by ES on the task population"),
-    "reproduce": ("l2l_optim.repro.cli", "run the paper's experiments and write RESULTS.md"),
 }
 _DATASETS = ("mnist", "fashion-mnist")
 
