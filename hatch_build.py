@@ -1,4 +1,5 @@
-"""Hatch build hook: compile the fused CPU kernel's shared library when a wheel is built.
+"""Hatch build hook: compile the fused CPU kernel's shared library when a wheel is built, and
+put the shipped weights into the wheel.
 
 ``pip install .``, ``pip install -e .`` (what ``make venv`` runs) and ``python -m build`` all
 build a wheel through hatchling, which runs this hook first. It compiles
@@ -13,6 +14,9 @@ set when it loads) and
 Either wheel is then tagged ``py3-none-<platform>``: the library depends on the platform but
 not on Python's ABI (it is loaded with ctypes). ``$L2L_OPTIM_PLATFORM_TAG`` overrides the
 platform part (e.g. a manylinux tag after checking the wheel with auditwheel).
+
+A wheel (not an editable install, which reads the repository's ``weights/``) also gets the
+files of ``weights/`` the package reads, as ``l2l_optim/_weights/``: :func:`shipped_weights`.
 
 Without a working compiler the package still installs, as pure Python, with a warning: at run
 time the CPU path then compiles the library on first use, or falls back to the reference
@@ -31,7 +35,9 @@ from pathlib import Path
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-KERNELS = Path(__file__).resolve().parent / "src" / "l2l_optim" / "kernels"
+ROOT = Path(__file__).resolve().parent
+KERNELS = ROOT / "src" / "l2l_optim" / "kernels"
+WEIGHTS = ROOT / "weights"
 REQUIRE_ENV = "L2L_OPTIM_REQUIRE_KERNEL"
 TAG_ENV = "L2L_OPTIM_PLATFORM_TAG"
 
@@ -42,6 +48,20 @@ def _kernel_build():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def shipped_weights(weights: Path = WEIGHTS) -> dict[str, str]:
+    """The files of ``weights`` a wheel ships, source path -> path in the wheel.
+
+    Every ``*.safetensors`` (the registry is whatever files are there), the model card
+    ``README.md``, and ``validation/baselines.json`` where it exists (the evaluation reads it,
+    ``evaluation.protocol.shipped_baselines``). The training logs, checkpoints and the other
+    validation records stay in the repository.
+    """
+    files = [*sorted(weights.glob("*.safetensors")), weights / "README.md",
+             weights / "validation" / "baselines.json"]
+    return {str(p): f"l2l_optim/_weights/{p.relative_to(weights).as_posix()}"
+            for p in files if p.is_file()}
 
 
 def platform_tag() -> str:
@@ -55,6 +75,8 @@ class KernelBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         if self.target_name != "wheel":
             return
+        if version != "editable":
+            build_data["force_include"].update(shipped_weights())
         build = _kernel_build()
         if version == "editable":
             out = KERNELS / build.LIB_NAME

@@ -1,4 +1,5 @@
-"""The wheel, installed as a user installs it, runs the prebuilt fused CPU kernel.
+"""The wheel holds the library and its shipped weights only, and, installed as a user installs
+it, runs the prebuilt fused CPU kernel.
 
 The wheel is the newest ``dist/l2l_optim-<version>-py3-none-*.whl`` when it is newer than
 every source (``make dist`` made it), else one built here (its kernel compiled by
@@ -17,7 +18,10 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 import l2l_optim
 
@@ -56,33 +60,52 @@ print(json.dumps({"impl": resolve_impl("auto", "cpu"), "info": info, "losses": l
 """
 
 
+def _shipped_weights() -> list[Path]:
+    """What the wheel ships of ``weights/``: the weight files, the model card and, where it
+    exists, the evaluation's baselines."""
+    weights = ROOT / "weights"
+    return [p for p in [*weights.glob("*.safetensors"), weights / "README.md",
+                        weights / "validation" / "baselines.json"] if p.is_file()]
+
+
 def _newest_source() -> float:
     files = [ROOT / "pyproject.toml", ROOT / "hatch_build.py", *(ROOT / "src").rglob("*"),
-             *(ROOT / "weights").glob("*.safetensors")]
+             *_shipped_weights()]
     return max(p.stat().st_mtime for p in files
                if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc"))
 
 
-def _wheel(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
     made = sorted((ROOT / "dist").glob(f"l2l_optim-{l2l_optim.__version__}-py3-none-*.whl"),
                   key=lambda p: p.stat().st_mtime)
     if made and made[-1].stat().st_mtime > _newest_source():
         return made[-1]
-    out = tmp_path / "wheelhouse"
+    out = tmp_path_factory.mktemp("wheelhouse")
     cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)]
     if importlib.util.find_spec("hatchling") is not None:
         cmd.insert(4, "--no-build-isolation")  # else pip fetches hatchling into its build env
     env = dict(os.environ, L2L_OPTIM_REQUIRE_KERNEL="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (wheel,) = out.glob("l2l_optim-*.whl")
-    return wheel
+    (built,) = out.glob("l2l_optim-*.whl")
+    return built
 
 
-def test_the_wheel_runs_its_prebuilt_kernel_without_a_compiler(tmp_path):
+def test_the_wheel_holds_the_library_and_its_shipped_weights_only(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert {n.split("/")[0] for n in names} == {"l2l_optim", f"l2l_optim-{l2l_optim.__version__}.dist-info"}
+    weights = {n for n in names if n.startswith("l2l_optim/_weights/")}
+    expected = {f"l2l_optim/_weights/{p.relative_to(ROOT / 'weights').as_posix()}" for p in _shipped_weights()}
+    assert weights == expected  # no training logs, checkpoints or validation records
+    assert "l2l_optim/_weights/simple.safetensors" in weights and "l2l_optim/_weights/README.md" in weights
+    assert not [n for n in names if n.endswith(".pt") or "/bench" in n or "/repro/" in n]
+
+
+def test_the_wheel_runs_its_prebuilt_kernel_without_a_compiler(wheel, tmp_path):
     import torch
 
-    wheel = _wheel(tmp_path)
     assert "-py3-none-" in wheel.name and not wheel.name.endswith("-any.whl"), wheel.name
     env_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True,
