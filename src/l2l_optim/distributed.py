@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .nonfinite import finite_flags
+
 try:  # torch builds without distributed support have no DTensor: then nothing is sharded
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -57,8 +59,7 @@ except ImportError:  # pragma: no cover - every supported platform ships torch.d
     DTensor = None
 
 __all__ = ["SUPPORTED", "is_dtensor", "check_param", "prepare_step", "ShardedStep",
-           "init_state", "check_state", "place_state", "dtype_name", "dtype_from_name",
-           "finite_flags"]
+           "init_state", "check_state", "place_state"]
 
 SUPPORTED = (
     "plain tensors, and DTensors whose placements are Shard(dim) or Replicate() on one device "
@@ -124,27 +125,6 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def finite_flags(grads: list[Tensor]) -> Tensor:
-    """Per tensor, whether it holds no NaN or Inf (an empty tensor is finite).
-
-    Args:
-        grads: the tensors, on one device.
-
-    Returns:
-        A bool tensor with one entry per tensor, on their device (no host synchronisation).
-    """
-    # one fused max-abs per tensor (NaN and Inf survive it) instead of a full isfinite() pass
-    # and a reduction per tensor; the max of an empty tensor is undefined, so those are left out
-    if all(g.numel() for g in grads):
-        return torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite()
-    flags = torch.ones(len(grads), dtype=torch.bool, device=grads[0].device)
-    full = [i for i, g in enumerate(grads) if g.numel()]
-    if full:
-        norms = torch._foreach_norm([grads[i] for i in full], float("inf"))
-        flags[full] = torch.stack(norms).isfinite()
-    return flags
-
-
 def _all_reduce(t: Tensor, mesh) -> None:
     """Sum ``t`` in place over every process of ``mesh`` (one all-reduce per mesh dimension)."""
     for d in range(mesh.ndim):
@@ -162,13 +142,12 @@ class ShardedStep:
     """
 
     def __init__(self, params: list[Tensor], grads: list[Tensor], mesh, count: int,
-                 scales: Tensor | None, fused: bool) -> None:
+                 scales: Tensor | None) -> None:
         self.params = params
         self.grads = grads
         self.mesh = mesh
         self.count = count
         self._scales = scales
-        self._fused = fused
 
     def finite(self) -> Tensor:
         """Per tensor: whether its gradient is finite on every process (one all-reduce).
@@ -195,22 +174,21 @@ class ShardedStep:
         _all_reduce(total, self.mesh)
         return (total / self.count).reshape(())
 
-    def update(self, opt, states: list[dict[str, Tensor]], lrs: list, skip: Tensor | None) -> None:
-        """Run ``opt._update`` on the local shards and the local views of their states.
+    def local_states(self, states: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The ``(*lead, local_numel)`` views of the parameters' DTensor states (``step``
+        left out), for the update to read and write in place.
 
         Args:
-            opt: the optimizer.
             states: the parameters' state dicts (DTensor state, plus ``step``).
-            lrs: one learning rate per parameter.
-            skip: the device flag of the non-finite policy, or None.
         """
-        views = []
-        for p, state in zip(self.params, states):
-            views.append({k: _local_view(v, p) for k, v in state.items() if k != "step"})
-        given = [dict(v) for v in views]
-        extra = {"aggregate": self.aggregate} if self._fused else {}
-        opt._update(self.params, self.grads, given, lrs, skip, **extra)
-        # the generic path may hand back a fresh tensor instead of writing in place
+        return [{k: _local_view(v, p) for k, v in state.items() if k != "step"}
+                for p, state in zip(self.params, states)]
+
+    @staticmethod
+    def write_back(views: list[dict[str, Tensor]], given: list[dict[str, Tensor]]) -> None:
+        """Copy into ``views`` what an update handed back as fresh tensors in ``given`` (a
+        dict per parameter that started as a copy of its views): an update may replace a state
+        tensor instead of writing it in place."""
         for view, out in zip(views, given):
             for k, t in out.items():
                 if t is not view[k]:
@@ -224,13 +202,17 @@ def _local_view(state: Tensor, p_local: Tensor) -> Tensor:
     return local.view(*lead, p_local.numel())
 
 
-def prepare_step(opt, params: list[Tensor], grads: list[Tensor], where) -> ShardedStep | None:
+def prepare_step(name: str, params: list[Tensor], grads: list[Tensor], where, *,
+                 couples_coordinates: bool = False) -> ShardedStep | None:
     """Check a step's parameters and take their local shards.
 
     Args:
-        opt: the optimizer (for its name and net).
+        name: the optimizer's class name, for the messages.
         params, grads: the parameters with a gradient, and those gradients.
         where: per parameter, ``(index across groups, group index)``, for the messages.
+        couples_coordinates: the update averages over the coordinates it is given in a way
+            that :meth:`ShardedStep.aggregate` cannot reach (a net's own ``forward``); such a
+            step is refused for sharded parameters.
 
     Returns:
         None when no parameter is a DTensor (the plain path, nothing to do), else the
@@ -238,21 +220,16 @@ def prepare_step(opt, params: list[Tensor], grads: list[Tensor], where) -> Shard
 
     Raises:
         NotImplementedError: DTensor and plain parameters in one step, parameters on several
-            meshes, an unsupported placement, or a net that couples coordinates in its own
-            forward.
+            meshes, an unsupported placement, or ``couples_coordinates``.
         TypeError: a DTensor parameter with a gradient that is not a DTensor on its mesh.
     """
     if not any(is_dtensor(p) for p in params):
         return None
-    from .optimizer import SimpleOptimizer  # optimizer imports this module
-
-    name = type(opt).__name__
-    fused = isinstance(opt, SimpleOptimizer)
-    if not fused and not opt.net.independent_coordinates:
+    if couples_coordinates:
         raise NotImplementedError(
-            f"{name} runs {type(opt.net).__name__} through its forward, which averages over the "
-            "coordinates it is given and cannot see other processes' shards; for sharded "
-            "parameters use SimpleOptimizer (an all-reduce between its kernel's passes)"
+            f"{name} runs its net through its forward, which averages over the coordinates it "
+            "is given and cannot see other processes' shards; for sharded parameters use "
+            "SimpleOptimizer (an all-reduce between its kernel's passes)"
         )
     mesh = next(p.device_mesh for p in params if is_dtensor(p))
     local_params, local_grads, scales = [], [], []
@@ -288,7 +265,7 @@ def prepare_step(opt, params: list[Tensor], grads: list[Tensor], where) -> Shard
     scale_t = None
     if any(s != 1.0 for s in scales):
         scale_t = torch.tensor(scales, dtype=torch.float64, device=device)
-    return ShardedStep(local_params, local_grads, mesh, count, scale_t, fused)
+    return ShardedStep(local_params, local_grads, mesh, count, scale_t)
 
 
 def init_state(net, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -314,19 +291,6 @@ def _as_dtensor(local: Tensor, p: Tensor) -> Tensor:
     return DTensor.from_local(local, p.device_mesh, _shifted(p.placements, lead),
                               run_check=False, shape=torch.Size(shape),
                               stride=_contiguous_stride(shape))
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (a name passes through)."""
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: torch.dtype | str) -> torch.dtype | str:
-    """``"bfloat16"`` -> ``torch.bfloat16``; a dtype passes through, an unknown name too (for
-    the option check to reject)."""
-    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    return name
 
 
 def check_state(value: Any, p: Tensor, flat_shape: torch.Size, what: str) -> None:

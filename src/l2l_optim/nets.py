@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rule import INPUT_NORMS, RMS_BETA, RMS_EPS, SimpleWeights, averaged_step, output, recur, rms_normalise, shared_term
+from .rule import INPUT_NORMS, SimpleWeights, averaged_step, output, recur, rms_normalise, shared_term
 
 __all__ = [
     "CoordinatewiseNet",

@@ -37,6 +37,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, kernels
+from .nonfinite import finite_flags
+from .state import dtype_from_name, dtype_name
 from .functional import RunningRms, coordinatewise_update, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
@@ -464,14 +466,15 @@ class LearnedOptimizer(HubMixin, Optimizer):
 
     def _finite_flags(self, grads: list[Tensor]) -> Tensor:
         """Per gradient, whether it is finite, as a device bool tensor (no host sync)."""
-        return distributed.finite_flags(grads)
+        return finite_flags(grads)
 
     def _step(self) -> None:
         params, grads, lrs, groups, where = self._gather()
         if not params:
             return
         # DTensor (FSDP2) parameters: their local shards, and the agreement between processes
-        sharded = distributed.prepare_step(self, params, grads, where)
+        sharded = distributed.prepare_step(type(self).__name__, params, grads, where,
+                                           couples_coordinates=self._couples_coordinates())
         finite = None if sharded is None else sharded.finite()
         go_on, skip = self._check_finite(params, grads, where, finite)
         if go_on:
@@ -486,26 +489,33 @@ class LearnedOptimizer(HubMixin, Optimizer):
             if not state:
                 state.update(self._init_state(p, group))
             states.append(state)
+        local_params, local_grads = (params, grads) if sharded is None else (sharded.params, sharded.grads)
         if any(group["maximize"] for group in groups):
-            grads = [g.neg() if group["maximize"] else g for g, group in zip(grads, groups)]
-            if sharded is not None:
-                sharded.grads = [g.neg() if group["maximize"] else g for g, group in zip(sharded.grads, groups)]
+            local_grads = [g.neg() if group["maximize"] else g for g, group in zip(local_grads, groups)]
         # sharded parameters decay shard by shard, in place on their local tensors
-        for p, lr, group in zip(params if sharded is None else sharded.params, lrs, groups):
+        for p, lr, group in zip(local_params, lrs, groups):
             if group["weight_decay"]:
                 # decoupled, as AdamW: shrink the parameter before the update is added
                 factor = 1.0 - lr * group["weight_decay"]
                 p.mul_(factor if skip is None else torch.where(skip, 1.0, factor))
         if sharded is None:
-            self._update(params, grads, states, lrs, skip)
+            self._update(params, local_grads, states, lrs, skip)
         else:
-            sharded.update(self, states, lrs, skip)
+            views = sharded.local_states(states)
+            given = [dict(v) for v in views]
+            self._update(sharded.params, local_grads, given, lrs, skip, aggregate=sharded.aggregate)
+            sharded.write_back(views, given)
         steps = [s["step"] for s in states]
         if skip is None:
             torch._foreach_add_(steps, 1)
         else:
             # a list of tensors: a 0-dim tensor as the scalar operand is read on the host
             torch._foreach_add_(steps, [(~skip).to(torch.int64)] * len(steps))
+
+    def _couples_coordinates(self) -> bool:
+        """Whether the update averages over the coordinates it is given by itself (a net's
+        forward that is not coordinate-independent), out of reach of a sharded aggregate."""
+        return not self.net.independent_coordinates
 
     def _update(
         self,
@@ -514,7 +524,9 @@ class LearnedOptimizer(HubMixin, Optimizer):
         states: list[dict[str, Tensor]],
         lrs: list[float | Tensor],
         skip: Tensor | None,
+        aggregate=None,
     ) -> None:
+        # aggregate: unused, the nets run here average over nothing (_couples_coordinates)
         cd = compute_dtype(*(p.dtype for p in params))
         coordinatewise_update(
             self._net_for(params[0].device, cd), params, grads, states, lrs, skip=skip
@@ -539,7 +551,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
         for group in sd["param_groups"]:
             group["meta_fingerprint"] = fp
             # a name, not a torch.dtype: torch.distributed.checkpoint takes plain values only
-            group["state_dtype"] = distributed.dtype_name(group["state_dtype"])
+            group["state_dtype"] = dtype_name(group["state_dtype"])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -605,7 +617,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
         for g in saved_groups:
             for key, value in self.defaults.items():
                 g[key] = self.defaults[key] if key in self._step_options else g.get(key, value)
-            g["state_dtype"] = distributed.dtype_from_name(g["state_dtype"])
+            g["state_dtype"] = dtype_from_name(g["state_dtype"])
             self._check_options(g)
         saved_of = {}
         for g in saved_groups:
@@ -783,6 +795,10 @@ class SimpleOptimizer(LearnedOptimizer):
 
             return triton_kernels.finite_flags_triton(grads)
         return super()._finite_flags(grads)
+
+    def _couples_coordinates(self) -> bool:
+        # the kernels take the mean over other processes' shards through ``aggregate``
+        return False
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = super()._init_state(p, group)

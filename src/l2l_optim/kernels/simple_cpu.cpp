@@ -128,7 +128,7 @@ struct Item {
   int64_t len;
 };
 
-// The rms input norm's constants (nets.RMS_BETA, RMS_EPS), as the caller passes them.
+// The rms input norm's constants (rule.RMS_BETA, RMS_EPS), as the caller passes them.
 struct Norm {
   double beta, one_minus_beta, eps;
 };
