@@ -414,11 +414,19 @@ def test_default_dirs_include_the_repository_weights():
 # -------------------------------------------------------------------------------- hub
 
 
+def test_the_file_format_alone_refuses_hub_addresses():
+    # weights.py reads files; downloading is the Hub module's, which the public
+    # l2l_optim.load_weights is
+    with pytest.raises(WeightsError, match="Hub addresses are loaded by l2l_optim.load_weights"):
+        W.load_weights("hf://org/repo/w.safetensors")
+    assert l2l_optim.load_weights is hub.load_weights
+
+
 def test_hub_offline_fails_fast_with_advice(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError) as e:
-        load_weights("hf://someone/some-repo/simple.safetensors")
+        hub.load_weights("hf://someone/some-repo/simple.safetensors")
     msg = str(e.value)
     assert "someone/some-repo" in msg and "HF_HUB_OFFLINE" in msg
     assert "shipped name" in msg and "local path" in msg
@@ -439,7 +447,7 @@ def test_hub_address_errors_name_their_cause_even_offline(tmp_path, monkeypatch,
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     t0 = time.perf_counter()
     with pytest.raises(WeightsError, match=match) as e:
-        load_weights(source)
+        hub.load_weights(source)
     assert time.perf_counter() - t0 < 5
     assert "not in the local cache" not in str(e.value)
 
@@ -463,12 +471,12 @@ def test_hub_download_is_used_and_validated(tmp_path, monkeypatch, no_network):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_hub_reachable", lambda: True)  # the fake download is the Hub here
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    loaded = load_weights("hf://org/repo@v1/sub/w.safetensors", arch="simple")
+    loaded = hub.load_weights("hf://org/repo@v1/sub/w.safetensors", arch="simple")
     assert same_weights(loaded.net, net)
     assert calls[-1] == ("org/repo", "sub/w.safetensors", "v1", False)
-    load_weights("hf://org/repo")
+    hub.load_weights("hf://org/repo")
     assert calls[-1][:2] == ("org/repo", "weights.safetensors")
     with pytest.raises(WeightsError, match="no file 'missing.safetensors' in the Hub repo 'org/repo'"):
-        load_weights("hf://org/repo/missing.safetensors")
+        hub.load_weights("hf://org/repo/missing.safetensors")
     with pytest.raises(WeightsError, match="expected hf://"):
-        load_weights("hf://just-a-name")
+        hub.load_weights("hf://just-a-name")

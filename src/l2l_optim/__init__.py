@@ -28,11 +28,11 @@ _EXPORTS = {
     "simple_update": "functional",
     "meta_fit": "meta",
     "finetune": "finetuning",
-    "evaluate": "evaluation",
-    "search_lr": "training",
     "list_weights": "weights",
-    "load_weights": "weights",
+    "load_weights": "hub",
     "save_weights": "weights",
+    "WeightsError": "weights",
+    "RunningRms": "functional",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

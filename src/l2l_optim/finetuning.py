@@ -42,7 +42,8 @@ from .data import materialize
 from .meta import META_LOSSES, meta_lr_scales, run_trajectory
 from .nets import CoordinatewiseNet
 from .tasks import task_from_model
-from .weights import attach_metadata, resolve_net, save_weights
+from .hub import resolve_net
+from .weights import attach_metadata, save_weights
 
 __all__ = ["FinetuneResult", "finetune", "subsample_loader"]
 

@@ -44,10 +44,11 @@ from .weights import (
     LoadedWeights,
     WeightsError,
     fingerprint,
-    load_weights,
     save_weights,
     source_metadata,
 )
+from .weights import load_weights as _load_weights
+from .weights import resolve_net as _resolve_net
 
 __all__ = [
     "CARD_FILENAME",
@@ -57,6 +58,9 @@ __all__ = [
     "push_to_hub",
     "model_card",
     "hub_download",
+    "fetch",
+    "load_weights",
+    "resolve_net",
     "check_hub_filename",
 ]
 
@@ -580,3 +584,53 @@ class HubMixin:
             >>> opt.push_to_hub("me/my-optimizer")  # doctest: +SKIP
         """
         return push_to_hub(self.net, repo_id, **kwargs)
+
+
+def fetch(source: str) -> Path:
+    """The local file of an ``hf://<owner>/<repo>[@revision]/<filename>`` address
+    (:func:`hub_download`; the filename defaults to ``weights.safetensors``).
+
+    Raises:
+        WeightsError: a malformed address, or a download that failed.
+
+    Example:
+        >>> fetch("hf://someone")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        l2l_optim.weights.WeightsError: hf://someone: expected hf://<owner>/<repo>[@revision]/<filename>
+    """
+    parts = source.removeprefix("hf://").split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise WeightsError(f"{source}: expected hf://<owner>/<repo>[@revision]/<filename>")
+    repo, revision = parts[1], None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    return hub_download(f"{parts[0]}/{repo}", "/".join(parts[2:]) or DIR_FILENAME, revision=revision)
+
+
+def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> LoadedWeights:
+    """:func:`l2l_optim.weights.load_weights` that also downloads ``hf://`` addresses.
+
+    Args:
+        source: a shipped name, a ``.safetensors`` path, a run directory or an ``hf://``
+            address.
+        arch: if given, the architecture the file must hold.
+
+    Returns:
+        A :class:`~l2l_optim.weights.LoadedWeights`.
+
+    Raises:
+        WeightsError: as :func:`l2l_optim.weights.load_weights`, or a failed download.
+
+    Example:
+        >>> load_weights("simple").net.num_parameters()
+        132
+    """
+    return _load_weights(source, arch=arch, fetch=fetch)
+
+
+def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
+    """:func:`l2l_optim.weights.resolve_net` that also downloads ``hf://`` addresses: what the
+    optimizers, ``finetune``, ``evaluate`` and meta-training call on a user's ``weights=``."""
+    return _resolve_net(weights, arch=arch, fetch=fetch)
+

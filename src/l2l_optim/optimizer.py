@@ -43,7 +43,8 @@ from .functional import RunningRms, coordinatewise_update, simple_update
 from .hub import HubMixin
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
-from .weights import LoadedWeights, WeightsError, fingerprint, resolve_net
+from .hub import resolve_net
+from .weights import LoadedWeights, WeightsError, fingerprint
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
 

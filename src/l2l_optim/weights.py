@@ -43,6 +43,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -79,7 +80,25 @@ MAX_HIDDEN_SIZE = 1024
 
 
 class WeightsError(ValueError):
-    """A weight file is missing, unreadable, corrupted, or does not match what was asked for."""
+    """A weight file is missing, unreadable, corrupted, or does not match what was asked for.
+
+    A ``ValueError``, so that code catching bad arguments catches it too; the message names
+    the file and the problem.
+
+    Args:
+        message: what is wrong, and with which file.
+
+    Example:
+        >>> from l2l_optim import WeightsError, load_weights
+        >>> try:
+        ...     load_weights("no-such-weights")
+        ... except WeightsError as e:
+        ...     print(str(e).split(";")[0])
+        unknown weights 'no-such-weights'
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class LoadedWeights(NamedTuple):
@@ -484,23 +503,8 @@ def _looks_like_name(source: str) -> bool:
     return os.sep not in source and "/" not in source and not source.endswith(_SUFFIX)
 
 
-def _download(source: str) -> Path:
-    rest = source[len(_HF_PREFIX) :]
-    parts = rest.split("/")
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise WeightsError(
-            f"{source}: expected hf://<owner>/<repo>[@revision]/<filename>"
-        )
-    repo, revision = parts[1], None
-    if "@" in repo:
-        repo, revision = repo.split("@", 1)
-    filename = "/".join(parts[2:]) or DIR_FILENAME
-    from .hub import hub_download  # imported here: the hub module imports this one
-
-    return hub_download(f"{parts[0]}/{repo}", filename, revision=revision)
-
-
-def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> LoadedWeights:
+def load_weights(source: str | os.PathLike, *, arch: str | None = None,
+                 fetch: Callable[[str], Path] | None = None) -> LoadedWeights:
     """Load and verify a net from shipped weights, a file, a run directory or the Hub.
 
     Args:
@@ -509,9 +513,11 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
               name wins over a local path spelled the same (write ``"./simple"`` for that);
             * a path to a ``.safetensors`` file;
             * a directory, meaning ``<dir>/weights.safetensors`` (what ``meta_fit`` writes);
-            * ``"hf://<owner>/<repo>[@revision]/<filename>"``, downloaded with
-              ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` uses the local cache only).
+            * ``"hf://<owner>/<repo>[@revision]/<filename>"``, which ``fetch`` turns into a
+              local file (:func:`l2l_optim.load_weights` and :mod:`l2l_optim.hub` pass
+              the Hub's; ``HF_HUB_OFFLINE=1`` uses the local cache only).
         arch: if given, the architecture the file must hold.
+        fetch: ``hf://`` address -> local path; None refuses such addresses.
 
     Returns:
         A :class:`LoadedWeights` ``(net, metadata, fingerprint, path)``.
@@ -536,7 +542,10 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
         l2l_optim.weights.WeightsError: unknown weights 'no-such-weights'; shipped weights: ...
     """
     if isinstance(source, str) and source.startswith(_HF_PREFIX):
-        return _load_file(_download(source), arch)
+        if fetch is None:
+            raise WeightsError(f"{source}: Hub addresses are loaded by l2l_optim.load_weights "
+                               "(l2l_optim.hub), which downloads them")
+        return _load_file(fetch(source), arch)
     if isinstance(source, str) and _looks_like_name(source):
         shipped = _shipped()
         if source in shipped:
@@ -552,18 +561,8 @@ def load_weights(source: str | os.PathLike, *, arch: str | None = None) -> Loade
     return _load_file(path, arch)
 
 
-def _result_net(obj: Any) -> CoordinatewiseNet | None:
-    """The net of a :class:`~l2l_optim.finetuning.FinetuneResult` or ``MetaFitResult``, else None."""
-    # looked up, not imported: an object of a class whose module was never imported cannot
-    # be an instance of it, and the lookup keeps `import l2l_optim.weights` cheap
-    for module, name in (("l2l_optim.finetuning", "FinetuneResult"), ("l2l_optim.meta.fit", "MetaFitResult")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(obj, cls):
-            return obj.net
-    return None
-
-
-def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[CoordinatewiseNet, str]:
+def resolve_net(weights: Any, *, arch: str | None = None,
+                fetch: Callable[[str], Path] | None = None) -> tuple[CoordinatewiseNet, str]:
     """A private copy of the net that ``weights`` names, and a short description of it.
 
     The one place that turns whatever a user passes as ``weights=`` (to the optimizers,
@@ -573,10 +572,11 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
         weights: a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
             address (all via :func:`load_weights`), a :class:`LoadedWeights`, a
             :class:`~l2l_optim.nets.CoordinatewiseNet`, or the result of
-            :func:`~l2l_optim.finetuning.finetune` or :func:`~l2l_optim.meta.meta_fit`
-            (nets and results are deep-copied, so later changes to them do not reach the
-            copy).
+            :func:`~l2l_optim.finetuning.finetune` or :func:`~l2l_optim.meta.meta_fit` (any
+            object whose ``net`` attribute is a net; nets are deep-copied, so later changes
+            to them do not reach the copy).
         arch: if given, the architecture the net must have.
+        fetch: how ``hf://`` addresses become local files (:func:`load_weights`).
 
     Returns:
         ``(net, description)``; the description names the source and the fingerprint, e.g.
@@ -599,8 +599,8 @@ def resolve_net(weights: Any, *, arch: str | None = None) -> tuple[Coordinatewis
     elif isinstance(weights, LoadedWeights):
         net, source = copy.deepcopy(weights.net), str(weights.path)
     elif isinstance(weights, (str, os.PathLike)):
-        net, source = load_weights(weights, arch=arch).net, os.fspath(weights)
-    elif isinstance(result_net := _result_net(weights), CoordinatewiseNet):
+        net, source = load_weights(weights, arch=arch, fetch=fetch).net, os.fspath(weights)
+    elif isinstance(result_net := getattr(weights, "net", None), CoordinatewiseNet):
         net, source = copy.deepcopy(result_net), type(weights).__name__
     else:
         raise TypeError(

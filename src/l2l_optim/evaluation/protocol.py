@@ -45,7 +45,8 @@ import torch
 
 from ..registry import get_architecture
 from ..training import tail_mean
-from ..weights import resolve_net, weights_dirs
+from ..hub import resolve_net
+from ..weights import weights_dirs
 from .peers import PEERS, TUNED, UNTUNED, _START, make_peer, search_grid, warmup_cosine
 from .suite import SuiteTask, get_suite
 
@@ -380,12 +381,6 @@ class EvalResult:
     seconds: float
     quick: bool = False
 
-    def table(self) -> str:
-        """The result as a markdown table (:func:`~.report.format_table`)."""
-        from .report import format_table
-
-        return format_table(self)
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; non-finite numbers become None."""
         return _jsonable(asdict(self))
@@ -518,7 +513,7 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
             (their columns read n/a).
 
     Returns:
-        An :class:`EvalResult`; ``result.table()`` is the markdown table.
+        An :class:`EvalResult`; :func:`~.report.format_table` makes it a markdown table.
 
     Raises:
         ValueError: an unknown suite or task name, ``steps < 1``, no seeds, or
@@ -530,7 +525,8 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         The default suite reads MNIST and Fashion-MNIST from local files:
 
         >>> result = evaluate("simple", steps=1000, horizons=(1000,))  # doctest: +SKIP
-        >>> print(result.table())  # doctest: +SKIP
+        >>> from l2l_optim.evaluation import format_table
+        >>> print(format_table(result))  # doctest: +SKIP
 
         Any list of :class:`~.suite.SuiteTask` works as a suite, e.g. a tiny regression (with
         a temporary cache, since its baselines are computed here):

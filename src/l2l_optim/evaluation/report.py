@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                            progress=not args.quiet, threads=threads, optimizer_kwargs=opt_kwargs,
                            quick=args.quick)
             results.append(res)
-            print(f"\n{res.table()}")
+            print(f"\n{format_table(res)}")
             print("learned ms/step (wall/CPU): " + ", ".join(
                 f"{k} {v['seconds']:.1f}/{v['cpu_seconds']:.1f}" for k, v in res.ms_per_step.items())
                 + f"; total {res.seconds:.0f} s", flush=True)

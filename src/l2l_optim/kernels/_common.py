@@ -101,10 +101,28 @@ def call_aggregate(aggregate: Aggregate, sums: Tensor) -> Tensor:
 
 
 class RunningRms(NamedTuple):
-    """The running means of the rms input norm (:func:`~l2l_optim.nets.rms_normalise`), one
+    """The running means of the rms input norm (:func:`~l2l_optim.rule.rms_normalise`), one
     per parameter: flat tensors of ``p.numel()`` elements in the parameter's compute dtype
     (:func:`compute_dtype`), updated in place by the step (SimpleOptimizer's states ``"v"``
-    and ``"c"``)."""
+    and ``"c"``). :func:`~l2l_optim.functional.simple_update` needs them for a net with
+    ``input_norm="rms"``, such as the shipped default.
+
+    Args:
+        squares: ``v``, the running means of squared gradients.
+        ones: ``c``, the running means of ones (the bias correction).
+
+    Example:
+        >>> import torch
+        >>> from l2l_optim import RunningRms, SimpleOptimizerNet, simple_update
+        >>> from l2l_optim.weights import load_weights
+        >>> net = load_weights("simple").net
+        >>> p, g = torch.zeros(3), torch.ones(3)
+        >>> h = torch.zeros(net.hidden_size, 3)
+        >>> rms = RunningRms([torch.zeros(3)], [torch.zeros(3)])
+        >>> simple_update([p], [g], [h], [1.0], net, rms=rms)
+        >>> bool((p < 0).all()), rms.ones[0].tolist() == [0.0010000000474974513] * 3
+        (True, True)
+    """
 
     squares: list[Tensor]  # v: the running mean of squared gradients
     ones: list[Tensor]  # c: the running mean of ones (the bias correction)

@@ -10,7 +10,7 @@ rule the optimizer runs.
 
 from __future__ import annotations
 
-import math
+
 from typing import NamedTuple
 
 import torch
@@ -159,7 +159,7 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
                 # frozen members' v and c are never read again: no need to hold them
                 g, v, c = rms_normalise(g, v, c)
             def step_z() -> None:
-                nonlocal z, h
+                nonlocal h
                 if kernel_step is not None:
                     kernel_step(z, g, h, alive)
                 else:

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import Tensor
 
-from .es import ESConfig, draw_generation
+from .es_config import ESConfig, draw_generation
 from .families import ImageData, build_task
 from .population import _flat, _unflat, population_step, unflatten
 
