@@ -1,0 +1,145 @@
+"""The validation trend of a meta-training run: its snapshots scored on the validation suite.
+
+``meta-es --snapshot-every N`` saves the rule every N generations under
+``<run>/snapshots/``; :func:`track` scores every snapshot not yet scored on a few cheap
+tasks of the validation suite (the learned rule at ``lr=1``, as
+:func:`~l2l_optim.evaluation.evaluate` with ``quick=True``), appends one line per snapshot to
+``<run>/validation.jsonl`` and redraws ``<run>/validation.png``: the geometric means of the
+learned loss over Schedule-Free AdamW's and over the best fixed-lr Adam or SGD, per
+generation. The tasks are never trained on, so the trend shows whether meta-training
+generalises, and a snapshot can be selected on it.
+
+Command line: ``python -m l2l_optim.meta.track RUN_DIR [--tasks ...] [--steps 1000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["TRACK_TASKS", "track", "plot_trend", "main"]
+
+#: cheap validation tasks whose best step sizes differ by decades
+TRACK_TASKS = ("sine-regression", "fmnist-logreg", "mnist-mlp-narrow", "wide-target-regression",
+               "mnist-autoencoder", "fmnist-mlp-wide")
+_GEN = re.compile(r"gen(\d+)\.safetensors$")
+
+
+def _scored(path: Path) -> dict[int, dict]:
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out[int(entry["generation"])] = entry
+    return out
+
+
+def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int = 1000,
+          cache_dir: str | Path | None = None, data_root: str | None = None, every: int = 1,
+          progress: bool = False) -> list[dict]:
+    """Score the run's unscored snapshots; returns every line of ``validation.jsonl``.
+
+    Args:
+        run_dir: the ``meta-es`` run directory.
+        tasks: validation tasks to run.
+        steps: run length (also the one horizon).
+        cache_dir: the baseline cache (see :func:`~l2l_optim.evaluation.baseline_entry`).
+        data_root: where the datasets are.
+        every: score only snapshots whose generation is a multiple of ``every`` times the
+            snapshot spacing (1: all).
+        progress: print one line per snapshot.
+
+    Returns:
+        One dict per scored snapshot, by generation: ``{"generation", "vs_schedule_free",
+        "ratio", "vs_adam_default", "per_task": {task: learned / SF}}``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no snapshots.
+    """
+    from ..evaluation.protocol import evaluate
+
+    run = Path(run_dir)
+    snaps = sorted(run.glob("snapshots/gen*.safetensors"))
+    if not snaps:
+        raise FileNotFoundError(f"{run}/snapshots holds no genNNNNN.safetensors (meta-es --snapshot-every N)")
+    gens = {int(_GEN.search(p.name).group(1)): p for p in snaps}
+    spacing = min(gens) if gens else 1
+    out_path = run / "validation.jsonl"
+    done = _scored(out_path)
+    for gen, path in sorted(gens.items()):
+        if gen in done or (gen // spacing) % every:
+            continue
+        res = evaluate(str(path), tasks=list(tasks), steps=steps, horizons=(steps,), quick=True,
+                       cache_dir=cache_dir, data_root=data_root, progress=False, threads=1)
+        rows = [r for r in res.rows if r.horizon == steps]
+        entry = {"generation": gen, "steps": steps,
+                 **{k: res.geomeans[k][steps] for k in ("vs_schedule_free", "ratio", "vs_adam_default")},
+                 "per_task": {r.task: r.vs_schedule_free for r in rows},
+                 "seconds": round(res.seconds, 1)}
+        with open(out_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        done[gen] = entry
+        if progress:
+            print(f"gen {gen:5d}: learned / SF-AdamW {entry['vs_schedule_free']:.4f}, / best fixed "
+                  f"{entry['ratio']:.4f} ({entry['seconds']:.0f} s)", flush=True)
+    return [done[g] for g in sorted(done)]
+
+
+def plot_trend(entries: list[dict], path: str | Path, title: str = "") -> Path:
+    """The geometric means per generation (log-y), one line per ratio column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    gens = [e["generation"] for e in entries]
+    for key, label in (("vs_schedule_free", "learned / Schedule-Free AdamW"),
+                       ("ratio", "learned / best fixed-lr Adam or SGD"),
+                       ("vs_adam_default", "learned / Adam 1e-3")):
+        ys = [e[key] if e[key] is not None and math.isfinite(e[key]) else float("nan") for e in entries]
+        ax.plot(gens, ys, marker="o", ms=3, label=label)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("geometric mean of loss ratios")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m l2l_optim.meta.track RUN_DIR``: score new snapshots, redraw the plot."""
+    p = argparse.ArgumentParser(prog="l2l-optim meta-track", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a meta-es run directory with snapshots/")
+    p.add_argument("--tasks", nargs="+", default=list(TRACK_TASKS), help="validation tasks to run")
+    p.add_argument("--steps", type=int, default=1000, help="run length and horizon (default 1000)")
+    p.add_argument("--every", type=int, default=1, help="score every k-th snapshot (default: all)")
+    p.add_argument("--cache-dir", default=None, help="baseline cache (default ~/.cache/l2l_optim/eval)")
+    p.add_argument("--data-root", default=None, help="a directory holding the datasets")
+    args = p.parse_args(argv)
+    try:
+        entries = track(args.run_dir, tasks=args.tasks, steps=args.steps, cache_dir=args.cache_dir,
+                        data_root=args.data_root, every=args.every, progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"l2l-optim meta-track: error: {e}", file=sys.stderr)
+        return 2
+    out = plot_trend(entries, Path(args.run_dir) / "validation.png",
+                     f"{Path(args.run_dir).name}: {', '.join(args.tasks)}; {args.steps} steps")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
