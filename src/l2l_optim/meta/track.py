@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..evaluation.protocol import evaluate
+
 __all__ = ["TRACK_TASKS", "track", "plot_trend", "main"]
 
 #: cheap validation tasks whose best step sizes differ by decades
@@ -63,8 +65,6 @@ def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int
     Raises:
         FileNotFoundError: ``run_dir`` has no snapshots.
     """
-    from ..evaluation.protocol import evaluate
-
     run = Path(run_dir)
     snaps = sorted(run.glob("snapshots/gen*.safetensors"))
     if not snaps:
