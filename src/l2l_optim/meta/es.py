@@ -26,7 +26,6 @@ generation, so a stopped run resumes to the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -215,6 +214,12 @@ def meta_train_es(
         z0 = theta0 / scales
         start, adam_state = 0, None
         (out / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+        if snapshot_every:
+            # generation 0, the starting rule: the validation trend's reference point
+            (out / "snapshots").mkdir(exist_ok=True)
+            save_weights(load_flat(SimpleOptimizerNet(input_norm=cfg.input_norm, averaging=cfg.averaging),
+                                   z0 * scales).eval(), out / "snapshots" / "gen00000.safetensors",
+                         metadata={"es_config": cfg_json, "generations": 0})
     # z is the state (theta = z * scales does not round-trip exactly through theta / scales)
     z = z0.clone().requires_grad_()
     adam = torch.optim.Adam([z], lr=cfg.meta_lr)
@@ -281,43 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0; the weights are in ``<out-dir>/weights.safetensors``.
     """
-    d = ESConfig()
-    p = argparse.ArgumentParser(prog="l2l-optim meta-es",
-                                description="Run or resume ES meta-training in --out-dir.")
-    p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
-    p.add_argument("--init", default="simple-raw", help="starting weights (a shipped name or a path), or an init "
-                        "rule of l2l_optim.nets.init_net (adam: with --input-norm rms)")
-    p.add_argument("--families", nargs="+", default=list(d.families), help="task families to draw from (a family named twice is drawn twice as often; "
-                        "mlp-wide: MLPs on 28x28 with 96-192 units)")
-    p.add_argument("--instances", type=int, default=d.instances, help="task instances per generation")
-    p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs per generation")
-    p.add_argument("--horizons", type=int, nargs="+", default=list(d.horizons), help="optimizee steps, drawn per generation")
-    p.add_argument("--sigma", type=float, default=d.sigma, help="perturbation size (relative)")
-    p.add_argument("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate (relative)")
-    p.add_argument("--generations", type=int, default=d.generations, help="length of the whole run")
-    p.add_argument("--scaled-fraction", type=float, default=d.scaled_fraction, help="instances with scale augmentation")
-    p.add_argument("--scale-range", type=float, nargs=2, default=list(d.scale_range), metavar=("LO", "HI"),
-                   help="log-uniform range of the scale augmentation (parameter and loss scales)")
-    p.add_argument("--slow-horizon", type=int, default=d.slow_horizon, help="horizon cap of the conv and lm families")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--objective", choices=sorted(OBJECTIVES), default=d.objective,
-                   help="weighted: t-weighted mean log loss ratio over the run; final: log loss ratio "
-                        "over the last 10%% of the steps (the validation suite's measure)")
-    p.add_argument("--max-recurrent-norm", type=float, default=None,
-                   help="keep W_hh's largest singular value at or below this (below 1: steps vanish with the gradients)")
-    p.add_argument("--init-lr", type=float, default=1e-3, help="step size of an init rule given as --init")
-    p.add_argument("--input-norm", choices=["rms"], default=None,
-                   help="feed the net the gradient over its running rms (beyond the paper; default: the raw gradient)")
-    p.add_argument("--averaging", type=float, default=0.0,
-                   help="Schedule-Free averaging around the rule's step with this interpolation weight "
-                        "(0.9: Schedule-Free AdamW's; default 0: off)")
-    p.add_argument("--snapshot-every", type=int, default=0,
-                   help="also save the rule every this many generations under snapshots/")
-    p.add_argument("--engine", choices=["es", "bptt"], default="es")
-    p.add_argument("--until", type=int, default=None, help="stop after this generation (resumable)")
-    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (resumable)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--data-root", default=None)
+    # the parser is built without torch (l2l_optim.cli_args), so that --help answers at once
+    from ..cli_args import meta_es_parser
+
+    p = meta_es_parser()
     args = p.parse_args(argv)
     from ..data import load_dataset
 

@@ -70,7 +70,7 @@ def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int
     if not snaps:
         raise FileNotFoundError(f"{run}/snapshots holds no genNNNNN.safetensors (meta-es --snapshot-every N)")
     gens = {int(_GEN.search(p.name).group(1)): p for p in snaps}
-    spacing = min(gens) if gens else 1
+    spacing = min((g for g in gens if g > 0), default=1)
     out_path = run / "validation.jsonl"
     done = _scored(out_path)
     for gen, path in sorted(gens.items()):
