@@ -264,3 +264,26 @@ def test_finetune_from_the_shipped_weights_leaves_the_global_rng_alone():
     finetune(model, DataLoader(TensorDataset(x, y), batch_size=32), weights="simple",
              subsample=0.5, trajectories=1, unroll=2, max_unrolls=1, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("where", ["parameter", "buffer"])
+def test_a_model_on_the_meta_device_is_refused_by_name(where):
+    with torch.device("meta"):
+        model = TinyNet()
+    if where == "buffer":  # real parameters, one statistic left on the meta device
+        model = TinyNet()
+        model.body[1].register_buffer("running_var", torch.empty(12, device="meta"))
+    x, y = make_data()
+    name = "body.0.weight" if where == "parameter" else "body.1.running_var"
+    with pytest.raises(ValueError, match=rf"model {where} '{name}' is on the meta device.*to_empty"):
+        finetune(model, [(x, y)], weights=start_net(), batch_size=32, **QUICK)
+
+
+def test_progress_off_a_terminal_is_one_line_per_trajectory(capsys):
+    x, y = make_data()
+    finetune(TinyNet(), [(x, y)], weights=start_net(), batch_size=32, **dict(QUICK, progress=True))
+    out, err = capsys.readouterr()  # neither is a terminal here
+    assert out == "" and "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["trajectory 0", "trajectory 1"], err
+    assert all("the target" in line and "unroll(s)" in line for line in lines)

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -183,6 +184,16 @@ def _mean_of_last_unroll(losses: list[float], unroll: int) -> float:
 def _check_settings(model, trajectories, unroll, max_unrolls, target, meta_lr, meta_loss) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # a model built under torch.device("meta") (or with init_empty_weights) has shapes but no
+    # values: fine-tuning copies it, which cannot work until its tensors are materialised
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise ValueError(
+                    f"model {kind} {name!r} is on the meta device (a shape without values); fine-tuning "
+                    "needs a model with real tensors: materialise it first, e.g. "
+                    "model.to_empty(device='cpu') and then initialise or load its weights"
+                )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (requires_grad=True); nothing to fine-tune on")
     for name, value in (("trajectories", trajectories), ("unroll", unroll), ("max_unrolls", max_unrolls)):
@@ -194,6 +205,20 @@ def _check_settings(model, trajectories, unroll, max_unrolls, target, meta_lr, m
         raise ValueError(f"meta_lr must be positive, got {meta_lr!r}")
     if meta_loss not in META_LOSSES:
         raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
+
+
+def _bar_wanted() -> bool:
+    """Whether a progress bar can redraw in place: on a terminal, or as a notebook widget.
+
+    Elsewhere (a log file, a pipe, CI) each redraw would be a new line mixed with the
+    per-trajectory lines, so those lines are all that is printed there.
+    """
+    if any(c.__module__.startswith("tqdm.notebook") for c in tqdm.__mro__):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _loss_name(loss_fn: Callable) -> str:
@@ -302,7 +327,8 @@ def finetune(
         grad_clip: max norm of the meta-gradient (None: no clipping).
         batch_size: minibatch size (default: the loader's ``batch_size``).
         seed: seeds the subsample, every trajectory's init and minibatches.
-        progress: show a tqdm progress bar.
+        progress: report progress: a tqdm bar on a terminal (or in a notebook) and one line
+            per trajectory; where output is not a terminal, the lines alone.
         out_dir: save the fine-tuned weights there (a ``.safetensors`` file, or a directory
             for ``<out_dir>/weights.safetensors``) with the fine-tuning settings and log as
             metadata.
@@ -353,7 +379,8 @@ def finetune(
     _check_loss_moves(task, loss_fn, seed)
     meta_opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
     lr_scales = meta_lr_scales(net) if relative_meta_lr else None
-    bar = tqdm(total=trajectories * max_unrolls, desc="finetune", unit="unroll", disable=not progress)
+    bar = tqdm(total=trajectories * max_unrolls, desc="finetune", unit="unroll",
+               disable=not (progress and _bar_wanted()))
     log: list[dict] = []
     for k in range(trajectories):
         traj_seed = seed * 1_000_003 + k
@@ -390,9 +417,10 @@ def finetune(
         log.append(entry)
         if progress:
             state = "reached" if entry["reached_target"] else ("diverged" if entry["diverged"] else "did not reach")
-            bar.write(f"trajectory {k}: {state} the target {goal:.4f} "
-                      f"(loss {initial:.4f} -> {entry['final_avg_loss']:.4f}) "
-                      f"in {unrolls} unroll(s), {entry['seconds']:.1f} s")
+            # tqdm.write clears the bar (when one is drawn) before the line and redraws it after
+            tqdm.write(f"trajectory {k}: {state} the target {goal:.4f} "
+                       f"(loss {initial:.4f} -> {entry['final_avg_loss']:.4f}) "
+                       f"in {unrolls} unroll(s), {entry['seconds']:.1f} s", file=sys.stderr)
     bar.close()
     net.eval()
     net.requires_grad_(False)
