@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from random_nets import random_simple
 
 import l2l_optim
-from l2l_optim import cli
+from l2l_optim import cli, cli_args
 from l2l_optim import weights as W
 from l2l_optim.meta.fit import build_parser as meta_fit_parser
 from l2l_optim.nets import DMOptimizerNet, SimpleOptimizerNet
@@ -73,23 +74,153 @@ def test_an_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice: 'weigths'" in capsys.readouterr().err
 
 
-def _own_parsers() -> dict[str, argparse.ArgumentParser]:
+def _all_parsers() -> dict[str, argparse.ArgumentParser]:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     own = {name: p for name, p in sub.choices.items() if name not in cli.DELEGATED}
-    return {"l2l-optim": parser, **own, "meta-fit": meta_fit_parser()}
+    return {"l2l-optim": parser, **own, **{name: make() for name, make in cli_args.PARSERS.items()}}
 
 
-def test_every_option_has_help_text():
-    parsers = _own_parsers()
-    assert set(parsers) == {"l2l-optim", "info", "finetune", "meta-fit"}
+def test_every_option_of_every_command_has_help_text():
+    parsers = _all_parsers()
+    assert set(parsers) == {"l2l-optim", *COMMANDS}
     for name, parser in parsers.items():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 assert all(c.help for c in action._choices_actions), name
                 continue
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
-    assert meta_fit_parser().prog == "l2l-optim meta-fit"
+        if name != "l2l-optim":
+            assert parser.prog == f"l2l-optim {name}"
+
+
+# what a command runs parses with the parser its --help shows
+def test_the_commands_own_mains_use_the_torch_free_parsers():
+    from l2l_optim.meta import es
+
+    assert meta_fit_parser().format_help() == cli_args.meta_fit_parser().format_help()
+    assert "meta_es_parser()" in Path(es.__file__).read_text()
+
+
+# (arguments, exit status): each answered by argparse, before anything imports torch
+TORCH_FREE = [
+    (["--help"], 0), (["--version"], 0), *[([c, "--help"], 0) for c in COMMANDS], ([], 2),
+    (["weigths"], 2), (["info", "--bogus"], 2), (["finetune"], 2),
+    (["finetune", "m:f", "mnist", "--out-dir", "o", "--subsample", "2"], 2),
+    (["finetune", "m:f", "mnist", "--out-dir", "o", "--trajectories", "0"], 2),
+    (["eval"], 2), (["eval", "simple", "--steps", "0"], 2), (["eval", "simple", "--state-dtype", "fp8"], 2),
+    (["meta-fit"], 2), (["meta-fit", "--out-dir", "o", "--task", "imagenet"], 2),
+    (["meta-es", "--out-dir", "o", "--objective", "best"], 2), (["meta-es", "--pairs", "0"], 2),
+]
+
+_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from l2l_optim.cli import main
+try:
+    code = main(json.loads(sys.argv[1]))
+except SystemExit as e:
+    code = e.code
+seconds = time.perf_counter() - t0
+print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+                  "seconds": seconds}), file=sys.__stderr__)
+"""
+
+
+@pytest.mark.parametrize("argv, code", TORCH_FREE, ids=[" ".join(a) or "nothing" for a, _ in TORCH_FREE])
+def test_help_version_and_argument_errors_answer_without_torch(argv, code):
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(l2l_optim.__file__).parents[1])
+    probe = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert probe["code"] == code, proc.stdout + proc.stderr
+    assert probe["torch"] == [], f"{argv} imported torch"
+    assert probe["seconds"] < 1.0, probe
+    assert (proc.stdout if code == 0 else proc.stderr).startswith("usage: l2l-optim") or argv == ["--version"]
+
+
+def test_the_console_script_answers_help_in_under_a_second():
+    script = Path(sys.executable).parent / "l2l-optim"
+    if not script.is_file():
+        pytest.skip("no l2l-optim console script beside this interpreter")
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(script), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: l2l-optim")
+    rows = [line.split("|") for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    rows = [(int(cumulative), name) for _, cumulative, name in rows if cumulative.strip().isdigit()]
+    imported = {name.strip() for _, name in rows}
+    assert "l2l_optim.cli" in imported and "torch" not in imported
+    # the top-level imports (one space before the name) add up to the whole import time
+    cumulative_us = sum(us for us, name in rows if not name.startswith("  "))
+    assert cumulative_us < 1_000_000  # top-level imports, in microseconds
+
+
+# the names the torch-free parsers offer, and their defaults, are those of the modules that run them
+def test_the_torch_free_parsers_match_their_sources():
+    from l2l_optim.meta.es_config import ESConfig
+    from l2l_optim.meta.families import FAMILIES
+    from l2l_optim.meta.fit import MetaFitConfig
+    from l2l_optim.meta.losses import META_LOSSES
+    from l2l_optim.meta.population import OBJECTIVES
+    from l2l_optim.nets import INITS
+    from l2l_optim.registry import ARCHITECTURES
+    from l2l_optim.tasks import TASKS
+
+    assert cli_args.ARCHITECTURES == tuple(sorted(ARCHITECTURES))
+    assert cli_args.META_FIT_TASKS == tuple(sorted(TASKS))
+    assert cli_args.INITS == INITS and cli_args.META_LOSSES == META_LOSSES
+    assert cli_args.OBJECTIVES == tuple(sorted(OBJECTIVES)) and cli_args.FAMILIES == FAMILIES
+    fit = vars(cli_args.meta_fit_parser().parse_args(["--out-dir", "o"]))
+    config = dataclasses.asdict(MetaFitConfig())
+    shared = set(fit) & set(config)
+    assert {"arch", "task", "meta_loss", "trajectories", "steps", "unroll", "meta_lr", "grad_clip", "init",
+            "init_lr", "batch_size", "seed", "eval_every", "eval_steps"} <= shared
+    assert {k: fit[k] for k in shared} == {k: config[k] for k in shared}
+    es = vars(cli_args.meta_es_parser().parse_args(["--out-dir", "o"]))
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ESConfig()).items()}
+    assert set(config) <= set(es)
+    assert {k: es[k] for k in config} == config
+
+
+def test_eval_quick_is_a_first_look_and_the_full_run_is_unchanged():
+    quick = cli_args.parse_eval(["simple", "--quick"])
+    assert (quick.tasks, quick.steps, quick.horizons) == (list(cli_args.QUICK_TASKS), 300, [300])
+    given = cli_args.parse_eval(["simple", "--quick", "--steps", "1000", "--tasks", "mnist-cnn"])
+    assert (given.tasks, given.steps, given.horizons) == (["mnist-cnn"], 1000, [300])
+    full = cli_args.parse_eval(["simple"])
+    assert (full.tasks, full.steps, full.horizons, full.quick) == (None, 5000, [1000, 5000], False)
+    other_suite = cli_args.parse_eval(["simple", "--quick", "--suite", "mine"])
+    assert other_suite.tasks is None  # the quick task names belong to the default suite
+    from l2l_optim.evaluation.suite import default_suite
+
+    costly = {t.name for t in default_suite() if t.max_steps is not None}
+    assert set(cli_args.QUICK_TASKS) <= {t.name for t in default_suite()} - costly
+
+
+def test_eval_quick_runs_the_cheap_tasks_and_refuses_unknown_names_before_running(monkeypatch, tmp_path, capsys):
+    from l2l_optim.evaluation import report
+
+    calls = []
+
+    def fake_evaluate(weights, **kwargs):
+        calls.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(report, "evaluate", fake_evaluate)
+    assert cli.main(["eval", "simple", "--quick", "--out-dir", str(tmp_path)]) == 1  # a failure while running
+    (kwargs,) = calls
+    assert kwargs["tasks"] == list(cli_args.QUICK_TASKS) and kwargs["steps"] == 300
+    assert kwargs["horizons"] == [300] and kwargs["quick"] is True
+    assert capsys.readouterr().err == "l2l-optim eval: error: stop here\n"
+    for argv, message in ((["simple", "--tasks", "no-such-task"], "unknown tasks ['no-such-task']"),
+                          (["no-such-weights"], "unknown weights 'no-such-weights'"),
+                          (["simple", "--suite", "nope"], "unknown suite 'nope'")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", *argv, "--out-dir", str(tmp_path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+_VALID = {"meta-fit": ["--out-dir", "x"], "eval": ["simple", "--quick"], "meta-es": ["--out-dir", "x"]}
 
 
 @pytest.mark.parametrize("command", sorted(cli.DELEGATED))
@@ -98,13 +229,16 @@ def test_delegated_commands_hand_their_arguments_to_module_main(monkeypatch, com
     fake = types.ModuleType("fake")
     fake.main = lambda argv: calls.append(argv) or 7
     monkeypatch.setitem(sys.modules, cli.DELEGATED[command][0], fake)
-    assert cli.main([command, "--flag", "x", "--help"]) == 7
-    assert calls == [["--flag", "x", "--help"]]
+    assert cli.main([command, *_VALID[command]]) == 7
+    assert calls == [_VALID[command]]
+    with pytest.raises(SystemExit) as e:  # the help, from the torch-free parser
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and calls == [_VALID[command]]
 
 
 def test_a_delegated_command_whose_module_is_missing_says_so(monkeypatch, capsys):
     monkeypatch.setitem(cli.DELEGATED, "eval", ("l2l_optim.no_such_module", "evaluate"))
-    assert cli.main(["eval"]) == 2
+    assert cli.main(["eval", "simple"]) == 2
     assert capsys.readouterr().err == (
         "l2l-optim eval: not available in this installation (no module l2l_optim.no_such_module)\n"
     )
@@ -209,16 +343,32 @@ def test_finetune_on_an_image_folder_writes_weights_card_and_plot(image_folder, 
     assert opt.meta_fingerprint == json.loads(json.dumps(W.load_weights(out).fingerprint))
 
 
-@pytest.mark.parametrize("model, data, message", [
-    ("no_colon", "mnist", "MODEL must be module:factory or path/to/file.py:factory, got 'no_colon'"),
-    ("no_such_module_xyz:make", "mnist", "MODEL 'no_such_module_xyz:make': cannot import 'no_such_module_xyz'"),
-    ("{tmp}/tiny_models.py:absent", "mnist", "tiny_models.py has no callable 'absent'"),
-    ("{tmp}/tiny_models.py:make", "{tmp}/nowhere",
+@pytest.mark.parametrize("model, data, extra, message", [
+    ("no_colon", "mnist", [], "MODEL must be module:factory or path/to/file.py:factory, got 'no_colon'"),
+    ("no_such_module_xyz:make", "mnist", [], "MODEL 'no_such_module_xyz:make': cannot import 'no_such_module_xyz'"),
+    ("{tmp}/tiny_models.py:absent", "mnist", [], "tiny_models.py has no callable 'absent'"),
+    ("{tmp}/tiny_models.py:make", "{tmp}/nowhere", [],
      "DATA must be one of mnist, fashion-mnist or an ImageFolder directory"),
+    ("{tmp}/tiny_models.py:make", "{tmp}/images", ["--weights", "no-such-weights"],
+     "--weights: unknown weights 'no-such-weights'"),
 ])
-def test_finetune_input_errors_are_one_line(image_folder, tmp_path, capsys, model, data, message):
+def test_finetune_usage_errors_are_one_line_and_exit_2(image_folder, tmp_path, capsys, model, data, extra, message):
     code = cli.main(["finetune", model.format(tmp=tmp_path), data.format(tmp=tmp_path),
-                     "--out-dir", str(tmp_path / "out"), "--quiet"])
+                     "--out-dir", str(tmp_path / "out"), "--quiet", *extra])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("l2l-optim finetune: error: ") and message in err
+    assert code == 2 and err.startswith("l2l-optim finetune: error: ") and message in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_finetune_that_fails_while_running_exits_1(image_folder, tmp_path, capsys):
+    (tmp_path / "meta_models.py").write_text(
+        "import torch, torch.nn as nn\n\n"
+        "def make():\n"
+        "    with torch.device('meta'):\n"
+        "        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))\n"
+    )
+    code = cli.main(["finetune", f"{tmp_path / 'meta_models.py'}:make", str(image_folder),
+                     "--out-dir", str(tmp_path / "out"), "--quiet", "--subsample", "0.5", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("l2l-optim finetune: error: ") and "'1.weight'" in err, err
+    assert err.count("\n") == 1

@@ -15,7 +15,13 @@ Commands:
 
 ``info`` and ``finetune`` are parsed here; every other command is a module with a
 ``main(argv)`` function that gets the arguments after the command name, so a module plugs
-in by its entry in :data:`DELEGATED`.
+in by its entry in :data:`DELEGATED`. Its parser lives in :mod:`l2l_optim.cli_args`, which
+imports no torch: ``--help``, ``--version``, each command's ``--help`` and every argument
+error answer at once, and torch is imported only when a command runs.
+
+Exit status: 0 on success, 2 for a usage error (an argument argparse refuses, or one that
+names nothing usable: a MODEL that cannot be imported, DATA that is not there, unknown
+weights), 1 when a command fails while it runs.
 
 Example:
     >>> from l2l_optim.cli import main
@@ -31,18 +37,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROG", "DELEGATED", "build_parser", "main"]
+from .cli_args import PROG, fraction, non_negative_int, open_fraction, positive_float, positive_int
+from .cli_args import parse as parse_command
 
-PROG = "l2l-optim"
+__all__ = ["PROG", "DELEGATED", "UsageError", "build_parser", "main"]
 
 #: command -> (module whose ``main(argv)`` runs it, one-line help); imported when used
 DELEGATED: dict[str, tuple[str, str]] = {
@@ -53,12 +62,32 @@ DELEGATED: dict[str, tuple[str, str]] = {
 _DATASETS = ("mnist", "fashion-mnist")
 
 
-def _version() -> str:
-    import torch
+class UsageError(ValueError):
+    """An argument that names nothing usable (exit status 2, like argparse's errors)."""
 
+
+def _torch_version() -> str:
+    """torch's ``__version__`` (with its local part, e.g. ``+cpu``), read from its
+    ``version.py`` without importing torch; the distribution's version if that fails."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            text = (Path(folder) / "version.py").read_text()
+            found = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            if found:
+                return found.group(1)
+    except (OSError, ValueError, ImportError):
+        pass
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _version() -> str:
     from . import __version__
 
-    return f"{PROG} {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+    return f"{PROG} {__version__} (torch {_torch_version()}, Python {platform.python_version()})"
 
 
 # --------------------------------------------------------------------------------- info
@@ -71,10 +100,15 @@ _RECIPE_FIELDS = ("task", "meta_loss", "loss", "trajectories", "steps", "unroll"
 def _recipe_summary(meta: dict[str, str], width: int = 60) -> str:
     recipe = meta.get("recipe", "")
     if not recipe and "finetune" in meta:
-        recipe = "fine-tuned from " + str(json.loads(meta["finetune"]).get("base_weights", "?"))
+        try:
+            settings = json.loads(meta["finetune"])
+        except (json.JSONDecodeError, RecursionError):
+            settings = None
+        base = settings.get("base_weights", "?") if isinstance(settings, dict) else "?"
+        recipe = f"fine-tuned from {base}"
     try:
         parsed = json.loads(recipe)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # free text, or JSON nested too deep to read
         parsed = None
     if isinstance(parsed, dict):
         picked = [f"{k}={parsed[k]}" for k in _RECIPE_FIELDS if k in parsed]
@@ -192,17 +226,20 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _load_factory(spec: str) -> Callable[[], Any]:
-    """``module:factory`` or ``path/to/file.py:factory`` -> the factory (ValueError if not)."""
+    """``module:factory`` or ``path/to/file.py:factory`` -> the factory (UsageError if not)."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"MODEL must be module:factory or path/to/file.py:factory, got {spec!r}")
+        raise UsageError(f"MODEL must be module:factory or path/to/file.py:factory, got {spec!r}")
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
-            raise ValueError(f"MODEL {spec!r}: no such file {path}")
+            raise UsageError(f"MODEL {spec!r}: no such file {path}")
         loaded = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
+        try:
+            loaded.loader.exec_module(module)
+        except ImportError as e:
+            raise UsageError(f"MODEL {spec!r}: cannot import {path} ({e})") from None
     else:
         # as `python -m` does: modules in the working directory are importable
         if "" not in sys.path and os.getcwd() not in sys.path:
@@ -210,10 +247,10 @@ def _load_factory(spec: str) -> Callable[[], Any]:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            raise ValueError(f"MODEL {spec!r}: cannot import {module_name!r} ({e})") from None
+            raise UsageError(f"MODEL {spec!r}: cannot import {module_name!r} ({e})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"MODEL {spec!r}: {module_name} has no callable {attr!r}")
+        raise UsageError(f"MODEL {spec!r}: {module_name} has no callable {attr!r}")
     return factory
 
 
@@ -227,20 +264,20 @@ def _load_data(args: argparse.Namespace):
         return DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
     root = Path(args.data)
     if not root.is_dir():
-        raise ValueError(f"DATA must be one of {', '.join(_DATASETS)} or an ImageFolder directory; "
+        raise UsageError(f"DATA must be one of {', '.join(_DATASETS)} or an ImageFolder directory; "
                          f"{args.data!r} is neither")
     try:
         from torchvision import datasets, transforms
     except ImportError:
-        raise ValueError("an ImageFolder directory needs torchvision (pip install torchvision)") from None
+        raise UsageError("an ImageFolder directory needs torchvision (pip install torchvision)") from None
     steps = [transforms.Resize((args.image_size, args.image_size))] if args.image_size else []
     try:
         folder = datasets.ImageFolder(str(root), transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"{root}: not an ImageFolder directory ({e})") from None
+        raise UsageError(f"{root}: not an ImageFolder directory ({e})") from None
     sizes = {tuple(folder[i][0].shape) for i in range(min(len(folder), 64))}
     if len(sizes) > 1:
-        raise ValueError(f"{root}: images of different sizes {sorted(sizes)}; pass --image-size")
+        raise UsageError(f"{root}: images of different sizes {sorted(sizes)}; pass --image-size")
     return DataLoader(folder, batch_size=args.batch_size)
 
 
@@ -274,12 +311,17 @@ def _finetune(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from .finetuning import finetune
+    from .hub import load_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load_factory(args.model)()
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"MODEL {args.model!r} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"MODEL {args.model!r} returned a {type(model).__name__}, not an nn.Module")
+    try:
+        load_weights(args.weights)  # an unknown name or a bad file, before any data is read
+    except ValueError as e:
+        raise UsageError(f"--weights: {e}") from None
     loader = _load_data(args)
     loss_fn = {"cross-entropy": F.cross_entropy, "mse": F.mse_loss}[args.loss]
     result = finetune(
@@ -319,23 +361,27 @@ def _add_finetune(sub) -> None:
                    help="starting meta-weights: a shipped name, a path or hf://owner/repo (default: simple)")
     p.add_argument("--loss", choices=("cross-entropy", "mse"), default="cross-entropy",
                    help="training loss of the model (default: cross-entropy)")
-    p.add_argument("--subsample", type=float, default=0.05,
+    p.add_argument("--subsample", type=fraction, default=0.05,
                    help="fraction of the data fine-tuned on (default: 0.05)")
-    p.add_argument("--trajectories", type=int, default=5, help="fine-tuning trajectories (default: 5)")
-    p.add_argument("--unroll", type=int, default=20, help="optimizee steps per unroll (default: 20)")
-    p.add_argument("--max-unrolls", type=int, default=50, help="cap on the unrolls of a trajectory (default: 50)")
-    p.add_argument("--target", type=float, default=0.5,
+    p.add_argument("--trajectories", type=positive_int, default=5, help="fine-tuning trajectories (default: 5)")
+    p.add_argument("--unroll", type=positive_int, default=20, help="optimizee steps per unroll (default: 20)")
+    p.add_argument("--max-unrolls", type=positive_int, default=50,
+                   help="cap on the unrolls of a trajectory (default: 50)")
+    p.add_argument("--target", type=open_fraction, default=0.5,
                    help="a trajectory ends below this fraction of its initial loss (default: 0.5)")
-    p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on the meta-weights (default: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--meta-lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate on the meta-weights (default: 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="resize ImageFolder images to this square size (default: keep their size)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subsample, inits and batches (default: 0)")
     p.add_argument("--data-root", default=None, help="directory with the IDX files of mnist / fashion-mnist")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="torch intra-op threads (default: torch's)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                    help="also upload the weights and card to this Hugging Face Hub repo")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, one line per trajectory otherwise)")
     p.set_defaults(func=_finetune)
 
 
@@ -373,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _delegate(command: str, argv: list[str]) -> int:
+    # parsed here first, without torch: --help and argument errors exit before the import
+    parse_command(command, argv)
     module_name = DELEGATED[command][0]
     try:
         module = importlib.import_module(module_name)
@@ -392,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 when a command fails on its input (the message is
-        on stderr), 2 for a usage error.
+        The exit status: 0 on success, 2 for a usage error (an argument that names nothing
+        usable), 1 when a command fails while it runs (the message is on stderr).
 
     Raises:
         SystemExit: from ``--help`` and ``--version`` (status 0) and from argument errors
@@ -425,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
+    except UsageError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # a failure on the input: one line, no traceback
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 1
 

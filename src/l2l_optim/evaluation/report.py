@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -111,39 +110,39 @@ def plot_results(results: Sequence[EvalResult], path: str | os.PathLike) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``l2l-optim eval WEIGHTS [WEIGHTS ...]``: the table, eval.json and eval.png."""
+    """``l2l-optim eval WEIGHTS [WEIGHTS ...]``: the table, eval.json and eval.png.
+
+    The arguments are parsed by :func:`l2l_optim.cli_args.parse_eval` (``--quick`` is a
+    first look: three cheap tasks at 300 steps); the suite, the task names and every WEIGHTS
+    are checked before anything runs.
+
+    Returns:
+        0 on success, 1 when a run fails (a missing dataset or optional dependency, an
+        unwritable output); a usage error (unknown task, suite or weights) exits with 2.
+    """
     import torch
 
-    p = argparse.ArgumentParser(prog="l2l-optim eval",
-                                description="Evaluate meta-weights on the validation suite against tuned Adam/SGD, "
-                                            "scheduled AdamW, Schedule-Free AdamW and Prodigy.")
-    p.add_argument("weights", nargs="*", help="shipped names, .safetensors paths or run directories")
-    p.add_argument("--steps", type=int, default=5000, help="length of the fixed-lr runs (default 5000)")
-    p.add_argument("--horizons", type=int, nargs="+", default=[1000, 5000],
-                   help="horizons compared (those above --steps are dropped; --steps always is one)")
-    p.add_argument("--tasks", nargs="+", default=None, help="a subset of the suite's tasks")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="init and minibatch seeds (default 0)")
-    p.add_argument("--suite", default="default", help="the suite's name (default: default)")
-    p.add_argument("--quick", action="store_true",
-                   help="learned runs at lr=1 only: no lr-multiplier sweep, no scheduled runs")
-    p.add_argument("--out-dir", default="runs/eval", help="where eval.json and eval.png go")
-    p.add_argument("--cache-dir", default=None, help="baseline cache (default ~/.cache/l2l_optim/eval)")
-    p.add_argument("--data-root", default=None, help="a directory holding the datasets")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
-    p.add_argument("--baselines-only", action="store_true", help="compute the baseline cache and stop")
-    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write eval.png")
-    p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
-    p.add_argument("--state-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="hidden-state dtype of the learned optimizer (default: the optimizer's)")
-    args = p.parse_args(argv)
-    if not args.weights and not args.baselines_only:
-        p.error("give at least one WEIGHTS (or --baselines-only)")
+    from ..cli_args import eval_parser, parse_eval
+    from ..hub import resolve_net
+
+    p = eval_parser()
+    args = parse_eval(argv, p)
     threads = args.threads or None
+    # usage errors, found before the first run: the suite, its task names and every WEIGHTS
+    try:
+        suite_tasks = get_suite(args.suite, args.data_root)
+        unknown = sorted(set(args.tasks or ()) - {t.name for t in suite_tasks})
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the suite has {[t.name for t in suite_tasks]}")
+        for w in args.weights:
+            resolve_net(w)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
     try:
         if args.baselines_only:
             torch.set_num_threads(threads or torch.get_num_threads())
             hs = _horizons(args.steps, args.horizons)
-            for task in get_suite(args.suite, args.data_root):
+            for task in suite_tasks:
                 if args.tasks and task.name not in args.tasks:
                     continue
                 t_steps = min(args.steps, task.max_steps or args.steps)
@@ -163,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
             print("learned ms/step (wall/CPU): " + ", ".join(
                 f"{k} {v['seconds']:.1f}/{v['cpu_seconds']:.1f}" for k, v in res.ms_per_step.items())
                 + f"; total {res.seconds:.0f} s", flush=True)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad names, weights, datasets, extras
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "l2l-optim eval " + " ".join(sys.argv[1:] if argv is None else argv)
+        meta = {"command": command, "torch": torch.__version__, "threads": threads or torch.get_num_threads()}
+        (out / "eval.json").write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=1)
+                                       + "\n")
+        print(f"wrote {out / 'eval.json'}")
+        if args.plot:
+            try:
+                print(f"wrote {plot_results(results, out / 'eval.png')}")
+            except ImportError:
+                print("no plot: matplotlib is not installed (pip install matplotlib)")
+    except (ValueError, TypeError, OSError, ImportError) as e:  # datasets, extras, the output directory
         print(f"l2l-optim eval: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "l2l-optim eval " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": command, "torch": torch.__version__, "threads": threads or torch.get_num_threads()}
-    (out / "eval.json").write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
-    print(f"wrote {out / 'eval.json'}")
-    if args.plot:
-        print(f"wrote {plot_results(results, out / 'eval.png')}")
+        return 1
     return 0

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..nets import INITS, CoordinatewiseNet, init_net
-from ..registry import ARCHITECTURES, build_net, get_architecture
+from ..registry import build_net, get_architecture
 from ..tasks import Task, make_task
-from .losses import META_LOSSES, check_meta_loss
+from .losses import check_meta_loss
 from ..training import tail_mean
 from .trajectory import meta_lr_scales, run_trajectory
 
@@ -275,54 +275,11 @@ def meta_fit(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``l2l-optim meta-fit`` argument parser (every option has a help text)."""
-    from ..tasks import TASKS
+    """The ``l2l-optim meta-fit`` argument parser (every option has a help text); built in
+    :mod:`l2l_optim.cli_args`, without torch, so that ``--help`` answers at once."""
+    from ..cli_args import meta_fit_parser
 
-    p = argparse.ArgumentParser(
-        prog="l2l-optim meta-fit",
-        description="Meta-train a learned optimizer's net with truncated BPTT and write its weights, "
-                    "training log and checkpoint to --out-dir (a stopped run resumes).",
-    )
-    d = MetaFitConfig()
-    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES),
-                   help=f"the net to meta-train (default: {d.arch})")
-    p.add_argument("--bias", action="store_true", help="SimpleOptimizerNet with biases (ablation)")
-    p.add_argument("--no-aggregate", action="store_true", help="SimpleOptimizerNet without the mean (ablation)")
-    p.add_argument("--task", default=d.task, choices=sorted(TASKS),
-                   help=f"the optimizee task (default: {d.task})")
-    p.add_argument("--meta-loss", default=d.meta_loss, choices=META_LOSSES,
-                   help=f"meta-loss over an unroll's training losses (default: {d.meta_loss})")
-    p.add_argument("--trajectories", type=int, default=d.trajectories,
-                   help=f"optimizee trajectories (fresh inits) to meta-train on (default: {d.trajectories})")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"optimizee steps per trajectory, a multiple of --unroll (default: {d.steps})")
-    p.add_argument("--unroll", type=int, default=d.unroll,
-                   help=f"optimizee steps per truncated-BPTT unroll (default: {d.unroll})")
-    p.add_argument("--meta-lr", type=float, default=d.meta_lr,
-                   help=f"Adam learning rate on the net's weights (default: {d.meta_lr:g})")
-    p.add_argument("--absolute-meta-lr", action="store_true",
-                   help="plain Adam steps (no per-element scaling by the weights' initial magnitude)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help=f"max norm of the meta-gradient (default: {d.grad_clip:g})")
-    p.add_argument("--init", default=None, choices=INITS,
-                   help="the net's starting point (default: the architecture's own, see l2l_optim.registry)")
-    p.add_argument("--init-lr", type=float, default=d.init_lr,
-                   help=f"step size of the 'sign' and 'sgd' inits (default: {d.init_lr:g})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"optimizee minibatch size (default: {d.batch_size})")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help=f"seeds the net's init and every trajectory (default: {d.seed})")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="every this many trajectories, evaluate on a held-out init and keep the best "
-                        f"net (default: {d.eval_every}, keep the last)")
-    p.add_argument("--eval-steps", type=int, default=d.eval_steps,
-                   help=f"length of each evaluation run in optimizee steps (default: {d.eval_steps})")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--data-root", default=None,
-                   help="a directory with the IDX dataset files, searched first (default: $L2L_DATA, ...)")
-    p.add_argument("--out-dir", required=True, help="output directory (log, checkpoint, weights)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out-dir holds a checkpoint")
-    return p
+    return meta_fit_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
