@@ -303,6 +303,18 @@ def test_info_json_and_nothing_to_list(registry, capsys):
     assert listed["cpu_kernel"] == kernel_info()
 
 
+def test_info_lists_files_with_deeply_nested_or_unreadable_metadata(registry, capsys):
+    pkg, _ = registry
+    deep = "[" * 200_000 + "]" * 200_000
+    save_weights(random_simple(), pkg / "nested.safetensors", metadata={"recipe": deep})
+    save_weights(random_simple(), pkg / "finetuned.safetensors", metadata={"finetune": deep})
+    torch.save(random_simple().state_dict(), pkg / "pickled.safetensors")
+    assert cli.main(["info"]) == 0
+    row = rows(capsys.readouterr().out.split("\n\n")[1].split("\n", 1)[1])
+    assert row["nested"][1:3] == ["simple", "132"] and row["finetuned"][-1] == "?"
+    assert "not a safetensors file (a zip archive, e.g. a torch.save pickle)" in " ".join(row["pickled"])
+
+
 # ------------------------------------------------------------------------------ finetune
 
 

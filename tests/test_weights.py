@@ -226,6 +226,93 @@ def test_garbage_and_corrupted_headers(tmp_path):
         assert str(bad) in str(e.value), name
 
 
+DEEP = 200_000  # far beyond Python's recursion limit, far below the header size limit
+
+
+def raw_file(path: Path, header: bytes, body: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + body)
+    return path
+
+
+def test_deeply_nested_json_in_the_header_is_a_weights_error(tmp_path):
+    header = b'{"__metadata__": {"format": "x"}, "t": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    path = raw_file(tmp_path / "nested.safetensors", header)
+    with pytest.raises(WeightsError, match="corrupted header \\(JSON nested too deeply to read\\)") as e:
+        load_weights(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        W._read_header(path)  # what `l2l-optim info` reads
+
+
+def test_a_deeply_nested_config_is_a_weights_error(tmp_path):
+    net = random_simple(16)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = write_raw(tmp_path / "cfg.safetensors", tensors, valid_meta(net) | {"config": "[" * DEEP + "]" * DEEP})
+    with pytest.raises(WeightsError, match="bad config \\(JSON nested too deeply to read\\)") as e:
+        load_weights(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("zipped, kind", [(True, "a zip archive, e.g. a torch.save pickle"),
+                                          (False, "a pickle, e.g. torch.save")], ids=["zip", "legacy"])
+def test_a_torch_save_file_is_named_for_what_it_is(tmp_path, zipped, kind):
+    path = tmp_path / "weights.pt"
+    torch.save(random_simple(17).state_dict(), path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(WeightsError) as e:
+        load_weights(path)
+    assert str(e.value) == f"{path}: not a safetensors file ({kind})"
+    from l2l_optim.optimizer import SimpleOptimizer
+
+    with pytest.raises(WeightsError, match=re.escape(kind)):
+        SimpleOptimizer([torch.zeros(2, requires_grad=True)], weights=path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_any_pickle_is_named_for_what_it_is(tmp_path, protocol):
+    import pickle
+
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"w_hh": [0.0] * 100}, protocol=protocol))
+    with pytest.raises(WeightsError, match=re.escape("not a safetensors file (a pickle, e.g. torch.save)")):
+        load_weights(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=600))
+def test_random_bytes_are_a_weights_error(tmp_path, blob):
+    path = tmp_path / "random.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(WeightsError) as e:
+        load_weights(path)
+    assert str(path) in str(e.value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.binary(max_size=300), body=st.binary(max_size=300))
+def test_random_bytes_behind_a_plausible_length_are_a_weights_error(tmp_path, header, body):
+    path = raw_file(tmp_path / "random.safetensors", b"{" + header, body)
+    with pytest.raises(WeightsError):
+        load_weights(path)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**20) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=20)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entry=JSON, config=JSON, body=st.binary(max_size=64))
+def test_any_json_in_a_tensor_entry_or_the_config_is_a_weights_error(tmp_path, entry, config, body):
+    net = random_simple(18)
+    meta = valid_meta(net) | {"config": json.dumps(config)}
+    for header in ({"__metadata__": meta, "w_hh": entry}, {"__metadata__": meta, **{
+            k: {"dtype": "F32", "shape": list(v.shape), "data_offsets": [0, 4 * v.numel()]}
+            for k, v in net.state_dict().items()}}):
+        path = raw_file(tmp_path / "fuzz.safetensors", json.dumps(header).encode(), body)
+        with pytest.raises(WeightsError):
+            load_weights(path)
+
+
 def test_tampered_metadata_is_detected(tmp_path):
     net = random_simple(12)
     t = {k: v.contiguous() for k, v in net.state_dict().items()}

@@ -249,25 +249,69 @@ def save_weights(
     return path
 
 
+# the first bytes of files that are often passed where a weight file belongs: torch.save
+# writes a zip archive (or, with _use_new_zipfile_serialization=False, a bare pickle)
+_FOREIGN = ((b"PK\x03\x04", "a zip archive, e.g. a torch.save pickle"),
+            (b"\x80", "a pickle, e.g. torch.save"))
+
+
+def _foreign_kind(head: bytes) -> str | None:
+    """What a file that starts with ``head`` is, when it is a known format other than ours."""
+    for magic, kind in _FOREIGN:
+        if head.startswith(magic) and (magic != b"\x80" or head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            return kind
+    return None
+
+
+def _json_loads(text: str | bytes, path: Path, problem: str) -> Any:
+    """``json.loads`` of UTF-8 text, with every failure a :class:`WeightsError` that begins
+    with ``problem`` (``"corrupted header"``, ``"bad config"``).
+
+    A file may come from anywhere: nesting deep enough to exhaust Python's recursion limit
+    is refused like any other malformed JSON.
+    """
+    try:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: {problem} (not valid JSON: {e})") from None
+    except RecursionError:
+        raise WeightsError(f"{path}: {problem} (JSON nested too deeply to read)") from None
+
+
+def _is_int_list(value: Any, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
-    """Parse a safetensors header: (metadata, tensor entries). Reads only the header bytes."""
+    """Parse a safetensors header: (metadata, tensor entries). Reads only the header bytes.
+
+    Raises:
+        WeightsError: for any file that is not a well-formed safetensors header, named for
+            what it is where that is recognisable (a torch.save pickle or zip archive).
+    """
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER:
-                raise WeightsError(f"{path}: corrupted header (claims {n} bytes)")
-            raw = f.read(n)
+            # a safetensors file: the header's length (8 bytes, little-endian), then the
+            # header, a JSON object
+            head = f.read(9)
+            n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+            if n is None or n > _MAX_HEADER or head[8:9] not in (b"{", b""):
+                kind = _foreign_kind(head)
+                if kind:
+                    raise WeightsError(f"{path}: not a safetensors file ({kind})")
+                if n is None:
+                    raise WeightsError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+                if n > _MAX_HEADER:
+                    raise WeightsError(f"{path}: not a safetensors file (its first 8 bytes give a header "
+                                       f"of {n} bytes, more than safetensors allows)")
+                raise WeightsError(f"{path}: not a safetensors file (no JSON header after its first 8 bytes)")
+            raw = head[8:] + f.read(n - len(head[8:])) if n else b""
     except OSError as e:
         raise WeightsError(f"{path}: cannot read weight file ({e})") from e
     if len(raw) < n:
         raise WeightsError(f"{path}: truncated header ({len(raw)} of {n} bytes)")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: corrupted header (not valid JSON: {e})") from None
+    header = _json_loads(raw, path, "corrupted header")
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupted header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
@@ -276,7 +320,9 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
     ):
         raise WeightsError(f"{path}: corrupted header (metadata must map strings to strings)")
     for key, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        if (not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys()
+                or not isinstance(entry["dtype"], str) or not _is_int_list(entry["shape"])
+                or not _is_int_list(entry["data_offsets"], 2)):
             raise WeightsError(f"{path}: corrupted header (bad entry for tensor {key!r})")
     return meta, header
 
@@ -352,10 +398,7 @@ def _load_file(path: Path, arch: str | None) -> LoadedWeights:
         raise WeightsError(f"{path}: unknown architecture {file_arch!r} (known: {sorted(ARCHITECTURES)})")
     if arch is not None and file_arch != arch:
         raise WeightsError(f"{path}: holds {file_arch!r} weights, but {arch!r} was requested")
-    try:
-        config = json.loads(meta["config"])
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: bad config {meta['config']!r} ({e})") from None
+    config = _json_loads(meta["config"], path, "bad config")
     _check_config(path, file_arch, config)
     try:
         # on the meta device: shapes without memory, and no draw from the global RNG
