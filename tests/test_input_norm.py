@@ -81,6 +81,46 @@ def test_rms_normalise_is_adams_bias_corrected_second_moment():
     assert x.tolist() == [1.0, -1.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype,huge", [(torch.float32, 2e19), (torch.float32, 3e38),
+                                         (torch.float32, -3e38), (torch.float64, 1e160),
+                                         (torch.float64, 1.7e308)])
+def test_rms_normalise_keeps_the_running_squares_finite_for_every_finite_gradient(dtype, huge):
+    # (1 - beta) g^2 is beyond float32 above ~5.8e20: v saturates instead of overflowing
+    g = torch.tensor([huge, 1.0, 0.0], dtype=dtype)
+    x, v, c = rms_normalise(g, torch.zeros(3, dtype=dtype), torch.zeros(3, dtype=dtype))
+    assert torch.isfinite(v).all() and torch.isfinite(x).all()
+    assert x[0].item() * huge > 0 and x[1].item() == pytest.approx(1.0) and x[2].item() == 0.0
+    for _ in range(3):  # a later ordinary gradient still reaches the net
+        x, v, c = rms_normalise(torch.ones(3, dtype=dtype), v, c)
+        assert torch.isfinite(v).all() and (x > 0).all()
+    # an infinite gradient is not finite: it still poisons v (the optimizer skips such steps)
+    _, v, _ = rms_normalise(torch.tensor([float("inf")], dtype=dtype), torch.zeros(1, dtype=dtype),
+                            torch.zeros(1, dtype=dtype))
+    assert v.isinf().all()
+    _, v, _ = rms_normalise(torch.tensor([float("nan")], dtype=dtype), torch.zeros(1, dtype=dtype),
+                            torch.zeros(1, dtype=dtype))
+    assert v.isnan().all()
+
+
+@pytest.mark.parametrize("huge", [2e19, 3e38])
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_one_huge_finite_gradient_leaves_the_parameter_trainable(impl, huge):
+    from l2l_optim import kernels
+
+    if impl == "cpu" and kernels.resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SimpleOptimizer([p], impl=impl)  # the shipped default normalises its input
+    p.grad = torch.full((3,), huge)
+    opt.step()
+    for _ in range(5):
+        before = p.detach().clone()
+        p.grad = torch.ones(3)
+        opt.step()
+        assert torch.isfinite(opt.state[p]["v"]).all()
+        assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)
+
+
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
 def test_optimizer_kernels_match_the_nets_forward(impl):
     from l2l_optim import kernels

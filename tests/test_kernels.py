@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,6 +361,37 @@ def test_nan_gradient_propagates_like_reference(path):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         fin = torch.isfinite(a)
         assert torch.allclose(a[fin], b[fin], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,huge", [(torch.float32, 2e19), (torch.float32, 3e38),
+                                         (torch.float64, 1e200)])
+def test_a_huge_finite_gradient_leaves_the_rms_input_trainable(path, dtype, huge, request):
+    # (1 - beta) g^2 overflows the compute dtype's g^2 first (float32: above ~1.8e19) and its
+    # range next (~5.8e20): the running mean of squares must stay finite, or every later input
+    # is g / inf = 0 and the coordinate never moves again
+    kernel, device = path
+    if kernel.__name__ == "simple_update_triton":
+        request.applymarker(pytest.mark.xfail(
+            reason="triton.py's rms update squares g before scaling it", strict=False))
+    from l2l_optim.kernels._common import RunningRms
+
+    w = weights_for(dtype=dtype)
+    runs = {}
+    for name, fn, dev in (("ref", simple_update_reference, "cpu"), ("kernel", kernel, device)):
+        p, h = [torch.zeros(3, dtype=dtype, device=dev)], [torch.zeros(H, 3, dtype=dtype, device=dev)]
+        rms = RunningRms([torch.zeros(3, dtype=dtype, device=dev)],
+                         [torch.zeros(3, dtype=dtype, device=dev)])
+        fn(p, [torch.full((3,), huge, dtype=dtype, device=dev)], h, [1.0], w, None, None, rms)
+        moves = []
+        for _ in range(4):
+            before = p[0].clone()
+            fn(p, [torch.ones(3, dtype=dtype, device=dev)], h, [1.0], w, None, None, rms)
+            assert torch.isfinite(rms.squares[0]).all(), name
+            moves.append(not torch.equal(p[0], before))
+        assert all(moves) and torch.isfinite(p[0]).all(), name
+        runs[name] = [p[0].cpu(), h[0].cpu(), rms.squares[0].cpu()]
+    for a, b in zip(runs["ref"], runs["kernel"]):
+        torch.testing.assert_close(b, a, rtol=4 * TOL[dtype], atol=TOL[dtype])
 
 
 def test_empty_and_zero_numel(path):
@@ -829,7 +861,8 @@ def test_triton_interpreter_suite(_interpreter_subprocess):
         raise
     out = log.read_text()
     assert proc.returncode == 0, out[-6000:]
-    assert " passed" in out and "failed" not in out, out[-3000:]
+    # (an expected failure reads "xfailed", not a failure)
+    assert " passed" in out and not re.search(r"\b\d+ failed", out), out[-3000:]
 
 
 # ------------------------------------------------------------------------ choosing the path

@@ -97,15 +97,23 @@ def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
 
     ``v' = beta * v + (1 - beta) * g**2`` and ``c' = beta * c + (1 - beta)``, both starting
     at zero, so ``c' = 1 - beta**t`` after t steps and ``v' / c'`` is Adam's bias-corrected
-    second moment; the input is ``g / (sqrt(v' / c') + eps)``. ``c`` is kept per coordinate,
-    a running mean of ones, instead of a step counter, so the rule stays a function of its
-    input and its per-coordinate state (and a skipped step skips it too). The result is
-    invariant to the gradient's scale: the same rule suits a loss scaled by 1e-3 or 1e3.
+    second moment; the input is ``g / (sqrt(v') / sqrt(c') + eps)``. ``c`` is a running mean
+    of ones instead of a step counter, so the rule stays a function of its input and its
+    state (and a skipped step skips it too). The result is invariant to the gradient's
+    scale: the same rule suits a loss scaled by 1e-3 or 1e3.
+
+    No finite gradient makes ``v`` infinite: ``(1 - beta) g**2`` is computed as
+    ``((1 - beta) g) g`` (as Adam does), which stays finite where ``g**2`` alone would not
+    (above ~1.8e19 in float32), and a square beyond the dtype's range saturates ``v`` at the
+    largest finite value. An infinite ``v`` would make every later input 0 and freeze the
+    coordinate. For the same reason the root mean square is ``sqrt(v') / sqrt(c')``: ``v' / c'``
+    overflows while ``c'`` is small. An infinite gradient still gives an infinite ``v``.
 
     Args:
         grad: gradients, any shape.
         v: the running mean of squared gradients, same shape, float32 or float64.
-        c: the running mean of ones (the bias correction), same shape and dtype.
+        c: the running mean of ones (the bias correction), in v's dtype: one value per
+            coordinate or one for the whole tensor (any shape that broadcasts against v).
         beta: the running means' decay.
         eps: added to the root mean square.
 
@@ -118,9 +126,10 @@ def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
         ([-1.0, 0.0], [0.0010000000474974513, 0.0010000000474974513])
     """
     g = grad.to(v.dtype)
-    v_new = v * beta + (g * g) * (1 - beta)
+    v_new = v * beta + ((1 - beta) * g) * g
+    v_new = torch.where(g.isinf(), v_new, v_new.clamp(max=torch.finfo(v.dtype).max))
     c_new = c * beta + (1 - beta)
-    return g / ((v_new / c_new).sqrt() + eps), v_new, c_new
+    return g / (v_new.sqrt() * c_new.sqrt().reciprocal() + eps), v_new, c_new
 
 
 def recur(w_ih: Tensor, w_hh: Tensor, b_h: Tensor | None, x: Tensor, h: Tensor) -> Tensor:

@@ -7,9 +7,10 @@
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
 //
-//     x_i  = g_i, or with the rms input norm (nets.rms_normalise):
-//            v_i = beta v_i + (1 - beta) g_i^2,  c_i = beta c_i + (1 - beta),
-//            x_i = g_i / (sqrt(v_i / c_i) + eps)      (v, c updated in place)
+//     x_i  = g_i, or with the rms input norm (rule.rms_normalise):
+//            v_i = beta v_i + ((1 - beta) g_i) g_i  (saturated: no finite g_i makes it inf),
+//            c_i = beta c_i + (1 - beta),
+//            x_i = g_i / (sqrt(v_i) / sqrt(c_i) + eps)      (v, c updated in place)
 //     h_i' = tanh(w_ih * x_i + w_hh @ h_i + b_h)
 //     u_i  = w_a . h_i' + b_out + w_b . mean_j(h_j')      (mean over every coordinate of the call)
 //     theta_i += lr * u_i

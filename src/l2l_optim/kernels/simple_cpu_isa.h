@@ -404,9 +404,11 @@ inline const C* load_grad_block(const Job& job, int64_t i0, int64_t len, C* __re
   return buf;
 }
 
-// The rms input norm on one block: v = beta v + (1 - beta) g^2, c = beta c + (1 - beta) in
-// place, and x = g / (sqrt(v / c) + eps) into buf, in the order of nets.rms_normalise (the
-// compiler may fuse a multiply and an add: the last bit may differ from torch's).
+// The rms input norm on one block: v = beta v + ((1 - beta) g) g, saturated at the largest
+// finite value unless g is infinite, c = beta c + (1 - beta) in place, and
+// x = g / (sqrt(v) (1 / sqrt(c)) + eps) into buf, in the order of rule.rms_normalise (the
+// compiler may fuse a multiply and an add: the last bit may differ from torch's). No finite g
+// makes v infinite, which would freeze the coordinate (every later x would be 0).
 template <typename C>
 inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i0, int64_t len,
                                 C* __restrict buf) {
@@ -415,14 +417,17 @@ inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i
   const C beta = static_cast<C>(job.norm->beta);
   const C omb = static_cast<C>(job.norm->one_minus_beta);
   const C eps = static_cast<C>(job.norm->eps);
+  constexpr C kMax = std::numeric_limits<C>::max();
+  constexpr C kInf = std::numeric_limits<C>::infinity();
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const C gi = g[i];
-    const C vn = v[i] * beta + (gi * gi) * omb;
+    C vn = v[i] * beta + (omb * gi) * gi;
+    vn = (std::fabs(gi) == kInf || !(vn > kMax)) ? vn : kMax;  // NaN stays NaN
     const C cn = c[i] * beta + omb;
     v[i] = vn;
     c[i] = cn;
-    buf[i] = gi / (std::sqrt(vn / cn) + eps);
+    buf[i] = gi / (std::sqrt(vn) * (C(1) / std::sqrt(cn)) + eps);
   }
   return buf;
 }
