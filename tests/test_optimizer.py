@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from l2l_optim import hub
 from l2l_optim import weights as W
 from l2l_optim.nets import CoordinatewiseNet, DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
 from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
@@ -130,8 +131,11 @@ def test_invalid_options():
         SimpleOptimizer([], weights=net)
     with pytest.raises(TypeError, match="weights must be"):
         SimpleOptimizer([leaf(2)], weights=42)
-    with pytest.raises(TypeError, match="state_dtype"):
-        DMOptimizer([leaf(2)], weights=DMOptimizerNet(), state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="^Invalid state_dtype: torch.float16"):
+        DMOptimizer([leaf(2)], weights=DMOptimizerNet(), state_dtype=torch.float16)
+    # the LSTM baselines take the base's options, bfloat16 state included
+    assert DMOptimizer([leaf(2)], weights=DMOptimizerNet(), state_dtype=torch.bfloat16).defaults[
+        "state_dtype"] == torch.bfloat16
     with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
         SimpleOptimizer([leaf(2)], lr=torch.ones(2), weights=net)
 
@@ -784,10 +788,9 @@ def test_a_state_dict_with_the_fingerprint_at_the_top_still_loads():
     assert opt2.param_groups[0]["impl"] == "auto" and opt2.param_groups[0]["state_dtype"] == torch.float32
 
 
-def test_whole_step_options_are_refused_per_group():
+def test_impl_is_refused_per_group_and_state_dtype_is_not():
+    # one step is one kernel call over every group, so the kernel is the optimizer's
     net = random_simple(15)
-    with pytest.raises(ValueError, match="'nonfinite' applies to the whole step"):
-        SimpleOptimizer([{"params": [leaf(2)]}, {"params": [leaf(3)], "nonfinite": "raise"}], weights=net)
     with pytest.raises(ValueError, match="'impl' applies to the whole step"):
         SimpleOptimizer([{"params": [leaf(2)], "impl": "reference"}], weights=net, impl="auto")
     opt = SimpleOptimizer([{"params": [leaf(2)]}, {"params": [leaf(3)], "state_dtype": torch.bfloat16}],
@@ -866,7 +869,7 @@ def test_public_api_exports():
     assert l2l_optim.SimpleOptimizer is SimpleOptimizer
     assert l2l_optim.DMOptimizer is DMOptimizer and l2l_optim.RNNProp is RNNProp
     assert l2l_optim.LearnedOptimizer is LearnedOptimizer
-    assert l2l_optim.load_weights is load_weights
+    assert l2l_optim.load_weights is hub.load_weights
 
 
 @pytest.mark.parametrize("input_size", [2, 20])
@@ -1192,3 +1195,193 @@ def test_state_dtype_is_saved_by_name_and_loads_either_way():
     sd["param_groups"][0]["state_dtype"] = "float16"
     with pytest.raises(ValueError, match="Invalid state_dtype: torch.float16"):
         SimpleOptimizer([leaf(4)], weights=net).load_state_dict(sd)
+
+
+# ------------------------------------------------------------ what a newcomer tries first
+
+
+@pytest.mark.parametrize("cls, net", [(SimpleOptimizer, random_simple()), (DMOptimizer, DMOptimizerNet(hidden_size=3))])
+def test_an_adam_sized_lr_warns_once_that_lr_scales_the_learned_step(cls, net):
+    with pytest.warns(UserWarning) as caught:
+        opt = cls([leaf(2)], 1e-3, weights=net)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    text = str(caught[0].message)
+    assert "lr=0.001" in text and "multiplies the meta-trained step" in text
+    assert "lr=1.0 applies it as trained" in text and "Adam's 1e-3" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [leaf(3)], "lr": 1e-4})  # once per optimizer
+        for lr in (0.05, 1.0, 0.0, torch.tensor(1e-3)):  # at the learned scale, off, a tensor
+            cls([leaf(2)], lr, weights=net)
+    with pytest.warns(UserWarning, match="lr=0.01 "):  # a group's own lr
+        cls([{"params": [leaf(2)]}, {"params": [leaf(3)], "lr": 0.01}], weights=net)
+
+
+ADAM_OPTIONS = [
+    ("betas", (0.9, 0.999), "nothing replaces it: the update rule is learned"),
+    ("eps", 1e-8, "nothing replaces it: the update rule is learned"),
+    ("amsgrad", True, "nothing replaces it: the update rule is learned"),
+    ("foreach", True, "impl="),
+    ("fused", True, "impl="),
+    ("capturable", True, "torch.compile"),
+    ("differentiable", True, "l2l_optim.meta"),
+]
+
+
+@pytest.mark.parametrize("key, value, hint", ADAM_OPTIONS, ids=[o[0] for o in ADAM_OPTIONS])
+@pytest.mark.parametrize("cls, net", [(SimpleOptimizer, random_simple()), (RNNProp, RNNPropNet(hidden_size=3))])
+def test_adams_options_are_refused_with_what_applies_instead(cls, net, key, value, hint):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__} has no {key!r} option \(torch\.optim\.Adam's\); ") as e:
+        cls([leaf(2)], weights=net, **{key: value})
+    assert hint in str(e.value)
+    if key in ("foreach", "fused") and cls is RNNProp:
+        assert "SimpleOptimizer's impl=" in str(e.value)
+
+
+def test_an_unknown_keyword_is_refused_as_python_does():
+    with pytest.raises(TypeError, match=r"^SimpleOptimizer.__init__\(\) got an unexpected keyword argument 'colour'$"):
+        SimpleOptimizer([leaf(2)], weights=random_simple(), colour="red")
+    with pytest.raises(TypeError, match=r"^DMOptimizer.__init__\(\) got an unexpected keyword argument 'impl'$"):
+        DMOptimizer([leaf(2)], weights=DMOptimizerNet(), impl="cpu")
+    with pytest.raises(TypeError, match=r"missing 1 required keyword-only argument: 'weights'"):
+        LearnedOptimizer([leaf(2)])
+
+
+CYCLIC = [
+    pytest.param(lambda opt, **kw: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=12, **kw),
+                 id="OneCycleLR"),
+    pytest.param(lambda opt, **kw: torch.optim.lr_scheduler.CyclicLR(
+        opt, base_lr=0.1, max_lr=1.0, step_size_up=3, **kw), id="CyclicLR"),
+]
+
+
+@pytest.mark.parametrize("make_scheduler", CYCLIC)
+@pytest.mark.parametrize("make", EVERY_PATH)
+def test_cyclic_schedulers_run_with_their_default_momentum_cycling(make, make_scheduler):
+    # the groups hold an inert "momentum" for schedulers that cycle it: the steps are those
+    # of cycle_momentum=False
+    runs = []
+    for kw in ({}, {"cycle_momentum": False}):
+        model = _model()
+        opt = make(model.parameters())
+        sched = make_scheduler(opt, **kw)
+        lrs, momenta = [], []
+        for seed in range(6):
+            _train(opt, model, 1, seed=seed)
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+            momenta.append(opt.param_groups[0]["momentum"])
+        runs.append((model, lrs, momenta))
+    (cycled, lrs, momenta), (plain, plain_lrs, plain_momenta) = runs
+    assert lrs == plain_lrs and len(set(lrs)) > 1
+    assert len(set(momenta)) > 1 and set(plain_momenta) == {0.0}
+    for p, q in zip(cycled.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_meta_device_parameters_are_refused_by_name():
+    for cls, net in ((SimpleOptimizer, random_simple()), (DMOptimizer, DMOptimizerNet(hidden_size=3))):
+        model = nn.Linear(2, 3, device="meta")
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: parameter 0 \(shape \(3, 2\)\) is on the "
+                                             r"meta device.*to_empty"):
+            cls(model.parameters(), weights=net)
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(3,\)\) is on the meta device"):
+        LearnedOptimizer([torch.empty(3, device="meta")], weights=ScaledSignNet())
+
+
+@pytest.mark.parametrize("cls, make", NETS_FOR_NAN, ids=NAN_IDS)
+def test_nonfinite_is_a_group_option_and_the_first_bad_gradients_group_decides(cls, make):
+    params = [leaf(3, seed=0), leaf(4, seed=1)]
+    opt = cls([{"params": params[:1]}, {"params": params[1:], "nonfinite": "raise"}], weights=make())
+    assert opt.defaults["nonfinite"] == "skip"
+    assert [g["nonfinite"] for g in opt.param_groups] == ["skip", "raise"]
+    set_grads(params, [torch.randn(3), torch.randn(4)])
+    opt.step()
+    snap = snapshot(opt)
+    # first bad gradient in the "raise" group: raise, nothing changed
+    set_grads(params, [torch.randn(3), torch.tensor([1.0, float("nan"), 0.0, 0.0])])
+    with pytest.raises(FloatingPointError, match=r"parameter 1 \(group 1"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    # first bad gradient in the "skip" group: the whole step is skipped, the other group too
+    set_grads(params, [torch.tensor([float("inf"), 0.0, 0.0]), torch.tensor([float("nan")] * 4)])
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    assert opt.skipped_steps == 1
+    # the per-group policy travels in state_dict
+    other = cls([{"params": [leaf(3)]}, {"params": [leaf(4)]}], weights=make())
+    other.net.load_state_dict(opt.net.state_dict())
+    other.load_state_dict(opt.state_dict())
+    assert [g["nonfinite"] for g in other.param_groups] == ["skip", "raise"]
+
+
+def test_one_group_holding_every_option_is_accepted():
+    # what torch's own optimizer tests do: every option, non-defaults included, in one group
+    net = random_simple()
+    options = dict(lr=0.5, nonfinite="raise", state_dtype=torch.bfloat16, weight_decay=0.1, maximize=True)
+    opt = SimpleOptimizer([dict(params=[leaf(3)], **options)], weights=net)
+    assert all(opt.param_groups[0][k] == v for k, v in options.items())
+
+
+# ---------------------------------------------------------------- state_dict as torch's
+
+
+def test_state_dict_and_load_state_dict_are_torchs_with_hooks_that_survive_copies():
+    assert LearnedOptimizer.state_dict is torch.optim.Optimizer.state_dict
+    assert LearnedOptimizer.load_state_dict is torch.optim.Optimizer.load_state_dict
+    net = random_simple(15)
+    model = _model()
+    opt = SimpleOptimizer(model.parameters(), weights=net)
+    _train(opt, model, 2, seed=0)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        sd = copied.state_dict()
+        assert [g["meta_fingerprint"] for g in sd["param_groups"]] == [fingerprint(net)]
+        with pytest.raises(ValueError, match="saved with meta-weights"):
+            SimpleOptimizer(_model().parameters(), weights=random_simple(16)).load_state_dict(sd)
+
+
+def test_user_hooks_run_around_the_fingerprint_and_the_casts():
+    net = random_simple(15)
+    model = _model()
+    opt = SimpleOptimizer(model.parameters(), weights=net)
+    _train(opt, model, 2, seed=0)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd["param_groups"][0]["meta_fingerprint"]))
+    sd = opt.state_dict()
+    assert seen == [fingerprint(net)]
+    # a dict without the fingerprint loads when a hook that runs first supplies it
+    plain = {"state": sd["state"], "param_groups": [
+        {k: v for k, v in g.items() if k != "meta_fingerprint"} for g in sd["param_groups"]]}
+    target = SimpleOptimizer(_model().parameters(), weights=net)
+
+    def stamp(o, d):
+        return {**d, "param_groups": [{**g, "meta_fingerprint": o.meta_fingerprint} for g in d["param_groups"]]}
+
+    target.register_load_state_dict_pre_hook(stamp, prepend=True)
+    loaded = []
+    target.register_load_state_dict_post_hook(lambda o: loaded.append(o.state[next(iter(o.state))]["h"].dtype))
+    target.load_state_dict(plain)
+    assert loaded == [torch.float32]
+    for p, q in zip(opt.param_groups[0]["params"], target.param_groups[0]["params"]):
+        assert all(torch.equal(opt.state[p][k], target.state[q][k]) for k in opt.state[p])
+
+
+def test_loaded_state_is_cast_to_what_the_optimizer_keeps():
+    net = random_simple(15)
+    p = leaf(3, dtype=torch.bfloat16, seed=0)
+    opt = SimpleOptimizer([p], weights=net, state_dtype=torch.bfloat16)
+    set_grads([p], [torch.randn(3)])
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["state_dtype"] = "float32"
+    sd["state"][0]["step"] = 7  # a plain number, as some converters write it
+    sd["state"][0]["h"] = sd["state"][0]["h"].double() + 1e-6
+    q = leaf(3, dtype=torch.bfloat16, seed=0)
+    target = SimpleOptimizer([q], weights=net)
+    target.load_state_dict(sd)
+    state = target.state[q]
+    assert state["h"].dtype == torch.float32  # the group's state_dtype, not the parameter's
+    assert state["step"].dtype == torch.int64 and int(state["step"]) == 7
+    assert torch.equal(state["h"], sd["state"][0]["h"].float())
+    assert state["h"].data_ptr() != sd["state"][0]["h"].data_ptr()

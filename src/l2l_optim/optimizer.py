@@ -1,34 +1,19 @@
 """torch.optim wrappers around the meta-trained coordinate-wise nets.
 
 :class:`LearnedOptimizer` knows the ``torch.optim`` contract (parameter groups, lazy state,
-closures, ``state_dict``, validation) and nothing about how an update is computed: it hands
-all gradients and states of a step to :func:`l2l_optim.functional.coordinatewise_update`
-(the generic path) or, for :class:`SimpleOptimizer`, to
-:func:`l2l_optim.functional.simple_update` and its fused kernels.
-
-The file is longer than most in the package (about 870 lines, much of them docstrings)
-because it is the one place that holds the whole ``torch.optim`` contract: options,
-validation, the non-finite policy, and checkpoints; the three optimizers are thin subclasses
-that only configure it.
-
-Example:
-    >>> import torch
-    >>> from l2l_optim import SimpleOptimizer
-    >>> model = torch.nn.Linear(4, 2)
-    >>> opt = SimpleOptimizer(model.parameters())  # the shipped weights "simple"
-    >>> model(torch.randn(8, 4)).pow(2).mean().backward()
-    >>> opt.step()
+closures, validation) and nothing about how an update is computed: it hands all gradients
+and states of a step to :func:`l2l_optim.functional.coordinatewise_update` (the generic path)
+or, for :class:`SimpleOptimizer`, to :func:`l2l_optim.functional.simple_update` and its fused
+kernels. Options and parameters are checked in :mod:`l2l_optim.validation`, the non-finite
+policy is :class:`l2l_optim.nonfinite.NonfiniteGuard`, and the ``state_dict`` hooks are
+:class:`l2l_optim.checkpointing.Checkpointing`, with pickling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import numbers
 import os
-import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,57 +22,23 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, kernels
-from .nonfinite import finite_flags
-from .state import dtype_from_name, dtype_name
 from .functional import RunningRms, coordinatewise_update, simple_update
-from .hub import HubMixin
+from .hub import HubMixin, resolve_net
 from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
-from .hub import resolve_net
+from .checkpointing import Checkpointing
+from .nonfinite import NonfiniteGuard
+from .validation import check_group, check_params, own_options, warn_small_lr
 from .weights import LoadedWeights, WeightsError, fingerprint
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
 
 WeightsT = str | os.PathLike | CoordinatewiseNet | LoadedWeights
-_NONFINITE = ("skip", "raise")
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that attributes a warning raised in ``_step`` to the user's call.
-
-    torch wraps ``step`` in hook and profiling decorators whose depth varies between
-    versions, so count the frames instead of hard-coding them.
-    """
-    level, frame = 1, sys._getframe(2)  # 0: this function, 1: its caller
-    while frame is not None and (
-        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_DIR)
-    ):
-        frame, level = frame.f_back, level + 1
-    return level + 1
-
-
-def _is_real(x: Any) -> bool:
-    # numbers.Real covers int, float and numpy's scalars; a bool is not a rate
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, Tensor))
-
-
-def _check_lr(lr: Any) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr = lr.item()
-    if not _is_real(lr) or not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr!r}")
 
 
 def _outside_inference_mode(groups: list[dict[str, Any]]):
-    """A context in which the state a step creates is made of normal tensors.
-
-    Under ``torch.inference_mode()`` new tensors are inference tensors, which later steps
-    outside it can neither update in place nor version; the step leaves inference mode for
-    its own work unless the parameters themselves are inference tensors.
-    """
+    """Outside ``torch.inference_mode()`` unless the parameters are inference tensors: state
+    a step creates there could be neither updated in place nor versioned by later steps."""
     if torch.compiler.is_compiling():  # a graph has no inference mode to leave
         return contextlib.nullcontext()
     if torch.is_inference_mode_enabled() and not any(
@@ -97,32 +48,34 @@ def _outside_inference_mode(groups: list[dict[str, Any]]):
     return contextlib.nullcontext()
 
 
-class LearnedOptimizer(HubMixin, Optimizer):
+class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
     r"""An optimizer whose update rule is a meta-trained coordinate-wise network.
 
     Every step gathers the gradient of every parameter that has one, across all parameter
     groups, and runs the net once on all of them together: nets that aggregate over
     coordinates (SimpleOptimizer's mean hidden state) see every coordinate the optimizer
     steps. The update is ``theta <- theta + lr * u``, so ``lr=1.0`` applies the update as
-    meta-trained and learning-rate schedulers and per-group ``lr`` scale it.
+    meta-trained and learning-rate schedulers and per-group ``lr`` scale it. A float ``lr``
+    below 0.05 (Adam's 1e-3, say) warns once per optimizer.
 
     This base class runs any :class:`~l2l_optim.nets.CoordinatewiseNet` through its plain
-    ``forward`` (the generic path); :class:`SimpleOptimizer` replaces that with a fused
-    kernel.
+    ``forward`` (the generic path); :class:`SimpleOptimizer` runs a fused kernel instead.
 
     **Options** live where torch keeps them: in ``defaults`` and every parameter group, so
-    ``state_dict``, pickling and ``copy.deepcopy`` carry them. ``lr``, ``state_dtype``,
-    ``weight_decay`` and ``maximize`` may differ between groups; ``nonfinite`` (and SimpleOptimizer's ``impl``) apply to the whole
-    step, so a group that sets another value is refused.
+    ``state_dict``, pickling and ``copy.deepcopy`` carry them. ``lr``, ``nonfinite``,
+    ``state_dtype``, ``weight_decay`` and ``maximize`` may differ between groups;
+    SimpleOptimizer's ``impl`` applies to the whole step (one kernel call), so a group that
+    sets another value is refused. Every group also holds ``momentum`` (0.0), which nothing
+    reads: it is there for schedulers that cycle momentum (``OneCycleLR`` and ``CyclicLR``
+    with their default ``cycle_momentum=True``), whose learning rates then apply as usual.
 
-    **Non-finite gradients.** With ``nonfinite="skip"`` (the default), a step in which any
-    gradient holds NaN or Inf changes nothing: parameters, hidden states and step counts stay
-    as they were. The check is one flag computed on the parameters' device; on CPU the step
-    returns early, warns (once per call site) and increments ``skipped_steps``; on an
-    accelerator the flag is handed to the update so that no host synchronisation happens,
-    and ``skipped_steps`` synchronises only when it is read. With ``nonfinite="raise"``, the
-    step raises :class:`FloatingPointError` naming the first bad parameter before changing
-    anything (this synchronises).
+    **Non-finite gradients.** A NaN or Inf in any gradient stops the whole step (the update
+    spans every group); the group holding the first one (in the order of the groups and
+    their parameters) decides how. ``nonfinite="skip"`` (the default): nothing changes, not
+    even step counts; on CPU the step warns (once per call site) and counts in
+    ``skipped_steps``; on an accelerator, when every group skips, the check stays a device
+    flag that the update reads (no host synchronisation; reading ``skipped_steps`` syncs).
+    ``"raise"``: a :class:`FloatingPointError` naming the parameter, before anything changes.
 
     **torch.compile.** ``torch.compile(opt.step, fullgraph=True)`` traces one graph with
     ``nonfinite="skip"``: inside it a CPU step takes the device-flag path too (no warning;
@@ -137,22 +90,22 @@ class LearnedOptimizer(HubMixin, Optimizer):
     sharded like it (see :mod:`l2l_optim.distributed`).
 
     **The Hub.** :meth:`from_pretrained`, :meth:`save_pretrained` and :meth:`push_to_hub`
-    (from :class:`~l2l_optim.hub.HubMixin`) read and write the meta-weights with a model
-    card, in a local directory or a Hugging Face Hub repo.
+    (:class:`~l2l_optim.hub.HubMixin`) read and write the meta-weights with a model card.
 
-    **Checkpoints.** :meth:`state_dict` stamps the fingerprint of the meta-weights into every
-    parameter group (``"meta_fingerprint"``), where torch's distributed checkpoint tools keep
-    group options, so a dict rebuilt from ``state`` and ``param_groups`` still loads.
-    :meth:`load_state_dict` refuses a state saved with other meta-weights.
+    **Checkpoints.** ``state_dict`` and ``load_state_dict`` are torch's, with the hooks of
+    :mod:`l2l_optim.checkpointing`: every saved group carries the meta-weights' fingerprint
+    (``"meta_fingerprint"``); a state saved with other weights, or one that does not fit the
+    net and the parameters, is refused with a ValueError before anything changes; the state
+    loads in the dtypes this optimizer keeps, not in the parameter's.
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr: multiplier of the learned update (default: 1.0, the update as meta-trained).
-        weights: the meta-weights: a shipped name, a ``.safetensors`` path, a run directory,
-            an ``hf://`` address (see :func:`~l2l_optim.weights.load_weights`), a
-            :class:`~l2l_optim.weights.LoadedWeights`, a
-            :class:`~l2l_optim.nets.CoordinatewiseNet` or the result of ``finetune`` or
-            ``meta_fit`` (deep-copied: later changes to it do not reach the optimizer).
+        weights: the meta-weights (required here; the subclasses default to their shipped
+            ones): a shipped name, a ``.safetensors`` path, a run directory, an ``hf://``
+            address (:func:`~l2l_optim.weights.load_weights`), a ``LoadedWeights``, a
+            :class:`~l2l_optim.nets.CoordinatewiseNet` or a ``finetune`` or ``meta_fit``
+            result (deep-copied: later changes to it do not reach the optimizer).
         nonfinite: ``"skip"`` or ``"raise"``, the policy for NaN/Inf gradients (see above).
         state_dtype: dtype of the state for non-float64 parameters, ``torch.float32`` or
             ``torch.bfloat16`` (halves the state memory; computation stays float32).
@@ -160,14 +113,17 @@ class LearnedOptimizer(HubMixin, Optimizer):
             parameter by ``1 - lr * weight_decay`` (default: 0, off; not part of the paper).
         maximize: maximize the objective instead: the net sees the negated gradient
             (default: False; not part of the paper).
+        **kwargs: a subclass's own options (SimpleOptimizer's ``impl``). Another optimizer's
+            option (Adam's ``betas``, ``eps``, ``amsgrad``, ``foreach``, ``fused``,
+            ``capturable``, ``differentiable``; SGD's ``momentum``) raises a TypeError that
+            says what applies instead.
 
     Raises:
-        ValueError: invalid ``lr``, ``nonfinite``, ``state_dtype``, ``weight_decay`` or
-            ``maximize``; an empty parameter
-            list; complex or non-floating parameters; parameters on several devices;
-            weights of the wrong architecture or a weight file that fails validation.
-        TypeError: ``weights`` of an unsupported type, or a parameter that is a tensor
-            subclass other than DTensor.
+        ValueError: an invalid option; an empty parameter list; complex or non-floating
+            parameters, on several devices or on the meta device; weights of the wrong
+            architecture or a weight file that fails validation.
+        TypeError: ``weights`` missing or of an unsupported type, an unknown keyword or
+            another optimizer's option, a tensor subclass other than DTensor as parameter.
         NotImplementedError: a DTensor parameter with placements other than Shard / Replicate.
 
     Example:
@@ -181,53 +137,57 @@ class LearnedOptimizer(HubMixin, Optimizer):
         ...     loss.backward()
         ...     return loss
         >>> loss = opt.step(closure)
+
+        A checkpoint resumes with the same weights and is refused with others:
+
+        >>> saved = opt.state_dict()
+        >>> saved["param_groups"][0]["meta_fingerprint"] == opt.meta_fingerprint
+        True
+        >>> LearnedOptimizer(model.parameters(), weights=opt.net).load_state_dict(saved)
+        >>> other = LearnedOptimizer(model.parameters(), weights=DMOptimizerNet(hidden_size=4))
+        >>> other.load_state_dict(saved)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: LearnedOptimizer.load_state_dict: the state was saved with meta-weights ...
     """
 
     #: the architecture the weights must have (None: any)
     _required_arch: str | None = None
-    _state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    #: the shipped weights used when none are given (None: ``weights`` is required)
+    _default_weights: str | None = None
+    #: the subclass's own options and their defaults
+    _own_options: dict[str, Any] = {}
     #: options that apply to the whole step, not to one group
-    _step_options: tuple[str, ...] = ("nonfinite",)
+    _step_options: tuple[str, ...] = ()
+    _state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
     def __init__(
         self,
         params,
         lr: float | Tensor = 1.0,
         *,
-        weights: WeightsT,
+        weights: WeightsT | None = None,
         nonfinite: str = "skip",
         state_dtype: torch.dtype = torch.float32,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        **kwargs: Any,
     ) -> None:
-        self._setup(params, weights, dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype,
-                                          weight_decay=weight_decay, maximize=maximize))
-
-    # ----------------------------------------------------------------------------- setup
-
-    def _setup(self, params, weights: WeightsT, defaults: dict[str, Any]) -> None:
-        """Validate ``defaults``, resolve the net, then build the optimizer (torch's __init__)."""
+        name = type(self).__name__
+        own = own_options(name, kwargs, self._own_options, kernels.IMPLS)
+        weights = self._default_weights if weights is None else weights
+        if weights is None:
+            raise TypeError(f"{name}.__init__() missing 1 required keyword-only argument: 'weights'")
+        defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype,
+                        weight_decay=weight_decay, maximize=maximize, momentum=0.0, **own)
         self._check_options(defaults)
         self.net = self._resolve_net(weights)
         self._init_runtime()
         super().__init__(params, defaults)
+        self._register_state_dict_hooks()
 
     def _check_options(self, options: dict[str, Any]) -> None:
-        _check_lr(options["lr"])
-        wd = options["weight_decay"]
-        if not _is_real(wd) or not math.isfinite(wd) or wd < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {wd!r}")
-        if not isinstance(options["maximize"], bool):
-            raise ValueError(f"Invalid maximize: {options['maximize']!r}; expected True or False")
-        if options["nonfinite"] not in _NONFINITE:
-            raise ValueError(
-                f"Invalid nonfinite policy: {options['nonfinite']!r}; expected one of {_NONFINITE}"
-            )
-        if options["state_dtype"] not in self._state_dtypes:
-            allowed = ", ".join(str(d) for d in self._state_dtypes)
-            raise ValueError(
-                f"Invalid state_dtype: {options['state_dtype']}; expected one of {allowed}"
-            )
+        check_group(options, self._state_dtypes)
 
     def _resolve_net(self, weights: WeightsT) -> CoordinatewiseNet:
         name = type(self).__name__
@@ -243,22 +203,25 @@ class LearnedOptimizer(HubMixin, Optimizer):
         net.requires_grad_(False)
         return net
 
-    def _init_runtime(self) -> None:
+    def _init_runtime(self, skipped: int = 0) -> None:
         # derived data, rebuilt after unpickling: copies of the net per (device, dtype)
         self._net_copies: dict[tuple, tuple[tuple, CoordinatewiseNet]] = {}
-        self._skipped_host = 0
-        self._skipped_device: Tensor | None = None
+        self._nonfinite = NonfiniteGuard(type(self).__name__, skipped)
+        self._lr_warned = False
+        if getattr(self, "param_groups", None) and self.param_groups[0]["params"]:
+            self._nonfinite.track(self.param_groups[0]["params"][0].device)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (see :meth:`torch.optim.Optimizer.add_param_group`).
 
+        Args:
+            param_group: the group's ``params`` and its options (the optimizer's by default).
+
         Raises:
-            ValueError: the group's ``lr`` or ``state_dtype`` is invalid, it sets a whole-step
-                option (``nonfinite``, ``impl``) to another value than the optimizer's, or a
-                parameter is complex, not floating point, or on another device than the
-                other parameters.
-            TypeError, NotImplementedError: a parameter of a kind the optimizer cannot step
-                (see :mod:`l2l_optim.distributed` for what is supported).
+            ValueError, TypeError, NotImplementedError: an invalid option, a whole-step option
+                (``impl``) other than the optimizer's, or parameters the optimizer cannot step
+                (:func:`l2l_optim.validation.check_params`); the group is not added.
+            RuntimeError: ``impl`` names a kernel not available for the parameters' device.
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -271,38 +234,19 @@ class LearnedOptimizer(HubMixin, Optimizer):
                         f"{name}: {key!r} applies to the whole step, so every group must use the "
                         f"optimizer's {key}={self.defaults[key]!r}; got {group[key]!r}"
                     )
-            devices = {p.device for g in self.param_groups for p in g["params"]}
-            for p in group["params"]:
-                if torch.is_complex(p):
-                    raise ValueError(
-                        f"{name} does not support complex parameters "
-                        f"(got one of dtype {p.dtype}); optimize torch.view_as_real(p) instead"
-                    )
-                if not p.is_floating_point():
-                    raise ValueError(
-                        f"{name} supports only floating-point parameters, got dtype {p.dtype}"
-                    )
-            first = sum(len(g["params"]) for g in self.param_groups[:-1])
-            for i, p in enumerate(group["params"]):
-                distributed.check_param(name, first + i, p)
-            if len(devices) > 1:
-                raise ValueError(
-                    f"{name} needs all parameters on one device (the update "
-                    f"aggregates over all coordinates), got {sorted(map(str, devices))}"
-                )
-        except (ValueError, TypeError, NotImplementedError):
+            check_params(name, self.param_groups)
+            if group["params"]:
+                self._check_device(group["params"][0].device)
+        except (ValueError, TypeError, NotImplementedError, RuntimeError):
             self.param_groups.pop()
             raise
-        self._make_skip_counter()
+        if group["params"]:
+            self._nonfinite.track(group["params"][0].device)
+        # once per optimizer
+        self._lr_warned = self._lr_warned or warn_small_lr(name, group["lr"])
 
-    def _make_skip_counter(self) -> None:
-        # the device counter of skipped steps exists before any step is traced: a compiled
-        # step updates the tensors an optimizer holds but drops attributes it creates
-        if self._skipped_device is None and self.param_groups and self.param_groups[0]["params"]:
-            device = self.param_groups[0]["params"][0].device
-            self._skipped_device = torch.zeros((), dtype=torch.int64, device=device)
-
-    # ---------------------------------------------------------------------------- helpers
+    def _check_device(self, device: torch.device) -> None:
+        """Raise unless this optimizer can step parameters on ``device``."""
 
     @property
     def meta_fingerprint(self) -> str:
@@ -312,14 +256,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (reading it synchronises on accelerators)."""
-        n = self._skipped_host
-        if self._skipped_device is not None:
-            n += int(self._skipped_device.item())
-        return n
-
-    @staticmethod
-    def _state_dtype_for(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-        return torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
+        return self._nonfinite.skipped
 
     def _net_for(self, device: torch.device, dtype: torch.dtype) -> CoordinatewiseNet:
         """The net on ``device`` in ``dtype``: the net itself, or a copy kept until it changes."""
@@ -335,7 +272,7 @@ class LearnedOptimizer(HubMixin, Optimizer):
         return hit[1]
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        dtype = self._state_dtype_for(p, group)
+        dtype = torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
         if distributed.is_dtensor(p):  # the state of the local shard, as DTensors
             state = distributed.init_state(self.net, p, dtype)
         else:
@@ -344,8 +281,6 @@ class LearnedOptimizer(HubMixin, Optimizer):
             raise RuntimeError(f"{type(self.net).__name__} uses the reserved state key 'step'")
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
         return state
-
-    # ------------------------------------------------------------------------------- step
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step.
@@ -360,11 +295,10 @@ class LearnedOptimizer(HubMixin, Optimizer):
         Raises:
             RuntimeError: a sparse gradient, or parameters on several devices.
             ValueError: a complex gradient.
-            FloatingPointError: a non-finite gradient with ``nonfinite="raise"``.
+            FloatingPointError: a non-finite gradient first found in a group with
+                ``nonfinite="raise"``.
             NotImplementedError, TypeError: DTensor parameters in a step that
-                :mod:`l2l_optim.distributed` cannot run (mixed with plain ones, on several
-                meshes, with non-DTensor gradients, or with a net that couples coordinates in
-                its own forward).
+                :func:`l2l_optim.distributed.prepare_step` refuses.
         """
         loss = None
         if closure is not None:
@@ -378,11 +312,8 @@ class LearnedOptimizer(HubMixin, Optimizer):
     def _gather(self) -> tuple[list[Tensor], list[Tensor], list[float | Tensor], list[dict], list[tuple[int, int]]]:
         """Every parameter with a gradient, its gradient, lr and group, across all groups."""
         name = type(self).__name__
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        lrs: list[float | Tensor] = []
-        groups: list[dict] = []
-        where: list[tuple[int, int]] = []  # (index across groups, group) of each stepped param
+        params, grads, lrs, groups = [], [], [], []
+        where = []  # (index across groups, group index) of each stepped parameter
         index = 0
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
@@ -415,59 +346,11 @@ class LearnedOptimizer(HubMixin, Optimizer):
     def _check_finite(
         self, params: list[Tensor], grads: list[Tensor], where, finite: Tensor | None = None
     ) -> tuple[bool, Tensor | None]:
-        """Apply the non-finite policy: ``(go_on, skip_flag)``.
-
-        ``go_on`` is False when the step must change nothing and the host already knows it
-        (CPU); on an accelerator ``skip_flag`` is a device bool handed to the update instead.
-        ``finite``: per-tensor flags computed by the caller (for sharded parameters, agreed
-        on by every process), else computed here from ``grads``.
-        """
-        name = type(self).__name__
-        bad = None  # the first non-finite gradient's index (-1: none), where a scan says
-        if finite is None:
-            bad = self._first_nonfinite(params, grads)
-            if bad is None:
-                finite = self._finite_flags(grads)
-        if self.defaults["nonfinite"] == "raise":
-            if bad is None and not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0])
-            if bad is not None and bad >= 0:
-                i, gi = where[bad]
-                raise FloatingPointError(
-                    f"{name}: non-finite gradient in parameter {i} (group {gi}, shape "
-                    f"{tuple(params[bad].shape)}); nothing was changed"
-                )
-            return True, None
-        # reading the flag is free on the host, but not in a compiled graph, where the
-        # device-flag path below keeps the step in one graph
-        if params[0].device.type == "cpu" and not torch.compiler.is_compiling():
-            all_finite = bad == -1 if bad is not None else bool(finite.all())
-            if all_finite:
-                return True, None
-            self._skipped_host += 1
-            warnings.warn(
-                f"{name}: non-finite gradient, step skipped (parameters and state "
-                "unchanged); see skipped_steps, or pass nonfinite='raise' to stop",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-            return False, None
-        skip = ~finite.all()
-        if self._skipped_device is None or self._skipped_device.device != skip.device:
-            if self._skipped_device is not None:
-                self._skipped_host += int(self._skipped_device.item())
-            self._skipped_device = torch.zeros((), dtype=torch.int64, device=skip.device)
-        self._skipped_device.add_(skip)
-        return True, skip
-
-    def _first_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> int | None:
-        """The index of the first non-finite gradient (-1: none) from a fast scan, or None
-        where this optimizer has none (then :meth:`_finite_flags` decides)."""
-        return None
-
-    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
-        """Per gradient, whether it is finite, as a device bool tensor (no host sync)."""
-        return finite_flags(grads)
+        """Apply the groups' non-finite policies: ``(go_on, skip_flag)``, see
+        :meth:`~l2l_optim.nonfinite.NonfiniteGuard.check`."""
+        policies = [self.param_groups[gi]["nonfinite"] for _, gi in where]
+        return self._nonfinite.check(params, grads, policies, where,
+                                     impl=self.defaults.get("impl"), finite=finite)
 
     def _step(self) -> None:
         params, grads, lrs, groups, where = self._gather()
@@ -518,173 +401,13 @@ class LearnedOptimizer(HubMixin, Optimizer):
         forward that is not coordinate-independent), out of reach of a sharded aggregate."""
         return not self.net.independent_coordinates
 
-    def _update(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        lrs: list[float | Tensor],
-        skip: Tensor | None,
-        aggregate=None,
-    ) -> None:
+    def _update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                lrs: list[float | Tensor], skip: Tensor | None, aggregate=None) -> None:
         # aggregate: unused, the nets run here average over nothing (_couples_coordinates)
         cd = compute_dtype(*(p.dtype for p in params))
         coordinatewise_update(
             self._net_for(params[0].device, cd), params, grads, states, lrs, skip=skip
         )
-
-    # ------------------------------------------------------------------------ persistence
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state (see :meth:`torch.optim.Optimizer.state_dict`).
-
-        Every parameter group carries ``"meta_fingerprint"``, the fingerprint of the
-        meta-weights the state belongs to, and its ``state_dtype`` as a name (``"float32"``),
-        since torch's distributed checkpoint tools keep plain values only. The tensors are
-        the live state, not copies (as in torch).
-
-        Returns:
-            ``{"state": ..., "param_groups": ...}`` as in torch, plus the two group entries
-            above.
-        """
-        sd = super().state_dict()
-        fp = self.meta_fingerprint
-        for group in sd["param_groups"]:
-            group["meta_fingerprint"] = fp
-            # a name, not a torch.dtype: torch.distributed.checkpoint takes plain values only
-            group["state_dtype"] = dtype_name(group["state_dtype"])
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict` of an optimizer with the same weights.
-
-        Also loads a dict rebuilt from ``{"state": ..., "param_groups": ...}`` (the
-        fingerprint travels in the groups). Group options (``lr``, ``state_dtype``) come from
-        the saved groups, as in torch; whole-step options (``nonfinite``, ``impl``) stay this
-        optimizer's, since they say how to run, not what was learned. Each state tensor is
-        cast to the dtype this optimizer keeps for its parameter (float64 for float64
-        parameters, else the group's ``state_dtype``), not to the parameter's dtype as
-        torch's default would (which would round a float32 hidden state of a bfloat16
-        parameter to bfloat16).
-
-        Raises:
-            ValueError: the state carries no fingerprint or another one (saved with other
-                meta-weights or by another optimizer), or its per-parameter state does not
-                fit this optimizer's net and parameters. Nothing is changed then.
-
-        Example:
-            >>> import torch
-            >>> from l2l_optim import SimpleOptimizer
-            >>> from l2l_optim.nets import SimpleOptimizerNet
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = SimpleOptimizer(model.parameters())
-            >>> model(torch.ones(2, 3)).sum().backward()
-            >>> opt.step()
-            >>> saved = opt.state_dict()
-            >>> SimpleOptimizer(model.parameters()).load_state_dict(saved)  # same weights: resumes
-            >>> other = SimpleOptimizer(model.parameters(), weights=SimpleOptimizerNet())
-            >>> other.load_state_dict(saved)  # doctest: +ELLIPSIS
-            Traceback (most recent call last):
-                ...
-            ValueError: SimpleOptimizer.load_state_dict: ...
-        """
-        name = type(self).__name__
-        sd = dict(state_dict)
-        saved_groups = [dict(g) for g in sd.get("param_groups", [])]
-        # a top-level key is where earlier versions of the package kept the fingerprint
-        found = {g.pop("meta_fingerprint") for g in saved_groups if "meta_fingerprint" in g}
-        if "meta_fingerprint" in sd:
-            found.add(sd.pop("meta_fingerprint"))
-        sd["param_groups"] = saved_groups
-        mine = self.meta_fingerprint
-        if not found:
-            raise ValueError(
-                f"{name}.load_state_dict: the state_dict has no 'meta_fingerprint'; it was not "
-                "saved by a LearnedOptimizer"
-            )
-        if found != {mine}:
-            other = sorted(found - {mine})[0]
-            raise ValueError(
-                f"{name}.load_state_dict: the state was saved with meta-weights {other}, but "
-                f"this optimizer has {mine}; create the optimizer with the same weights"
-            )
-        groups = self.param_groups
-        same_layout = len(groups) == len(saved_groups) and all(
-            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
-        )
-        if not same_layout:
-            super().load_state_dict(sd)  # raises torch's usual message
-            return
-        for g in saved_groups:
-            for key, value in self.defaults.items():
-                g[key] = self.defaults[key] if key in self._step_options else g.get(key, value)
-            g["state_dtype"] = dtype_from_name(g["state_dtype"])
-            self._check_options(g)
-        saved_of = {}
-        for g in saved_groups:
-            for pid in g["params"]:
-                saved_of[pid] = g
-        id_map = dict(
-            zip(
-                (i for s in saved_groups for i in s["params"]),
-                (p for g in groups for p in g["params"]),
-            )
-        )
-        saved_state = sd.get("state", {})
-        flat_shapes, state_dtypes = {}, {}
-        for pid, value in saved_state.items():
-            p = id_map.get(pid)
-            if p is None:
-                raise ValueError(f"{name}.load_state_dict: state for unknown parameter id {pid}")
-            expected = self.net.init_state(p.numel(), device="meta",
-                                           dtype=self._state_dtype_for(p, saved_of[pid]))
-            flat_shapes[pid] = {k: t.shape for k, t in expected.items()}
-            state_dtypes[pid] = {k: t.dtype for k, t in expected.items()}
-            want = set(expected) | {"step"}
-            if not isinstance(value, dict) or set(value) != want:
-                got = sorted(value) if isinstance(value, dict) else type(value).__name__
-                raise ValueError(
-                    f"{name}.load_state_dict: parameter {pid} has state keys {got}, "
-                    f"expected {sorted(want)}"
-                )
-            for k, t in expected.items():
-                # (a full state dict of sharded parameters has (*lead, *p.shape) tensors)
-                distributed.check_state(value[k], p, t.shape,
-                                        f"{name}.load_state_dict: parameter {pid} state {k!r}")
-        super().load_state_dict(sd)
-        for pid, value in saved_state.items():
-            p = id_map[pid]
-            state = self.state[p]
-            for k, t in value.items():
-                if not isinstance(t, Tensor):  # a plain-number step count
-                    t = torch.tensor(t)
-                # (the net's own choice per key: e.g. a running mean of squares stays float32)
-                dtype = torch.int64 if k == "step" else state_dtypes[pid][k]
-                state[k] = t.to(
-                    device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
-                )
-                if k != "step":  # the layout kept for p (flat, or DTensor for a DTensor p)
-                    state[k] = distributed.place_state(state[k], p, flat_shapes[pid][k])
-
-    # torch's Optimizer pickles defaults, state and param_groups; the net is not an option
-    # but the update rule itself, so it travels beside them (with the skipped-step count)
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["net"] = self.net
-        state["skipped_steps"] = self.skipped_steps
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch's load_state_dict also calls this, with state and param_groups only
-        unpickling = "net" in state
-        net = state.pop("net", None)
-        skipped = state.pop("skipped_steps", 0)
-        super().__setstate__(state)
-        if unpickling:
-            self.net = net
-            self._init_runtime()
-            self._skipped_host = skipped
-            self._make_skip_counter()
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -708,12 +431,14 @@ class SimpleOptimizer(LearnedOptimizer):
         weights: a SimpleOptimizerNet's weights in any form :class:`LearnedOptimizer`
             accepts (default: the shipped ``"simple"``).
         impl: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``, the kernel path
-            (see :mod:`l2l_optim.kernels`).
+            (see :mod:`l2l_optim.kernels`); one for the whole step.
         state_dtype: ``torch.float32`` or ``torch.bfloat16`` hidden state for non-float64
             parameters.
-        nonfinite: ``"skip"`` or ``"raise"``.
+        nonfinite: ``"skip"`` or ``"raise"``, per group.
         weight_decay: decoupled (AdamW-style) weight decay, off by default.
         maximize: step along the gradient instead of against it (default: False).
+        **kwargs: ``impl``; torch's options of other optimizers raise a TypeError that says
+            what applies instead (``impl`` for ``foreach`` and ``fused``).
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, an invalid ``impl``, or weights that are
@@ -743,59 +468,35 @@ class SimpleOptimizer(LearnedOptimizer):
         >>> opt = SimpleOptimizer(model.parameters(), weights=SimpleOptimizerNet(), lr=0.5)
         >>> opt.meta_fingerprint != SimpleOptimizer(model.parameters()).meta_fingerprint
         True
+
+        Learning-rate schedulers scale ``lr``; ``OneCycleLR`` and ``CyclicLR`` also cycle the
+        groups' ``momentum``, which the learned rule does not read:
+
+        >>> opt = SimpleOptimizer(model.parameters())
+        >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=100)
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(8, 3)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     sched.step()
+        >>> round(opt.param_groups[0]["lr"], 2), round(opt.param_groups[0]["momentum"], 2)
+        (0.3, 0.92)
     """
 
     _required_arch = SimpleOptimizerNet.arch
-    _step_options = LearnedOptimizer._step_options + ("impl",)
-
-    def __init__(
-        self,
-        params,
-        lr: float | Tensor = 1.0,
-        *,
-        weights: WeightsT = "simple",
-        impl: str = "auto",
-        state_dtype: torch.dtype = torch.float32,
-        nonfinite: str = "skip",
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-    ) -> None:
-        defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype, impl=impl,
-                        weight_decay=weight_decay, maximize=maximize)
-        self._setup(params, weights, defaults)
-        # fail now, not at the first step, when the kernel cannot run on these parameters
-        device = self.param_groups[0]["params"][0].device
-        kernels.get_kernel(kernels.resolve_impl(impl, device.type))
+    _default_weights = "simple"
+    _own_options = {"impl": "auto"}
+    _step_options = ("impl",)
 
     def _check_options(self, options: dict[str, Any]) -> None:
-        # the name first: availability depends on the parameters' device, checked in __init__
+        # the name here; whether the kernel runs on the parameters' device in _check_device
         if options["impl"] not in kernels.IMPLS:
             raise ValueError(f"Invalid impl: {options['impl']!r}; expected one of {kernels.IMPLS}")
         super()._check_options(options)
 
-    def _first_nonfinite(self, params, grads) -> int | None:
-        # on the fused CPU path the kernel's library scans the gradients at memory speed
-        # (a max-norm per tensor costs a quarter of a step); compiled steps keep the
-        # device-flag path, which traces
-        if params[0].device.type != "cpu" or torch.compiler.is_compiling():
-            return None
-        if kernels.resolve_impl(self.defaults["impl"], "cpu") != "cpu":
-            return None
-        from .kernels import cpu
-
-        return cpu.first_nonfinite(grads)
-
-    def _finite_flags(self, grads) -> Tensor:
-        # on the Triton path one read of the gradients in a Triton kernel (bit test of the
-        # exponent) gives the flags on the device; compiled steps keep the traceable max-norm
-        device, impl = grads[0].device.type, self.defaults["impl"]
-        # (on CPU only an explicit impl='triton', i.e. Triton's interpreter, gets there)
-        if ((device != "cpu" or impl == "triton") and not torch.compiler.is_compiling()
-                and kernels.resolve_impl(impl, device) == "triton"):
-            from .kernels import triton as triton_kernels
-
-            return triton_kernels.finite_flags_triton(grads)
-        return super()._finite_flags(grads)
+    def _check_device(self, device: torch.device) -> None:
+        # fail when the parameters arrive, not at the first step
+        kernels.get_kernel(kernels.resolve_impl(self.defaults["impl"], device.type))
 
     def _couples_coordinates(self) -> bool:
         # the kernels take the mean over other processes' shards through ``aggregate``
@@ -849,13 +550,10 @@ class DMOptimizer(LearnedOptimizer):
     r"""Andrychowicz et al. (2016)'s coordinate-wise LSTM optimizer (a baseline).
 
     Args:
-        params: iterable of parameters or of dicts defining parameter groups.
-        lr: multiplier of the learned update (default: 1.0, as meta-trained).
         weights: DMOptimizerNet weights in any form :class:`LearnedOptimizer` accepts
             (default: the shipped ``"dm"``).
-        nonfinite: ``"skip"`` or ``"raise"``.
-        weight_decay: decoupled (AdamW-style) weight decay, off by default.
-        maximize: step along the gradient instead of against it (default: False).
+        params, lr, nonfinite, state_dtype, weight_decay, maximize, **kwargs: as
+            :class:`LearnedOptimizer`.
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, or weights that are not a DMOptimizerNet's.
@@ -871,32 +569,17 @@ class DMOptimizer(LearnedOptimizer):
     """
 
     _required_arch = "dm"
-
-    def __init__(
-        self,
-        params,
-        lr: float | Tensor = 1.0,
-        *,
-        weights: WeightsT = "dm",
-        nonfinite: str = "skip",
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(params, lr, weights=weights, nonfinite=nonfinite,
-                         weight_decay=weight_decay, maximize=maximize)
+    _default_weights = "dm"
 
 
 class RNNProp(LearnedOptimizer):
     r"""Lv et al. (2017)'s RNNProp: Adam-like inputs into a coordinate-wise LSTM (a baseline).
 
     Args:
-        params: iterable of parameters or of dicts defining parameter groups.
-        lr: multiplier of the learned update (default: 1.0, as meta-trained).
         weights: RNNPropNet weights in any form :class:`LearnedOptimizer` accepts
             (default: the shipped ``"rnnprop"``).
-        nonfinite: ``"skip"`` or ``"raise"``.
-        weight_decay: decoupled (AdamW-style) weight decay, off by default.
-        maximize: step along the gradient instead of against it (default: False).
+        params, lr, nonfinite, state_dtype, weight_decay, maximize, **kwargs: as
+            :class:`LearnedOptimizer`.
 
     Raises:
         ValueError: as :class:`LearnedOptimizer`, or weights that are not an RNNPropNet's.
@@ -912,16 +595,4 @@ class RNNProp(LearnedOptimizer):
     """
 
     _required_arch = "rnnprop"
-
-    def __init__(
-        self,
-        params,
-        lr: float | Tensor = 1.0,
-        *,
-        weights: WeightsT = "rnnprop",
-        nonfinite: str = "skip",
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(params, lr, weights=weights, nonfinite=nonfinite,
-                         weight_decay=weight_decay, maximize=maximize)
+    _default_weights = "rnnprop"
