@@ -150,9 +150,10 @@ def _call(entry: str, params, grads, hiddens) -> None:
         load_library()  # registers the ops
         ops = torch.ops.l2l_optim_cpu
         packed = packed_weights(w, "cpu", torch.float64, flat=True)
-        ops.simple_update(params, grads, hiddens, lrs, packed, None, [], [])
-        sums, scratch = ops.simple_update_pass1(params, grads, hiddens, lrs, packed, None, [], [])
-        ops.simple_update_pass2(params, scratch, lrs, packed, sums.sum(), None)
+        lr_t = torch.tensor(lrs, dtype=torch.float64)  # the ops take one learning rate per tensor
+        ops.simple_update(params, grads, hiddens, lr_t, packed, None, [], [])
+        sums, scratch = ops.simple_update_pass1(params, grads, hiddens, lr_t, packed, None, [], [])
+        ops.simple_update_pass2(params, scratch, lr_t, packed, sums.sum(), None)
     elif entry == "triton":
         from l2l_optim.kernels.triton import simple_update_triton
 

@@ -25,9 +25,11 @@ instead. ``L2L_OPTIM_NO_CPU_KERNEL=1`` disables the kernel (as if it did not loa
 The ops are registered with :func:`torch.library.custom_op` as ``torch.ops.l2l_optim_cpu.*``
 (``simple_update``, and ``simple_update_pass1`` / ``simple_update_pass2`` for a mean over
 more coordinates than one call holds, see :mod:`l2l_optim.distributed`), with fake
-implementations, so that a compiled ``opt.step()`` holds the update as one opaque op. Eager
-calls go to the same implementations without the dispatcher. The implementations check every
-tensor in Python before a pointer reaches C: plain, dense, contiguous CPU tensors only.
+implementations, so that a compiled ``opt.step()`` holds the update as one opaque op. The ops
+take the learning rates as one float64 tensor, an input of the graph rather than constants
+it is specialised on, so that a new rate (a schedule's next step) compiles nothing. Eager
+calls go to the same code without the dispatcher. Every tensor is checked in Python before a
+pointer reaches C: plain, dense, contiguous CPU tensors only.
 
 What the kernel does and why it is deterministic is described at the top of ``simple_cpu.cpp``:
 one pass computes ``h'``, writes it, applies ``lr * (w_a . h' + b_out)`` and stores per-block
@@ -338,24 +340,9 @@ def _hidden_size(w_len: int) -> int:
     return h
 
 
-# squares, ones: the rms input norm's running means, or empty lists for none (an op's
-# arguments cannot be None lists)
-def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
-                   lrs: list[float], weights: Tensor, skip: Optional[Tensor],
-                   squares: list[Tensor], ones: list[Tensor]) -> None:
-    _pass1(params, grads, hiddens, lrs, weights, skip, False, squares, ones)
-
-
-def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
-                         lrs: list[float], weights: Tensor, skip: Optional[Tensor],
-                         squares: list[Tensor], ones: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    sums, scratch = _pass1(params, grads, hiddens, lrs, weights, skip, True, squares, ones)
-    # an empty buffer for the parameters that need none (an op returns tensors, not None)
-    return sums, [torch.empty(0) if s is None else s for s in scratch]
-
-
-def _simple_update_pass2(params: list[Tensor], scratch: list[Tensor], lrs: list[float],
-                         weights: Tensor, shared: Tensor, skip: Optional[Tensor]) -> None:
+def _pass2(params, scratch, lrs: list[float], weights: Tensor, shared: Tensor,
+           skip: Tensor | None) -> None:
+    """Run pass 2 after :func:`_pass1` with sums: ``theta += lr * shared``."""
     lib = load_library()
     n = len(params)
     if not (len(scratch) == len(lrs) == n):
@@ -384,6 +371,52 @@ def _simple_update_pass2(params: list[Tensor], scratch: list[Tensor], lrs: list[
         _array(ctypes.c_double, lrs), _array(_P, s_ptrs), w_ptr, w_len, float(shared.item()),
         skip_ptr, torch.get_num_threads())
     _check(rc)
+
+
+def _lr_list(lrs: Tensor, n: int) -> list[float]:
+    """The ops' learning rates (a float64 CPU vector, one per tensor) as the C call takes them."""
+    if type(lrs) not in (Tensor, torch.nn.Parameter) or lrs.shape != (n,) or not lrs.is_cpu:
+        raise RuntimeError(f"l2l_optim cpu kernel: lrs must be a CPU vector of {n} learning "
+                           f"rates, one per tensor")
+    return lrs.tolist()
+
+
+def _lr_tensor(lrs: list) -> Tensor:
+    """The learning rates as one float64 CPU vector, for the ops inside a compiled graph.
+
+    A list of floats among an op's arguments is a constant of the graph, guarded by value, so
+    every new value (every step of an lr schedule) would compile the step again; a tensor is
+    an input of the graph. A tensor lr is read where it is. A float lr enters as a factor of
+    a tensor product (exact: a product with one), which the compiler turns into an input of
+    the graph; ``torch.tensor(lr)`` would specialise the graph on its value instead.
+    """
+    one = torch.ones((), dtype=torch.float64)
+    return torch.stack([lr.detach().reshape(()).to(device=_CPU, dtype=torch.float64)
+                        if isinstance(lr, Tensor) else one * lr for lr in lrs])
+
+
+# The registered ops take the learning rates as a tensor (see _lr_tensor); squares, ones: the
+# rms input norm's running means, or empty lists for none (an op's arguments cannot be None
+# lists).
+def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
+                   lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
+                   squares: list[Tensor], ones: list[Tensor]) -> None:
+    _pass1(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip, False, squares,
+           ones)
+
+
+def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
+                         lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
+                         squares: list[Tensor], ones: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    sums, scratch = _pass1(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip,
+                           True, squares, ones)
+    # an empty buffer for the parameters that need none (an op returns tensors, not None)
+    return sums, [torch.empty(0) if s is None else s for s in scratch]
+
+
+def _simple_update_pass2(params: list[Tensor], scratch: list[Tensor], lrs: Tensor,
+                         weights: Tensor, shared: Tensor, skip: Optional[Tensor]) -> None:
+    _pass2(params, scratch, _lr_list(lrs, len(params)), weights, shared, skip)
 
 
 def _register_ops() -> None:
@@ -419,12 +452,10 @@ if not hasattr(torch.ops.l2l_optim_cpu, "simple_update"):  # not after a module 
 
 
 def _ops():
-    """The registered ops inside a compiled graph; the implementations themselves in eager
-    mode (the dispatcher adds nothing there but time)."""
-    if torch.compiler.is_compiling():
-        ops = torch.ops.l2l_optim_cpu
-        return ops.simple_update, ops.simple_update_pass1, ops.simple_update_pass2
-    return _simple_update, _simple_update_pass1, _simple_update_pass2
+    """The registered ops, which a compiled graph holds as opaque calls (eager calls go to
+    :func:`_pass1` and :func:`_pass2` directly: the dispatcher adds nothing there but time)."""
+    ops = torch.ops.l2l_optim_cpu
+    return ops.simple_update, ops.simple_update_pass1, ops.simple_update_pass2
 
 
 # ------------------------------------------------------------------------- public entries
@@ -474,16 +505,15 @@ def simple_update_cpu(
         return
     # the kernel reads every weight in fp64 and rounds to the compute dtype itself
     packed = packed_weights(weights, _CPU, torch.float64, flat=True)
-    lr_list = [float(lr) for lr in lrs]
-    update, pass1, pass2 = _ops()
     squares, ones = rms if rms is not None else ([], [])
 
     def eager(ps, gs, hs, vs, cs, plan=None):
         # every tensor was checked above (or planned), so pass 1 reads the pointers unchecked
+        lr_list = [float(lr) for lr in lrs]
         sums, scratch = _pass1(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
                                checked=True, plan=plan)
         if aggregate is not None:
-            pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+            _pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
 
     if plan is not None:
         eager(params, grads, hiddens, squares, ones, plan)
@@ -495,12 +525,14 @@ def simple_update_cpu(
         if not torch.compiler.is_compiling():
             eager(ps, gs, hs, vs, cs)
             return
+        update, pass1, pass2 = _ops()
+        lr_t = _lr_tensor(lrs)
         if aggregate is None:
-            update(ps, gs, hs, lr_list, packed, skip, vs, cs)
+            update(ps, gs, hs, lr_t, packed, skip, vs, cs)
             return
-        sums, scratch = pass1(ps, gs, hs, lr_list, packed, skip, vs, cs)
+        sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs)
         shared = call_aggregate(aggregate, sums)
-        pass2(ps, scratch, lr_list, packed, shared, skip)
+        pass2(ps, scratch, lr_t, packed, shared, skip)
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
