@@ -46,10 +46,13 @@ class TinyTransformer(nn.Module):
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(SEQ))
 
     def forward(self, tokens):
+        """Logits of shape ``(batch * length, VOCAB)``."""
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for layer in self.layers:
             x = layer(x, src_mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True)
-        return self.head(x)
+        # flat, so that the output is not a view: a Linear on a 3-D input returns one, and
+        # FSDP2 cannot hook an in-place change of a view its root module returns (it warns)
+        return self.head(x.flatten(0, 1))
 
 
 def batch(step: int, size: int, rank: int, device) -> torch.Tensor:
@@ -90,7 +93,7 @@ def main() -> None:
 
     for step in range(args.steps):
         tokens = batch(step, args.batch_per_rank, rank, device)
-        logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1]).view(len(tokens), SEQ, VOCAB)
         # the first motif is unpredictable; the loss counts the positions after it
         targets = tokens[:, MOTIF + 1 :]
         loss = F.cross_entropy(logits[:, MOTIF:].reshape(-1, VOCAB), targets.reshape(-1))
