@@ -1,65 +1,78 @@
 """The fused SimpleOptimizer update on CUDA, in Triton. ``impl="auto"`` picks it for CUDA tensors.
 
-(About 590 lines: the update's kernels, the non-finite scan that guards it, and the host side
-that builds both from one kind of cached block table share the dtype maps, the upload and the
-interpreter switch, so they stay in one module.)
+(The update's kernels, the non-finite scan that guards it, the ops torch.compile traces around
+them and the host side that launches both share the dtype maps, the block decoding and the
+interpreter switch, so they stay in one module; the tables they read and the handle that owns
+them are in ``_triton_tables.py``.)
 
-Structure (the same two passes as the CPU kernel, see ``simple_cpu.cpp``):
+Structure (the same two passes as the CPU kernel, see ``simple_cpu.cpp``). Tensors are grouped
+by (param dtype, grad dtype, hidden dtype, rms layout, alignment); one launch covers a group,
+each program one block of ``BLOCK`` coordinates of one tensor (the block and tensor tables of
+``_triton_tables`` say which):
 
-1. **pass 1**, one launch per (param dtype, grad dtype, hidden dtype) group, covering every
-   tensor of the group: each program takes one block of ``BLOCK`` coordinates of one tensor
-   (a block table maps program id -> (tensor, start); a pointer table holds the tensors'
-   addresses), reads g, the ``(H, BLOCK)`` hidden tile (coalesced: coordinate last) and theta,
-   computes ``h' = tanh(w_ih g + w_hh h + b_h)`` (with the rms input norm, ``g`` is first
-   divided by its running rms, whose running means it reads and writes in the same
-   program), writes ``h'``, applies
-   ``theta += lr (w_a . h' + b_out)`` and writes the block's sum of ``w_b . h'`` to a partials
-   buffer. bf16/fp16 parameters instead write ``u = w_a . h' + b_out`` to an fp32 scratch
-   buffer so that theta is rounded once, as in the reference.
+1. **pass 1**: each program reads g, the ``H`` rows of its block's hidden state (coordinate
+   last, so every row is one coalesced read) and, with the rms input norm, the running means;
+   computes ``h' = tanh(w_ih x + w_hh h + b_h)`` and writes the block's sum of ``w_b . h'`` to
+   a partials buffer. fp32/fp64 parameters also write ``h'`` (and the running means) and
+   apply ``theta += lr (w_a . h' + b_out)`` here. bf16/fp16 parameters write nothing else in
+   pass 1: their ``theta`` must be rounded once, from ``theta + lr (u + shared)``, so pass 2
+   recomputes their ``h'`` from the same inputs instead of keeping ``u`` in a full-size fp32
+   buffer between the passes (no scratch memory; the recomputation reads the inputs again).
 2. **reduce**: one program sums the partials in a fixed order (fp64) and writes
    ``shared = S / N`` to a one-element device buffer. No atomics, no host synchronisation.
-3. **pass 2**, one launch per group: ``theta += lr * shared`` (or, for bf16/fp16,
-   ``theta = round(theta + lr (u + shared))``).
+3. **pass 2**: fp32/fp64 parameters ``theta += lr * shared``; bf16/fp16 parameters the whole
+   step with ``theta = round(theta + lr (u + shared))``.
 
 With an ``aggregate`` callback (sharded parameters, see ``l2l_optim.distributed``) step 2 is
 replaced: one program per tensor sums that tensor's partials in a fixed order, and the callback
 turns the per-tensor sums into ``shared`` (an all-reduce, on the device) before pass 2.
 
-So a step is ``2 * groups + 1`` launches whatever the number of tensors, reads no value back
-to the host (no ``.item()``) and is CUDA-graph capturable once warmed up: the pointer/block
-tables are built on the host and uploaded on the first call for a given set of tensors, and
-kept in the kernels' one cache (``_common.CACHE``, keyed on the tensors' addresses), so a
-captured step finds them ready. Learning rates given as Python floats are part of a small
-cached table too; pass 0-dim device tensors as ``lrs`` to change them inside a captured graph.
+A step reads no value back to the host and is CUDA-graph capturable once warmed up: the tables
+are built and uploaded on the first call for a set of tensors and kept by a
+:class:`~._triton_tables.TritonTables` handle that lives as long as the optimizer's state
+(see there). Learning rates given as Python floats are a small table too; pass 0-dim device
+tensors as ``lrs`` to change them inside a captured graph.
 
-The weights live in a tiny device tensor (fp32 or fp64), read with scalar loads that the
-compiler keeps in registers; ``H`` is a compile-time constant. The ``skip`` flag (0-dim bool
-device tensor) is read inside the kernels and masks every load and store.
+**torch.compile.** The update and the scan are ``torch.library.custom_op``\\ s
+(``torch.ops.l2l_optim_triton.*``, with fake implementations and declared mutations), so a
+compiled ``opt.step()`` holds them as opaque ops; the tables are built eagerly inside them.
+Eager calls go to the same implementations without the dispatcher.
 
-Precision matches the reference: fp64 parameters compute in fp64, all others in fp32.
-``tanh`` is computed from ``exp`` (``_tanh`` below: a minimax polynomial for ``|x| < 0.55``,
-``1 - 2 / (1 + exp(2|x|))`` above) because Triton's interpreter has no ``libdevice``, so the
-tests on CPU (``TRITON_INTERPRET=1``) run the same code as the GPU. bf16 stores round to
-nearest even with explicit bit operations, identical on GPU and in the interpreter.
+**Precision.** fp64 parameters compute in fp64, all others in fp32. The fp32 ``tanh``
+(:func:`_tanh`) is division-free: an odd polynomial for ``|x| < 0.55`` and
+``1 + e Q(e)`` with ``e = exp(-2|x|)`` and ``Q`` a degree-6 polynomial above, within 2.5e-7 of
+``torch.tanh`` everywhere (``tests/test_triton_cuda.py``). It uses ``exp2`` only, which
+Triton's interpreter has too (no ``libdevice``), so the tests on CPU (``TRITON_INTERPRET=1``)
+run the code the GPU runs. The rms input norm's ``g / (sqrt(v) / sqrt(c) + eps)`` is
+division-free in fp32 too (hardware reciprocal square roots, each refined by a Newton step:
+within an ulp or two of torch's correctly rounded operations, whose slow paths would cost more
+instructions than a hidden unit's recurrence); fp64 keeps IEEE division and square root.
+bf16 stores use the GPU's conversion instruction (round to nearest even); the interpreter,
+whose conversion truncates, rounds with bit operations instead.
+
+**Memory access.** When every tensor of a group starts on a 16-byte boundary and has a
+multiple of 8 elements (``ALIGNED``, decided on the host), the kernels tell Triton so and every
+load and store is 128 bits wide; other groups take element-wise accesses.
 
 Determinism: the block partition, the in-block reduction tree and the reduction of partials
 are fixed, so results are bitwise reproducible run to run on the same GPU and ``BLOCK``.
 
 Limits: all tensors on one device (the reference handles a multi-device call); non-contiguous
-parameters are copied to contiguous and back (a copy per step, and a table rebuild when the
-copy lands at a new address).
+parameters are copied to contiguous and back (a copy per step, and a tensor table per new
+address of the copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..rule import SimpleWeights
 from ._common import (
-    CACHE,
     RMS_CONSTANTS,
     Aggregate,
     RunningRms,
@@ -71,8 +84,23 @@ from ._common import (
     packed_weights,
     split_skip,
 )
+from ._triton_tables import (
+    TritonTables,
+    build_layout,
+    build_tensor_tables,
+    tables_for,
+    upload,
+)
 
-__all__ = ["simple_update_triton", "finite_flags_triton", "is_available", "import_error", "interpret_mode"]
+__all__ = [
+    "simple_update_triton",
+    "finite_flags_triton",
+    "kernel_tanh_triton",
+    "TritonTables",
+    "is_available",
+    "import_error",
+    "interpret_mode",
+]
 
 try:
     import triton
@@ -99,11 +127,23 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# block sizes: coordinates per program of pass 1 / pass 2, partials per step of the reduction
+# Triton picks the interpreter when it decorates the kernels, i.e. at this import: one answer
+# for the process, and a constant that torch.compile can read
+_INTERPRET = interpret_mode()
+
+# coordinates per program of the update's passes: 4 per thread of NUM_WARPS warps, so that
+# an fp32 access is 128 bits wide; 8 per thread where a parameter, gradient or hidden state
+# is 16-bit, for the same reason (at about twice the registers, and no spill)
 BLOCK_GPU = 512
+BLOCK_GPU_16BIT = 1024
 BLOCK_INTERPRET = 4096  # the interpreter runs programs one by one: fewer, larger blocks
+SCAN_BLOCK_GPU = 4096  # the non-finite scan's: 32 values per thread
 REDUCE_BLOCK = 1024
 NUM_WARPS = 4
+
+# the rms input norm's per-tensor layout of c (running mean of ones): none, one value per
+# coordinate, one value per tensor
+_NO_RMS, _C_PER_COORDINATE, _C_PER_TENSOR = 0, 1, 2
 
 
 if triton is not None:
@@ -111,7 +151,10 @@ if triton is not None:
     @triton.jit
     def _tanh(x, F64: tl.constexpr):
         # |x| < 0.55: x + x^3 P(x^2), P a minimax fit of (tanh(x) - x) / x^3
-        # (degree 4 for fp32, 10 for fp64); otherwise sign(x) (1 - 2 / (1 + exp(2|x|))).
+        # (degree 4 for fp32, 10 for fp64). Above: fp32 1 + e Q(e) with e = exp(-2|x|) in
+        # (0, 0.333], Q a minimax fit of -2 / (1 + e) (so 1 + e Q(e) = (1 - e) / (1 + e) =
+        # tanh|x|, exactly 1 once e underflows), and the sign of x put back with a bit
+        # operation: no division on the fp32 path. fp64 keeps 1 - 2 / (1 + exp(2|x|)).
         a = tl.abs(x)
         t = x * x
         if F64:
@@ -126,104 +169,201 @@ if triton is not None:
             p = p * t + -0.053968253967434016
             p = p * t + 0.13333333333332714
             p = p * t + -0.3333333333333333
-            lim = 40.0
+            small = x + (x * t) * p
+            y = 2.0 * a
+            y = tl.where(y > 40.0, 40.0, y)  # keeps NaN
+            big = 1.0 - 2.0 / (1.0 + tl.exp(y))  # fp64 division is IEEE-rounded
+            big = tl.where(x < 0, -big, big)
         else:
             p = t * -0.0062823668122291565 + 0.021077677607536316
             p = p * t + -0.0538538359105587
             p = p * t + 0.13332600891590118
             p = p * t + -0.33333319425582886
-            lim = 20.0
-        small = x + (x * t) * p
-        y = 2.0 * a
-        y = tl.where(y > lim, lim, y)  # keeps NaN
-        e = tl.exp(y)
-        if F64:
-            big = 1.0 - 2.0 / (1.0 + e)  # fp64 division is IEEE-rounded
-        else:
-            big = 1.0 - tl.math.div_rn(2.0 + 0.0 * y, 1.0 + e)  # fp32 '/' may be approximate
-        big = tl.where(x < 0, -big, big)
+            small = x + (x * t) * p
+            e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|); NaN stays NaN
+            q = e * -0.6112289 + 1.4250705
+            q = q * e + -1.8610573
+            q = q * e + 1.9808226
+            q = q * e + -1.9985865
+            q = q * e + 1.9999527
+            q = q * e + -1.9999995
+            big = q * e + 1.0
+            sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+            big = (big.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         return tl.where(a < 0.55, small, big)
 
     @triton.jit
+    def _rms_input32(g, v, c, eps):
+        # g / (sqrt(v) (1 / sqrt(c)) + eps) in fp32 without a division or a correctly rounded
+        # square root (whose slow paths cost more instructions than the recurrence of a hidden
+        # unit): hardware reciprocal square roots refined by one Newton step each, within an
+        # ulp or two of torch's result. c >= 1 - beta > 0 always; v >= 0 may be 0 or
+        # subnormal, whose approximate square root is 0 (the eps term dominates there).
+        rc = tl.math.rsqrt(c)
+        rc = rc + (0.5 * rc) * (1.0 - (c * rc) * rc)
+        den = tl.sqrt(v) * rc + eps
+        # 1 / den from rsqrt(den)^2, then one Newton step on the quotient itself:
+        # q = q0 + r (g - den q0) is g / den to within an ulp (den in [eps, ~6e20], or inf / NaN
+        # for a non-finite g, which gives NaN as torch's inf / inf does)
+        r = tl.math.rsqrt(den)
+        r = r * r
+        q = g * r
+        return q + (g - den * q) * r
+
+    @triton.jit
     def _to_bf16(x):
-        # fp32 -> bf16, round to nearest even, NaN -> 0x7FC0 (== c10::BFloat16), with bit ops so
-        # that the interpreter (which truncates in .to(tl.bfloat16)) and the GPU agree.
+        # fp32 -> bf16, round to nearest even, NaN -> 0x7FC0 (== c10::BFloat16), with bit ops:
+        # the interpreter's .to(tl.bfloat16) truncates
         u = x.to(tl.uint32, bitcast=True)
         r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         r = tl.where(x != x, 0x7FC0, r)
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _store_cast(ptr, x, mask, DT: tl.constexpr):
+    def _store(ptr, x, mask, DT: tl.constexpr, NATIVE_BF16: tl.constexpr):
         if DT == tl.bfloat16:
-            tl.store(ptr, _to_bf16(x.to(tl.float32)), mask=mask)
+            # (from fp64 through fp32, as c10's conversion goes)
+            if NATIVE_BF16:
+                tl.store(ptr, x.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne"),
+                         mask=mask)
+            else:
+                tl.store(ptr, _to_bf16(x.to(tl.float32)), mask=mask)
         else:
             tl.store(ptr, x.to(DT), mask=mask)
 
     @triton.jit
-    def _pass1_kernel(
-        p_tab, g_tab, h_tab, v_tab, c_tab, n_tab, sc_tab, lr_tab, blk_t, blk_s,
-        w_ptr, norm_ptr, part_ptr, scratch_ptr, skip_ptr,
-        H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
-        P_DT: tl.constexpr, G_DT: tl.constexpr, H_DT: tl.constexpr, C_DT: tl.constexpr,
-        INPLACE: tl.constexpr, HAS_SKIP: tl.constexpr, RMS: tl.constexpr,
-    ):
+    def _locate(blk, tab, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        # this program's block: its tensor's table row and element count, the block's first
+        # coordinate and length (at most BLOCK; a multiple of 8 in an aligned group)
         pid = tl.program_id(0)
-        t = tl.load(blk_t + pid)
-        start = tl.load(blk_s + pid)
-        n = tl.load(n_tab + t)
-        gp = tl.load(g_tab + t).to(tl.pointer_type(G_DT))
-        hp = tl.load(h_tab + t).to(tl.pointer_type(H_DT))
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < n
+        t = tl.load(blk + pid)
+        row = tab + t * 8  # _triton_tables.ROW slots per tensor
+        start = (pid - tl.load(row + 7)) * BLOCK
+        n = tl.load(row + 5)
+        rem = tl.minimum(n - start, BLOCK).to(tl.int32)
+        if ALIGNED:
+            n = tl.multiple_of(n, 8)
+            rem = tl.multiple_of(rem, 8)
+        return pid, t, row, n, start, rem
+
+    @triton.jit
+    def _base(slot, offset, DT: tl.constexpr, ALIGNED: tl.constexpr):
+        # the address held in a table slot, as a DT pointer, ``offset`` elements on; in an
+        # aligned group it is 16-byte aligned, which lets Triton emit 128-bit accesses
+        ptr = tl.load(slot).to(tl.pointer_type(DT)) + offset
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _w_hh_times_h(w_ptr, j, hs, acc, H: tl.constexpr, C_DT: tl.constexpr):
+        # acc + w_hh[j, :] . h, one fused multiply-add per row of h (the tuple hs)
+        for rows in tl.static_range(H):
+            acc = acc + tl.load(w_ptr + H + j * H + rows).to(C_DT) * hs[rows]
+        return acc
+
+    @triton.jit
+    def _step_kernel(
+        tab, blk, lr_ptr, w_ptr, norm_ptr, part_ptr, shared_ptr, skip_ptr,
+        H: tl.constexpr, BLOCK: tl.constexpr,
+        P_DT: tl.constexpr, G_DT: tl.constexpr, H_DT: tl.constexpr, C_DT: tl.constexpr,
+        MODE: tl.constexpr, HAS_SKIP: tl.constexpr, C_LAYOUT: tl.constexpr,
+        ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    ):
+        # MODE 0: pass 1 of fp32/fp64 parameters (writes h', the running means and theta +
+        # lr u; the block's partial sum). MODE 1: pass 1 of bf16/fp16 parameters (the
+        # partial sum only). MODE 2: pass 2 of bf16/fp16 parameters (recomputes pass 1 from
+        # the same inputs, writes h', the running means and round(theta + lr (u + shared))).
+        F64: tl.constexpr = C_DT == tl.float64
+        pid, t, row, n, start, rem = _locate(blk, tab, BLOCK, ALIGNED)
+        idx = tl.arange(0, BLOCK)
+        mask = idx < rem
         if HAS_SKIP:
             mask = mask & (tl.load(skip_ptr) == 0)
-        rows = tl.arange(0, HP)
-        rmask = rows < H
 
-        g = tl.load(gp + offs, mask=mask, other=0.0).to(C_DT)
-        if RMS:
-            # nets.rms_normalise: v, c (compute dtype) updated in place; correctly rounded
-            # sqrt and division, as torch's (fp32 `/` on a GPU is an approximation)
-            vp = tl.load(v_tab + t).to(tl.pointer_type(C_DT))
-            cp = tl.load(c_tab + t).to(tl.pointer_type(C_DT))
+        x = tl.load(_base(row + 1, start, G_DT, ALIGNED) + idx, mask=mask, other=0.0).to(C_DT)
+        if C_LAYOUT != 0:
+            # rule.rms_normalise: v' = beta v + ((1 - beta) g) g, saturated at the largest
+            # finite value unless g is infinite, c' = beta c + (1 - beta),
+            # x = g / (sqrt(v') (1 / sqrt(c')) + eps); correctly rounded sqrt and division,
+            # as torch's (fp32 '/' on a GPU is an approximation)
             beta = tl.load(norm_ptr).to(C_DT)
             omb = tl.load(norm_ptr + 1).to(C_DT)
             eps = tl.load(norm_ptr + 2).to(C_DT)
-            v = tl.load(vp + offs, mask=mask, other=0.0) * beta + (g * g) * omb
-            c = tl.load(cp + offs, mask=mask, other=0.0) * beta + omb
-            tl.store(vp + offs, v, mask=mask)
-            tl.store(cp + offs, c, mask=mask)
-            if C_DT == tl.float64:  # fp64 division and sqrt round correctly as they are
-                g = g / (tl.sqrt(v / c) + eps)
+            vmax = tl.load(norm_ptr + 3 + F64).to(C_DT)
+            vp = _base(row + 3, start, C_DT, ALIGNED)
+            v = tl.load(vp + idx, mask=mask, other=0.0) * beta + (omb * x) * x
+            v = tl.where((v > vmax) & (tl.abs(x) <= vmax), vmax, v)
+            if C_LAYOUT == 1:
+                cp = _base(row + 4, start, C_DT, ALIGNED)
+                c = tl.load(cp + idx, mask=mask, other=0.0) * beta + omb
+            else:  # one c per tensor: _ones_kernel advances it once all programs read it
+                c = tl.load(tl.load(row + 4).to(tl.pointer_type(C_DT))) * beta + omb
+            if MODE != 1:
+                tl.store(vp + idx, v, mask=mask)
+                if C_LAYOUT == 1:
+                    tl.store(cp + idx, c, mask=mask)
+            if F64:  # fp64 division and sqrt round correctly as they are
+                x = x / (tl.sqrt(v) * (1.0 / tl.sqrt(c)) + eps)
             else:
-                g = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, c)) + eps)
-        hmask = rmask[:, None] & mask[None, :]
-        h = tl.load(hp + rows[:, None].to(tl.int64) * n + offs[None, :], mask=hmask, other=0.0)
-        h = h.to(C_DT)
+                x = _rms_input32(x, v, c, eps)
 
-        # weights: [w_ih (H), w_hh (H*H), b_h (H), w_a (H), w_b (H), b_out]
-        u = tl.zeros([BLOCK], dtype=C_DT) + tl.load(w_ptr + 4 * H + H * H)
+        # the H rows of the block's hidden state, all read before any is written
+        hs = ()
+        for k in tl.static_range(H):
+            hk = tl.load(_base(row + 2, k * n + start, H_DT, ALIGNED) + idx, mask=mask,
+                         other=0.0)
+            hs = hs + (hk.to(C_DT),)
+
+        # weights: [w_ih (H), w_hh (H*H), b_h (H), w_a (H), w_b (H), b_out], in any float
+        # dtype, rounded to the compute dtype here
+        u = tl.zeros([BLOCK], dtype=C_DT) + tl.load(w_ptr + 4 * H + H * H).to(C_DT)
         s = tl.zeros([BLOCK], dtype=C_DT)
         for j in tl.static_range(H):
-            w_row = tl.load(w_ptr + H + j * H + rows, mask=rmask, other=0.0)
-            pre = tl.load(w_ptr + j) * g + tl.load(w_ptr + H + H * H + j)
-            pre = pre + tl.sum(w_row[:, None] * h, axis=0)
-            hn = _tanh(pre, C_DT == tl.float64)
-            _store_cast(hp + j * n + offs, hn, mask, H_DT)
-            u = u + tl.load(w_ptr + 2 * H + H * H + j) * hn
-            s = s + tl.load(w_ptr + 3 * H + H * H + j) * hn
+            pre = tl.load(w_ptr + j).to(C_DT) * x + tl.load(w_ptr + H + H * H + j).to(C_DT)
+            hn = _tanh(_w_hh_times_h(w_ptr, j, hs, pre, H, C_DT), F64)
+            if MODE != 1:
+                _store(_base(row + 2, j * n + start, H_DT, ALIGNED) + idx, hn, mask, H_DT,
+                       NATIVE_BF16)
+            u = u + tl.load(w_ptr + 2 * H + H * H + j).to(C_DT) * hn
+            s = s + tl.load(w_ptr + 3 * H + H * H + j).to(C_DT) * hn
 
-        if INPLACE:
-            pp = tl.load(p_tab + t).to(tl.pointer_type(P_DT))
-            lr = tl.load(lr_tab + t).to(C_DT)
-            theta = tl.load(pp + offs, mask=mask, other=0.0).to(C_DT)
-            tl.store(pp + offs, (theta + lr * u).to(P_DT), mask=mask)
+        if MODE != 1:
+            pp = _base(row, start, P_DT, ALIGNED)
+            lr = tl.load(lr_ptr + tl.load(row + 6)).to(C_DT)  # by the tensor's call position
+            theta = tl.load(pp + idx, mask=mask, other=0.0).to(C_DT)
+            if MODE == 2:
+                u = u + tl.load(shared_ptr).to(C_DT)
+            _store(pp + idx, theta + lr * u, mask, P_DT, NATIVE_BF16)
+        if MODE != 2:
+            s = tl.where(mask, s, 0.0)
+            tl.store(part_ptr + pid, tl.sum(s, axis=0).to(tl.float64))
+
+    @triton.jit
+    def _shift_kernel(tab, blk, lr_ptr, shared_ptr, skip_ptr, BLOCK: tl.constexpr,
+                      P_DT: tl.constexpr, C_DT: tl.constexpr, HAS_SKIP: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+        # pass 2 of fp32/fp64 parameters: theta += lr * shared
+        pid, t, row, n, start, rem = _locate(blk, tab, BLOCK, ALIGNED)
+        idx = tl.arange(0, BLOCK)
+        mask = idx < rem
+        if HAS_SKIP:
+            mask = mask & (tl.load(skip_ptr) == 0)
+        pp = _base(row, start, P_DT, ALIGNED)
+        shared = tl.load(shared_ptr).to(C_DT)
+        lr = tl.load(lr_ptr + tl.load(row + 6)).to(C_DT)
+        theta = tl.load(pp + idx, mask=mask, other=0.0)
+        tl.store(pp + idx, theta + lr * shared, mask=mask)
+
+    @triton.jit
+    def _ones_kernel(tab, norm_ptr, skip_ptr, C_DT: tl.constexpr, HAS_SKIP: tl.constexpr):
+        # one c per tensor: c' = beta c + (1 - beta), after every program that reads c
+        cp = tl.load(tab + tl.program_id(0) * 8 + 4).to(tl.pointer_type(C_DT))
+        c = tl.load(cp) * tl.load(norm_ptr).to(C_DT) + tl.load(norm_ptr + 1).to(C_DT)
+        if HAS_SKIP:
+            tl.store(cp, c, mask=tl.load(skip_ptr) == 0)
         else:
-            base = tl.load(sc_tab + t)
-            tl.store(scratch_ptr + base + offs, u.to(tl.float32), mask=mask)
-        s = tl.where(mask, s, 0.0)
-        tl.store(part_ptr + pid, tl.sum(s, axis=0).to(tl.float64))
+            tl.store(cp, c)
 
     # (ints equal to 1 would otherwise become compile-time constants, with no .to())
     @triton.jit(do_not_specialize=["n_part", "n_total"])
@@ -250,48 +390,26 @@ if triton is not None:
         tl.store(out_ptr + t, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _pass2_kernel(
-        p_tab, n_tab, sc_tab, lr_tab, blk_t, blk_s, shared_ptr, scratch_ptr, skip_ptr,
-        BLOCK: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
-        INPLACE: tl.constexpr, HAS_SKIP: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        t = tl.load(blk_t + pid)
-        start = tl.load(blk_s + pid)
-        n = tl.load(n_tab + t)
-        pp = tl.load(p_tab + t).to(tl.pointer_type(P_DT))
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < n
-        if HAS_SKIP:
-            mask = mask & (tl.load(skip_ptr) == 0)
-        shared = tl.load(shared_ptr).to(C_DT)
-        lr = tl.load(lr_tab + t).to(C_DT)
-        theta = tl.load(pp + offs, mask=mask, other=0.0).to(C_DT)
-        if INPLACE:
-            new = theta + lr * shared
-        else:
-            base = tl.load(sc_tab + t)
-            u = tl.load(scratch_ptr + base + offs, mask=mask, other=0.0)
-            new = theta + lr * (u + shared)
-        _store_cast(pp + offs, new, mask, P_DT)
+    def _nonfinite_kernel(tab, blk, out_ptr, BLOCK: tl.constexpr, U_DT: tl.constexpr,
+                          EXP: tl.constexpr, ALIGNED: tl.constexpr):
+        # one block of one gradient: it holds a NaN or an Inf if a value's exponent bits are
+        # all ones. The gradient is read as unsigned integers of its width: exact for every
+        # float format, and free of the float conversions of Triton's interpreter (which
+        # widens bf16 and narrows fp64 on the way). A bad block raises its tensor's flag (a
+        # max: the same result in any order)
+        pid, t, row, n, start, rem = _locate(blk, tab, BLOCK, ALIGNED)
+        idx = tl.arange(0, BLOCK)
+        u = tl.load(_base(row + 1, start, U_DT, ALIGNED) + idx, mask=idx < rem, other=0)
+        bad = tl.max(((u & EXP) == EXP).to(tl.int32), axis=0)
+        if bad != 0:
+            tl.atomic_max(out_ptr + tl.load(row + 6), bad)
 
+    @triton.jit(do_not_specialize=["n"])
+    def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(y_ptr + offs, _tanh(x, F64), mask=offs < n)
 
-    @triton.jit
-    def _nonfinite_kernel(g_tab, n_tab, blk_t, blk_s, out_ptr, BLOCK: tl.constexpr,
-                          U_DT: tl.constexpr, EXP: tl.constexpr):
-        # one block of one gradient: 1 if it holds a NaN or an Inf, i.e. a value whose
-        # exponent bits are all ones. The gradient is read as unsigned integers of its width:
-        # exact for every float format, and free of the float conversions of Triton's
-        # interpreter (which widens bf16 and narrows fp64 on the way)
-        pid = tl.program_id(0)
-        t = tl.load(blk_t + pid)
-        start = tl.load(blk_s + pid)
-        n = tl.load(n_tab + t)
-        gp = tl.load(g_tab + t).to(tl.pointer_type(U_DT))
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        u = tl.load(gp + offs, mask=offs < n, other=0)
-        bad = (u & EXP) == EXP
-        tl.store(out_ptr + pid, tl.max(bad.to(tl.int32), axis=0))
 
 # ------------------------------------------------------------------------------------------
 # host side
@@ -305,117 +423,6 @@ if triton is not None:
         torch.float16: tl.float16,
     }
 
-
-class _Group:
-    """One (param dtype, grad dtype, hidden dtype) group and its device tables."""
-
-    __slots__ = ("pdt", "gdt", "hdt", "idx", "n_blocks", "part_base", "tab", "inplace", "cdt")
-
-
-class _Plan:
-    # lr_tables: (the float lrs, their device tables), replaced as one tuple so that two
-    # threads stepping with one plan never pair one's lrs with the other's tables
-    __slots__ = ("groups", "n_blocks", "n_total", "scratch_numel", "block", "lr_tables",
-                 "seg_host", "seg")
-
-
-def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _plan(params, grads, hiddens, squares, ones, device, block) -> _Plan:
-    # the tables hold addresses, not tensors: a key of addresses, sizes and dtypes is exact
-    # (a tensor freed and another allocated at the same address reuses a correct table)
-    key = ("triton-plan", device, block) + tuple(
-        (p.data_ptr(), g.data_ptr(), h.data_ptr(), p.numel(), p.dtype, g.dtype, h.dtype)
-        for p, g, h in zip(params, grads, hiddens)
-    ) + tuple(x.data_ptr() for x in (*squares, *ones))
-    return CACHE.get(key, lambda: _make_plan(params, grads, hiddens, squares, ones, device, block))
-
-
-def _make_plan(params, grads, hiddens, squares, ones, device, block) -> _Plan:
-    # squares, ones: the rms input norm's running means, or empty lists (then 0 addresses)
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
-        if p.numel() == 0:
-            continue
-        groups.setdefault((p.dtype, g.dtype, h.dtype), []).append(i)
-    plan = _Plan()
-    plan.block = block
-    plan.groups = []
-    plan.n_total = sum(p.numel() for p in params)
-    part_base = 0
-    scratch = 0
-    # per tensor (call order): first block in the partials and number of blocks
-    seg_first = [0] * len(params)
-    seg_count = [0] * len(params)
-    for (pdt, gdt, hdt), idx in groups.items():
-        grp = _Group()
-        grp.pdt, grp.gdt, grp.hdt, grp.idx = pdt, gdt, hdt, idx
-        grp.cdt = compute_dtype(pdt)
-        grp.inplace = pdt in (torch.float32, torch.float64)
-        T = len(idx)
-        p_tab = [params[i].data_ptr() for i in idx]
-        g_tab = [grads[i].data_ptr() for i in idx]
-        h_tab = [hiddens[i].data_ptr() for i in idx]
-        v_tab = [squares[i].data_ptr() if squares else 0 for i in idx]
-        c_tab = [ones[i].data_ptr() if ones else 0 for i in idx]
-        n_tab = [params[i].numel() for i in idx]
-        sc_tab = []
-        blk_t, blk_s = [], []
-        for k, i in enumerate(idx):
-            n = params[i].numel()
-            sc_tab.append(scratch)
-            if not grp.inplace:
-                scratch += n
-            seg_first[i] = part_base + len(blk_t)
-            seg_count[i] = -(-n // block)
-            for s in range(0, n, block):
-                blk_t.append(k)
-                blk_s.append(s)
-        grp.n_blocks = len(blk_t)
-        grp.part_base = part_base
-        part_base += grp.n_blocks
-        tab = _upload(p_tab + g_tab + h_tab + v_tab + c_tab + n_tab + sc_tab + blk_t + blk_s,
-                      torch.int64, device)
-        o = 0
-        views = {}
-        for name, length in (("p", T), ("g", T), ("h", T), ("v", T), ("c", T), ("n", T), ("sc", T),
-                             ("bt", grp.n_blocks), ("bs", grp.n_blocks)):
-            views[name] = tab[o : o + length]
-            o += length
-        grp.tab = views
-        plan.groups.append(grp)
-    plan.n_blocks = part_base
-    plan.scratch_numel = scratch
-    plan.lr_tables = (None, None)
-    plan.seg_host = seg_first + seg_count
-    plan.seg = None  # uploaded on the first call with an aggregate
-    return plan
-
-
-def _lr_tables(plan: _Plan, lrs, device) -> list[Tensor]:
-    if any(isinstance(lr, Tensor) for lr in lrs):
-        # device tensors: gathered on the device every call (capturable, no host sync)
-        out = []
-        for grp in plan.groups:
-            out.append(torch.stack([
-                torch.as_tensor(lrs[i], dtype=torch.float64).to(device).reshape(())
-                for i in grp.idx
-            ]))
-        return out
-    key = tuple(float(lr) for lr in lrs)
-    cached_key, tabs = plan.lr_tables
-    if cached_key != key:
-        tabs = [_upload([key[i] for i in grp.idx], torch.float64, device) for grp in plan.groups]
-        plan.lr_tables = (key, tabs)
-    return tabs
-
-
-
 # float dtype -> (the unsigned integer type of its width, the mask of its exponent bits)
 _EXPONENT_BITS = {}
 if triton is not None:
@@ -426,78 +433,247 @@ if triton is not None:
         torch.float16: (tl.uint16, 0x7C00),
     }
 
-
-class _FinitePlan:
-    __slots__ = ("groups", "n_blocks", "owner")
-
-
-def _finite_plan(grads, device, block) -> _FinitePlan:
-    key = ("triton-finite", device, block) + tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads)
-    return CACHE.get(key, lambda: _make_finite_plan(grads, device, block))
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# beta, 1 - beta, eps, then the largest finite fp32 and fp64 (where v saturates)
+_NORM = (*RMS_CONSTANTS, torch.finfo(torch.float32).max, torch.finfo(torch.float64).max)
 
 
-def _make_finite_plan(grads, device, block) -> _FinitePlan:
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, g in enumerate(grads):
-        if g.numel():
-            by_dtype.setdefault(g.dtype, []).append(i)
-    plan = _FinitePlan()
-    plan.groups, owner, base = [], [], 0
-    for dt, idx in by_dtype.items():
-        blk_t, blk_s = [], []
-        for k, i in enumerate(idx):
-            for s in range(0, grads[i].numel(), block):
-                blk_t.append(k)
-                blk_s.append(s)
-                owner.append(i)
-        T, B = len(idx), len(blk_t)
-        tab = _upload([grads[i].data_ptr() for i in idx] + [grads[i].numel() for i in idx] + blk_t + blk_s,
-                      torch.int64, device)
-        plan.groups.append((dt, base, B, tab[:T], tab[T : 2 * T], tab[2 * T : 2 * T + B], tab[2 * T + B :]))
-        base += B
-    plan.n_blocks = base
-    plan.owner = _upload(owner or [0], torch.int64, device)
-    return plan
+def _aligned(tensors, n: int) -> bool:
+    """Whether 128-bit accesses fit: every address 16-byte aligned and ``n % 8 == 0`` (then
+    every block, and every row of a hidden state, starts on a 16-byte boundary too)."""
+    return n % 8 == 0 and all(x.data_ptr() % 16 == 0 for x in tensors)
 
 
-def finite_flags_triton(grads: list[Tensor]) -> Tensor:
-    """Per gradient, whether it holds no NaN or Inf, from one read of every gradient.
+def _launch_context(device: torch.device):
+    """Launches go to the tensors' device (and its current stream), whatever the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    One launch per gradient dtype over the same kind of block table as the update (cached on
-    the tensors' addresses), then one per-tensor reduction on the device: no host
-    synchronisation, so the non-finite policy's flag stays on the GPU. Empty tensors are finite.
 
-    Args:
-        grads: tensors on one CUDA device (CPU tensors in interpret mode), any float dtype.
+class _Step:
+    """What one call launches with: its layout, tensor and lr tables, and the flags."""
 
-    Returns:
-        A bool tensor with one entry per gradient, on their device.
+    __slots__ = ("layout", "tabs", "lrs", "norm", "weights", "H", "skip")
 
-    Raises:
-        RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device.
-    """
+
+def _prepare(ps, gs, hs, vs, cs, lrs, weights, skip, tables) -> _Step:
+    """The tables of one call, from its handle (built on first use). ``lrs``: Python floats
+    (a cached table) or a float64 vector on the device, one per tensor."""
+    device = ps[0].device
+    keys, numels, rows = [], [], []
+    for i, (p, g, h) in enumerate(zip(ps, gs, hs)):
+        n = p.numel()
+        layout_c = _NO_RMS if not vs else (_C_PER_COORDINATE if cs[i].numel() == n else _C_PER_TENSOR)
+        state = [] if not vs else ([vs[i], cs[i]] if layout_c == _C_PER_COORDINATE else [vs[i]])
+        keys.append((p.dtype, g.dtype, h.dtype, layout_c, _aligned([p, g, h, *state], n)))
+        numels.append(n)
+        rows.append([p.data_ptr(), g.data_ptr(), h.data_ptr(),
+                     vs[i].data_ptr() if vs else 0, cs[i].data_ptr() if vs else 0, n, i])
+    handle = tables if tables is not None else tables_for(hs[0])
+    layout_key = ("triton-layout", device, tuple(keys), tuple(numels))
+    step = _Step()
+    step.layout = handle.get(layout_key, lambda: build_layout(keys, numels, _block, device),
+                             device, "block tables")
+    address_key = ("triton-tensors", layout_key, tuple(tuple(r[:5]) for r in rows))
+    step.tabs = handle.get(address_key, lambda: build_tensor_tables(step.layout, rows, device),
+                           device, "tensor tables")
+    if isinstance(lrs, Tensor):
+        if lrs.shape != (len(ps),) or lrs.dtype != torch.float64 or lrs.device != device:
+            raise RuntimeError(f"l2l_optim triton: lrs must be a float64 vector of {len(ps)} "
+                               f"learning rates on {device}")
+        step.lrs = lrs
+    else:
+        step.lrs = handle.get(("triton-lrs", device, tuple(lrs)), lambda: upload(
+            torch.tensor(lrs, dtype=torch.float64), device), device, "learning rates")
+    step.norm = handle.get(("triton-norm", device), lambda: upload(
+        torch.tensor(_NORM, dtype=torch.float64), device), device, "rms constants")
+    handle.hold_if_capturing(weights, device)  # a captured graph reads them at this address
+    step.weights = weights
+    step.H = hs[0].shape[0]
+    step.skip = skip
+    return step
+
+
+def _block(key: tuple) -> int:
+    """Coordinates per program of the update's group ``key``."""
+    if _INTERPRET:
+        return BLOCK_INTERPRET
+    return BLOCK_GPU_16BIT if any(dt in _LOW_PRECISION for dt in key[:3]) else BLOCK_GPU
+
+
+def _scan_block(key: tuple) -> int:
+    return BLOCK_INTERPRET if _INTERPRET else SCAN_BLOCK_GPU
+
+
+def _warps() -> dict:
+    return {} if _INTERPRET else {"num_warps": NUM_WARPS}
+
+
+def _pass(step: _Step, mode: str, partials: Tensor | None, shared: Tensor | None) -> None:
+    """Pass 1 (``mode="pass1"``) or pass 2 of every group of ``step``."""
+    has_skip = step.skip is not None
+    skip_t = step.skip.reshape(()) if has_skip else step.norm
+    layout = step.layout
+    for grp, tab in zip(layout.groups, step.tabs):
+        pdt, gdt, hdt, layout_c, aligned = grp.key
+        cdt = compute_dtype(pdt)
+        low = pdt in _LOW_PRECISION
+        if mode == "pass2" and not low:
+            _shift_kernel[(grp.n_blocks,)](
+                tab, grp.blocks, step.lrs, shared, skip_t, BLOCK=grp.block,
+                P_DT=_TL_DTYPES[pdt], C_DT=_TL_DTYPES[cdt], HAS_SKIP=has_skip,
+                ALIGNED=aligned, **_warps())
+            continue
+        kernel_mode = (1 if low else 0) if mode == "pass1" else 2
+        _step_kernel[(grp.n_blocks,)](
+            tab, grp.blocks, step.lrs, step.weights, step.norm,
+            partials[grp.part_base :] if partials is not None else step.norm,
+            shared if shared is not None else step.norm, skip_t,
+            H=step.H, BLOCK=grp.block, P_DT=_TL_DTYPES[pdt], G_DT=_TL_DTYPES[gdt],
+            H_DT=_TL_DTYPES[hdt], C_DT=_TL_DTYPES[cdt], MODE=kernel_mode,
+            HAS_SKIP=has_skip, C_LAYOUT=layout_c, ALIGNED=aligned,
+            NATIVE_BF16=not _INTERPRET, **_warps())
+    if mode == "pass2":
+        for grp, tab in zip(layout.groups, step.tabs):
+            if grp.key[3] == _C_PER_TENSOR:
+                _ones_kernel[(len(grp.idx),)](tab, step.norm, skip_t,
+                                              C_DT=_TL_DTYPES[compute_dtype(grp.key[0])],
+                                              HAS_SKIP=has_skip, **_warps())
+
+
+def _update(params, grads, hiddens, lrs, weights, skip, squares, ones, mode: str,
+            shared: Tensor | None = None, tables: TritonTables | None = None) -> Tensor | None:
+    """The update's implementation (eager, or inside the ops): ``mode`` ``"step"`` (both
+    passes), ``"pass1"`` (returns the per-tensor sums) or ``"pass2"`` (with ``shared``)."""
+    device = params[0].device
+    # (the tables are looked up, built and uploaded on the tensors' device and stream too)
+    with _launch_context(device):
+        step = _prepare(params, grads, hiddens, squares, ones, lrs, weights, skip, tables)
+        layout = step.layout
+        if layout.n_total == 0:
+            return (torch.zeros(len(params), dtype=torch.float64, device=device)
+                    if mode == "pass1" else None)
+        if mode == "pass2":
+            _pass(step, "pass2", None, shared.reshape(1).to(torch.float64))
+            return None
+        partials = torch.empty(layout.n_blocks, dtype=torch.float64, device=device)
+        _pass(step, "pass1", partials, None)
+        if mode == "pass1":
+            sums = torch.empty(len(params), dtype=torch.float64, device=device)
+            _segment_kernel[(len(params),)](partials, layout.segments, sums, len(params),
+                                            R=REDUCE_BLOCK, **_warps())
+            return sums
+        shared = torch.empty(1, dtype=torch.float64, device=device)
+        _reduce_kernel[(1,)](partials, layout.n_blocks, shared, layout.n_total, R=REDUCE_BLOCK,
+                             **_warps())
+        _pass(step, "pass2", None, shared)
+    return None
+
+
+def _finite_flags(grads: list[Tensor], tables: TritonTables | None = None) -> Tensor:
+    """The scan's implementation (eager, or inside its op): 1 per gradient with a NaN/Inf."""
+    device = grads[0].device
+    keys = [(g.dtype, _aligned([g], g.numel())) for g in grads]
+    numels = [g.numel() for g in grads]
+    # the handle of the first gradient: static gradients (what a captured graph reads) keep
+    # their tables as long as they live; fresh ones each step find them in the shared cache
+    handle = tables if tables is not None else tables_for(grads[0])
+    layout_key = ("triton-scan-layout", device, tuple(keys), tuple(numels))
+    rows = [[0, g.data_ptr(), 0, 0, 0, g.numel(), i] for i, g in enumerate(grads)]
+    with _launch_context(device):
+        layout = handle.get(layout_key, lambda: build_layout(keys, numels, _scan_block, device),
+                            device, "block tables", shared=True)
+        tabs = handle.get(("triton-scan-tensors", layout_key, tuple(r[1] for r in rows)),
+                          lambda: build_tensor_tables(layout, rows, device), device,
+                          "tensor tables", shared=True)
+        bad = torch.zeros(len(grads), dtype=torch.int32, device=device)
+        for grp, tab in zip(layout.groups, tabs):
+            dtype, aligned = grp.key
+            u_dt, exp = _EXPONENT_BITS[dtype]
+            _nonfinite_kernel[(grp.n_blocks,)](tab, grp.blocks, bad, BLOCK=grp.block, U_DT=u_dt,
+                                               EXP=exp, ALIGNED=aligned, **_warps())
+    return bad == 0
+
+
+# ------------------------------------------------------------------ the ops torch.compile sees
+
+# (under the interpreter the kernels run on CPU tensors, so the ops take those too)
+_DEVICE_TYPES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
+_MUTATED = ("params", "hiddens", "squares", "ones")
+
+
+# The ops take the learning rates as one float64 vector on the device (_lr_vector): a list of
+# floats among an op's arguments would be a constant of the graph, guarded by value, and every
+# step of a learning-rate schedule would compile the step again. squares, ones: the rms input
+# norm's running means, or empty lists for none (an op's arguments cannot be None lists).
+def _op_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
+               weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
+               ones: list[Tensor]) -> None:
+    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "step")
+
+
+def _op_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
+              weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
+              ones: list[Tensor]) -> Tensor:
+    return _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "pass1")
+
+
+def _op_pass2(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
+              weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
+              ones: list[Tensor], shared: Tensor) -> None:
+    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "pass2", shared)
+
+
+def _op_finite_flags(grads: list[Tensor]) -> Tensor:
+    return _finite_flags(grads)
+
+
+def _register_ops() -> None:
+    """``torch.ops.l2l_optim_triton.*`` with the shape-only versions torch.compile traces:
+    the update (``simple_update``; ``simple_update_pass1`` / ``_pass2`` around an aggregate)
+    mutates its inputs in place and returns nothing (pass 1: the per-tensor sums), the scan
+    returns one flag per gradient."""
+    lib = "l2l_optim_triton"
+    update = torch.library.custom_op(f"{lib}::simple_update", _op_update, mutates_args=_MUTATED,
+                                     device_types=_DEVICE_TYPES)
+    pass1 = torch.library.custom_op(f"{lib}::simple_update_pass1", _op_pass1,
+                                    mutates_args=_MUTATED, device_types=_DEVICE_TYPES)
+    pass2 = torch.library.custom_op(f"{lib}::simple_update_pass2", _op_pass2,
+                                    mutates_args=_MUTATED, device_types=_DEVICE_TYPES)
+    flags = torch.library.custom_op(f"{lib}::finite_flags", _op_finite_flags, mutates_args=(),
+                                    device_types=_DEVICE_TYPES)
+    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones: None)
+    pass1.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones:
+                        weights.new_empty((len(params),), dtype=torch.float64))
+    pass2.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones,
+                        shared: None)
+    flags.register_fake(lambda grads: grads[0].new_empty((len(grads),), dtype=torch.bool))
+
+
+if triton is not None and not hasattr(torch.ops.l2l_optim_triton, "simple_update"):
+    _register_ops()  # (not again after a module reload)
+
+
+# ------------------------------------------------------------------------- public entries
+
+
+def _check_device(device: torch.device | None, what: str) -> None:
     if triton is None:
         raise RuntimeError(f"impl='triton' needs Triton, which cannot be imported: {_IMPORT_ERROR}")
-    if not grads:
-        return torch.ones(0, dtype=torch.bool)
-    device = grads[0].device
-    if device.type != "cuda" and not (interpret_mode() and device.type == "cpu"):
-        raise RuntimeError(f"finite_flags_triton runs on CUDA tensors (got {device})")
-    if any(g.device != device for g in grads):
-        raise RuntimeError("finite_flags_triton needs all tensors on one device")
-    gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    block = BLOCK_INTERPRET if interpret_mode() else BLOCK_GPU
-    plan = _finite_plan(gs, device, block)
-    bad = torch.zeros(len(gs), dtype=torch.int32, device=device)
-    if plan.n_blocks:
-        per_block = torch.empty(plan.n_blocks, dtype=torch.int32, device=device)
-        warps = {} if interpret_mode() else {"num_warps": NUM_WARPS}
-        for dt, base, nb, g_tab, n_tab, bt, bs in plan.groups:
-            u_dt, exp = _EXPONENT_BITS[dt]
-            _nonfinite_kernel[(nb,)](g_tab, n_tab, bt, bs, per_block[base:], BLOCK=block,
-                                     U_DT=u_dt, EXP=exp, **warps)
-        bad.scatter_reduce_(0, plan.owner, per_block, "amax")
-    return bad == 0
+    if device is not None and device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
+        raise RuntimeError(
+            f"{what} runs on CUDA tensors (got {device}); on CPU use impl='cpu' or "
+            "'reference' (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        )
+
+
+def _lr_vector(lrs, device: torch.device) -> Tensor:
+    """The learning rates as one float64 vector on ``device``, made on the device (no host
+    synchronisation). A float enters as a factor of a product with a device tensor (exact: a
+    product with one), which torch.compile makes an input of the graph rather than a constant
+    it specialises on; a tensor is read where it is."""
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return torch.stack([lr.detach().reshape(()).to(device=device, dtype=torch.float64)
+                        if isinstance(lr, Tensor) else one * lr for lr in lrs])
 
 
 def simple_update_triton(
@@ -509,27 +685,29 @@ def simple_update_triton(
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
     rms: RunningRms | None = None,
+    *,
+    tables: TritonTables | None = None,
 ) -> None:
     """The fused Triton update; same contract as :func:`~.reference.simple_update_reference`.
 
-    With ``rms`` the input norm runs inside pass 1 (its running means are read and written
-    in the same program as the gradient).
+    With ``rms`` the input norm runs inside the kernels (the running means are read and
+    written in the program that reads the gradient). ``c`` may hold one value per coordinate
+    or one per tensor.
+
+    Args:
+        tables: the handle that owns the step's device tables (keep one per optimizer for
+            CUDA graphs, see :class:`~._triton_tables.TritonTables`); default: the one tied to
+            ``hiddens[0]``. Eager calls only: inside a compiled step the op uses the default.
 
     Raises:
-        RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device (CPU
-            tensors are accepted in interpret mode, ``TRITON_INTERPRET=1``).
+        RuntimeError: Triton is unavailable, the tensors are not on one CUDA device (CPU
+            tensors are accepted in interpret mode, ``TRITON_INTERPRET=1``), or a table must
+            be built while the stream captures a CUDA graph.
         ValueError: as the reference.
         TypeError: as the reference (a tensor subclass such as DTensor).
     """
-    if triton is None:
-        raise RuntimeError(f"impl='triton' needs Triton, which cannot be imported: {_IMPORT_ERROR}")
     device = params[0].device if params else None
-    interp = interpret_mode()
-    if device is not None and device.type != "cuda" and not (interp and device.type == "cpu"):
-        raise RuntimeError(
-            f"impl='triton' runs on CUDA tensors (got {device}); on CPU use impl='cpu' or "
-            "'reference' (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
-        )
+    _check_device(device, "impl='triton'")
     H = weights.w_ih.numel()
     rule = "needs all tensors on one device (impl='reference' takes several)"
     check_inputs("triton", params, grads, hiddens, lrs, H, device=device, device_rule=rule)
@@ -538,52 +716,74 @@ def simple_update_triton(
     done, skip = split_skip(skip)
     if done or not params:
         return
+    if skip is not None:
+        skip = skip.to(device=device, dtype=torch.bool)
     squares, ones = rms if rms is not None else ([], [])
+    # the fold's dtype: the kernels round each weight to a tensor's compute dtype themselves
+    packed = packed_weights(weights, device, weights.w_ih.dtype, flat=True)
+    compiling = torch.compiler.is_compiling()
+    if compiling or any(isinstance(lr, Tensor) for lr in lrs):
+        lrs = _lr_vector(lrs, device)
+    else:  # floats: a table uploaded once per set of values
+        lrs = [float(lr) for lr in lrs]
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
-        block = BLOCK_INTERPRET if interp else BLOCK_GPU
-        plan = _plan(ps, gs, hs, vs, cs, device, block)
-        # the rms input norm's constants, read by pass 1 in the compute dtype
-        norm = CACHE.get(("triton-rms-norm", device),
-                         lambda: _upload(list(RMS_CONSTANTS), torch.float64, device))
-        if plan.n_total == 0:
-            if aggregate is not None:  # a collective that every process must enter
-                call_aggregate(aggregate, torch.zeros(len(ps), dtype=torch.float64, device=device))
+        args = (ps, gs, hs, lrs, packed, skip, vs, cs)
+        if compiling:
+            ops = torch.ops.l2l_optim_triton
+            if aggregate is None:
+                ops.simple_update(*args)
+            else:
+                ops.simple_update_pass2(*args, call_aggregate(aggregate, ops.simple_update_pass1(*args)))
             return
-        lr_tabs = _lr_tables(plan, lrs, device)
-        partials = torch.empty(plan.n_blocks, dtype=torch.float64, device=device)
-        shared = torch.empty(1, dtype=torch.float64, device=device)
-        scratch = torch.empty(max(plan.scratch_numel, 1), dtype=torch.float32, device=device)
-        has_skip = skip is not None
-        skip_t = skip.reshape(()).to(device=device, dtype=torch.bool) if has_skip else shared
-        HP = triton.next_power_of_2(H)
-        warps = {} if interp else {"num_warps": NUM_WARPS}
-
-        for grp, lr_tab in zip(plan.groups, lr_tabs):
-            w = packed_weights(weights, device, grp.cdt, flat=True)
-            tb = grp.tab
-            _pass1_kernel[(grp.n_blocks,)](
-                tb["p"], tb["g"], tb["h"], tb["v"], tb["c"], tb["n"], tb["sc"], lr_tab, tb["bt"],
-                tb["bs"], w, norm, partials[grp.part_base :], scratch, skip_t,
-                H=H, HP=HP, BLOCK=block,
-                P_DT=_TL_DTYPES[grp.pdt], G_DT=_TL_DTYPES[grp.gdt], H_DT=_TL_DTYPES[grp.hdt],
-                C_DT=_TL_DTYPES[grp.cdt], INPLACE=grp.inplace, HAS_SKIP=has_skip,
-                RMS=rms is not None, **warps,
-            )
         if aggregate is None:
-            _reduce_kernel[(1,)](partials, plan.n_blocks, shared, plan.n_total,
-                                 R=REDUCE_BLOCK, **warps)
+            _update(*args, "step", tables=tables)
         else:
-            if plan.seg is None:
-                plan.seg = _upload(plan.seg_host, torch.int64, device)
-            sums = torch.empty(len(ps), dtype=torch.float64, device=device)
-            _segment_kernel[(len(ps),)](partials, plan.seg, sums, len(ps), R=REDUCE_BLOCK,
-                                        **warps)
-            shared = call_aggregate(aggregate, sums).reshape(1)
-        for grp, lr_tab in zip(plan.groups, lr_tabs):
-            tb = grp.tab
-            _pass2_kernel[(grp.n_blocks,)](
-                tb["p"], tb["n"], tb["sc"], lr_tab, tb["bt"], tb["bs"], shared, scratch, skip_t,
-                BLOCK=block, P_DT=_TL_DTYPES[grp.pdt], C_DT=_TL_DTYPES[grp.cdt],
-                INPLACE=grp.inplace, HAS_SKIP=has_skip, **warps,
-            )
+            sums = _update(*args, "pass1", tables=tables)
+            _update(*args, "pass2", call_aggregate(aggregate, sums), tables=tables)
+
+
+def finite_flags_triton(grads: list[Tensor], *, tables: TritonTables | None = None) -> Tensor:
+    """Per gradient, whether it holds no NaN or Inf, from one read of every gradient.
+
+    One launch per (gradient dtype, alignment) over the same kind of block table as the update,
+    each block raising its tensor's flag when it holds a bad value: no host synchronisation,
+    so the non-finite policy's flag stays on the GPU. Empty tensors are finite.
+
+    Args:
+        grads: tensors on one CUDA device (CPU tensors in interpret mode), any float dtype.
+        tables: the handle that owns the scan's tables (default: the one tied to
+            ``grads[0]``); eager calls only.
+
+    Returns:
+        A bool tensor with one entry per gradient, on their device.
+
+    Raises:
+        RuntimeError: Triton is unavailable, or the tensors are not on one CUDA device.
+    """
+    if not grads:
+        _check_device(None, "finite_flags_triton")
+        return torch.ones(0, dtype=torch.bool)
+    device = grads[0].device
+    _check_device(device, "finite_flags_triton")
+    if any(g.device != device for g in grads):
+        raise RuntimeError("finite_flags_triton needs all tensors on one device")
+    gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    if torch.compiler.is_compiling():
+        return torch.ops.l2l_optim_triton.finite_flags(gs)
+    return _finite_flags(gs, tables)
+
+
+def kernel_tanh_triton(x: Tensor) -> Tensor:
+    """The kernels' tanh applied to a float32 or float64 tensor (for accuracy tests)."""
+    _check_device(x.device, "kernel_tanh_triton")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError("float32 / float64 tensors only")
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    if xc.numel():
+        block = 1024
+        with _launch_context(xc.device):
+            _tanh_kernel[(triton.cdiv(xc.numel(), block),)](
+                xc, out, xc.numel(), BLOCK=block, F64=x.dtype == torch.float64, **_warps())
+    return out
