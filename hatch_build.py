@@ -12,8 +12,10 @@ set when it loads) and
 * for a wheel, adds it to the wheel as ``l2l_optim/kernels/libl2l_simple_cpu.so.1``.
 
 Either wheel is then tagged ``py3-none-<platform>``: the library depends on the platform but
-not on Python's ABI (it is loaded with ctypes). ``$L2L_OPTIM_PLATFORM_TAG`` overrides the
-platform part (e.g. a manylinux tag after checking the wheel with auditwheel).
+not on Python's ABI (it is loaded with ctypes). The platform is this machine's
+(``linux_x86_64``); ``make dist`` gives the release wheel its manylinux tags with ``auditwheel
+repair``, which checks the library's symbols first (the Makefile says why libgomp is left out).
+``$L2L_OPTIM_PLATFORM_TAG`` overrides the platform part.
 
 A wheel (not an editable install, which reads the repository's ``weights/``) also gets the
 files of ``weights/`` the package reads, as ``l2l_optim/_weights/``: :func:`shipped_weights`.
