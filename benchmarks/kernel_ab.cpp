@@ -20,9 +20,10 @@
 //   /tmp/kernel_ab N ROUNDS THREADS STATE ISA LIB [LIB ...]
 //     N coordinates in one tensor (10000000: memory-bound; 65536: in cache), STATE float32 or
 //     bfloat16 (the hidden state), ISA avx512, avx2 or baseline.
-// The data: fp32 parameters, gradients of magnitude 1e-3, the rms input norm on, random
-// weights (the time does not depend on their values). The timed call is pass 1 alone, without
-// the aggregate's pass 2 and without Python.
+// The data: fp32 parameters, gradients of magnitude 1e-3, the rms input norm on with one bias
+// correction c for the tensor (L2L_AB_C=coordinate: one per coordinate, L2L_AB_C=none: no
+// input norm), random weights (the time does not depend on their values). The timed call is
+// pass 1 alone, without the aggregate's pass 2 and without Python.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -34,11 +35,13 @@
 #include <random>
 #include <vector>
 
-// l2l_simple_pass1 of the library's C ABI, version 2 (kernels/simple_cpu.cpp)
+// l2l_simple_pass1 of the library's C ABI, version 3 (kernels/simple_cpu.cpp)
+constexpr int kAbi = 3;
 typedef int (*Pass1)(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                      const void* const* grads, const int32_t* grad_dtypes, void* const* hiddens,
                      const int32_t* hidden_dtypes, void* const* squares, void* const* ones,
-                     const double* norm, const int64_t* numels, const double* lrs,
+                     const int64_t* ones_numels, const double* norm, const int64_t* numels,
+                     const double* lrs,
                      float* const* scratch, const double* weights, int64_t n_weights,
                      const uint8_t* skip, double* sums, int n_threads);
 typedef int (*IntFn)(void);
@@ -69,8 +72,8 @@ int main(int argc, char** argv) {
       return 1;
     }
     auto abi = reinterpret_cast<IntFn>(dlsym(lib, "l2l_abi_version"));
-    if (abi == nullptr || abi() != 2) {
-      std::fprintf(stderr, "%s: not C ABI version 2\n", argv[6 + i]);
+    if (abi == nullptr || abi() != kAbi) {
+      std::fprintf(stderr, "%s: not C ABI version %d\n", argv[6 + i], kAbi);
       return 1;
     }
     if (reinterpret_cast<SelectIsa>(dlsym(lib, "l2l_select_isa"))(isa) != 0) {
@@ -80,10 +83,13 @@ int main(int argc, char** argv) {
     pass1[i] = reinterpret_cast<Pass1>(dlsym(lib, "l2l_simple_pass1"));
   }
 
+  const char* layout = std::getenv("L2L_AB_C");
+  const bool rms = layout == nullptr || std::strcmp(layout, "none") != 0;
+  const bool c_per_coordinate = layout != nullptr && std::strcmp(layout, "coordinate") == 0;
   const int H = 10;
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<float> param(n), grad(n), v(n, 0.f), c(n, 0.f);
+  std::vector<float> param(n), grad(n), v(n, 0.f), c(c_per_coordinate ? n : 1, 0.f);
   std::vector<float> h32(bf16 ? 1 : H * n, 0.f);
   std::vector<uint16_t> h16(bf16 ? H * n : 1, 0);
   for (auto& x : param) x = normal(rng);
@@ -97,14 +103,16 @@ int main(int argc, char** argv) {
   void* squares[1] = {v.data()};
   void* ones[1] = {c.data()};
   const int32_t f32_code[1] = {0}, hidden_code[1] = {bf16 ? 2 : 0};
-  const int64_t numels[1] = {n};
+  const int64_t numels[1] = {n}, ones_numels[1] = {c_per_coordinate ? n : 1};
   const double lrs[1] = {1e-3};
   const double norm[3] = {0.999, 1 - 0.999, 1e-12};
 
   // one call of build i's pass 1 on the data above; false (after a message) on an error
   auto run = [&](int i) {
-    const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, squares,
-                            ones, norm, numels, lrs, nullptr, weights.data(),
+    const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code,
+                            rms ? squares : nullptr, rms ? ones : nullptr,
+                            rms ? ones_numels : nullptr, rms ? norm : nullptr, numels, lrs,
+                            nullptr, weights.data(),
                             static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
     if (rc != 0) std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
     return rc == 0;
@@ -148,8 +156,9 @@ int main(int argc, char** argv) {
       if (r > 0) ns_per_coord[i].push_back(std::chrono::duration<double>(t1 - t0).count() / n * 1e9);
     }
   }
-  std::printf("n=%lld rounds=%d threads=%d state=%s isa=%s\n", static_cast<long long>(n), rounds,
-              threads, argv[4], isa);
+  std::printf("n=%lld rounds=%d threads=%d state=%s isa=%s c=%s\n", static_cast<long long>(n),
+              rounds, threads, argv[4], isa,
+              !rms ? "none" : c_per_coordinate ? "per-coordinate" : "per-tensor");
   for (int i = 0; i < n_libs; ++i) {
     std::vector<double> sorted = ns_per_coord[i];
     std::sort(sorted.begin(), sorted.end());

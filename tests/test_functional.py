@@ -173,6 +173,46 @@ def test_matches_reference_with_the_rms_input_norm(impl, device, case):
     assert max_err(h_raw, h_ref) > 10 * tol
 
 
+def _per_tensor(rms: RunningRms) -> RunningRms:
+    """The same running means with one bias correction per tensor (every coordinate's c is
+    the same number)."""
+    return RunningRms(clone(rms.squares), [c[:1].clone() for c in rms.ones])
+
+
+@pytest.mark.parametrize("case", ["fp32", "mixed", "bf16-hidden"])
+@pytest.mark.parametrize("impl,device", PATHS)
+def test_one_bias_correction_per_tensor_gives_the_per_coordinate_numbers(impl, device, case):
+    # c holds one value per tensor or one per coordinate: the same numbers, bitwise, through
+    # ordinary, skipped and two-pass steps
+    specs = SPECS[case] + [((0,), torch.float32, torch.float32)]
+    net = random_net(5, input_norm="rms")
+    p, g, h = make_state(specs, device)
+    rms = make_rms(p)
+    # the empty tensor's c: one value in both runs (a per-tensor c that no coordinate reads)
+    rms[1][-1] = torch.full((1,), 0.3, device=device)
+    runs = []
+    for layout in (rms, _per_tensor(rms)):
+        ps, hs = clone(p), clone(h)
+        total = sum(x.numel() for x in ps)
+        for step, skip, aggregate in ((0, None, None), (1, torch.tensor(True, device=device), None),
+                                      (2, torch.tensor(False, device=device), None),
+                                      (3, None, lambda sums: (sums.sum() / total).reshape(1))):
+            gs = [x * (step + 1) for x in g]
+            simple_update(ps, gs, hs, [0.1] * len(ps), net, impl=impl, rms=layout, skip=skip,
+                          aggregate=aggregate)
+        runs.append((ps, hs, layout))
+    (p1, h1, per_coord), (p2, h2, per_tensor) = runs
+    assert equal(p1 + h1 + per_coord.squares, p2 + h2 + per_tensor.squares)
+    # (an empty tensor's c is read by no coordinate: whether it steps is left to the path)
+    for c, one in zip(per_coord.ones[:-1], per_tensor.ones[:-1]):
+        assert one.shape == (1,) and torch.equal(c, one.expand_as(c))
+    c0 = torch.tensor(0.3, dtype=torch.float32)
+    for _ in range(3):  # three steps taken, one skipped
+        c0 = c0 * 0.999 + (1 - 0.999)
+    # (the fused kernels may fuse c * beta + (1 - beta) into one rounding)
+    assert per_tensor.ones[0].item() == pytest.approx(c0.item(), rel=2 * torch.finfo(c0.dtype).eps)
+
+
 @pytest.mark.parametrize("impl,device", PATHS)
 def test_rms_running_means_may_be_strided_empty_or_aggregated(impl, device):
     # strided views are updated through their strides; an empty parameter has nothing to do;
@@ -243,7 +283,7 @@ def test_every_path_refuses_tensors_of_the_wrong_size_or_dtype(impl, device):
     short = RunningRms(rms.squares[:2] + [rms.squares[2][:-1]], rms.ones)
     with pytest.raises(ValueError, match="rms squares 2 must hold 15 torch.float32 values"):
         call(rms=short)
-    with pytest.raises(ValueError, match="rms ones 0 must hold 7 torch.float32 values"):
+    with pytest.raises(ValueError, match=r"rms ones 0 must hold 1 or 7 torch.float32 values"):
         call(rms=RunningRms(rms.squares, [rms.ones[0][:3]] + rms.ones[1:]))
     assert equal(p + h + rms.squares + rms.ones, before)  # refused calls change nothing
     call()  # the well-formed call runs

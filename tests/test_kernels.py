@@ -618,6 +618,40 @@ def test_cpu_every_instruction_set_matches_the_reference(isa):
         cpu.select_isa(before)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_one_bias_correction_per_tensor_gives_every_copys_per_coordinate_bits(isa):
+    # the rms input norm's c, one value per tensor (advanced once per step, in scalar code) or
+    # one per coordinate (in the vector loop): each instruction set's copy gives the same bits
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    kernel = _cpu_kernel()
+    from l2l_optim.kernels import cpu
+    from l2l_optim.kernels._common import RunningRms
+
+    if isa not in cpu.kernel_info()["supported"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    before = cpu.kernel_info()["isa"]
+    specs = [((5000,), torch.float32, torch.float32), ((7,), torch.float64, torch.float64),
+             ((), torch.float32, torch.bfloat16), ((33,), torch.bfloat16, torch.float32)]
+    try:
+        cpu.select_isa(isa)
+        runs = []
+        for per_tensor in (False, True):
+            p, h = make_state(specs)
+            sizes = [1 if per_tensor else x.numel() for x in p]
+            cds = [torch.float64 if x.dtype == torch.float64 else torch.float32 for x in p]
+            rms = RunningRms([torch.zeros(x.numel(), dtype=cd) for x, cd in zip(p, cds)],
+                             [torch.zeros(k, dtype=cd) for k, cd in zip(sizes, cds)])
+            for step in range(4):
+                kernel(p, make_grads(p, step), h, [0.05] * len(p), weights_for(), None, None, rms)
+            runs.append((p, h, rms))
+    finally:
+        cpu.select_isa(before)
+    (p1, h1, coord), (p2, h2, tensor) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p1 + h1 + coord.squares, p2 + h2 + tensor.squares))
+    assert all(torch.equal(c, one.expand_as(c)) for c, one in zip(coord.ones, tensor.ones))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpu_first_nonfinite_names_the_first_tensor_with_a_nan_or_inf(dtype):
     # the optimizers' fast check of a step's gradients: every position (the last of a tensor

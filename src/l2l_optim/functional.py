@@ -78,10 +78,12 @@ def simple_update(
             default): the mean over this call's coordinates, in one fused pass.
         rms: the running means of a net with ``input_norm="rms"`` (required for such a
             net, ``None`` for the others): ``RunningRms(squares, ones)``, or a pair of lists,
-            one flat tensor of ``p.numel()`` elements per parameter in its compute dtype
-            (float64 for float64 parameters, else float32), zeros before the first step;
-            updated in place by the same pass that reads the gradient (SimpleOptimizer's
-            states ``"v"`` and ``"c"``). Skipped steps leave them unchanged.
+            per parameter in its compute dtype (float64 for float64 parameters, else
+            float32), zeros before the first step: ``squares`` flat tensors of ``p.numel()``
+            elements, ``ones`` (the bias correction) one element per tensor, or one per
+            coordinate (the same numbers); updated in place by the same pass that reads the
+            gradient (SimpleOptimizer's states ``"v"`` and ``"c"``). Skipped steps leave
+            them unchanged.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version

@@ -102,14 +102,17 @@ def call_aggregate(aggregate: Aggregate, sums: Tensor) -> Tensor:
 
 class RunningRms(NamedTuple):
     """The running means of the rms input norm (:func:`~l2l_optim.rule.rms_normalise`), one
-    per parameter: flat tensors of ``p.numel()`` elements in the parameter's compute dtype
-    (:func:`compute_dtype`), updated in place by the step (SimpleOptimizer's states ``"v"``
-    and ``"c"``). :func:`~l2l_optim.functional.simple_update` needs them for a net with
+    of each per parameter, in the parameter's compute dtype (:func:`compute_dtype`), updated
+    in place by the step (SimpleOptimizer's states ``"v"`` and ``"c"``).
+    :func:`~l2l_optim.functional.simple_update` needs them for a net with
     ``input_norm="rms"``, such as the shipped default.
 
     Args:
-        squares: ``v``, the running means of squared gradients.
-        ones: ``c``, the running means of ones (the bias correction).
+        squares: ``v``, the running means of squared gradients: ``p.numel()`` elements each.
+        ones: ``c``, the running means of ones (the bias correction): one element per
+            parameter (every coordinate of a tensor takes the same steps, so one value
+            serves them all), or ``p.numel()`` elements, one per coordinate, with the same
+            numbers.
 
     Example:
         >>> import torch
@@ -152,13 +155,14 @@ def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device
                          f"{len(squares)} and {len(ones)} for {len(params)} parameters")
     for i, (p, v, c) in enumerate(zip(params, squares, ones)):
         cd = compute_dtype(p.dtype)
-        for x, what in ((v, "rms squares"), (c, "rms ones")):
+        for x, what, one in ((v, "rms squares", False), (c, "rms ones", True)):
             _check_plain(x, what, i)
             if device is not None and x.device != device:
                 raise RuntimeError(f"impl={impl!r} {device_rule}; got a tensor on {x.device}")
-            if x.numel() != p.numel() or x.dtype != cd:
+            if x.numel() not in ((1, p.numel()) if one else (p.numel(),)) or x.dtype != cd:
+                count = f"1 or {p.numel()}" if one else f"{p.numel()}"
                 raise ValueError(
-                    f"impl={impl!r}: {what} {i} must hold {p.numel()} {cd} values (the "
+                    f"impl={impl!r}: {what} {i} must hold {count} {cd} values (the "
                     f"compute dtype of a {p.dtype} parameter), got {x.numel()} {x.dtype}"
                 )
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
 ISA_ENV = "L2L_OPTIM_CPU_ISA"
 CACHE_ENV = "L2L_OPTIM_KERNEL_CACHE"
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 _lock = threading.Lock()
@@ -81,8 +81,8 @@ _SIGNATURES = {
     "l2l_supported_isas": (ctypes.c_char_p, []),
     "l2l_select_isa": (ctypes.c_int, [ctypes.c_char_p]),
     "l2l_simple_pass1": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _PP, _I32P, _PP, _I32P, _PP,
-                                        _PP, _F64P, _I64P, _F64P, _PP, _P, ctypes.c_int64, _P, _P,
-                                        ctypes.c_int]),
+                                        _PP, _I64P, _F64P, _I64P, _F64P, _PP, _P, ctypes.c_int64,
+                                        _P, _P, ctypes.c_int]),
     "l2l_simple_pass2": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _I64P, _F64P, _PP, _P,
                                         ctypes.c_int64, ctypes.c_double, _P, ctypes.c_int]),
     "l2l_first_nonfinite": (ctypes.c_int64, [ctypes.c_int64, _PP, _I32P, _I64P, ctypes.c_int]),

@@ -214,11 +214,11 @@ def _check_tensors(params, grads, hiddens, squares, ones, h_size: int) -> None:
             raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} must have shape ({h_size}, {k}), "
                                f"got {tuple(h.shape)}")
         if squares:
-            # in the compute dtype, as the library reads them
+            # in the compute dtype, as the library reads them; c: one per tensor or coordinate
             cd = compute_dtype(p.dtype)
-            for x, what in ((squares[i], "rms squares"), (ones[i], "rms ones")):
+            for x, what, sizes in ((squares[i], "rms squares", (k,)), (ones[i], "rms ones", (1, k))):
                 _pointer(x, what, i, {cd: 0})
-                if x.numel() != k:
+                if x.numel() not in sizes:
                     raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
                                        f"elements, param has {k}")
 
@@ -234,6 +234,7 @@ class _Plan(NamedTuple):
     h_codes: list
     v_ptrs: list
     c_ptrs: list
+    c_numels: list  # 1 (one bias correction per tensor) or the tensor's numel
     numels: list
 
 
@@ -252,7 +253,8 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
     else None (then the full checks say what is wrong, or contiguous copies are made).
 
     As it is: a plain tensor or parameter, dense, strided, contiguous, on the CPU, of a dtype
-    the kernel takes, of the right size (the running means in the compute dtype). Whatever
+    the kernel takes, of the right size (the running means in the compute dtype, ``c`` one
+    value per tensor or per coordinate). Whatever
     passes here passes check_inputs, check_rms and _check_tensors too. It runs for every
     tensor of every step, so it reads each property once, a list at a time.
     """
@@ -275,15 +277,17 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
         return None
     if [h.shape for h in hiddens] != [(h_size, k) for k in numels]:  # torch.Size == tuple
         return None
+    c_numels = [c.numel() for c in ones]
     if norm:
         # the compute dtype (compute_dtype): float64 for float64 parameters, else float32
         cds = [torch.float64 if code == 1 else torch.float32 for code in p_codes]
         if ([v.dtype for v in squares] != cds or [c.dtype for c in ones] != cds
-                or [v.numel() for v in squares] != numels or [c.numel() for c in ones] != numels):
+                or [v.numel() for v in squares] != numels
+                or not all([m == 1 or m == k for m, k in zip(c_numels, numels)])):
             return None
     ptrs = [x.data_ptr() or None for x in tensors]
     return _Plan(ptrs[:n], p_codes, ptrs[n:2 * n], g_codes, ptrs[2 * n:3 * n], h_codes,
-                 ptrs[3 * n:4 * n], ptrs[4 * n:], numels)
+                 ptrs[3 * n:4 * n], ptrs[4 * n:], c_numels, numels)
 
 
 def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
@@ -309,7 +313,7 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
         plan = _Plan(_pointers(params), [DTYPE_CODES[p.dtype] for p in params], _pointers(grads),
                      [DTYPE_CODES[g.dtype] for g in grads], _pointers(hiddens),
                      [HIDDEN_CODES[h.dtype] for h in hiddens], _pointers(squares),
-                     _pointers(ones), [p.numel() for p in params])
+                     _pointers(ones), [c.numel() for c in ones], [p.numel() for p in params])
     p_codes, numels = plan.p_codes, plan.numels
     # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
     scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
@@ -322,6 +326,7 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
         _array(_P, plan.h_ptrs), _array(ctypes.c_int32, plan.h_codes),
         _array(_P, plan.v_ptrs) if norm else None,
         _array(_P, plan.c_ptrs) if norm else None,
+        _array(ctypes.c_int64, plan.c_numels) if norm else None,
         _NORM if norm else None, _array(ctypes.c_int64, numels), _array(ctypes.c_double, lrs),
         _array(_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
         w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())

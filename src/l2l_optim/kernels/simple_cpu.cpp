@@ -9,8 +9,10 @@
 //
 //     x_i  = g_i, or with the rms input norm (rule.rms_normalise):
 //            v_i = beta v_i + ((1 - beta) g_i) g_i  (saturated: no finite g_i makes it inf),
-//            c_i = beta c_i + (1 - beta),
-//            x_i = g_i / (sqrt(v_i) / sqrt(c_i) + eps)      (v, c updated in place)
+//            c   = beta c + (1 - beta),
+//            x_i = g_i / (sqrt(v_i) / sqrt(c) + eps)      (v, c updated in place)
+//          where c, the bias correction, is one value per tensor (or, in the per-coordinate
+//          layout, one per coordinate: c_i, the same numbers)
 //     h_i' = tanh(w_ih * x_i + w_hh @ h_i + b_h)
 //     u_i  = w_a . h_i' + b_out + w_b . mean_j(h_j')      (mean over every coordinate of the call)
 //     theta_i += lr * u_i
@@ -142,6 +144,8 @@ struct Job {
   void* squares;  // the rms input norm's running means v and c, in the compute dtype (fp64 for
   void* ones;     // fp64 parameters, else fp32), updated in place; nullptr: no input norm
   const Norm* norm;
+  bool ones_per_tensor;  // c is one value for the tensor (else one per coordinate)
+  double rms_scale;      // per-tensor c: 1 / sqrt(c) of this step, in the compute dtype
   float* scratch;  // bf16 / fp16 parameters: the zeroed fp32 buffer of u; else nullptr
   int32_t pk, gk, hk;  // dtype codes of param, grad, hidden state
   int64_t n;
@@ -239,16 +243,18 @@ struct Kernels {
   void (*pass2)(const Job&, const Item&, double);
   bool (*nonfinite)(int, const void*, int64_t, int64_t);
   void (*tanh)(int, const void*, void*, int64_t, int64_t);
+  void (*rms_prepare)(Job&);
 };
 
 #if L2L_MULTI_ISA
 const Kernels kAvx512 = {"avx512", avx512::pass1_item, avx512::pass2_item,
-                         avx512::nonfinite_range, avx512::tanh_range};
+                         avx512::nonfinite_range, avx512::tanh_range, avx512::rms_prepare};
 const Kernels kAvx2 = {"avx2", avx2::pass1_item, avx2::pass2_item, avx2::nonfinite_range,
-                       avx2::tanh_range};
+                       avx2::tanh_range, avx2::rms_prepare};
 #endif
 const Kernels kBaseline = {"baseline", baseline::pass1_item, baseline::pass2_item,
-                           baseline::nonfinite_range, baseline::tanh_range};
+                           baseline::nonfinite_range, baseline::tanh_range,
+                           baseline::rms_prepare};
 
 bool supported(const Kernels* k) {
 #if L2L_MULTI_ISA
@@ -380,7 +386,7 @@ using namespace l2l;
 // ------------------------------------------------------------------------------------------------
 // the C ABI (argument order and meaning mirrored in cpu.py)
 
-L2L_API int l2l_abi_version(void) { return 2; }
+L2L_API int l2l_abi_version(void) { return 3; }
 
 // the hash of the sources and flags this library was built from; _build.py finds it in the
 // file by its prefix, so a loader can tell a stale library without loading it
@@ -428,9 +434,11 @@ L2L_API int l2l_select_isa(const char* name) {
 //   params, grads, hiddens: data pointers (numels[t] elements; hiddens (H, numels[t]))
 //   param_dtypes, grad_dtypes, hidden_dtypes: dtype codes (params and grads: any of the four;
 //       hidden states: kF32, kF64 or kBF16)
-//   squares, ones, norm: NULL, or the rms input norm: per tensor the running means v and c
-//       (numels[t] elements of the compute dtype: fp64 for fp64 parameters, else fp32;
-//       updated in place) and norm = {beta, 1 - beta, eps}
+//   squares, ones, ones_numels, norm: NULL, or the rms input norm: per tensor the running means
+//       v (numels[t] elements) and c, in the compute dtype (fp64 for fp64 parameters, else
+//       fp32), updated in place; c's element count, 1 (one bias correction for the tensor,
+//       advanced by every step that is not skipped, an empty tensor's too) or numels[t] (one
+//       per coordinate), in ones_numels (NULL: numels); norm = {beta, 1 - beta, eps}
 //   lrs: one learning rate per tensor
 //   scratch: per tensor, for bf16 / fp16 parameters a zeroed fp32 buffer of numels[t] elements
 //       (pass 2 reads it back), ignored for the others; may be NULL when there are none
@@ -441,8 +449,8 @@ L2L_API int l2l_select_isa(const char* name) {
 L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                              const void* const* grads, const int32_t* grad_dtypes,
                              void* const* hiddens, const int32_t* hidden_dtypes,
-                             void* const* squares, void* const* ones, const double* norm,
-                             const int64_t* numels, const double* lrs, float* const* scratch,
+                             void* const* squares, void* const* ones,
+                             const int64_t* ones_numels, const double* norm, const int64_t* numels, const double* lrs, float* const* scratch,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
                              double* sums, int n_threads) {
   if (sums != nullptr)
@@ -467,13 +475,23 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
       job.squares = squares[t];
       job.ones = ones[t];
       job.norm = &nm;
-      if (job.n > 0 && (job.squares == nullptr || job.ones == nullptr)) return kBadArgument;
+      const int64_t n_ones = ones_numels == nullptr ? job.n : ones_numels[t];
+      if (n_ones != 1 && n_ones != job.n) return kBadArgument;
+      job.ones_per_tensor = n_ones == 1;
+      if ((job.n > 0 && job.squares == nullptr) || (n_ones > 0 && job.ones == nullptr))
+        return kBadArgument;
     }
   }
-  if (step.N == 0) return kOk;
-  double* partial = static_cast<double*>(std::malloc(static_cast<size_t>(step.n_items) * sizeof(double)));
-  if (partial == nullptr) return kNoMemory;
+  double* partial = nullptr;
+  if (step.N > 0) {
+    partial = static_cast<double*>(std::malloc(static_cast<size_t>(step.n_items) * sizeof(double)));
+    if (partial == nullptr) return kNoMemory;
+  }
   const Kernels* k = g_kernels;
+  // every check has passed: each per-tensor bias correction takes its step, once
+  for (int64_t t = 0; t < n_tensors && norm != nullptr; ++t)
+    if (step.jobs[t].ones_per_tensor) k->rms_prepare(step.jobs[t]);
+  if (step.N == 0) return kOk;
   for_items(step.n_items, n_threads, [&](int64_t i) {
     const Item& it = step.items[i];
     partial[i] = k->pass1(step.jobs[it.tensor], it, step.w32, step.w64);

@@ -404,21 +404,53 @@ inline const C* load_grad_block(const Job& job, int64_t i0, int64_t len, C* __re
   return buf;
 }
 
+// A tensor's one bias correction c (the rms input norm's per-tensor layout): c = beta c +
+// (1 - beta) in place, once per step, and 1 / sqrt(c) for its blocks. The same operations as
+// the per-coordinate layout's in normalise_block, so both layouts give the same bits.
+template <typename C>
+void rms_prepare_typed(Job& job) {
+  C* c = static_cast<C*>(job.ones);
+  const C cn = *c * static_cast<C>(job.norm->beta) + static_cast<C>(job.norm->one_minus_beta);
+  *c = cn;
+  job.rms_scale = static_cast<double>(C(1) / std::sqrt(cn));
+}
+
+void rms_prepare(Job& job) {
+  if (job.pk == kF64) {
+    rms_prepare_typed<double>(job);
+  } else {
+    rms_prepare_typed<float>(job);
+  }
+}
+
 // The rms input norm on one block: v = beta v + ((1 - beta) g) g, saturated at the largest
-// finite value unless g is infinite, c = beta c + (1 - beta) in place, and
-// x = g / (sqrt(v) (1 / sqrt(c)) + eps) into buf, in the order of rule.rms_normalise (the
-// compiler may fuse a multiply and an add: the last bit may differ from torch's). No finite g
-// makes v infinite, which would freeze the coordinate (every later x would be 0).
+// finite value unless g is infinite, in place, and x = g / (sqrt(v) (1 / sqrt(c)) + eps) into
+// buf, in the order of rule.rms_normalise (the compiler may fuse a multiply and an add: the
+// last bit may differ from torch's); c = beta c + (1 - beta) in place too where it is one per
+// coordinate (else rms_prepare has advanced it). No finite g makes v infinite, which would
+// freeze the coordinate (every later x would be 0).
 template <typename C>
 inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i0, int64_t len,
                                 C* __restrict buf) {
   C* __restrict v = static_cast<C*>(job.squares) + i0;
-  C* __restrict c = static_cast<C*>(job.ones) + i0;
   const C beta = static_cast<C>(job.norm->beta);
   const C omb = static_cast<C>(job.norm->one_minus_beta);
   const C eps = static_cast<C>(job.norm->eps);
   constexpr C kMax = std::numeric_limits<C>::max();
   constexpr C kInf = std::numeric_limits<C>::infinity();
+  if (job.ones_per_tensor) {
+    const C k = static_cast<C>(job.rms_scale);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const C gi = g[i];
+      C vn = v[i] * beta + (omb * gi) * gi;
+      vn = (std::fabs(gi) == kInf || !(vn > kMax)) ? vn : kMax;  // NaN stays NaN
+      v[i] = vn;
+      buf[i] = gi / (std::sqrt(vn) * k + eps);
+    }
+    return buf;
+  }
+  C* __restrict c = static_cast<C*>(job.ones) + i0;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const C gi = g[i];
