@@ -184,3 +184,31 @@ def test_invalid_averaging():
         SimpleOptimizerNet(averaging=1.0)
     with pytest.raises(ValueError, match="Invalid averaging"):
         SimpleOptimizerNet(averaging=-0.1)
+
+
+def test_train_and_eval_swap_between_the_interpolation_point_and_the_average():
+    ours, theirs = small_model(), small_model()
+    opt = SimpleOptimizer(ours.parameters(), weights=sf_net())
+    ref = schedulefree.AdamWScheduleFree(theirs.parameters(), warmup_steps=0)
+    ref.train()
+    train(ours, opt, 50)
+    train(theirs, ref, 50)
+    y = [p.detach().clone() for p in ours.parameters()]
+    opt.eval()
+    ref.eval()
+    for a, b in zip(ours.parameters(), theirs.parameters()):  # both at their average x
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)
+    with pytest.raises(RuntimeError, match="call opt.train"):
+        train(ours, opt, 1)
+    opt.eval()  # idempotent
+    opt.train()
+    for a, b in zip(y, ours.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    # the mode travels with the state dict; weights without averaging ignore both calls
+    assert opt.state_dict()["param_groups"][0]["train_mode"] is True
+    plain = small_model()
+    opt2 = SimpleOptimizer(plain.parameters())
+    before = [p.detach().clone() for p in plain.parameters()]
+    opt2.eval()
+    train(plain, opt2, 1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, plain.parameters()))

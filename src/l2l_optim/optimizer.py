@@ -512,7 +512,55 @@ class SimpleOptimizer(LearnedOptimizer):
             state["z"].copy_(p.detach().reshape(-1))
         return state
 
+    def train(self) -> None:
+        """Put the parameters back at the point where gradients are taken (after :meth:`eval`).
+
+        Only weights with ``averaging`` change anything: as Schedule-Free AdamW's
+        ``optimizer.train()``, it moves each parameter from the average ``x`` back to the
+        interpolation point ``y = (1 - b) z + b x``. Call it before training resumes.
+
+        Example:
+            >>> import torch
+            >>> from l2l_optim.nets import SimpleOptimizerNet, init_net
+            >>> rule = init_net(SimpleOptimizerNet(input_norm="rms", averaging=0.9), "schedule-free", lr=0.1)
+            >>> w = torch.nn.Parameter(torch.zeros(2))
+            >>> opt = SimpleOptimizer([w], weights=rule)
+            >>> for _ in range(3):
+            ...     opt.zero_grad(); (w - 1).pow(2).sum().backward(); opt.step()
+            >>> y = w.detach().clone()
+            >>> opt.eval(); x = w.detach().clone(); opt.train()
+            >>> bool(torch.allclose(w, y)), bool((x < y).all())
+            (True, True)
+        """
+        self._swap(train=True)
+
+    def eval(self) -> None:
+        """Put the parameters at the running average ``x`` (for evaluation and saving the model).
+
+        Only weights with ``averaging`` change anything; then :meth:`step` refuses to run
+        until :meth:`train` is called, as in Schedule-Free AdamW.
+        """
+        self._swap(train=False)
+
+    def _swap(self, train: bool) -> None:
+        b = self.net.averaging
+        if not b or all(g.get("train_mode", True) == train for g in self.param_groups):
+            return
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group.get("train_mode", True) == train:
+                    continue
+                for p in group["params"]:
+                    z = self.state[p].get("z") if p in self.state else None
+                    if z is not None:
+                        # y = x + (1 - b)(z - x);  x = y + (1 - 1/b)(z - y)
+                        p.lerp_(z.view(p.shape).to(p.dtype), (1.0 - b) if train else (1.0 - 1.0 / b))
+                group["train_mode"] = train
+
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
+        if self.net.averaging and not all(g.get("train_mode", True) for g in self.param_groups):
+            raise RuntimeError("SimpleOptimizer: the parameters hold the average (opt.eval() was "
+                               "called); call opt.train() before step()")
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         # the rms input norm's running means go to the kernel, which updates them as it reads g
         rms = None
