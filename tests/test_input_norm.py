@@ -147,9 +147,13 @@ def test_optimizer_kernels_match_the_nets_forward(impl):
                 p.add_(u[i:i + p.numel()].view_as(p))
                 i += p.numel()
     torch.testing.assert_close(flat(m), flat(ref), rtol=1e-5, atol=1e-6)
-    for key in ("v", "c"):
-        got = torch.cat([opt.state[p][key] for p in m.parameters()])
-        torch.testing.assert_close(got, state[key], rtol=1e-6, atol=0)
+    got = torch.cat([opt.state[p]["v"] for p in m.parameters()])
+    torch.testing.assert_close(got, state["v"], rtol=1e-6, atol=0)
+    # c, one value per tensor or one per coordinate: the same number everywhere
+    c = state["c"].reshape(-1)[:1]
+    for p in m.parameters():
+        got = opt.state[p]["c"].reshape(-1)
+        torch.testing.assert_close(got, c.expand_as(got), rtol=1e-6, atol=0)
     assert not torch.equal(flat(m), flat(model()))
 
 
@@ -210,6 +214,30 @@ def test_state_dict_round_trip_keeps_float32_squares_under_bfloat16_state():
     loaded = next(iter(again.state.values()))
     assert loaded["v"].dtype == torch.float32
     assert torch.equal(loaded["v"], opt.state[m[0].weight]["v"])
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_a_state_dict_with_one_bias_correction_per_coordinate_loads(impl):
+    # c saved with one value per coordinate (all equal: every coordinate of a tensor takes the
+    # same steps) loads into the layout init_state gives and carries on bitwise
+    from l2l_optim import kernels
+
+    if impl == "cpu" and kernels.resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net(), impl=impl)
+    train(m, opt, steps=3)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["c"] = state["c"].reshape(-1)[:1].expand(state["v"].numel()).clone()
+    twin = copy.deepcopy(m)
+    other = SimpleOptimizer(twin.parameters(), weights=rms_net(), impl=impl)
+    other.load_state_dict(saved)
+    train(m, opt, steps=2)
+    train(twin, other, steps=2)
+    assert torch.equal(flat(m), flat(twin))
+    for p, q in zip(m.parameters(), twin.parameters()):
+        assert all(torch.equal(opt.state[p][k], other.state[q][k]) for k in opt.state[p])
 
 
 def test_the_default_weights_normalise_their_input():
