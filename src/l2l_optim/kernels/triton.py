@@ -150,11 +150,12 @@ if triton is not None:
 
     @triton.jit
     def _tanh(x, F64: tl.constexpr):
-        # |x| < 0.55: x + x^3 P(x^2), P a minimax fit of (tanh(x) - x) / x^3
-        # (degree 4 for fp32, 10 for fp64). Above: fp32 1 + e Q(e) with e = exp(-2|x|) in
-        # (0, 0.333], Q a minimax fit of -2 / (1 + e) (so 1 + e Q(e) = (1 - e) / (1 + e) =
-        # tanh|x|, exactly 1 once e underflows), and the sign of x put back with a bit
-        # operation: no division on the fp32 path. fp64 keeps 1 - 2 / (1 + exp(2|x|)).
+        # |x| < 0.55: |x| + |x|^3 P(x^2), P a minimax fit of (tanh(x) - x) / x^3 (degree 4
+        # for fp32, 10 for fp64). Above: fp32 1 + e Q(e) with e = exp(-2|x|) in (0, 0.333], Q
+        # a minimax fit of -2 / (1 + e), so that 1 + e Q(e) = (1 - e) / (1 + e) = tanh|x|
+        # (exactly 1 once e underflows): no division on the fp32 path; fp64 keeps
+        # 1 - 2 / (1 + exp(2|x|)). Both are computed on |x| and the sign of x is put back
+        # with one bit operation (-0 stays -0, NaN stays NaN).
         a = tl.abs(x)
         t = x * x
         if F64:
@@ -169,17 +170,15 @@ if triton is not None:
             p = p * t + -0.053968253967434016
             p = p * t + 0.13333333333332714
             p = p * t + -0.3333333333333333
-            small = x + (x * t) * p
             y = 2.0 * a
             y = tl.where(y > 40.0, 40.0, y)  # keeps NaN
             big = 1.0 - 2.0 / (1.0 + tl.exp(y))  # fp64 division is IEEE-rounded
-            big = tl.where(x < 0, -big, big)
+            bits: tl.constexpr = tl.uint64
         else:
             p = t * -0.0062823668122291565 + 0.021077677607536316
             p = p * t + -0.0538538359105587
             p = p * t + 0.13332600891590118
             p = p * t + -0.33333319425582886
-            small = x + (x * t) * p
             e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|); NaN stays NaN
             q = e * -0.6112289 + 1.4250705
             q = q * e + -1.8610573
@@ -188,9 +187,11 @@ if triton is not None:
             q = q * e + 1.9999527
             q = q * e + -1.9999995
             big = q * e + 1.0
-            sign = x.to(tl.uint32, bitcast=True) & 0x80000000
-            big = (big.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        return tl.where(a < 0.55, small, big)
+            bits: tl.constexpr = tl.uint32
+        small = a + (a * t) * p
+        r = tl.where(a < 0.55, small, big).to(bits, bitcast=True)
+        sign = x.to(bits, bitcast=True) & (1 << (bits.primitive_bitwidth - 1))
+        return (r | sign).to(x.dtype, bitcast=True)
 
     @triton.jit
     def _rms_input32(g, v, c, eps):
