@@ -57,7 +57,7 @@ __all__ = ["OPTIMIZERS", "DEFAULT_OPTIMIZERS", "run", "format_table"]
 
 def _learned(arch: str, **options):
     def build(params):
-        return get_architecture(arch).optimizer_class(params, lr=1e-3, weights=untrained_net(arch), **options)
+        return get_architecture(arch).optimizer_class(params, weights=untrained_net(arch), **options)
 
     return build
 
@@ -102,7 +102,7 @@ OPTIMIZERS: dict[str, Spec] = {
     "simple-fused": Spec(_learned("simple", impl="auto"), 40, 0, "SimpleOptimizer(impl='auto')"),
     "simple-kernel": Spec(_KernelOnly, 40, 0, "the fused kernel alone (no optimizer wrapper)"),
     # the default weights' rule: the fused kernel also normalises the input (two more values)
-    "simple-rms-fused": Spec(lambda ps: SimpleOptimizer(ps, lr=1e-3, weights=SimpleOptimizerNet(input_norm="rms")),
+    "simple-rms-fused": Spec(lambda ps: SimpleOptimizer(ps, weights=SimpleOptimizerNet(input_norm="rms")),
                              48, 0, "SimpleOptimizer(impl='auto'), input_norm='rms' net"),
     "simple-fused-bf16": Spec(_learned("simple", impl="auto", state_dtype=torch.bfloat16), 20, 4,
                               "SimpleOptimizer(impl='auto', state_dtype=torch.bfloat16)"),

@@ -30,7 +30,8 @@ _RESULTS = {
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
+        # text, or JSON nested too deeply to be worth showing as structure
         return value
 
 

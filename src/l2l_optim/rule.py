@@ -122,7 +122,7 @@ def rms_normalise(grad: Tensor, v: Tensor, c: Tensor, beta: float = RMS_BETA,
 
     Example:
         >>> x, v, c = rms_normalise(torch.tensor([-3.0, 0.0]), torch.zeros(2), torch.zeros(2))
-        >>> x.tolist(), c.tolist()
+        >>> [round(value, 6) for value in x.tolist()], c.tolist()
         ([-1.0, 0.0], [0.0010000000474974513, 0.0010000000474974513])
     """
     g = grad.to(v.dtype)
