@@ -144,8 +144,12 @@ def compile_sm90(v: Variant, num_warps: int):
 
 
 # a global access, with its predicate: the per-coordinate data are read and written under
-# the block's mask (predicated), the tables and weights with unpredicated scalar loads
+# the block's mask (predicated), the tables and weights with unpredicated scalar loads. The
+# compiler may turn a kernel's last masked store into a conditional EXIT followed by an
+# unpredicated store: a store after a conditional EXIT, as wide as the kernel's predicated
+# accesses, counts as masked too (pass 1's partial sum, an fp64 store there, does not)
 _ACCESS = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?P\d\s+)?(LDG|STG)((?:\.[A-Z0-9_]+)*)")
+_COND_EXIT = re.compile(r"/\*[0-9a-f]{4,}\*/\s+@!?P\d\s+EXIT")
 _WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
 
 
@@ -178,9 +182,14 @@ def analyse(cubin: bytes, cuobjdump: Path | None, nvdisasm: Path | None, sass_ou
             row["sass"] = len(ops)
             row["spill_ops"] = sum(o.startswith(("STL", "LDL")) for o in ops)
             loads, stores, scalar = Counter(), Counter(), Counter()
-            for m in _ACCESS.finditer(sass):
-                kind = scalar if m.group(1) is None else loads if m.group(2) == "LDG" else stores
-                kind[_width(m.group(3))] += 1
+            exit_at = min((m.start() for m in _COND_EXIT.finditer(sass)), default=len(sass))
+            accesses = [(m.group(1) is not None, m.group(2), _width(m.group(3)), m.start())
+                        for m in _ACCESS.finditer(sass)]
+            masked_widths = {w for pred, _, w, _ in accesses if pred}
+            for pred, op, w, at in accesses:
+                sunk = op == "STG" and at > exit_at and w in masked_widths
+                kind = scalar if not (pred or sunk) else loads if op == "LDG" else stores
+                kind[w] += 1
             row["loads"], row["stores"], row["scalar"] = loads, stores, scalar
         return row
 
