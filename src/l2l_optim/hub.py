@@ -376,6 +376,20 @@ def push_to_hub(
             raise WeightsError(f"push_to_hub: cannot upload to {repo_id!r} ({type(e).__name__}: {e})") from None
 
 
+def _optimizer_for(base: type, arch: str) -> type:
+    """The optimizer class for weights of ``arch``: among ``base`` and its subclasses (nearest
+    first), the registry's class for ``arch``; ``base`` itself where none of them is (a subclass
+    of ``LearnedOptimizer`` with its own rules)."""
+    name = get_architecture(arch).optimizer_name
+    queue = [base]
+    while queue:
+        candidate = queue.pop(0)
+        if candidate.__name__ == name and getattr(candidate, "_required_arch", None) == arch:
+            return candidate
+        queue.extend(candidate.__subclasses__())
+    return base
+
+
 class HubMixin:
     """``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` for the learned optimizers.
 
@@ -423,9 +437,7 @@ class HubMixin:
             raise TypeError("from_pretrained takes the weights from repo_id_or_dir; do not pass weights=")
         required = getattr(cls, "_required_arch", None)
         loaded = load_pretrained(repo_id_or_dir, arch=required, revision=revision)
-        target = cls if required is not None else get_architecture(loaded.net.arch).optimizer_class
-        if not issubclass(target, cls):  # a subclass of LearnedOptimizer with its own rules
-            target = cls
+        target = cls if required is not None else _optimizer_for(cls, loaded.net.arch)
         return target(params, weights=loaded, **optimizer_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> Path:
