@@ -137,7 +137,7 @@ def _cached_weights() -> tuple[Path | None, dict[str, Path], str | None]:
         from huggingface_hub import constants, scan_cache_dir
     except ImportError:
         return None, {}, "huggingface_hub is not installed"
-    from .weights import FORMAT, WeightsError, _read_header
+    from .weight_file import FORMAT, WeightsError, read_header
 
     cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
     if not cache.is_dir():
@@ -157,7 +157,7 @@ def _cached_weights() -> tuple[Path | None, dict[str, Path], str | None]:
                 if not f.file_name.endswith(".safetensors"):
                     continue
                 try:
-                    if _read_header(f.file_path)[0].get("format") != FORMAT:
+                    if read_header(f.file_path)[0].get("format") != FORMAT:
                         continue
                 except WeightsError:
                     continue
@@ -167,12 +167,12 @@ def _cached_weights() -> tuple[Path | None, dict[str, Path], str | None]:
 
 
 def _table(files: dict[str, Path]) -> list[str]:
-    from .weights import WeightsError, _read_header
+    from .weight_file import WeightsError, read_header
 
     rows = [("name", "arch", "params", "fingerprint", "recipe")]
     for name, path in files.items():
         try:
-            meta, entries = _read_header(path)
+            meta, entries = read_header(path)
             rows.append((name, meta.get("arch", "?"), str(_num_params(entries)),
                          meta.get("fingerprint", "?"), _recipe_summary(meta)))
         except WeightsError as e:
@@ -192,16 +192,17 @@ def _kernel_line(info: dict) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     from .kernels.cpu import kernel_info
-    from .weights import WeightsError, _read_header, _shipped, weights_dirs
+    from .weight_file import WeightsError, read_header
+    from .weights import shipped_files, weights_dirs
 
-    shipped = _shipped()
+    shipped = shipped_files()
     cache, cached, problem = _cached_weights()
     if args.json:
         def headers(files: dict[str, Path]) -> dict[str, Any]:
             out = {}
             for name, path in files.items():
                 try:
-                    out[name] = _read_header(path)[0]
+                    out[name] = read_header(path)[0]
                 except WeightsError as e:
                     out[name] = {"error": str(e)}
             return out

@@ -38,9 +38,9 @@ from typing import Any
 from .model_card import model_card
 from .nets import CoordinatewiseNet
 from .registry import get_architecture
-from .weights import (
-    _SUFFIX,
+from .weight_file import (
     DIR_FILENAME,
+    SUFFIX,
     LoadedWeights,
     WeightsError,
     fingerprint,
@@ -147,7 +147,7 @@ def check_hub_filename(filename: str) -> None:
         ValueError: invalid filename '../weights.safetensors': ...
     """
     parts = filename.split("/")
-    if (not filename.endswith(_SUFFIX) or "\\" in filename
+    if (not filename.endswith(SUFFIX) or "\\" in filename
             or any(part in ("", ".", "..") for part in parts)):
         raise ValueError(
             f"invalid filename {filename!r}: weights on the Hub are .safetensors files "
@@ -184,7 +184,7 @@ def hub_download(repo_id: str, filename: str = DIR_FILENAME, *, revision: str | 
         >>> hub_download("someone/their-optimizer", "weights.pt")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        l2l_optim.weights.WeightsError: hf://someone/their-optimizer/weights.pt: invalid filename ...
+        l2l_optim.weight_file.WeightsError: hf://someone/their-optimizer/weights.pt: invalid filename ...
     """
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "") + f"/{filename}"
     try:
@@ -297,7 +297,7 @@ def load_pretrained(
         >>> load_pretrained(folder, arch="simple")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        l2l_optim.weights.WeightsError: ...
+        l2l_optim.weight_file.WeightsError: ...
         >>> load_pretrained("someone/their-optimizer", arch="simple")  # doctest: +SKIP
     """
     if not isinstance(repo_id_or_dir, (str, os.PathLike)):
@@ -495,7 +495,7 @@ def fetch(source: str) -> Path:
         >>> fetch("hf://someone")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        l2l_optim.weights.WeightsError: hf://someone: expected hf://<owner>/<repo>[@revision]/<filename>
+        l2l_optim.weight_file.WeightsError: hf://someone: expected hf://<owner>/<repo>[@revision]/<filename>
     """
     parts = source.removeprefix("hf://").split("/")
     if len(parts) < 2 or not parts[0] or not parts[1]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .nets import CoordinatewiseNet
 from .registry import get_architecture
-from .weights import fingerprint
+from .weight_file import fingerprint
 
 __all__ = ["model_card"]
 
