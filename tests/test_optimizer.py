@@ -1,9 +1,7 @@
-"""Tests for l2l_optim.optimizer: the torch.optim contract around the learned update.
-
-(About 1,200 lines, in sections: validation, the weights' forms, the step contract, the update
-maths on both paths, the non-finite policy, state_dict and resuming, copy and pickle, and the
-rough edges a new user runs into. optimizer.py holds the contract in one module, and its tests
-share fixtures and optimizer factories across the sections, so they stay in one file.)
+"""Tests for l2l_optim.optimizer: the torch.optim contract around the learned update, in
+sections that share the fixtures and optimizer factories: validation, the weights' forms, the
+step contract, the update maths on both paths, the non-finite policy, state_dict and resuming,
+copy and pickle, and the rough edges a new user runs into.
 """
 
 from __future__ import annotations
