@@ -22,11 +22,13 @@ import gc
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -563,6 +565,41 @@ def test_gpu_bf16_step_allocates_no_full_size_buffer():
     tk.simple_update_triton(ps, g, hs, [0.1], w, None, None, rms)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < n  # bytes; an fp32 u would take 4n
+
+
+# ----------------------------------------------------------------- examples/gpu_check.sh
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
+
+
+@machinery
+def test_gpu_check_script_parses():
+    # the GPU check runs unattended on a lent machine: a syntax error there costs the lease
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    r = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    scripts = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", GPU_CHECK.read_text(), re.S)
+    assert len(scripts) >= 6  # the helpers, machine, large, scan, compile, timing
+    for i, script in enumerate(scripts):
+        compile(script, f"{GPU_CHECK.name}, here-document {i}", "exec")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(IN_SUBPROCESS or INTERPRET or GPU or not tk.is_available(),
+                    reason="runs the CPU dry run in its own interpreter processes")
+def test_gpu_check_stages_run_on_cpu_in_the_interpreter(tmp_path):
+    # the stages' scripts at small sizes on CPU tensors (GPU_CHECK_DRY_RUN=1): their checks
+    # pass on correct kernels (that they fail on broken ones was checked by hand with
+    # mutated kernels: a dropped partial, a mask one too long, a block one short)
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", STAGES="large scan timing", OUT=str(tmp_path),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "every stage passed" in summary and summary.count(" ok") == 3, summary
+    assert "all checks passed" in (tmp_path / "large.txt").read_text()
 
 
 # ------------------------------------------------------------------------ the interpreter
