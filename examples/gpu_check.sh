@@ -45,7 +45,9 @@
 #            parameters; unaligned tensors; fp64) with CUDA events, against the bytes it moves
 #            over the device-to-device copy bandwidth measured in the same run; target <= 1.25x
 #            for every option but fp64 (reported only). Each option's time per kernel (torch
-#            profiler), its CUDA-graph replay, and the non-finite scan's share of the step.
+#            profiler), its CUDA-graph replay, and the non-finite scan's share of the step; two
+#            rows (reported only) run the 16-bit groups at 512-coordinate blocks instead of
+#            1024 (half the registers, 64-bit accesses), the choice a GPU's timing decides.
 #   bench    python -m benchmarks.bench --tables step --device cuda: optimizer.step() against
 #            SGD and Adam on the base MLP and at 100M parameters (reported only).
 #
@@ -548,6 +550,7 @@ run_stage timing 300 "$OUT/timing.txt" "$PY" - <<'EOF'
 import torch
 
 from gpu_check_lib import DEV, DRY, H, check, copy_bandwidth, finish, kernel_times, seconds, sync, weights
+from l2l_optim.kernels import triton as tk
 from l2l_optim.kernels._common import RunningRms
 from l2l_optim.kernels.triton import finite_flags_triton, simple_update_triton
 
@@ -555,7 +558,10 @@ TARGET = 1.25
 SHAPES = [(40, 50)] * 3 if DRY else [(2000, 2000)] * 25
 ODD = [(39, 51)] * 3 if DRY else [(1999, 2001)] * 25  # odd sizes: element-wise accesses
 f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
-# name, shapes, param dtype, hidden dtype, rms input, whether the 1.25x target applies
+BLOCK16 = tk.BLOCK_GPU_16BIT
+# name, shapes, param dtype, hidden dtype, rms input, whether the 1.25x target applies, and
+# the coordinates per program of groups with 16-bit data (the rows at 512 compare the fp32
+# block size: 64-bit accesses at about half the registers, twice the resident warps)
 OPTIONS = [
     ("fp32 h, no rms", SHAPES, f32, f32, None, True),
     ("fp32 h, rms c/coord (default)", SHAPES, f32, f32, "coord", True),
@@ -567,6 +573,8 @@ OPTIONS = [
     ("bf16 params, bf16 h, rms", SHAPES, bf16, bf16, "coord", True),
     ("default, unaligned tensors", ODD, f32, f32, "coord", True),
     ("fp64 params and state, rms", SHAPES, f64, f64, "coord", False),
+    ("bf16 h, rms c/coord, 512 blocks", SHAPES, f32, bf16, "coord", False, 512),
+    ("bf16 params, fp32 h, rms, 512 blocks", SHAPES, bf16, f32, "coord", False, 512),
 ]
 
 
@@ -585,7 +593,8 @@ w = weights(5)
 bw = copy_bandwidth()
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)\n")
 rows = []
-for name, shapes, pdt, hdt, rms_kind, gated in OPTIONS:
+for name, shapes, pdt, hdt, rms_kind, gated, *block16 in OPTIONS:
+    tk.BLOCK_GPU_16BIT = block16[0] if block16 else BLOCK16  # (read when the tables are built)
     torch.manual_seed(0)
     cd = f64 if pdt == f64 else f32
     params = [torch.randn(s, device=DEV, dtype=pdt) for s in shapes]
