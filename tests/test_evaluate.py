@@ -429,3 +429,26 @@ def test_untuned_peers_at_their_defaults():
         make_peer("adam", [w])
     with pytest.raises(ValueError, match="unknown peer"):
         make_peer("lion", [w], 1e-3)
+
+
+def test_per_task_results_merge_into_the_whole_suites(tmp_path, no_shipped):
+    """Evaluating the tasks one by one, saving and reading back each result and merging gives
+    the rows and geometric means of one evaluation of the whole suite."""
+    from l2l_optim.evaluation import merge_results
+    from l2l_optim.evaluation.results import EvalResult
+
+    suite = [tiny_task(), tiny_task("tiny2", scale=0.5)]
+    whole = _evaluate(sgd_like(), tmp_path, suite=suite, quick=True)
+    parts = [_evaluate(sgd_like(), tmp_path, suite=[t], quick=True) for t in suite]
+    parts = [EvalResult.from_dict(json.loads(json.dumps(p.to_dict()))) for p in parts]
+    merged = merge_results(parts)
+    assert [(r.task, r.horizon) for r in merged.rows] == [(r.task, r.horizon) for r in whole.rows]
+    assert [r.learned_loss for r in merged.rows] == [r.learned_loss for r in whole.rows]
+    for col, by_h in whole.geomeans.items():
+        for h, v in by_h.items():
+            assert merged.geomeans[col][h] == pytest.approx(v, nan_ok=True)
+    with pytest.raises(ValueError, match="more than one result"):
+        merge_results([parts[0], parts[0]])
+    other = _evaluate(sgd_like(0.01), tmp_path, suite=[suite[1]], quick=True)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_results([parts[0], other])

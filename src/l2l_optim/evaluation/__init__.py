@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .protocol import EvalResult, TaskResult, baseline_entry, evaluate, geometric_mean
 from .report import format_table, main, plot_results
+from .results import merge_results
 from .suite import SuiteTask, default_suite, get_suite
 
-__all__ = ["evaluate", "EvalResult", "TaskResult", "baseline_entry", "geometric_mean", "format_table",
-           "plot_results", "main", "SuiteTask", "default_suite", "get_suite"]
+__all__ = ["evaluate", "EvalResult", "TaskResult", "baseline_entry", "geometric_mean", "merge_results",
+           "format_table", "plot_results", "main", "SuiteTask", "default_suite", "get_suite"]

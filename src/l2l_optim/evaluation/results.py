@@ -14,7 +14,7 @@ from typing import Any
 
 from .peers import UNTUNED
 
-__all__ = ["RATIOS", "SELF_TUNED", "TaskResult", "EvalResult", "geometric_mean", "task_rows"]
+__all__ = ["RATIOS", "SELF_TUNED", "TaskResult", "EvalResult", "geometric_mean", "merge_results", "task_rows"]
 
 STALL = 0.95  # "stalled": final loss at least this fraction of the initial loss
 ADAM_DEFAULT = 1e-3
@@ -140,6 +140,73 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; non-finite numbers become None."""
         return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        """The inverse of :meth:`to_dict` (None read back as inf for losses, NaN for ratios).
+
+        Raises:
+            KeyError: ``d`` lacks a field.
+        """
+        rows = [TaskResult(**{k: _unjson(k, v) for k, v in row.items()}) for row in d["rows"]]
+        ints = lambda m: {int(h): (math.nan if v is None else v) for h, v in m.items()}  # noqa: E731
+        return cls(weights=d["weights"], suite=d["suite"], steps=d["steps"], horizons=list(d["horizons"]),
+                   seeds=list(d["seeds"]), rows=rows, geomean=ints(d["geomean"]),
+                   geomeans={c: ints(m) for c, m in d["geomeans"].items()}, curves=d["curves"],
+                   ms_per_step=d["ms_per_step"], tasks=d["tasks"], seconds=d["seconds"],
+                   quick=d.get("quick", False))
+
+
+def _unjson(name: str, v: Any) -> Any:
+    # to_dict wrote non-finite numbers as None: losses are inf (diverged), ratios NaN
+    if name in ("learned_by_multiplier", "adam_by_lr", "sgd_by_lr", "cosine_by_lr"):
+        return {k: math.inf if x is None else x for k, x in v.items()}
+    if v is None:
+        return math.nan if name in RATIOS or name.endswith("_lr") or name == "best_multiplier" else math.inf
+    return v
+
+
+def merge_results(results: Sequence[EvalResult]) -> EvalResult:
+    """One result from evaluations of the same weights on different tasks (for example one
+    run per task), with the geometric means over all of their rows.
+
+    Args:
+        results: evaluations with the same weights, steps, seeds and mode, on disjoint tasks.
+
+    Returns:
+        An :class:`EvalResult` over the union of the tasks, at the horizons they share.
+
+    Raises:
+        ValueError: no results, different weights/steps/seeds/mode, or a task in two results.
+
+    Example:
+        >>> row = lambda task: TaskResult(task, 100, 1.0, *[0.5] * 11, {"1": 0.5}, *[1.0] * 5, 1.0, False, False)
+        >>> part = lambda task, r: EvalResult("w", "default", 100, [100], [0], [row(task)], {100: r},
+        ...                                   {c: {100: r} for c in RATIOS}, {}, {}, {}, 1.0)
+        >>> merged = merge_results([part("a", 1.0), part("b", 1.0)])
+        >>> [r.task for r in merged.rows], merged.seconds
+        (['a', 'b'], 2.0)
+    """
+    if not results:
+        raise ValueError("no results to merge")
+    first = results[0]
+    for r in results[1:]:
+        if (r.weights, r.steps, r.seeds, r.quick) != (first.weights, first.steps, first.seeds, first.quick):
+            raise ValueError(f"cannot merge evaluations of {r.weights!r} ({r.steps} steps, seeds {r.seeds}, "
+                             f"quick={r.quick}) and {first.weights!r} ({first.steps} steps, seeds "
+                             f"{first.seeds}, quick={first.quick})")
+    names = [t for r in results for t in dict.fromkeys(row.task for row in r.rows)]
+    if len(names) != len(set(names)):
+        raise ValueError(f"a task appears in more than one result: {sorted({t for t in names if names.count(t) > 1})}")
+    rows = [row for r in results for row in r.rows]
+    hs = sorted({row.horizon for row in rows})
+    geomeans = {col: {h: geometric_mean([getattr(r, col) for r in rows if r.horizon == h]) for h in hs}
+                for col in RATIOS}
+    merged = lambda attr: {k: v for r in results for k, v in getattr(r, attr).items()}  # noqa: E731
+    return EvalResult(weights=first.weights, suite=first.suite, steps=first.steps, horizons=hs,
+                      seeds=first.seeds, rows=rows, geomean=geomeans["ratio"], geomeans=geomeans,
+                      curves=merged("curves"), ms_per_step=merged("ms_per_step"), tasks=merged("tasks"),
+                      seconds=sum(r.seconds for r in results), quick=first.quick)
 
 
 def _jsonable(v: Any) -> Any:
