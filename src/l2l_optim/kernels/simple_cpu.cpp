@@ -2,8 +2,6 @@
 // (raw pointers, dtype codes), loaded with ctypes by kernels/cpu.py. No libtorch headers or
 // symbols: the library is built once, at install time (hatch_build.py), for every torch
 // version, and picks its instruction set when it is loaded.
-// (About 540 lines, of which half is this comment and the C ABI's argument checks: the ABI
-// stays in one file so that cpu.py's ctypes signatures have one counterpart.)
 //
 // The update, per coordinate i (see nets.py / kernels/reference.py):
 //
@@ -46,18 +44,22 @@
 // x86-64, for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and the SSE2 baseline, and the best
 // one the CPU supports is chosen when the library loads (l2l_isa names it; l2l_select_isa
 // forces another). The build uses no -march flag, so one binary runs on any x86-64. The copies
-// run the same operations in the same order; where the compiler contracts a * b + c into an
-// FMA (AVX-512, AVX2) or not (the baseline has none) the last bit may differ, so results are
-// bitwise reproducible per instruction set, and every copy meets the reference's tolerances
-// (tests/test_kernels.py). Other architectures get one copy, for the compiler's default target.
+// run the same operations in the same order, but for two things: where the compiler contracts
+// a * b + c into an FMA (AVX-512, AVX2) or not (the baseline has none), and the first estimate
+// of the fp32 tanh's reciprocal (the hardware's vrcp14ps / vrcpps in the AVX-512 / AVX2 loops,
+// a portable one elsewhere). So the last bit may differ between copies: results are bitwise
+// reproducible per instruction set (and independent of the thread count), and every copy meets
+// the reference's tolerances (tests/test_kernels.py). Other architectures get one copy, for the
+// compiler's default target.
 //
 // Precision: fp64 parameters are computed in fp64, everything else in fp32, each with the
-// vectorisable tanh of simple_cpu_isa.h (max relative error 1.73e-7 over every 7th fp32
-// input against long double tanhl; the accuracy tests in tests/test_kernels.py re-check every 97th input and
-// sample the fp64 one). bf16 / fp16 parameters keep the per-coordinate part in a zeroed fp32
-// scratch buffer between the passes so that theta is rounded once, as in the reference; fp32 /
-// fp64 parameters are updated in place in both passes (one extra rounding of theta per step,
-// <= 1 ulp).
+// vectorisable tanh of simple_cpu_isa.h; the fp32 one has no division (a reciprocal estimate
+// and one correction of the quotient): max error 2.33 ulp, relative 1.7e-7, in the AVX-512 and
+// AVX2 copies, 2.88 ulp in the baseline (every 97th fp32 input against torch's fp64 tanh,
+// tests/test_kernels.py, which also samples the fp64 one). bf16 / fp16 parameters keep the
+// per-coordinate part in a zeroed fp32 scratch buffer between the passes so that theta is
+// rounded once, as in the reference; fp32 / fp64 parameters are updated in place in both passes
+// (one extra rounding of theta per step, <= 1 ulp).
 //
 // The caller (cpu.py) checks every tensor before it hands a pointer over: plain, dense,
 // contiguous CPU tensors of the dtypes below, hidden states of shape (H, n). This file checks
@@ -159,58 +161,32 @@ struct Job {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define L2L_MULTI_ISA 1
+// Both vector copies run pass 1's default loop (fp32 compute, H = 10) in intrinsics
+// (simple_cpu_simd.h): GCC's vectorisation of the portable loop measured slower on AVX-512
+// (sixteen lanes; benchmarks/avx512_check.sh, BENCHMARKS.md) and on AVX2 (eight lanes).
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
 #define L2L_FAST_ROUND 1
-// Three sweeps (see pass1_fixed) measured faster on an AVX-512 machine, but in GCC 12's code
-// the one-sweep loop takes 431 instructions per 16 coordinates against about 500 for the three
-// sweeps together, and on AVX2 one sweep is 1.16-1.20x faster. -DL2L_AVX512_ONE_SWEEP=1
-// builds it, to compare the two with examples/kernel_ab.cpp where AVX-512 runs.
-#ifndef L2L_AVX512_ONE_SWEEP
-#define L2L_AVX512_ONE_SWEEP 0
-#endif
-#define L2L_ONE_SWEEP L2L_AVX512_ONE_SWEEP
-// -DL2L_AVX512_INTRINSICS=1 runs pass 1's default loop in intrinsics in this copy too
-// (simple_cpu_simd.h, sixteen lanes, the portable loop's bits). It is off until it is measured
-// where AVX-512 runs: in instructions (428 per 16 coordinates, no spills) it is close to GCC's
-// one sweep, which measured slower than the three sweeps there (examples/avx512_check.sh
-// compares the three builds).
-#ifndef L2L_AVX512_INTRINSICS
-#define L2L_AVX512_INTRINSICS 0
-#endif
-#define L2L_SIMD_BACKEND (L2L_AVX512_INTRINSICS ? 2 : 0)
+#define L2L_SIMD_BACKEND 2
 namespace l2l {
 namespace avx512 {
 #include "simple_cpu_isa.h"
 }  // namespace avx512
 }  // namespace l2l
 #undef L2L_FAST_ROUND
-#undef L2L_ONE_SWEEP
 #undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define L2L_FAST_ROUND 1
-#define L2L_ONE_SWEEP 1
-// The AVX2 copy runs pass 1's default loop in intrinsics (simple_cpu_simd.h), with the portable
-// loop's bits; -DL2L_AVX2_INTRINSICS=0 builds the portable loop instead, to compare the two, and
-// -DL2L_SIMD_EMULATE=1 the AVX-512 copy's sixteen-lane loop on plain arrays (a test build).
-#ifndef L2L_AVX2_INTRINSICS
-#define L2L_AVX2_INTRINSICS 1
-#endif
-#if defined(L2L_SIMD_EMULATE) && L2L_SIMD_EMULATE
-#define L2L_SIMD_BACKEND 3
-#else
-#define L2L_SIMD_BACKEND (L2L_AVX2_INTRINSICS ? 1 : 0)
-#endif
+#define L2L_SIMD_BACKEND 1
 namespace l2l {
 namespace avx2 {
 #include "simple_cpu_isa.h"
 }  // namespace avx2
 }  // namespace l2l
 #undef L2L_FAST_ROUND
-#undef L2L_ONE_SWEEP
 #undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
@@ -223,7 +199,6 @@ namespace avx2 {
 #define L2L_FAST_ROUND 0
 #endif
 #endif
-#define L2L_ONE_SWEEP 0
 #define L2L_SIMD_BACKEND 0
 namespace l2l {
 namespace baseline {
@@ -231,7 +206,6 @@ namespace baseline {
 }  // namespace baseline
 }  // namespace l2l
 #undef L2L_FAST_ROUND
-#undef L2L_ONE_SWEEP
 #undef L2L_SIMD_BACKEND
 
 namespace l2l {

@@ -1,6 +1,4 @@
 // The per-instruction-set half of the fused CPU kernel: everything that runs per coordinate.
-// (About 540 lines: the tanh, the conversions and the per-block update, each used by the
-// others in one translation unit per instruction set, so they stay in one file.)
 //
 // simple_cpu.cpp includes this file once per instruction set, each time inside its own
 // namespace and under a target pragma (AVX-512, AVX2 + FMA, the architecture's baseline), and
@@ -8,7 +6,6 @@
 // compiler's ISA macros (a target pragma does not change them in C++), and the shared types
 // (Weights, Job, Item, the dtype codes, the block constants) come from simple_cpu.cpp.
 //
-// L2L_ONE_SWEEP (0 or 1) picks the loop structure of pass1_fixed for the copy (see there);
 // L2L_SIMD_BACKEND (0: none) names the vector interface of simple_cpu_simd.h whose loop replaces
 // the copy's fp32-compute loop for the default hidden size (see there).
 //
@@ -115,22 +112,40 @@ inline T round_even(T x) {
 #endif
 }
 
-// fp32 tanh, vectorisable (no calls, no tables, no branches, one formula for every input):
+// 1 / d for the fp32 tanh's d in [2, 5e8] (or NaN), without a division: a first estimate from
+// the bits (the exponent negated, the mantissa roughly reciprocated: within 12%), then three
+// Newton steps r + r (1 - d r), each squaring the relative error (to about 1e-7).
+inline float tanh_recip(float d) {
+  float r = u2f(0x7EF311C3u - f2u(d));
+  r = r + r * (1.0f - d * r);
+  r = r + r * (1.0f - d * r);
+  r = r + r * (1.0f - d * r);
+  return r;
+}
+
+// fp32 tanh, vectorisable (no calls, no tables, no branches, no division, one formula for
+// every input):
 //   tanh|x| = E / (E + 2) with E = expm1(2|x|), so small inputs lose nothing to cancellation.
 //   expm1 by Cody-Waite reduction 2|x| = n ln2 + r (|r| <= ln2 / 2) and the Cephes expf
 //   polynomial: expm1(r) = r + r^2 P(r), E = 2^n expm1(r) + (2^n - 1), 2^n built in the exponent
 //   bits. |x| is clamped to 10, where the result is 1.0f.
+//   The quotient E / d (d = E + 2) without a division, whose latency the loop would wait on:
+//   q0 = E r with r an estimate of 1 / d, then one correction by the residual, q0 + r (E - q0 d)
+//   (with a fused multiply-add the residual is exact, and the quotient's relative error is
+//   about the square of r's: from r within 1e-7 here, or the AVX-512 copy's 2^-14 hardware
+//   estimate, well under an ulp).
 // Written for few vector operations (the tanh is about half of the kernel's arithmetic):
 //   - it works on y = |x| (not 2|x|) with r/2, and P's coefficients scaled by powers of two
-//     instead: every intermediate is the textbook one times a power of two, so the result has
-//     the same bits (checked on every fp32 input in [0, 20]);
+//     instead: every intermediate is the textbook one times a power of two;
 //   - n is rounded by adding 1.5 * 2^23 (one fused multiply-add where the ISA has it, the same
 //     round-to-nearest-even), and 2^(n+1) is built from that sum's low bits;
 //   - the sign goes back on with one OR, the result being >= 0.
-// Max relative error 1.73e-7 (every 7th fp32 input against long double tanhl), 2.33 ulp (every
-// 97th, tests/test_kernels.py). A separate polynomial for small |x| would bring it to ~1.5 ulp,
-// but every lane of a vector would compute both formulas (the hidden units' inputs mix both
-// ranges): ~25% more vector operations in the kernel's costliest sweep.
+// Max error 2.33 ulp with fused multiply-adds (the AVX-512 and AVX2 copies, either estimate of
+// 1 / d), 2.88 ulp without (the baseline, whose residual rounds), over every 97th fp32 input
+// against torch's fp64 tanh (tests/test_kernels.py, in every instruction set's copy). A separate polynomial for small
+// |x| would bring it to ~1.5 ulp, but every lane of a vector would compute both formulas (the
+// hidden units' inputs mix both ranges): ~25% more vector operations in the kernel's costliest
+// sweep.
 // tanh(+-0) = +-0, tanh(+-inf) = +-1; NaN propagates (its payload is not kept).
 inline float tanh_f32(float x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds [0, 2^22) to integers
@@ -151,7 +166,10 @@ inline float tanh_f32(float x) {
   // 2^(n+1) in the exponent bits: biased's low mantissa bits hold n, its higher bits shift out
   const float scale = u2f((f2u(biased) + 128u) << 23);
   const float e = scale * em + (scale * 0.5f - 1.0f);  // expm1(2|x|)
-  return u2f(f2u(e / (e + 2.0f)) | sign);
+  const float d = e + 2.0f;
+  const float rd = tanh_recip(d);
+  const float q0 = e * rd;
+  return u2f(f2u(rd * (e - q0 * d) + q0) | sign);
 }
 
 // fp64 tanh, vectorisable, two formulas (fp64 parameters are rare, so accuracy comes before
@@ -229,16 +247,11 @@ inline double block_sum(const C* __restrict sbuf, int64_t len) {
 // parameters `out` is a zeroed fp32 scratch buffer and lr = 1, so it receives u exactly.
 // Returns the block's sum of w_b . h'.
 //
-// The block is processed in sub-blocks of kSub coordinates. With L2L_ONE_SWEEP == 0, in three
-// vectorised sweeps over an L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h
-// for all H units, (b) tanh in place, (c) store h', accumulate u and s; on AVX-512 fusing them
-// spills more than the extra sweeps cost. With L2L_ONE_SWEEP == 1 (the AVX2 copy) one sweep
-// does all three per vector of coordinates for fp32 compute and state: with 16 registers the
-// three-sweep form waits on its buffer, and one sweep measures faster on a 10M-coordinate step
-// (BENCHMARKS.md). For fp32 compute with fp32 or bf16 state the AVX2 copy runs neither:
-// pass1_simd (simple_cpu_simd.h) takes those blocks, as in the AVX-512 copy of a build with
-// -DL2L_AVX512_INTRINSICS=1.
-// All of them compute the same operations in the same order: the same bits.
+// The block is processed in sub-blocks of kSub coordinates, in three vectorised sweeps over an
+// L1-resident buffer: (a) the pre-activations w_ih g + b_h + w_hh h for all H units, (b) tanh in
+// place, (c) store h', accumulate u and s; fused into one sweep, GCC's code spills. Copies with
+// an intrinsics loop (AVX-512, AVX2) hand fp32 compute with fp32 or bf16 state to pass1_simd
+// (simple_cpu_simd.h) instead; this loop serves the rest (fp64 compute or state, the baseline).
 //
 // noinline: GCC vectorises these loops reliably only when the function is compiled on its own
 // (inlined into a caller it can fall back to scalar code).
@@ -264,83 +277,46 @@ __attribute__((noinline)) double pass1_fixed(
     for (int k = 0; k < H; ++k) hh[j * H + k] = w.hh[j * H + k];
   }
   const C b_out = w.b_out;
-  // fp32 compute and state only: GCC keeps fp64 scalar in one sweep, and the bf16 state's
-  // conversions make it slower than three
-  if constexpr (L2L_ONE_SWEEP && sizeof(C) == 4 && sizeof(S) == 4) {
-    for (int64_t c0 = 0; c0 < len; c0 += kSub) {
-      const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
-      S* __restrict hc = h + i0 + c0;
-      const C* __restrict gc = g + c0;
-      C* __restrict oc = out + c0;
-      C* __restrict sc = sbuf + c0;
+  alignas(64) C pre[H][kSub];
+
+  for (int64_t c0 = 0; c0 < len; c0 += kSub) {
+    const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
+    S* __restrict hc = h + i0 + c0;
+    const C* __restrict gc = g + c0;
 #pragma omp simd
-      for (int ii = 0; ii < cl; ++ii) {
-        C hk[H], pre[H];
+    for (int ii = 0; ii < cl; ++ii) {
+      C hk[H];
 #pragma GCC unroll 16
-        for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
-        const C gi = gc[ii];
+      for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
+      const C gi = gc[ii];
 #pragma GCC unroll 16
-        for (int j = 0; j < H; ++j) {
-          C p = ih[j] * gi + bh[j];
+      for (int j = 0; j < H; ++j) {
+        C p = ih[j] * gi + bh[j];
 #pragma GCC unroll 16
-          for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
-          pre[j] = p;
-        }
-        C u = b_out;
-        C s = C(0);
-#pragma GCC unroll 16
-        for (int j = 0; j < H; ++j) {
-          const C t = tanh_c(pre[j]);
-          hc[j * n + ii] = Cvt<S, C>::store(t);
-          u += wa[j] * t;
-          s += wb[j] * t;
-        }
-        oc[ii] = oc[ii] + lr * u;
-        sc[ii] = s;
+        for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
+        pre[j][ii] = p;
       }
     }
-  } else {
-    alignas(64) C pre[H][kSub];
-
-    for (int64_t c0 = 0; c0 < len; c0 += kSub) {
-      const int cl = static_cast<int>(std::min<int64_t>(kSub, len - c0));
-      S* __restrict hc = h + i0 + c0;
-      const C* __restrict gc = g + c0;
+    for (int j = 0; j < H; ++j) {
+      C* __restrict pj = pre[j];
 #pragma omp simd
-      for (int ii = 0; ii < cl; ++ii) {
-        C hk[H];
+      for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
+    }
+    C* __restrict oc = out + c0;
+    C* __restrict sc = sbuf + c0;
+#pragma omp simd
+    for (int ii = 0; ii < cl; ++ii) {
+      C u = b_out;
+      C s = C(0);
 #pragma GCC unroll 16
-        for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hc[k * n + ii]);
-        const C gi = gc[ii];
-#pragma GCC unroll 16
-        for (int j = 0; j < H; ++j) {
-          C p = ih[j] * gi + bh[j];
-#pragma GCC unroll 16
-          for (int k = 0; k < H; ++k) p += hh[j * H + k] * hk[k];
-          pre[j][ii] = p;
-        }
-      }
       for (int j = 0; j < H; ++j) {
-        C* __restrict pj = pre[j];
-#pragma omp simd
-        for (int ii = 0; ii < cl; ++ii) pj[ii] = tanh_c(pj[ii]);
+        const C t = pre[j][ii];
+        hc[j * n + ii] = Cvt<S, C>::store(t);
+        u += wa[j] * t;
+        s += wb[j] * t;
       }
-      C* __restrict oc = out + c0;
-      C* __restrict sc = sbuf + c0;
-#pragma omp simd
-      for (int ii = 0; ii < cl; ++ii) {
-        C u = b_out;
-        C s = C(0);
-#pragma GCC unroll 16
-        for (int j = 0; j < H; ++j) {
-          const C t = pre[j][ii];
-          hc[j * n + ii] = Cvt<S, C>::store(t);
-          u += wa[j] * t;
-          s += wb[j] * t;
-        }
-        oc[ii] = oc[ii] + lr * u;
-        sc[ii] = s;
-      }
+      oc[ii] = oc[ii] + lr * u;
+      sc[ii] = s;
     }
   }
   return block_sum(sbuf, len);
@@ -564,13 +540,17 @@ bool nonfinite_range(int dtype, const void* x, int64_t start, int64_t len) {
   return m >= (dtype == kBF16 ? 0x7F80u : 0x7C00u);  // bf16 : fp16
 }
 
-// out[start, start + len) = tanh(x[...]) in the kernel's tanh (kF32 or kF64).
+// out[start, start + len) = tanh(x[...]) in the tanh of the copy's default loop (kF32 or kF64).
 void tanh_range(int dtype, const void* x, void* out, int64_t start, int64_t len) {
   if (dtype == kF32) {
     const float* __restrict src = static_cast<const float*>(x) + start;
     float* __restrict dst = static_cast<float*>(out) + start;
+#if L2L_SIMD_BACKEND
+    simd_tanh_range(src, dst, len);  // the tanh of pass1_simd, the default loop
+#else
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = tanh_f32(src[i]);
+#endif
   } else {
     const double* __restrict src = static_cast<const double*>(x) + start;
     double* __restrict dst = static_cast<double*>(out) + start;

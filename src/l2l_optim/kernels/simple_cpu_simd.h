@@ -2,18 +2,15 @@
 // hidden state, written once over a small vector interface (struct Simd) with one
 // implementation per instruction set:
 //   L2L_SIMD_BACKEND 1: AVX2 + FMA, eight lanes (the AVX2 copy);
-//   L2L_SIMD_BACKEND 2: AVX-512 (F, BW, DQ), sixteen lanes (the AVX-512 copy, built with
-//     -DL2L_AVX512_INTRINSICS=1: not the default until measured, see simple_cpu.cpp);
-//   L2L_SIMD_BACKEND 3: sixteen lanes of plain C++ arrays (a test build's AVX2 copy,
-//     -DL2L_SIMD_EMULATE=1): the sixteen-lane loop's logic (its tail, its bf16 stores, its
-//     lane order) checked on machines without AVX-512.
+//   L2L_SIMD_BACKEND 2: AVX-512 (F, BW, DQ), sixteen lanes (the AVX-512 copy).
 //
 // simple_cpu_isa.h includes this file in a copy whose L2L_SIMD_BACKEND is non-zero, under that
 // copy's target pragma, and pass1_fixed calls pass1_simd in place of its portable loop. It
-// computes the same operations in the same order (the same fused multiply-adds, the same tanh
-// as tanh_f32), so the results have the same bits: tests/test_cpu_library.py builds the
-// library without it and compares. What it changes is the schedule, which GCC does not find on
-// its own:
+// computes the portable loop's operations in the same order (the same fused multiply-adds, the
+// tanh of tanh_f32 but for the reciprocal's first estimate, see simd_tanh); tests/test_kernels.py
+// checks every copy against the reference. What it changes is the schedule, which GCC does not
+// find on its own (on AVX-512 it takes 0.74-0.83 of the time of GCC's vectorisation of the
+// portable loop with fp32 state, about the same with bf16 state; BENCHMARKS.md):
 //   - the pre-activations are summed with the input unit outermost, ten accumulators in
 //     registers, so the ten chains of eleven multiply-adds run side by side; the weights sit
 //     broadcast in a stack array and enter the multiply-adds as memory operands;
@@ -39,7 +36,11 @@ struct Simd {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  // 1 / a within 2^-22 (relative): vrcpps (12 bits) and one Newton step, r + r (1 - a r)
+  static F recip(F a) {
+    const F r = _mm256_rcp_ps(a);
+    return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(1.0f)), r);
+  }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }  // a < b ? a : b (NaN in a: b)
   static F and_(F a, F b) { return _mm256_and_ps(a, b); }
   static F or_(F a, F b) { return _mm256_or_ps(a, b); }
@@ -80,7 +81,8 @@ struct Simd {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  // 1 / a within 2^-14 (relative): vrcp14ps, enough for the quotient's one correction
+  static F recip(F a) { return _mm512_rcp14_ps(a); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }  // vminps: NaN in a gives b
   static F and_(F a, F b) { return _mm512_and_ps(a, b); }  // AVX512DQ
   static F or_(F a, F b) { return _mm512_or_ps(a, b); }
@@ -102,76 +104,6 @@ struct Simd {
     // vpmovdw keeps each lane's low 16 bits (the values are below 2^16: no saturation needed)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0), _mm512_cvtepi32_epi16(r0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1), _mm512_cvtepi32_epi16(r1));
-  }
-};
-#elif L2L_SIMD_BACKEND == 3
-struct Simd {
-  static constexpr int kLanes = 16;
-  struct F {
-    float v[kLanes];
-  };
-  struct I {
-    uint32_t v[kLanes];
-  };
-  template <typename Op>
-  static F map(Op op) {
-    F r;
-    for (int i = 0; i < kLanes; ++i) r.v[i] = op(i);
-    return r;
-  }
-  template <typename Op>
-  static I mapi(Op op) {
-    I r;
-    for (int i = 0; i < kLanes; ++i) r.v[i] = op(i);
-    return r;
-  }
-  static F set1(float x) { return map([&](int) { return x; }); }
-  static I set1i(int32_t x) { return mapi([&](int) { return static_cast<uint32_t>(x); }); }
-  static F zero() { return set1(0.0f); }
-  static F load(const float* p) { return map([&](int i) { return p[i]; }); }
-  static void store(float* p, F x) { std::memcpy(p, x.v, sizeof(x.v)); }
-  static F fmadd(F a, F b, F c) {
-    return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); });
-  }
-  static F fnmadd(F a, F b, F c) {
-    return map([&](int i) { return std::fma(-a.v[i], b.v[i], c.v[i]); });
-  }
-  static F mul(F a, F b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
-  static F add(F a, F b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
-  static F sub(F a, F b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
-  static F div(F a, F b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
-  static F min(F a, F b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
-  template <typename Op>
-  static F bitwise(F a, F b, Op op) {  // op on each lane's bits
-    const I x = as_int(a), y = as_int(b);
-    return as_float(mapi([&](int i) { return op(x.v[i], y.v[i]); }));
-  }
-  static F and_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x & y; }); }
-  static F or_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x | y; }); }
-  static F xor_(F a, F b) { return bitwise(a, b, [](uint32_t x, uint32_t y) { return x ^ y; }); }
-  static I as_int(F a) {
-    I r;
-    std::memcpy(r.v, a.v, sizeof(r.v));
-    return r;
-  }
-  static F as_float(I a) {
-    F r;
-    std::memcpy(r.v, a.v, sizeof(r.v));
-    return r;
-  }
-  static I addi(I a, I b) { return mapi([&](int i) { return a.v[i] + b.v[i]; }); }
-  static I andi(I a, I b) { return mapi([&](int i) { return a.v[i] & b.v[i]; }); }
-  template <int k> static I shl(I a) { return mapi([&](int i) { return a.v[i] << k; }); }
-  template <int k> static I shr(I a) { return mapi([&](int i) { return a.v[i] >> k; }); }
-  static I where_nan(F t, I a, I b) {
-    return mapi([&](int i) { return t.v[i] != t.v[i] ? b.v[i] : a.v[i]; });
-  }
-  static F load_bf16(const uint16_t* p) { return map([&](int i) { return bf2f(p[i]); }); }
-  static void store_bf16_2(uint16_t* p0, uint16_t* p1, I r0, I r1) {
-    for (int i = 0; i < kLanes; ++i) {
-      p0[i] = static_cast<uint16_t>(r0.v[i]);
-      p1[i] = static_cast<uint16_t>(r1.v[i]);
-    }
   }
 };
 #endif
@@ -217,7 +149,8 @@ inline void simd_store_h2(uint16_t* p0, uint16_t* p1, SimdF t0, SimdF t1) {
   Simd::store_bf16_2(p0, p1, simd_bf16_bits(t0), simd_bf16_bits(t1));
 }
 
-// tanh_f32 on every lane: its operations, in its order (see there for the method).
+// tanh_f32 on every lane: its operations, in its order (see there for the method), except for
+// the reciprocal's first estimate, which comes from the hardware (fewer operations, other bits).
 inline SimdF simd_tanh(SimdF x) {
   const SimdF sign = Simd::and_(x, Simd::as_float(Simd::set1i(static_cast<int32_t>(0x80000000u))));
   const SimdF a = Simd::xor_(x, sign);
@@ -238,8 +171,26 @@ inline SimdF simd_tanh(SimdF x) {
       Simd::shl<23>(Simd::addi(Simd::as_int(biased), Simd::set1i(128))));
   const SimdF e = Simd::fmadd(
       scale, em, Simd::fmadd(scale, Simd::set1(0.5f), Simd::set1(-1.0f)));
-  const SimdF t = Simd::div(e, Simd::add(e, Simd::set1(2.0f)));
+  // e / (e + 2) as tanh_f32 computes it, from the hardware's reciprocal estimate (Simd::recip)
+  // in place of tanh_f32's portable one
+  const SimdF d = Simd::add(e, Simd::set1(2.0f));
+  const SimdF rd = Simd::recip(d);
+  const SimdF q0 = Simd::mul(e, rd);
+  const SimdF t = Simd::fmadd(rd, Simd::fnmadd(q0, d, e), q0);
   return Simd::or_(t, sign);
+}
+
+// dst[0, len) = simd_tanh(src[...]), the last partial vector through a zero-padded copy.
+inline void simd_tanh_range(const float* __restrict src, float* __restrict dst, int64_t len) {
+  constexpr int kV = Simd::kLanes;
+  int64_t i = 0;
+  for (; i + kV <= len; i += kV) Simd::store(dst + i, simd_tanh(Simd::load(src + i)));
+  if (i < len) {
+    alignas(64) float t[kV] = {};
+    std::memcpy(t, src + i, static_cast<size_t>(len - i) * sizeof(float));
+    Simd::store(t, simd_tanh(Simd::load(t)));
+    std::memcpy(dst + i, t, static_cast<size_t>(len - i) * sizeof(float));
+  }
 }
 
 // One vector of coordinates: gradients g, hidden rows h + k * stride, out += lr * (w_a . h' +
