@@ -21,13 +21,16 @@ Each round times the copy first, then the step and the update, whose order alter
 to round: on sets that fit in the last-level cache the second one would otherwise always find
 the state the first left there (use an even number of rounds).
 
-A step's achieved bandwidth counts :data:`BYTES_PER_COORD` bytes per coordinate: with an fp32
-hidden state, read g 4, h 40, theta 4, write h 40, theta 4, and the second pass reads and writes
-theta again, 4 + 4: 100 B; with a bf16 hidden state h is 20 + 20: 60 B. A net with the rms
-input norm (the shipped default) also reads and writes its two fp32 running means, v and c:
-:data:`RMS_BYTES_PER_COORD` = 16 B more, 116 and 76 B. The copy counts its
-read and its write, as STREAM's copy does (on x86 both the kernel's stores and the copy's incur
-the same write-allocate reads, which neither count).
+A step's achieved bandwidth counts the bytes it moves per coordinate at the least, computed from
+the optimizer's state after its first step (:func:`~benchmarks.common.step_bytes_per_coord`):
+read g 4, theta read and written by each of the two passes 16, every per-coordinate state
+tensor read and written once. With an fp32 hidden state h is 40 + 40 and the rms input norm's
+running mean v 4 + 4: 108 B with one bias correction c per tensor, 116 B with c per coordinate
+(4 + 4 more); with a bf16 hidden state h is 20 + 20: 68 and 76 B. Each row also gives the
+state's bytes per parameter (every tensor the optimizer keeps). The rows cover each hidden-state
+dtype with c in either layout (``c_layouts``; the optimizer's own layout is marked). The copy
+counts its read and its write, as STREAM's copy does (on x86 both the kernel's stores and the
+copy's incur the same write-allocate reads, which neither count).
 
 Gradients are ``randn * grad_scale`` (1e-3 by default), fixed for the run: the magnitude of
 real training gradients, with no subnormal values. ``torch.set_flush_denormal`` stays at torch's
@@ -51,21 +54,19 @@ from l2l_optim.functional import RunningRms, simple_update
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.weights import resolve_net
 
-from .common import (GRAD_SCALE, SIZES, available_memory, count_subnormal, fmt_ms, resolved_impl,
+from .common import (GRAD_SCALE, SIZES, available_memory, c_layout, count_subnormal, fmt_ms,
+                     resolved_impl, set_c_layout, state_bytes_per_param, step_bytes_per_coord,
                      time_steps)
 
-__all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "BYTES_PER_COORD",
-           "RMS_BYTES_PER_COORD", "STATE_DTYPES",
+__all__ = ["BandwidthConfig", "BandwidthRow", "BW_SIZES", "C_LAYOUTS", "STATE_DTYPES",
            "resolve_size", "run_bandwidth", "format_bandwidth", "bandwidth_targets"]
 
-#: bytes moved per coordinate by one fused step, by hidden-state dtype (see the module docstring)
-BYTES_PER_COORD = {"float32": 100, "bfloat16": 60}
-#: what the rms input norm adds: its running means v and c (fp32), each read and written
-RMS_BYTES_PER_COORD = 16
+#: the rms input norm's bias correction c: one value per tensor or one per coordinate
+C_LAYOUTS = ("tensor", "coordinate")
 #: the hidden-state dtypes by name
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-#: hidden-state bytes per coordinate, for the memory check (10 hidden values)
-_STATE_BYTES = {"float32": 40, "bfloat16": 20}
+#: state bytes per coordinate, for the memory check (10 hidden values, v and c)
+_STATE_BYTES = {"float32": 48, "bfloat16": 28}
 
 #: parameter sets: the step table's plus one 10M-coordinate tensor (the bandwidth target's size)
 BW_SIZES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
@@ -107,6 +108,8 @@ class BandwidthConfig:
     Args:
         sizes: parameter sets (see :func:`resolve_size`).
         state_dtypes: hidden-state dtypes, names in :data:`STATE_DTYPES`.
+        c_layouts: layouts of the rms input norm's bias correction, from :data:`C_LAYOUTS`
+            (a net without the norm gets one row per dtype).
         steps: timed calls per (row, variant), split over the rounds.
         warmup: untimed calls per (row, variant) in every round.
         rounds: interleaved rounds: each times copy, step and update of every row in turn,
@@ -121,6 +124,7 @@ class BandwidthConfig:
 
     sizes: list[str] = field(default_factory=lambda: list(DEFAULT_BW_SIZES))
     state_dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    c_layouts: list[str] = field(default_factory=lambda: list(C_LAYOUTS))
     steps: int = 30
     warmup: int = 2
     rounds: int = 5
@@ -144,7 +148,14 @@ class BandwidthRow:
     n_coords: int
     n_tensors: int
     state_dtype: str
-    bytes_per_coord: int
+    #: the rms input norm's c: "tensor", "coordinate" or "" (no norm)
+    c_layout: str = ""
+    #: whether c_layout is the one the optimizer keeps by itself
+    c_default: bool = True
+    #: bytes the step moves per coordinate, at the least (from the state)
+    bytes_per_coord: float = math.nan
+    #: the optimizer's state in bytes per parameter
+    state_bytes_per_param: float = math.nan
     copy_bytes: int = 0
     #: the update path ``impl="auto"`` resolved to (``"cpu"``: the fused kernel)
     impl: str = ""
@@ -160,8 +171,13 @@ class BandwidthRow:
     skipped: str = ""
 
     @property
-    def step_bytes(self) -> int:
+    def step_bytes(self) -> float:
         return self.bytes_per_coord * self.n_coords
+
+    @property
+    def state(self) -> str:
+        """The state option: dtype and, with the rms norm, c's layout."""
+        return self.state_dtype + (f", c per {self.c_layout}" if self.c_layout else "")
 
     @property
     def step_gbs(self) -> float:
@@ -216,7 +232,7 @@ class _Call:
 
 def _copy_bytes(row: BandwidthRow, cap: int) -> int:
     # a whole number of float32 pairs (one in src, one in dst), at most the cap
-    return max(8, min(row.step_bytes, cap) // 8 * 8)
+    return max(8, int(min(row.step_bytes, cap)) // 8 * 8)
 
 
 def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) -> list[BandwidthRow]:
@@ -233,19 +249,20 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
     device = torch.device(cfg.device)
     per_round = max(1, math.ceil(cfg.steps / cfg.rounds))
     rows: list[BandwidthRow] = []
-    # the optimizers use the shipped default weights; with the rms input norm they move more
-    extra = RMS_BYTES_PER_COORD if _shipped_input_norm() else 0
+    # the optimizers use the shipped default weights; with the rms input norm, c has a layout
+    norm = _shipped_input_norm() == "rms"
+    layouts = list(cfg.c_layouts) if norm else [""]
+    options = [(d, lay) for d in cfg.state_dtypes for lay in layouts]
     for size in cfg.sizes:
         label, shapes = resolve_size(size)
         n = sum(math.prod(s) for s in shapes)
-        size_rows = [BandwidthRow(size, label, n, len(shapes), d, BYTES_PER_COORD[d] + extra)
-                     for d in cfg.state_dtypes]
+        size_rows = [BandwidthRow(size, label, n, len(shapes), d, c_layout=lay)
+                     for d, lay in options]
         rows.extend(size_rows)
-        for row in size_rows:
-            row.copy_bytes = _copy_bytes(row, cfg.copy_max_bytes)
-        copy_max = max(row.copy_bytes for row in size_rows)
-        # parameters and gradients (8 B), every dtype's state, the copy buffers
-        need = n * (8 + sum(_STATE_BYTES[d] + extra // 2 for d in cfg.state_dtypes)) + copy_max
+        # parameters and gradients (8 B), every option's state, the copy buffers (at most a
+        # step's bytes, ~116 B per coordinate)
+        need = n * (8 + sum(_STATE_BYTES[d] for d, _ in options)) + min(
+            116 * n, cfg.copy_max_bytes)
         avail = available_memory(device)
         if need > 0.6 * avail:  # the machine is shared: leave the others room
             for row in size_rows:
@@ -258,12 +275,22 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         for p in params:
             p.grad = (torch.randn(p.shape, generator=gen) * cfg.grad_scale).to(device)
         grads = [p.grad for p in params]
+        opts = []
+        for row in size_rows:
+            opt = SimpleOptimizer(params, state_dtype=STATE_DTYPES[row.state_dtype])
+            opt.step()  # creates the hidden states that the functional update reuses
+            if row.c_layout:
+                row.c_default = c_layout(opt) == row.c_layout
+                set_c_layout(opt, row.c_layout)
+                opt.step()  # the optimizer takes c in this layout
+            row.bytes_per_coord = step_bytes_per_coord(opt)
+            row.state_bytes_per_param = state_bytes_per_param(opt)
+            row.copy_bytes = _copy_bytes(row, cfg.copy_max_bytes)
+            opts.append(opt)
         # one pair of buffers per size; each row copies a prefix of its own byte count
+        copy_max = max(row.copy_bytes for row in size_rows)
         src = torch.randn(copy_max // 8, generator=gen).to(device)
         dst = torch.empty_like(src)
-        opts = [SimpleOptimizer(params, state_dtype=STATE_DTYPES[d]) for d in cfg.state_dtypes]
-        for opt in opts:
-            opt.step()  # creates the hidden states that the functional update reuses
         # the check's inputs as step() gathers them: (params, grads, where), per optimizer
         checked = []
         for opt in opts:
@@ -274,7 +301,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
                 hiddens = [opt.state[p]["h"] for p in params]
                 lrs = [opt.param_groups[0]["lr"]] * len(params)
                 rms = (RunningRms([opt.state[p]["v"] for p in params],
-                                  [opt.state[p]["c"] for p in params]) if extra else None)
+                                  [opt.state[p]["c"] for p in params]) if norm else None)
                 k = row.copy_bytes // 8
                 variants = (
                     ("copy_s", lambda s=src[:k], d=dst[:k]: d.copy_(s)),
@@ -319,14 +346,16 @@ def _shipped_input_norm() -> str | None:
 def format_bandwidth(rows: list[BandwidthRow]) -> str:
     """The bandwidth table in Markdown (medians; GB = 1e9 bytes)."""
     lines = [
-        "| params | state | B/coord | step ms | step GB/s | update ms | update GB/s | copy MB "
+        "| params | state | state B/param | B/coord | step ms | step GB/s | update ms | update GB/s | copy MB "
         "| copy GB/s | step / copy | update / copy | check ms | check share | step - update "
         "| subnormals |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         impl = f" ({r.impl})" if r.impl else ""
-        head = f"| {r.size} ({r.n_coords:,} in {r.n_tensors}) | {r.state_dtype}{impl} | {r.bytes_per_coord}"
+        mark = "" if r.c_default or not r.c_layout else " (not the default)"
+        head = (f"| {r.size} ({r.n_coords:,} in {r.n_tensors}) | {r.state}{mark}{impl} "
+                f"| {r.state_bytes_per_param:.0f} | {r.bytes_per_coord:.0f}")
         if r.skipped or not (r.step_s and r.update_s and r.copy_s and r.check_s):
             lines.append(f"{head} | skipped: {r.skipped or 'no data'} | | | | | | | | | | | |")
             continue
@@ -350,15 +379,15 @@ def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
     out = []
     for dtype in ("float32", "bfloat16"):
         row = next((r for r in rows if r.size == "10m" and r.state_dtype == dtype
-                    and r.step_s and r.copy_s), None)
+                    and r.c_default and r.step_s and r.copy_s), None)
         # the bytes a row counts depend on the net (the rms norm's running means): unmeasured,
         # there is no row to say them
-        nbytes = "" if row is None else f" ({row.bytes_per_coord} B/coord)"
+        nbytes = "" if row is None else f" ({row.bytes_per_coord:.0f} B/coord)"
         out.append(dict(target=f"10M step, {dtype} state{nbytes}: >= 80% of copy GB/s",
                         measured=None if row is None else row.step_fraction, unit="%",
                         met=None if row is None else row.step_fraction >= 0.8))
     row = next((r for r in rows if r.size == "10m" and r.state_dtype == "float32"
-                and r.step_s and r.check_s), None)
+                and r.c_default and r.step_s and r.check_s), None)
     out.append(dict(target="10M step, float32 state: non-finite check <= 5% of the step",
                     measured=None if row is None else row.check_share, unit="%",
                     met=None if row is None else row.check_share <= 0.05))
@@ -368,7 +397,10 @@ def bandwidth_targets(rows: list[BandwidthRow]) -> list[dict]:
 def describe() -> str:
     """The paragraph printed above the bandwidth table."""
     return (
-        "Bandwidth: SimpleOptimizer.step() (`step`), functional.simple_update on the same state "
+        "Bandwidth: `state B/param`: the optimizer's state in bytes per parameter; `B/coord`: "
+        "the bytes a step moves per coordinate at the least (g read, theta read and written by "
+        "both passes, per-coordinate state read and written once). "
+        "SimpleOptimizer.step() (`step`), functional.simple_update on the same state "
         "without the non-finite check (`update`) and dst.copy_(src) moving as many bytes (`copy`, "
         "read + write), interleaved. GB/s = B/coord x coordinates / median time. Gradients: "
         "randn x 1e-3, fixed (real gradients' magnitude, no subnormal values); flush-denormal "

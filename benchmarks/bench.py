@@ -2,14 +2,17 @@
 
 Three tables, chosen with ``--tables`` (default: all three):
 
-* ``bandwidth`` (:mod:`benchmarks.bandwidth`): the fused SimpleOptimizer step's achieved
-  GB/s (116 B per coordinate with an fp32 hidden state and the default's rms input norm, 76 B
-  with bf16) beside the streaming-copy GB/s measured in the same run on as many bytes, and
-  the share of the step that the non-finite check and bookkeeping take, on one
-  10M-coordinate tensor and the parameter sets below;
+* ``bandwidth`` (:mod:`benchmarks.bandwidth`): per state option (fp32 or bf16 hidden state,
+  the rms input norm's bias correction c per tensor or per coordinate) the state's bytes per
+  parameter, the bytes a step moves per coordinate (108 B with an fp32 hidden state and c per
+  tensor, 68 B with bf16), the fused SimpleOptimizer step's achieved GB/s beside the
+  streaming-copy GB/s measured in the same run on as many bytes, and the share of the step
+  that the non-finite check and bookkeeping take, on one 10M-coordinate tensor and the
+  parameter sets below;
 * ``train`` (:mod:`benchmarks.train`): whole training steps (zero_grad, forward,
   backward, step) of SimpleOptimizer against fused and foreach Adam, as ratios to fused Adam,
-  on the base MLP, LeNet-5, the 5-layer MLP, a 4M-parameter MLP and a small transformer;
+  each beside its memory bound (the ratio at the copy's bandwidth), on the base MLP, LeNet-5,
+  the 5-layer MLP, a 4M- and a 50M-parameter MLP and a small transformer;
 * ``step`` (:mod:`benchmarks.step`): ``optimizer.step()`` alone, described below.
 
 A summary at the end checks the targets (10M step >= 80% of the copy bandwidth,
@@ -49,7 +52,7 @@ from dataclasses import asdict
 
 import torch
 
-from .bandwidth import (BW_SIZES, DEFAULT_BW_SIZES, STATE_DTYPES, BandwidthConfig,
+from .bandwidth import (BW_SIZES, C_LAYOUTS, DEFAULT_BW_SIZES, STATE_DTYPES, BandwidthConfig,
                         bandwidth_targets, format_bandwidth, resolve_size, run_bandwidth)
 from .bandwidth import describe as describe_bandwidth
 from .common import GRAD_SCALE, SIZES, machine_info
@@ -62,7 +65,8 @@ __all__ = ["main", "TABLES", "QUICK", "format_targets"]
 
 TABLES = ("bandwidth", "train", "step")
 #: ``--quick``: the two new tables on the target sizes that take seconds, few steps
-QUICK = dict(tables="bandwidth,train", bw_sizes="10m,base", models="base,lenet,mlp4m,transformer",
+QUICK = dict(tables="bandwidth,train", bw_sizes="10m,base",
+             models="base,lenet,mlp4m,mlp50m,transformer",
              steps=10, rounds=2, budget=10.0)
 #: a 1-minute load average at the start at or above this marks the targets as not for quoting
 LOAD_WARNING = 1.0
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, from {','.join(TABLES)} (default: all)")
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: --tables bandwidth,train --bw-sizes 10m,base --models "
-                         "base,lenet,mlp4m,transformer --steps 10 --rounds 2 --budget 10 "
+                         "base,lenet,mlp4m,mlp50m,transformer --steps 10 --rounds 2 --budget 10 "
                          "(options given explicitly win)")
     ap.add_argument("--sizes", default="base,mlp5,100m,many",
                     help=f"step table: comma-separated, from {','.join(SIZES)} (default: all)")
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"coordinate counts such as 1e6 (default: {','.join(DEFAULT_BW_SIZES)})")
     ap.add_argument("--state-dtypes", default="float32,bfloat16",
                     help="bandwidth table: hidden-state dtypes (default: float32,bfloat16)")
+    ap.add_argument("--c-layouts", default=",".join(C_LAYOUTS),
+                    help="bandwidth table: layouts of the rms input norm's bias correction c "
+                         f"(default: {','.join(C_LAYOUTS)})")
     ap.add_argument("--models", default=None,
                     help=f"train table: comma-separated, from {','.join(TRAIN_MODELS)} "
                          f"(default: {','.join(DEFAULT_MODELS)})")
@@ -162,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     tables = _csv(args.tables)
     sizes, opts = _csv(args.sizes), _csv(args.optimizers)
     bw_sizes, dtypes = _csv(args.bw_sizes), _csv(args.state_dtypes)
+    c_layouts = _csv(args.c_layouts)
     models, train_opts = _csv(args.models), _csv(args.train_optimizers)
     for name, chosen, allowed in (("table", tables, TABLES), ("size", sizes, SIZES),
                                   ("optimizer", opts, OPTIMIZERS), ("state dtype", dtypes, STATE_DTYPES),
+                                  ("c layout", c_layouts, C_LAYOUTS),
                                   ("model", models, TRAIN_MODELS),
                                   ("train optimizer", train_opts, TRAIN_OPTIMIZERS)):
         for x in chosen:
@@ -195,23 +204,26 @@ def main(argv: list[str] | None = None) -> int:
     for table in tables:
         if table == "bandwidth":
             rows = run_bandwidth(BandwidthConfig(sizes=bw_sizes, state_dtypes=dtypes,
-                                                 device=args.device, **common), log=log)
+                                                 c_layouts=c_layouts, device=args.device,
+                                                 **common), log=log)
             sections.append(f"## Bandwidth\n\n{_wrap(describe_bandwidth())}\n\n{format_bandwidth(rows)}")
             data["bandwidth"] = [r.to_json() for r in rows]
             targets += bandwidth_targets(rows)
         elif table == "train":
             rows = run_train(TrainConfig(models=models, optimizers=train_opts,
                                          device=args.device, **common), log=log)
-            sections.append(f"## Training step\n\n{_wrap(describe_train())}\n\n{format_train(rows)}")
-            data["train"] = [r.to_json() for r in rows]
-            # the bandwidth table's 10M rows, where they ran: per state dtype, the copy speed
-            # and the step's bytes
+            # the bandwidth table's 10M rows, where they ran: per state dtype (the optimizer's
+            # own c layout) the copy speed and the step's bytes
             copy_gbs, step_bytes = {}, {}
             for name, dtype in TARGET_STATE_DTYPES.items():
                 bw = next((r for r in data.get("bandwidth", []) if r.get("size") == "10m"
-                           and r.get("state_dtype") == dtype and r.get("copy_gbs")), None)
+                           and r.get("state_dtype") == dtype and r.get("c_default", True)
+                           and r.get("copy_gbs")), None)
                 if bw is not None:
                     copy_gbs[name], step_bytes[name] = bw["copy_gbs"], bw["bytes_per_coord"]
+            sections.append(f"## Training step\n\n{_wrap(describe_train())}\n\n"
+                            f"{format_train(rows, copy_gbs)}")
+            data["train"] = [r.to_json() for r in rows]
             targets += train_targets(rows, copy_gbs, step_bytes)
         else:
             kw = dict(steps=50, warmup=3, rounds=5, budget=120.0) | common

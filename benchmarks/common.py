@@ -19,7 +19,8 @@ from l2l_optim.nets import init_net
 from l2l_optim.registry import build_net
 
 __all__ = ["GRAD_SCALE", "SIZES", "seeded", "untrained_net", "resolved_impl", "time_steps",
-           "available_memory", "count_subnormal", "machine_info", "fmt_ms"]
+           "available_memory", "count_subnormal", "machine_info", "fmt_ms", "state_bytes_per_param",
+           "step_bytes_per_coord", "set_c_layout", "c_layout"]
 
 T = TypeVar("T")
 
@@ -70,6 +71,72 @@ def resolved_impl(opt) -> str:
         return ""
     p = opt.param_groups[0]["params"][0]
     return resolve_impl(impl, p.device.type)
+
+
+# ------------------------------------------------------------------------ state and bytes
+
+
+def _tensors(opt):
+    """(parameter, its state's tensors) for every parameter of ``opt`` that has state."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state:
+                yield p, [v for v in state.values() if torch.is_tensor(v)]
+
+
+def state_bytes_per_param(opt) -> float:
+    """The optimizer's state in bytes per parameter: every tensor it keeps, over the parameters
+    that have state (NaN before its first step)."""
+    nbytes = n = 0
+    for p, tensors in _tensors(opt):
+        nbytes += sum(t.numel() * t.element_size() for t in tensors)
+        n += p.numel()
+    return nbytes / n if n else math.nan
+
+
+def step_bytes_per_coord(opt) -> float:
+    """The bytes one fused SimpleOptimizer step moves per coordinate, at the least: the
+    gradient read, the parameter read and written by each of the two passes (the second adds
+    the aggregate's shared term), and every state tensor that holds a value per coordinate (as
+    many elements as the parameter or a multiple: h is (H, n)) read and written once; state
+    with one value per tensor (the rms norm's c in that layout) moves next to nothing. NaN
+    before the first step."""
+    nbytes = n = 0
+    for p, tensors in _tensors(opt):
+        k = p.numel()
+        if k == 0:
+            continue
+        g = p.grad.element_size() if p.grad is not None else p.element_size()
+        per = g + 4 * p.element_size()
+        per += sum(2 * t.numel() * t.element_size() / k for t in tensors if t.numel() >= k)
+        nbytes += per * k
+        n += k
+    return nbytes / n if n else math.nan
+
+
+def c_layout(opt) -> str:
+    """The rms input norm's bias correction ``c`` in ``opt``'s state: ``"tensor"`` (one value per
+    tensor), ``"coordinate"`` (one per coordinate) or ``""`` (none)."""
+    for p, _ in _tensors(opt):
+        c = opt.state[p].get("c")
+        if torch.is_tensor(c) and p.numel() > 1:
+            return "tensor" if c.numel() == 1 else "coordinate"
+    return ""
+
+
+def set_c_layout(opt, layout: str) -> None:
+    """Keep ``c`` in ``layout`` (``"tensor"`` or ``"coordinate"``): the same values, which
+    every step of the optimizer accepts in either layout (after its first step)."""
+    for p, _ in _tensors(opt):
+        state = opt.state[p]
+        c = state.get("c")
+        if not torch.is_tensor(c):
+            continue
+        if layout == "tensor" and c.numel() != 1:
+            state["c"] = c.reshape(-1)[:1].clone()
+        elif layout == "coordinate" and c.numel() == 1 and p.numel() != 1:
+            state["c"] = c.reshape(1).expand(p.numel()).clone()
 
 
 # -------------------------------------------------------------------------------- timing
@@ -160,6 +227,12 @@ def machine_info(device: torch.device) -> str:
         pass
     parts = [f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} intra-op threads"]
+    if device.type == "cpu":
+        from l2l_optim.kernels import cpu as cpu_kernel
+
+        if cpu_kernel.is_available():
+            info = cpu_kernel.kernel_info()
+            parts.append(f"CPU kernel ISA {info['isa']} (this CPU runs {','.join(info['supported'])})")
     if hasattr(os, "getloadavg"):
         parts.append("load average %.1f/%.1f/%.1f" % os.getloadavg())
     if device.type == "cuda":

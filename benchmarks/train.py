@@ -21,6 +21,7 @@ Each (model, optimizer) trains its own copy of one initial model. The timing is 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import math
@@ -36,7 +37,8 @@ from l2l_optim.evaluation.suite import default_suite
 from l2l_optim.models import base_mlp, lenet, mlp5
 from l2l_optim.optimizer import SimpleOptimizer
 
-from .common import count_subnormal, fmt_ms, resolved_impl, seeded, time_steps
+from .common import (count_subnormal, fmt_ms, resolved_impl, seeded, state_bytes_per_param,
+                     step_bytes_per_coord, time_steps)
 
 __all__ = ["TrainConfig", "TrainModel", "TrainRow", "TRAIN_MODELS", "TRAIN_OPTIMIZERS",
            "TARGET_OPTIMIZERS", "TARGET_STATE_DTYPES", "run_train", "format_train", "train_targets"]
@@ -87,9 +89,12 @@ TRAIN_MODELS: dict[str, Callable[[], TrainModel]] = {
     "mlp5": lambda: _mnist_model("5-layer MLP 784-1330x4-10", mlp5),
     # the 4M-parameter target: mlp5's layout at width 1024 (3,962,890 parameters)
     "mlp4m": lambda: _mnist_model("MLP 784-1024x4-10 (4M)", functools.partial(mlp5, 1024)),
+    # a model where the optimizer's state is gigabytes: mlp5's layout at width 3960
+    # (50,204,890 parameters; SimpleOptimizer's fp32 state 2.2 GB, fused Adam's 0.4 GB)
+    "mlp50m": lambda: _mnist_model("MLP 784-3960x4-10 (50M)", functools.partial(mlp5, 3960)),
     "transformer": _transformer,
 }
-DEFAULT_MODELS = ["base", "lenet", "mlp5", "mlp4m", "transformer"]
+DEFAULT_MODELS = ["base", "lenet", "mlp5", "mlp4m", "mlp50m", "transformer"]
 
 #: optimizer name -> builder from parameters; Adam's lr is its usual one, SimpleOptimizer's
 #: its default (the update as meta-trained)
@@ -159,6 +164,10 @@ class TrainRow:
     #: subnormal gradient values after timing, steps skipped for non-finite gradients
     subnormal_grads: int = 0
     skipped_steps: int = 0
+    #: the optimizer's state in bytes per parameter
+    state_bytes_per_param: float = math.nan
+    #: SimpleOptimizer: the bytes its step moves per coordinate, at the least (NaN for Adam)
+    bytes_per_coord: float = math.nan
 
     @property
     def whole_median(self) -> float:
@@ -220,6 +229,9 @@ def run_train(cfg: TrainConfig, log: Callable[[str], object] = print) -> list[Tr
             row.subnormal_grads = count_subnormal([p.grad for p in model.parameters() if p.grad is not None])
             row.skipped_steps = int(getattr(opt, "skipped_steps", 0))
             row.impl = resolved_impl(opt)
+            row.state_bytes_per_param = state_bytes_per_param(opt)
+            if isinstance(opt, SimpleOptimizer):
+                row.bytes_per_coord = step_bytes_per_coord(opt)
         model_rows = [row for row, *_ in runs]
         adam = next((r for r in model_rows if r.optimizer == "adam-fused" and r.whole_s), None)
         for row in model_rows:
@@ -233,20 +245,41 @@ def run_train(cfg: TrainConfig, log: Callable[[str], object] = print) -> list[Tr
 # ------------------------------------------------------------------------------ reporting
 
 
-def format_train(rows: list[TrainRow]) -> str:
-    """The training-step table in Markdown (medians)."""
+def memory_bound(row: TrainRow, rows: list[TrainRow], copy_gbs: float | None) -> float:
+    """The whole-step ratio to fused Adam that ``row``'s optimizer would reach if its step moved
+    its bytes (:attr:`TrainRow.bytes_per_coord`) at the copy's speed (``copy_gbs``, GB/s):
+    ``(fused Adam's forward and backward + bytes / bandwidth) / fused Adam's whole step``, the
+    best it can be on this machine. NaN where a number is missing."""
+    adam = next((r for r in rows if r.model == row.model and r.optimizer == "adam-fused"
+                 and r.whole_s), None)
+    if adam is None or not copy_gbs or math.isnan(row.bytes_per_coord):
+        return math.nan
+    floor_s = row.bytes_per_coord * row.n_params / (copy_gbs * 1e9)
+    return (adam.whole_median - adam.step_median + floor_s) / adam.whole_median
+
+
+def format_train(rows: list[TrainRow],
+                 copy_gbs: float | Mapping[str, float] | None = None) -> str:
+    """The training-step table in Markdown (medians); with the run's copy bandwidth
+    (``copy_gbs``, GB/s: one number, or one per optimizer name as measured beside its state
+    dtype) also each SimpleOptimizer row's memory bound (:func:`memory_bound`)."""
     lines = [
-        "| model | params | batch | optimizer | whole ms | fwd+bwd ms | step ms | x fused Adam "
-        "| target | last loss | subnormal g | skipped |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | batch | optimizer | state B/param | step B/coord | whole ms "
+        "| fwd+bwd ms | step ms | x fused Adam | bound | target | last loss | subnormal g "
+        "| skipped |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fwd_bwd = r.whole_median - r.step_median
         target = TRAIN_TARGETS.get(r.model) if r.optimizer in TARGET_OPTIMIZERS else None
+        gbs = copy_gbs.get(r.optimizer) if isinstance(copy_gbs, Mapping) else copy_gbs
+        bound = memory_bound(r, rows, gbs)
+        per_coord = "" if math.isnan(r.bytes_per_coord) else f"{r.bytes_per_coord:.0f}"
         lines.append(
             f"| {r.model} | {r.n_params:,} | {r.batch_size} | {r.optimizer}"
-            f"{f' ({r.impl})' if r.impl else ''} | {fmt_ms(r.whole_median)} "
-            f"| {fmt_ms(fwd_bwd)} | {fmt_ms(r.step_median)} | {r.x_adam:.2f} "
+            f"{f' ({r.impl})' if r.impl else ''} | {r.state_bytes_per_param:.0f} | {per_coord} "
+            f"| {fmt_ms(r.whole_median)} | {fmt_ms(fwd_bwd)} | {fmt_ms(r.step_median)} "
+            f"| {r.x_adam:.2f} | {'' if math.isnan(bound) else f'{bound:.2f}'} "
             f"| {f'<= {target}' if target else ''} | {r.last_loss:.3g} | {r.subnormal_grads} "
             f"| {r.skipped_steps} |"
         )
@@ -263,7 +296,8 @@ def train_targets(rows: list[TrainRow], copy_gbs: float | Mapping[str, float] | 
     Args:
         rows: the training-step table.
         copy_gbs, bytes_per_param: the same run's streaming-copy bandwidth (GB/s) and the
-            bytes SimpleOptimizer's step moves per parameter, each a number (for the
+            bytes SimpleOptimizer's step moves per parameter (used where a row does not carry
+            its own count, :attr:`TrainRow.bytes_per_coord`), each a number (for the
             ``simple`` rows) or a mapping from the optimizer's name in :data:`TARGET_OPTIMIZERS`
             to one; when known for a row, its target also gets ``bound``: the ratio a step
             moving those bytes at the copy's speed would reach, ``(fused Adam's forward and
@@ -288,10 +322,11 @@ def train_targets(rows: list[TrainRow], copy_gbs: float | Mapping[str, float] | 
             adam = next((r for r in rows if r.model == model and r.optimizer == "adam-fused"), None)
             bound = None
             gbs, size = copies.get(name), sizes.get(name)
-            if row is not None and adam is not None and gbs and size:
-                floor_s = size * row.n_params / (gbs * 1e9)
-                whole = adam.whole_median
-                bound = (whole - adam.step_median + floor_s) / whole
+            if row is not None and adam is not None and gbs:
+                if math.isnan(row.bytes_per_coord) and size:  # a row without its own count
+                    row = dataclasses.replace(row, bytes_per_coord=size)
+                b = memory_bound(row, rows, gbs)
+                bound = None if math.isnan(b) else b
             out.append(dict(target=f"{model}: {TARGET_OPTIMIZERS[name]} whole step <= {limit}x "
                                    "fused Adam's",
                             measured=None if row is None else row.x_adam, unit="x",
@@ -304,7 +339,10 @@ def describe() -> str:
     return (
         "Training step: zero_grad + forward + backward + opt.step() (`whole`), and opt.step() "
         "alone (`step`), medians of interleaved rounds; `x fused Adam` = whole / fused Adam's "
-        "whole in the same run. Gradients from real backward passes on random inputs of "
+        "whole in the same run; `bound`: the ratio a SimpleOptimizer step moving its `step "
+        "B/coord` at the bandwidth table's copy speed would give (fused Adam's fwd+bwd + bytes / "
+        "copy GB/s, over fused Adam's whole), the best on this machine; `state B/param`: the "
+        "optimizer's state in bytes per parameter. Gradients from real backward passes on random inputs of "
         "realistic scale (randn images, random labels; the suite's addition problems), tens of "
         "steps from initialisation: the loss stays far from zero, `subnormal g` counts "
         "subnormal gradient values after timing (flush-denormal off, torch's default)."

@@ -29,13 +29,18 @@ def keep_threads():
 
 def test_bandwidth_rows():
     rows = run_bandwidth(BandwidthConfig(sizes=["4096", "3e4"], **QUIET), log=lambda m: None)
-    assert [(r.size, r.state_dtype) for r in rows] == [
-        ("4096", "float32"), ("4096", "bfloat16"), ("3e4", "float32"), ("3e4", "bfloat16")]
+    assert [(r.size, r.state_dtype, r.c_layout) for r in rows] == [
+        (size, dtype, layout) for size in ("4096", "3e4") for dtype in ("float32", "bfloat16")
+        for layout in ("tensor", "coordinate")]
     for r in rows:
         assert not r.skipped
         assert len(r.step_s) == len(r.update_s) == len(r.copy_s) == len(r.check_s) == 2
-        # the shipped default normalises its input: two fp32 running means read and written
-        assert r.bytes_per_coord == {"float32": 116, "bfloat16": 76}[r.state_dtype]
+        # g 4, theta 2 x (4 + 4), h read and written, the rms norm's v 4 + 4 (and c 4 + 4 where
+        # it is one per coordinate); the state: h, v and c
+        h = {"float32": 40, "bfloat16": 20}[r.state_dtype]
+        per_coord_c = r.c_layout == "coordinate"
+        assert r.bytes_per_coord == 4 + 16 + 2 * h + 8 + (8 if per_coord_c else 0)
+        assert r.state_bytes_per_param == pytest.approx(h + 4 + (4 if per_coord_c else 0), rel=1e-3)
         # the copy moves as many bytes as the step (no cap at these sizes)
         assert r.copy_bytes == r.step_bytes
         for v in (r.step_gbs, r.update_gbs, r.copy_gbs):
@@ -45,12 +50,38 @@ def test_bandwidth_rows():
         assert r.subnormals == 0 and r.skipped_steps == 0
         assert r.impl in ("cpu", "reference")
         assert json.dumps(r.to_json())
-    assert rows[2].n_coords == 30_000
+    # one of each dtype's two layouts is the optimizer's own
+    assert [r.c_default for r in rows[:4]].count(True) == 2
+    assert rows[0].c_default != rows[1].c_default and rows[2].c_default != rows[3].c_default
+    assert rows[4].n_coords == 30_000
     table = format_bandwidth(rows)
     assert table.count("\n") == 1 + len(rows) and "skipped" not in table
     assert len({line.count("|") for line in table.splitlines()}) == 1  # every row has every column
+    assert table.count("(not the default)") == 4
     # no 10M row: the targets are listed as not measured
     assert [t["met"] for t in bandwidth_targets(rows)] == [None, None, None]
+
+
+def test_step_bytes_and_state_bytes_come_from_the_state():
+    from l2l_optim import SimpleOptimizer
+
+    from benchmarks.common import c_layout, set_c_layout, state_bytes_per_param, step_bytes_per_coord
+
+    ps = [torch.zeros(100, requires_grad=True), torch.zeros(3, 50, requires_grad=True)]
+    opt = SimpleOptimizer(ps)
+    assert math.isnan(step_bytes_per_coord(opt)) and math.isnan(state_bytes_per_param(opt))
+    for p in ps:
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    for layout, moved, kept in (("coordinate", 116, 48), ("tensor", 108, 44)):
+        set_c_layout(opt, layout)
+        opt.step()  # the optimizer takes either layout
+        assert c_layout(opt) == layout
+        assert step_bytes_per_coord(opt) == moved
+        assert state_bytes_per_param(opt) == pytest.approx(kept, abs=0.1)
+    torch_adam = torch.optim.Adam(ps, fused=True)
+    torch_adam.step()
+    assert state_bytes_per_param(torch_adam) == pytest.approx(8, abs=0.1) and c_layout(torch_adam) == ""
 
 
 def test_bandwidth_copy_cap_and_sizes():
@@ -65,8 +96,8 @@ def test_bandwidth_copy_cap_and_sizes():
 
 def test_bandwidth_targets_logic():
     def row(dtype, step, update, copy, check):
-        r = BandwidthRow("10m", "", 10_000_000, 1, dtype, {"float32": 100, "bfloat16": 60}[dtype],
-                         copy_bytes=10**9, step_s=[step], update_s=[update], copy_s=[copy],
+        r = BandwidthRow("10m", "", 10_000_000, 1, dtype,
+                         bytes_per_coord={"float32": 100, "bfloat16": 60}[dtype], copy_bytes=10**9, step_s=[step], update_s=[update], copy_s=[copy],
                          check_s=[check])
         return r
 
@@ -117,11 +148,49 @@ def test_train_rows():
     assert rows[0].x_adam == 1.0
     assert [bool(r.impl) for r in rows[:4]] == [False, False, True, True]  # only SimpleOptimizer has one
     assert format_train(rows).count("<= 1.5") == 2  # base's fp32 and bf16 state rows
+    # the state's bytes per parameter: Adam's two moments, SimpleOptimizer's h, v and c (one
+    # value per tensor, or per coordinate: 4 B more kept, 8 more moved); what SimpleOptimizer's
+    # step moves per coordinate (none for Adam)
+    assert rows[0].state_bytes_per_param == pytest.approx(8, abs=0.1)
+    assert math.isnan(rows[0].bytes_per_coord)
+    assert ((round(rows[2].state_bytes_per_param), rows[2].bytes_per_coord,
+             round(rows[3].state_bytes_per_param), rows[3].bytes_per_coord)
+            in ((44, 108, 24, 68), (48, 116, 28, 76)))
+    # with the run's copy bandwidth, each SimpleOptimizer row gets its memory bound
+    bounded = format_train(rows, copy_gbs=10.0)
+    assert len({line.count("|") for line in bounded.splitlines()}) == 1
     targets = train_targets(rows)
     assert len(targets) == 4 and "(bf16 state)" in targets[2]["target"]
     assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)
     assert targets[2]["measured"] == rows[3].x_adam and targets[2]["met"] in (True, False)
     assert targets[1]["met"] is None and targets[3]["met"] is None  # mlp4m not run
+
+
+def test_the_50m_model_has_50m_parameters():
+    from benchmarks.train import TRAIN_MODELS
+
+    spec = TRAIN_MODELS["mlp50m"]()
+    with torch.device("meta"):
+        model = spec.build()
+    assert sum(p.numel() for p in model.parameters()) == 50_204_890
+
+
+def test_train_table_memory_bound_column():
+    # fused Adam: 4 ms whole, 1 ms of it the step; SimpleOptimizer moves 100 B per parameter of
+    # 1e6 at 10 GB/s: (3 + 10) / 4 = 3.25x, in the row's bound column
+    adam = TrainRow("base", "", 10**6, 128, "adam-fused", whole_s=[0.004], step_s=[0.001],
+                    x_adam=1.0)
+    simple = TrainRow("base", "", 10**6, 128, "simple", whole_s=[0.02], step_s=[0.016],
+                      x_adam=5.0, bytes_per_coord=100.0)
+    from benchmarks.train import memory_bound
+
+    assert memory_bound(simple, [adam, simple], 10.0) == pytest.approx(3.25)
+    assert math.isnan(memory_bound(simple, [adam, simple], None))
+    assert math.isnan(memory_bound(adam, [adam, simple], 10.0))  # Adam has no byte count
+    assert "| 5.00 | 3.25 |" in format_train([adam, simple], copy_gbs=10.0)
+    assert "| 5.00 |  |" in format_train([adam, simple])
+    # the targets read the row's own bytes first
+    assert train_targets([adam, simple], copy_gbs=10.0)[0]["bound"] == pytest.approx(3.25)
 
 
 def test_train_targets_logic():
@@ -162,7 +231,8 @@ def test_train_targets_memory_bound():
 def test_command_json(tmp_path, capsys, keep_threads):
     path = tmp_path / "bench.json"
     assert bench.main([
-        "--bw-sizes", "2048", "--state-dtypes", "float32", "--models", "transformer",
+        "--bw-sizes", "2048", "--state-dtypes", "float32", "--c-layouts", "tensor",
+        "--models", "transformer",
         "--train-optimizers", "adam-fused,simple", "--sizes", "base",
         "--optimizers", "adam-fused,simple-fused", "--steps", "1", "--rounds", "1",
         "--warmup", "0", "--threads", "1", "--json", str(path)]) == 0
@@ -182,7 +252,8 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
     # the 10M rows are too slow for a test: canned rows, to check the wiring from the bandwidth
     # table to the training-step targets (fp32 state: 100 B at 10 GB/s; bf16: 60 B at 12 GB/s)
     def bandwidth(cfg, log):
-        return [BandwidthRow("10m", "", 10**7, 1, dtype, size, copy_bytes=10**9, step_s=[0.1],
+        return [BandwidthRow("10m", "", 10**7, 1, dtype, bytes_per_coord=size, copy_bytes=10**9,
+                             step_s=[0.1],
                              update_s=[0.1], copy_s=[1e9 / (gbs * 1e9)])
                 for dtype, size, gbs in (("float32", 100, 10.0), ("bfloat16", 60, 12.0))]
 
@@ -206,7 +277,7 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
 
 def test_command_rejects_unknown_names(capsys, keep_threads):
     for argv in (["--models", "vgg"], ["--tables", "nope"], ["--bw-sizes", "big"],
-                 ["--state-dtypes", "float16"]):
+                 ["--state-dtypes", "float16"], ["--c-layouts", "row"]):
         with pytest.raises(SystemExit):
             bench.main(argv)
     assert "unknown" in capsys.readouterr().err
