@@ -43,3 +43,17 @@ def test_track_cli_writes_the_plot(run_dir, tmp_path, capsys):
     assert "gen    20" in capsys.readouterr().out
     assert main([str(tmp_path)]) == 2  # no snapshots
     assert json.loads((run_dir / "validation.jsonl").read_text().splitlines()[0])["generation"] == 10
+
+
+def test_reference_scored_once_and_kept_apart_from_the_trend(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    ref = save_weights(init_net(SimpleOptimizerNet(input_norm="rms"), "adam", lr=1e-3), tmp_path / "ref.safetensors")
+    args = [str(run_dir), "--tasks", "sine-regression", "--steps", "30", "--cache-dir", str(tmp_path / "c"),
+            "--reference", str(ref)]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [x.get("reference") for x in lines] == [None, None, str(ref)]
+    assert main(args) == 0  # the reference is not scored again, nor taken for a snapshot
+    assert len((run_dir / "validation.jsonl").read_text().splitlines()) == 3
+    assert [e["generation"] for e in track(run_dir, tasks=["sine-regression"], steps=30,
+                                           cache_dir=tmp_path / "c")] == [10, 20]

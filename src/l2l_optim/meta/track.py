@@ -19,12 +19,13 @@ import json
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..evaluation.protocol import evaluate
 
-__all__ = ["TRACK_TASKS", "track", "plot_trend", "main"]
+__all__ = ["TRACK_TASKS", "track", "score_reference", "plot_trend", "main"]
 
 #: cheap validation tasks whose best step sizes differ by decades
 TRACK_TASKS = ("sine-regression", "fmnist-logreg", "mnist-mlp-narrow", "wide-target-regression",
@@ -32,15 +33,22 @@ TRACK_TASKS = ("sine-regression", "fmnist-logreg", "mnist-mlp-narrow", "wide-tar
 _GEN = re.compile(r"gen(\d+)\.safetensors$")
 
 
-def _scored(path: Path) -> dict[int, dict]:
+def _lines(path: Path) -> list[dict]:
     if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            out[int(entry["generation"])] = entry
-    return out
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _scored(path: Path) -> dict[int, dict]:
+    return {int(e["generation"]): e for e in _lines(path) if "generation" in e}
+
+
+def _score(weights: str, tasks: Sequence[str], steps: int, cache_dir, data_root) -> dict:
+    res = evaluate(weights, tasks=list(tasks), steps=steps, horizons=(steps,), quick=True,
+                   cache_dir=cache_dir, data_root=data_root, progress=False, threads=1)
+    rows = [r for r in res.rows if r.horizon == steps]
+    return {"steps": steps, **{k: res.geomeans[k][steps] for k in ("vs_schedule_free", "ratio", "vs_adam_default")},
+            "per_task": {r.task: r.vs_schedule_free for r in rows}, "seconds": round(res.seconds, 1)}
 
 
 def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int = 1000,
@@ -76,13 +84,7 @@ def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int
     for gen, path in sorted(gens.items()):
         if gen in done or (gen // spacing) % every:
             continue
-        res = evaluate(str(path), tasks=list(tasks), steps=steps, horizons=(steps,), quick=True,
-                       cache_dir=cache_dir, data_root=data_root, progress=False, threads=1)
-        rows = [r for r in res.rows if r.horizon == steps]
-        entry = {"generation": gen, "steps": steps,
-                 **{k: res.geomeans[k][steps] for k in ("vs_schedule_free", "ratio", "vs_adam_default")},
-                 "per_task": {r.task: r.vs_schedule_free for r in rows},
-                 "seconds": round(res.seconds, 1)}
+        entry = {"generation": gen, **_score(str(path), tasks, steps, cache_dir, data_root)}
         with open(out_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         done[gen] = entry
@@ -92,8 +94,29 @@ def track(run_dir: str | Path, *, tasks: Sequence[str] = TRACK_TASKS, steps: int
     return [done[g] for g in sorted(done)]
 
 
-def plot_trend(entries: list[dict], path: str | Path, title: str = "") -> Path:
-    """The geometric means per generation (log-y), one line per ratio column."""
+def score_reference(run_dir: str | Path, weights: str, *, tasks: Sequence[str] = TRACK_TASKS,
+                    steps: int = 1000, cache_dir: str | Path | None = None,
+                    data_root: str | None = None) -> dict:
+    """Score other weights (for example the shipped default) on the same tasks, once, as a
+    reference line for the trend; kept in ``validation.jsonl`` under ``"reference"``.
+
+    Returns:
+        The reference's line: ``{"reference": weights, "vs_schedule_free", ...}``.
+    """
+    out_path = Path(run_dir) / "validation.jsonl"
+    for entry in _lines(out_path):
+        if entry.get("reference") == weights and entry["steps"] == steps:
+            return entry
+    entry = {"reference": weights, **_score(weights, tasks, steps, cache_dir, data_root)}
+    with open(out_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def plot_trend(entries: list[dict], path: str | Path, title: str = "",
+               references: Sequence[dict] = ()) -> Path:
+    """The geometric means per generation (log-y), one line per ratio column; each
+    reference (a :func:`score_reference` line) as dashed lines in the columns' colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,12 +128,16 @@ def plot_trend(entries: list[dict], path: str | Path, title: str = "") -> Path:
                        ("ratio", "learned / best fixed-lr Adam or SGD"),
                        ("vs_adam_default", "learned / Adam 1e-3")):
         ys = [e[key] if e[key] is not None and math.isfinite(e[key]) else float("nan") for e in entries]
-        ax.plot(gens, ys, marker="o", ms=3, label=label)
+        (line,) = ax.plot(gens, ys, marker="o", ms=3, label=label)
+        for ref, style in zip(references, ("--", "-.", ":")):
+            if ref.get(key) is not None and math.isfinite(ref[key]):
+                ax.axhline(ref[key], color=line.get_color(), lw=0.9, ls=style,
+                           label=f"{ref['reference']} (reference)" if key == "vs_schedule_free" else None)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("generation")
     ax.set_ylabel("geometric mean of loss ratios")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
@@ -128,15 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=1, help="score every k-th snapshot (default: all)")
     p.add_argument("--cache-dir", default=None, help="baseline cache (default ~/.cache/l2l_optim/eval)")
     p.add_argument("--data-root", default=None, help="a directory holding the datasets")
+    p.add_argument("--reference", nargs="+", default=[], metavar="WEIGHTS",
+                   help="weights scored once on the same tasks and drawn as dashed lines (e.g. simple)")
     args = p.parse_args(argv)
     try:
         entries = track(args.run_dir, tasks=args.tasks, steps=args.steps, cache_dir=args.cache_dir,
                         data_root=args.data_root, every=args.every, progress=True)
+        refs = [score_reference(args.run_dir, w, tasks=args.tasks, steps=args.steps, cache_dir=args.cache_dir,
+                                data_root=args.data_root) for w in args.reference]
     except (FileNotFoundError, ValueError) as e:
         print(f"l2l-optim meta-track: error: {e}", file=sys.stderr)
         return 2
     out = plot_trend(entries, Path(args.run_dir) / "validation.png",
-                     f"{Path(args.run_dir).name}: {', '.join(args.tasks)}; {args.steps} steps")
+                     f"{Path(args.run_dir).name}: {', '.join(args.tasks)}; {args.steps} steps", refs)
     print(f"wrote {out}")
     return 0
 
