@@ -27,7 +27,7 @@
 #            and tests/test_functional.py's triton cases.
 #   large    one step on 2^28+3 coordinates (the hidden state's offsets pass 2^31) against a
 #            reference computed chunk by chunk: fp32 without the rms input (through an
-#            aggregate: the per-tensor sums), fp32 with it (the default state: one aligned
+#            aggregate: the per-tensor sums), fp32 with it (c per coordinate; one aligned
 #            tensor of 2^28 and one of 3), bf16 parameters with one c per tensor, and a bf16
 #            hidden state. Every coordinate of theta, h, v and c is compared (the head and the
 #            tail slices printed apart), every block's partial sum, the reduced sum, and the
@@ -265,7 +265,7 @@ LR = 0.01
 f32, bf16 = torch.float32, torch.bfloat16
 CONFIGS = [  # name, sizes, param dtype, hidden dtype, rms input (None, "coord", "tensor"), aggregate
     ("fp32, no rms input, through an aggregate", [BIG + 3], f32, f32, None, True),
-    ("fp32, rms input (the default state)", [BIG, 3], f32, f32, "coord", False),
+    ("fp32, rms input with c per coordinate", [BIG, 3], f32, f32, "coord", False),
     ("bf16 parameters, rms input with c per tensor", [BIG + 3], bf16, f32, "tensor", False),
     ("fp32, bf16 hidden state, rms input", [BIG, 3], f32, bf16, "coord", False),
 ]
@@ -611,14 +611,14 @@ BLOCK16 = tk.BLOCK_GPU_16BIT
 # block size: 64-bit accesses at about half the registers, twice the resident warps)
 OPTIONS = [
     ("fp32 h, no rms", SHAPES, f32, f32, None, True),
-    ("fp32 h, rms c/coord (default)", SHAPES, f32, f32, "coord", True),
+    ("fp32 h, rms c/coord", SHAPES, f32, f32, "coord", True),
     ("fp32 h, rms c/tensor", SHAPES, f32, f32, "tensor", True),
     ("bf16 h, no rms", SHAPES, f32, bf16, None, True),
     ("bf16 h, rms c/coord", SHAPES, f32, bf16, "coord", True),
     ("bf16 h, rms c/tensor", SHAPES, f32, bf16, "tensor", True),
     ("bf16 params, fp32 h, rms", SHAPES, bf16, f32, "coord", True),
     ("bf16 params, bf16 h, rms", SHAPES, bf16, bf16, "coord", True),
-    ("default, unaligned tensors", ODD, f32, f32, "coord", True),
+    ("fp32 h, rms c/coord, unaligned tensors", ODD, f32, f32, "coord", True),
     ("fp64 params and state, rms", SHAPES, f64, f64, "coord", False),
     ("bf16 h, rms c/coord, 512 blocks", SHAPES, f32, bf16, "coord", False, 512),
     ("bf16 params, fp32 h, rms, 512 blocks", SHAPES, bf16, f32, "coord", False, 512),
