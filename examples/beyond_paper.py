@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from l2l_optim import SimpleOptimizer
 from l2l_optim.data import load_dataset
 from l2l_optim.models import base_mlp
+from l2l_optim.training import tail_mean
 from l2l_optim.weights import fingerprint, load_weights
 
 # ----------------------------------------------------------------------------- config
@@ -268,8 +269,7 @@ def score(losses, steps, tail):
     """Mean training loss over the last `tail` of `steps`; inf if the run did not finish finite."""
     if len(losses) < steps or not all(math.isfinite(v) for v in losses):
         return math.inf
-    k = max(1, int(steps * tail))
-    return sum(losses[-k:]) / k
+    return tail_mean(losses, tail)
 
 
 def run_or_load(cfg, task_name, task, opt_name, make_opt, meta):
