@@ -18,6 +18,10 @@ after unpickling or copying, which keep no hooks):
   net's dtype per key at the group's ``state_dtype``, float64 for float64 parameters; an int64
   ``step``) and lays it out for its parameter (a DTensor for a DTensor parameter, see
   :mod:`l2l_optim.distributed`). A float32 hidden state of a bfloat16 parameter stays float32.
+  A value the net keeps once per tensor (``net.per_tensor_state``: SimpleOptimizer's bias
+  correction ``c``) also loads from a state dict that holds it once per coordinate, and a
+  hidden state saved in float loads into an 8-bit one (``state_dtype=torch.int8``, encoded
+  with :func:`~l2l_optim.state.encode_hidden`) and the other way round (decoded).
 
 A hook of the user's that rewrites the incoming dict (to map parameter ids, say) is registered
 with ``prepend=True``, so that it runs before ``_check_loaded``.
@@ -34,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .state import dtype_from_name, dtype_name
+from .state import decode_hidden, dtype_from_name, dtype_name, encode_hidden, int8_blocks
 
 __all__ = ["Checkpointing"]
 
@@ -51,6 +55,29 @@ class _Held:
 
     def __repr__(self) -> str:
         return f"<saved state {sorted(self.tensors)}, loading>"
+
+
+def _recode_hidden(value: dict[str, Any], coded: bool) -> dict[str, Any]:
+    """A parameter's saved state with its hidden state ``h`` in the form loaded into: 8-bit
+    codes and scales (``coded``) or float; plain tensors only, anything else is left for the
+    checks to refuse."""
+    value = dict(value)
+    h = value.get("h")
+    if not isinstance(h, Tensor) or distributed.is_dtensor(h) or h.dim() < 2:
+        return value
+    if coded and "h_scale" not in value and h.is_floating_point():
+        flat = h.reshape(h.shape[0], -1)
+        codes = torch.empty(flat.shape, dtype=torch.int8, device=h.device)
+        scales = torch.empty(flat.shape[0], int8_blocks(flat.shape[1]), device=h.device)
+        # seeds of zero: a deterministic conversion
+        seeds = torch.zeros(flat.shape[1], dtype=torch.int64, device=h.device)
+        encode_hidden(flat, seeds, codes, scales)
+        value["h"], value["h_scale"] = codes, scales
+    elif not coded and isinstance(value.get("h_scale"), Tensor) and h.dtype == torch.int8:
+        flat = h.reshape(h.shape[0], -1)
+        if value["h_scale"].shape == (flat.shape[0], int8_blocks(flat.shape[1])):
+            value["h"] = decode_hidden(flat, value.pop("h_scale"))
+    return value
 
 
 class Checkpointing:
@@ -133,14 +160,21 @@ class Checkpointing:
             p, state_dtype = owner[pid]
             dtype = torch.float64 if p.dtype == torch.float64 else state_dtype
             expected = self.net.init_state(p.numel(), device="meta", dtype=dtype)
+            if isinstance(value, dict):
+                value = _recode_hidden(value, "h_scale" in expected)
             want = set(expected) | {"step"}
             if not isinstance(value, dict) or set(value) != want:
                 got = sorted(value) if isinstance(value, dict) else type(value).__name__
                 raise ValueError(
                     f"{what}: parameter {pid} has state keys {got}, expected {sorted(want)}")
+            per_tensor = set(self.net.per_tensor_state)
             for k, t in expected.items():
-                # (a full state dict of sharded parameters has (*lead, *p.shape) tensors)
-                distributed.check_state(value[k], p, t.shape, f"{what}: parameter {pid} state {k!r}")
+                where = f"{what}: parameter {pid} state {k!r}"
+                if k in per_tensor:
+                    value[k] = distributed.per_tensor_value(value[k], p, where)
+                else:
+                    # (a full state dict of sharded parameters has (*lead, *p.shape) tensors)
+                    distributed.check_state(value[k], p, t.shape, where)
             held[pid] = _Held(value, {k: t.dtype for k, t in expected.items()},
                               {k: t.shape for k, t in expected.items()})
         out["state"] = held
@@ -158,6 +192,8 @@ class Checkpointing:
                 dtype = torch.int64 if k == "step" else state.dtypes[k]
                 t = t.to(device=p.device, dtype=dtype, memory_format=torch.contiguous_format,
                          copy=True)
-                # the layout kept for p: flat, or a DTensor for a DTensor p
-                placed[k] = t if k == "step" else distributed.place_state(t, p, state.shapes[k])
+                # the layout kept for p: flat, or a DTensor for a DTensor p; per-tensor
+                # values (shape (1,)) stay plain, as step does
+                plain = k == "step" or k in self.net.per_tensor_state
+                placed[k] = t if plain else distributed.place_state(t, p, state.shapes[k])
             self.state[p] = placed

@@ -37,9 +37,13 @@ every ``Shard(d)`` moved to ``Shard(d + len(lead))``. Each process then holds
 sharded on its last dimension would not do: DTensor cuts a dimension into chunks of
 ``ceil(size / processes)``, so with uneven shards its chunks of the flattened coordinates are not
 the parameter's chunks of rows. ``torch.distributed.checkpoint`` saves, gathers and reshards
-these states as it does Adam's ``exp_avg``; ``step`` stays a plain 0-dim tensor.
+these states as it does Adam's ``exp_avg``; ``step`` stays a plain 0-dim tensor, and so does
+a value kept once per tensor (``net.per_tensor_state``: SimpleOptimizer's bias correction
+``c``, shape ``(1,)``), which is the same on every process since every process takes the same
+steps.
 :meth:`~l2l_optim.optimizer.LearnedOptimizer.load_state_dict` also takes full (plain) state
-tensors of either shape, for a plain or a DTensor parameter (each process keeps its slice).
+tensors of either shape, for a plain or a DTensor parameter (each process keeps its slice),
+and a per-tensor value saved with one entry per coordinate (:func:`per_tensor_value`).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ except ImportError:  # pragma: no cover - every supported platform ships torch.d
     DTensor = None
 
 __all__ = ["SUPPORTED", "is_dtensor", "check_param", "prepare_step", "ShardedStep",
-           "init_state", "check_state", "place_state"]
+           "init_state", "check_state", "place_state", "per_tensor_value"]
 
 SUPPORTED = (
     "plain tensors, and DTensors whose placements are Shard(dim) or Replicate() on one device "
@@ -181,7 +185,7 @@ class ShardedStep:
         Args:
             states: the parameters' state dicts (DTensor state, plus ``step``).
         """
-        return [{k: _local_view(v, p) for k, v in state.items() if k != "step"}
+        return [{k: _local_view(v, p) if is_dtensor(v) else v for k, v in state.items() if k != "step"}
                 for p, state in zip(self.params, states)]
 
     @staticmethod
@@ -278,11 +282,13 @@ def init_state(net, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
 
     Returns:
         One DTensor per state key, of global shape ``(*lead, *p.shape)`` (see the module
-        docstring for the placements).
+        docstring for the placements); the net's per-tensor keys stay plain ``(1,)`` tensors.
     """
     local = p.to_local()
     state = net.init_state(local.numel(), device=local.device, dtype=dtype)
-    return {k: _as_dtensor(t.reshape(*t.shape[:-1], *local.shape), p) for k, t in state.items()}
+    per_tensor = set(net.per_tensor_state)
+    return {k: t if k in per_tensor else _as_dtensor(t.reshape(*t.shape[:-1], *local.shape), p)
+            for k, t in state.items()}
 
 
 def _as_dtensor(local: Tensor, p: Tensor) -> Tensor:
@@ -352,3 +358,42 @@ def place_state(value: Tensor, p: Tensor, flat_shape: torch.Size) -> Tensor:
     shard = distribute_tensor(value.reshape(full_shape), p.device_mesh, placements,
                               src_data_rank=None)
     return _as_dtensor(shard.to_local().contiguous(), p)
+
+
+def per_tensor_value(value: Any, p: Tensor, what: str) -> Tensor:
+    """A saved per-tensor state value as the plain one-element tensor kept for parameter ``p``.
+
+    Accepted: one element (plain), or one entry per coordinate of ``p`` (plain, flat or of
+    ``p``'s shape, or a DTensor, gathered here: a collective every process enters) whose
+    entries are all equal, as every coordinate of a tensor takes the same steps. A parameter
+    without coordinates keeps no meaningful value: zero.
+
+    Args:
+        value: the saved tensor.
+        p: the parameter (plain or DTensor).
+        what: the start of the message, naming the parameter and the key.
+
+    Returns:
+        A plain tensor of shape ``(1,)`` in ``value``'s dtype.
+
+    Raises:
+        ValueError: another element count, not a tensor, or entries that differ.
+    """
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{what} is a {type(value).__name__}, expected a tensor")
+    if is_dtensor(value):
+        if value.device_mesh != getattr(p, "device_mesh", None):
+            raise ValueError(f"{what} is {_describe(value)} on another mesh than the parameter's")
+        value = value.full_tensor()
+    if value.numel() == 1:
+        return value.reshape(1)
+    if value.numel() != p.numel():
+        raise ValueError(f"{what} has {value.numel()} elements, expected 1 (or one per "
+                         f"coordinate, {p.numel()})")
+    flat = value.reshape(-1)
+    if flat.numel() == 0:
+        return flat.new_zeros(1)
+    if not bool((flat == flat[0]).all()):
+        raise ValueError(f"{what} holds one value per coordinate and they differ; it is kept "
+                         "once per tensor (every coordinate of a tensor takes the same steps)")
+    return flat[:1].clone()

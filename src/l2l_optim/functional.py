@@ -186,12 +186,16 @@ def _net_update(net, params, grads, states, lrs, skip) -> None:
     cd = compute_dtype(*(p.dtype for p in params))
     keys = [k for k in states[0] if k != "step"]
     sizes = [p.numel() for p in params]
+    # per-tensor keys (one value per tensor) are spread over their tensor's coordinates when
+    # several tensors run together, and read back from each tensor's first coordinate
+    spread = set(net.per_tensor_state) if len(params) > 1 else set()
     if len(params) == 1:
         g = grads[0].reshape(-1).to(cd)
         old = {k: states[0][k].to(cd) for k in keys}
     else:
         g = torch.cat([gr.reshape(-1).to(cd) for gr in grads])
-        old = {k: torch.cat([s[k].to(cd) for s in states], dim=-1) for k in keys}
+        old = {k: torch.cat([s[k].to(cd).expand(*s[k].shape[:-1], n) if k in spread else s[k].to(cd)
+                             for s, n in zip(states, sizes)], dim=-1) for k in keys}
     update, new = net(g, old)
     if skip is not None:
         # keep NaN/Inf out of the state without reading the flag on the host
@@ -201,6 +205,10 @@ def _net_update(net, params, grads, states, lrs, skip) -> None:
             states[0][k] = new[k]  # a fresh tensor from the net: no copy needed
             continue
         for s, part in zip(states, new[k].split(sizes, dim=-1)):
+            if k in spread:
+                part = part[..., :1]
+                if part.shape[-1] == 0:  # a tensor without coordinates keeps its value
+                    continue
             s[k].copy_(part)
     for p, u, lr in zip(params, update.split(sizes), lrs):
         if not isinstance(lr, Tensor) and lr == 0.0:

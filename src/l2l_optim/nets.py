@@ -7,7 +7,9 @@ treat them alike:
   coordinates as a ``dict[str, Tensor]``. **The coordinate is always the last dimension** of
   every state tensor, so states of several parameter tensors concatenate and split along
   ``dim=-1`` without knowing what they hold. (For SimpleOptimizer this is also the layout the
-  fused kernels want: hidden unit k of all coordinates is contiguous.)
+  fused kernels want: hidden unit k of all coordinates is contiguous.) The keys in
+  ``net.per_tensor_state`` are the exception: they hold one value for all the coordinates
+  of one parameter tensor (shape ``(1,)``), which broadcasts against the others.
 * ``net(grad, state)`` maps a flat gradient of shape ``(n,)`` and a state to
   ``(update, new_state)``; the optimizee then does ``theta <- theta + lr * update``.
   Everything is differentiable with respect to the net's parameters, which is what
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .rule import INPUT_NORMS, SimpleWeights, averaged_step, output, recur, rms_normalise, shared_term
+from .state import int8_blocks
 
 __all__ = [
     "CoordinatewiseNet",
@@ -65,6 +68,9 @@ class CoordinatewiseNet(nn.Module):
     #: each coordinate's update depends only on its own gradient and state, so the net may
     #: run on any split of the coordinates (no aggregation across them)
     independent_coordinates: bool = False
+    #: state keys with one value per parameter tensor (shape ``(1,)``) rather than one per
+    #: coordinate: every coordinate of a tensor takes the same steps, so one value serves them
+    per_tensor_state: tuple[str, ...] = ()
 
     @property
     def config(self) -> dict:
@@ -89,8 +95,9 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         aggregate: use the mean hidden state across coordinates in the output
             (False is the "no aggregation" ablation: ``u = w_out . (alpha h')``).
         input_norm: ``None`` (the paper: the raw gradient is the input) or ``"rms"`` (the
-            input is :func:`rms_normalise` of the gradient, with its running means ``v`` and
-            ``c`` in the state). Beyond the paper; same 132 parameters.
+            input is :func:`rms_normalise` of the gradient, with its running means in the
+            state: ``v`` per coordinate, the bias correction ``c`` one value per tensor).
+            Beyond the paper; same 132 parameters.
         averaging: Schedule-Free iterate averaging around the net's step, with this
             interpolation weight (0, the default, is off; Schedule-Free AdamW uses 0.9).
             The net's update moves a base sequence ``z``; the uniform average ``x`` of the
@@ -165,13 +172,25 @@ class SimpleOptimizerNet(CoordinatewiseNet):
             config["averaging"] = self.averaging
         return config
 
+    @property
+    def per_tensor_state(self) -> tuple[str, ...]:
+        # the bias correction c = 1 - beta^t is the same for every coordinate of a tensor
+        return ("c",) if self.input_norm == "rms" else ()
+
     def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
+        """The state of ``n`` coordinates: ``h`` ``(H, n)`` in ``dtype``; with the rms input
+        norm ``v`` ``(n,)`` and ``c`` ``(1,)`` (one bias correction for all ``n``) in float32
+        (float64 for a float64 ``dtype``); with averaging ``z`` ``(n,)``. ``dtype=torch.int8``
+        keeps ``h`` as 8-bit codes with their block scales ``h_scale``
+        (:mod:`l2l_optim.state`); the optimizer decodes them around its kernel."""
         state = {"h": torch.zeros(self.hidden_size, n, device=device, dtype=dtype)}
+        if dtype == torch.int8:
+            state["h_scale"] = torch.zeros(self.hidden_size, int8_blocks(n), device=device)
         if self.input_norm == "rms":
             # running means need more than bfloat16's 8 bits: their 0.1% steps would vanish
             v_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             state["v"] = torch.zeros(n, device=device, dtype=v_dtype)
-            state["c"] = torch.zeros(n, device=device, dtype=v_dtype)
+            state["c"] = torch.zeros(1, device=device, dtype=v_dtype)
         if self.averaging:
             # the base sequence; the optimizer starts it at the parameter's value
             state["z"] = torch.zeros(n, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

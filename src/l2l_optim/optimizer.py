@@ -28,6 +28,7 @@ from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
 from .checkpointing import Checkpointing
 from .nonfinite import NonfiniteGuard
+from .state import decoded_hiddens
 from .validation import check_group, check_params, own_options, warn_small_lr
 from .weights import LoadedWeights, WeightsError, fingerprint
 
@@ -432,8 +433,14 @@ class SimpleOptimizer(LearnedOptimizer):
             accepts (default: the shipped ``"simple"``).
         impl: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``, the kernel path
             (see :mod:`l2l_optim.kernels`); one for the whole step.
-        state_dtype: ``torch.float32`` or ``torch.bfloat16`` hidden state for non-float64
-            parameters.
+        state_dtype: the hidden state of non-float64 parameters: ``torch.float32`` (44 bytes
+            of state per parameter with the rms input norm: ``h`` 40, ``v`` 4, ``c`` one
+            value per tensor), ``torch.bfloat16`` (24: ``h`` 20; ``v`` and ``c`` stay
+            float32) or ``torch.int8`` (14.01: ``h`` as block-scaled 8-bit codes with
+            stochastic rounding, :mod:`l2l_optim.state`). The 8-bit state runs with every
+            ``impl``, not inside the kernel: the step decodes it into a float32 working copy
+            (40 bytes per parameter while the step runs), runs the kernel on that and encodes
+            the result with torch ops; it is not available for DTensor (FSDP2) parameters.
         nonfinite: ``"skip"`` or ``"raise"``, per group.
         weight_decay: decoupled (AdamW-style) weight decay, off by default.
         maximize: step along the gradient instead of against it (default: False).
@@ -487,6 +494,7 @@ class SimpleOptimizer(LearnedOptimizer):
     _default_weights = "simple"
     _own_options = {"impl": "auto"}
     _step_options = ("impl",)
+    _state_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     def _check_options(self, options: dict[str, Any]) -> None:
         # the name here; whether the kernel runs on the parameters' device in _check_device
@@ -503,6 +511,11 @@ class SimpleOptimizer(LearnedOptimizer):
         return False
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        if group["state_dtype"] == torch.int8 and distributed.is_dtensor(p):
+            # the codes' blocks run over the flat local coordinates, not the shards' layout
+            raise NotImplementedError(
+                "SimpleOptimizer: state_dtype=torch.int8 does not support DTensor parameters; "
+                "use torch.float32 or torch.bfloat16")
         state = super()._init_state(p, group)
         if "z" in state:
             if distributed.is_dtensor(p):
@@ -568,8 +581,10 @@ class SimpleOptimizer(LearnedOptimizer):
             rms = RunningRms([s["v"] for s in states], [s["c"] for s in states])
 
         def step(targets: list[Tensor]) -> None:
-            simple_update(targets, grads, [s["h"] for s in states], lrs, self.net,
-                          impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
+            # 8-bit hidden states run as float32 working copies, encoded back afterwards
+            with decoded_hiddens(states, grads, skip) as hiddens:
+                simple_update(targets, grads, hiddens, lrs, self.net,
+                              impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
 
         if not self.net.averaging:
             step(params)

@@ -1,0 +1,315 @@
+"""The optimizer state's layout and size: the bias correction kept once per tensor, old state
+dicts that keep it per coordinate, and the 8-bit hidden state's codec."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from l2l_optim import SimpleOptimizer
+from l2l_optim.distributed import per_tensor_value
+from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer
+from l2l_optim.state import (INT8_BLOCK, decode_hidden, encode_hidden, int8_blocks, rounding_seeds,
+                             state_bytes_per_parameter)
+
+
+def rms_net(lr: float = 3e-3) -> SimpleOptimizerNet:
+    net = init_net(SimpleOptimizerNet(input_norm="rms"), "adam", lr=lr)
+    with torch.no_grad():  # every unit matters, and the mean term too
+        net.w_hh.add_(0.05 * torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))
+        net.w_out[10:].fill_(1e-4)
+    return net
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+
+
+def train(m: torch.nn.Module, opt, steps: int = 15) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.randn(16, 5, generator=g)).pow(2).mean().backward()
+        opt.step()
+
+
+def flat(m: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def cpu_kernel_or_skip() -> None:
+    from l2l_optim import kernels
+
+    if kernels.resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+
+
+# ------------------------------------------------------------------ one c per tensor
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, 44), (torch.bfloat16, 24), (torch.int8, 14)])
+def test_bytes_of_state_per_parameter(dtype, expected):
+    w = torch.nn.Parameter(torch.zeros(1000, 1000))
+    opt = SimpleOptimizer([w], state_dtype=dtype)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state = opt.state[w]
+    assert state["c"].shape == (1,)
+    per_param = state_bytes_per_parameter(state, w.numel())
+    # the per-tensor part (c, step, the 8-bit state's scales) is below 0.02 bytes here
+    assert expected <= per_param < expected + 0.02
+
+
+def test_the_net_keeps_one_bias_correction_per_tensor():
+    net = rms_net()
+    state = net.init_state(5)
+    assert state["c"].shape == (1,) and net.per_tensor_state == ("c",)
+    assert SimpleOptimizerNet().per_tensor_state == ()
+    # the forward with one c equals the forward with a c per coordinate
+    g = torch.randn(5)
+    spread = dict(state, c=state["c"].expand(5).clone())
+    u1, s1 = net(g, state)
+    u2, s2 = net(g, spread)
+    assert torch.equal(u1, u2) and torch.equal(s1["h"], s2["h"])
+    assert torch.equal(s1["c"].expand(5), s2["c"])
+
+
+def test_the_generic_path_runs_several_tensors_with_one_c_each():
+    # LearnedOptimizer runs the net's forward over every tensor at once: each tensor's c is
+    # spread over its coordinates and read back, as SimpleOptimizer keeps it
+    a, b = model(), model()
+    fused = SimpleOptimizer(a.parameters(), weights=rms_net(), impl="reference")
+    generic = LearnedOptimizer(b.parameters(), weights=rms_net())
+    train(a, fused)
+    train(b, generic)
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-5, atol=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert generic.state[q]["c"].shape == (1,)
+        torch.testing.assert_close(generic.state[q]["c"], fused.state[p]["c"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("layout", ["flat", "parameter-shaped"])
+def test_a_state_dict_with_c_per_coordinate_loads_and_carries_on_bitwise(impl, layout):
+    if impl == "cpu":
+        cpu_kernel_or_skip()
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net(), impl=impl)
+    train(m, opt, steps=3)
+    saved = copy.deepcopy(opt.state_dict())
+    for (pid, state), p in zip(saved["state"].items(), m.parameters()):
+        spread = state["c"].expand(p.numel()).clone()
+        state["c"] = spread if layout == "flat" else spread.view(p.shape)
+    twin = copy.deepcopy(m)
+    other = SimpleOptimizer(twin.parameters(), weights=rms_net(), impl=impl)
+    other.load_state_dict(saved)
+    assert all(s["c"].shape == (1,) for s in other.state.values())
+    train(m, opt, steps=2)
+    train(twin, other, steps=2)
+    assert torch.equal(flat(m), flat(twin))
+    for p, q in zip(m.parameters(), twin.parameters()):
+        assert all(torch.equal(opt.state[p][k], other.state[q][k]) for k in opt.state[p])
+
+
+def test_a_c_per_coordinate_that_differs_is_refused():
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net())
+    train(m, opt, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    first = next(iter(saved["state"].values()))
+    c = first["c"].expand(first["v"].numel()).clone()
+    c[-1] += 1e-3
+    first["c"] = c
+    other = SimpleOptimizer(copy.deepcopy(m).parameters(), weights=rms_net())
+    with pytest.raises(ValueError, match="state 'c' holds one value per coordinate and they differ"):
+        other.load_state_dict(saved)
+    first["c"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="state 'c' has 3 elements, expected 1"):
+        other.load_state_dict(saved)
+    assert not other.state  # nothing loaded
+
+
+def test_per_tensor_value():
+    p = torch.zeros(2, 3)
+    assert per_tensor_value(torch.tensor([0.5]), p, "c").tolist() == [0.5]
+    assert per_tensor_value(torch.tensor(0.5), p, "c").tolist() == [0.5]
+    assert per_tensor_value(torch.full((2, 3), 0.25), p, "c").tolist() == [0.25]
+    assert per_tensor_value(torch.zeros(0), torch.zeros(0, 4), "c").tolist() == [0.0]
+    with pytest.raises(ValueError, match="expected a tensor"):
+        per_tensor_value([0.5], p, "c")
+
+
+# ------------------------------------------------------------------ the 8-bit hidden state
+
+
+def encoded(h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.empty(h.shape, dtype=torch.int8)
+    scales = torch.empty(h.shape[0], int8_blocks(h.shape[1]))
+    encode_hidden(h, rounding_seeds(grad), codes, scales)
+    return codes, scales
+
+
+def test_codes_stay_within_one_step_of_the_value_and_keep_block_maxima():
+    gen = torch.Generator().manual_seed(0)
+    n = INT8_BLOCK + 100  # a full block and a partial one
+    h = torch.randn(3, n, generator=gen) * torch.tensor([[1e-1], [1e-4], [0.0]])
+    h[0, 5] = 0.9
+    codes, scales = encoded(h, torch.randn(n, generator=gen))
+    assert scales.shape == (3, 2)
+    assert scales[0, 0] == 0.9 and codes[0, 5] == 127
+    assert scales[1, 1] == h[1, INT8_BLOCK:].abs().max()
+    assert scales[2].tolist() == [0.0, 0.0] and not codes[2].any()  # zeros stay zeros
+    step = (scales / 127).repeat_interleave(INT8_BLOCK, dim=1)[:, :n]
+    err = (decode_hidden(codes, scales) - h).abs()
+    assert bool((err <= step * (1 + 1e-5)).all())
+
+
+def test_rounding_is_unbiased_and_a_function_of_its_inputs():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.full((1, 512), 0.3)
+    h[0, 0] = 1.0  # code step 1/127: 0.3 lies 0.1 of a step above a code
+    mean = torch.zeros(1, 512)
+    for _ in range(200):
+        mean += decode_hidden(*encoded(h, torch.randn(512, generator=gen))) / 200
+    assert abs(mean[0, 1:].mean().item() - 0.3) < 2e-4  # round to nearest is 8e-4 off
+    grad = torch.randn(512, generator=gen)
+    a, b = encoded(h, grad), encoded(h, grad.clone())
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], encoded(h, grad + 1)[0])  # new gradient, new noise
+
+
+def test_a_slowly_moving_unit_moves_under_stochastic_rounding():
+    # a unit that gains less than half a code step per step would stick at its code under
+    # round to nearest: 200 steps of +1e-3 (code step 1/127 ~ 7.9e-3) move it by 0.2
+    gen = torch.Generator().manual_seed(0)
+    h = torch.zeros(1, 256)
+    h[0, 0] = 1.0
+    codes, scales = encoded(h, torch.randn(256, generator=gen))
+    for _ in range(200):
+        x = decode_hidden(codes, scales)
+        x[0, 1:] += 1e-3
+        codes, scales = encoded(x, torch.randn(256, generator=gen))
+    assert abs(decode_hidden(codes, scales)[0, 1:].mean().item() - 0.2) < 0.01
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_int8_state_trains_close_to_float32_state(impl):
+    if impl == "cpu":
+        cpu_kernel_or_skip()
+    a, b = model(), model()
+    full = SimpleOptimizer(a.parameters(), weights=rms_net(), impl=impl)
+    small = SimpleOptimizer(b.parameters(), weights=rms_net(), impl=impl, state_dtype=torch.int8)
+    train(a, full, steps=30)
+    train(b, small, steps=30)
+    state = small.state[b[0].weight]
+    assert state["h"].dtype == torch.int8 and state["h_scale"].dtype == torch.float32
+    assert state["v"].dtype == state["c"].dtype == torch.float32
+    moved = (flat(a) - flat(model())).abs().max()
+    assert (flat(a) - flat(b)).abs().max() < 0.05 * moved
+    for p, q in zip(a.parameters(), b.parameters()):
+        h = decode_hidden(small.state[q]["h"], small.state[q]["h_scale"])
+        scale = full.state[p]["h"].abs().amax(dim=1, keepdim=True)
+        assert bool(((h - full.state[p]["h"]).abs() <= 0.1 * scale + 1e-7).all())
+
+
+def test_int8_state_on_the_kernel_and_the_reference_agree():
+    cpu_kernel_or_skip()
+    a, b = model(), model()
+    ref = SimpleOptimizer(a.parameters(), weights=rms_net(), impl="reference", state_dtype=torch.int8)
+    cpu = SimpleOptimizer(b.parameters(), weights=rms_net(), impl="cpu", state_dtype=torch.int8)
+    train(a, ref, steps=10)
+    train(b, cpu, steps=10)
+    # the kernels' float32 results differ in the last bits, which may flip a rounding; the
+    # runs then drift apart slowly
+    moved = (flat(a) - flat(model())).abs().max()
+    assert (flat(a) - flat(b)).abs().max() < 0.01 * moved
+    for p, q in zip(a.parameters(), b.parameters()):
+        h_ref = decode_hidden(ref.state[p]["h"], ref.state[p]["h_scale"])
+        h_cpu = decode_hidden(cpu.state[q]["h"], cpu.state[q]["h_scale"])
+        assert bool(((h_ref - h_cpu).abs() <= 0.1 * ref.state[p]["h_scale"]).all())
+
+
+def test_int8_state_skips_and_resumes_bitwise():
+    m = model()
+    opt = SimpleOptimizer(m.parameters(), weights=rms_net(), state_dtype=torch.int8)
+    train(m, opt, steps=3)
+    before = {p: {k: t.clone() for k, t in opt.state[p].items()} for p in m.parameters()}
+    opt.zero_grad()
+    m(torch.randn(4, 5)).pow(2).mean().backward()
+    m[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    for p in m.parameters():
+        assert all(torch.equal(t, before[p][k]) for k, t in opt.state[p].items())
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["state_dtype"] == "int8"
+    twin = copy.deepcopy(m)
+    other = SimpleOptimizer(twin.parameters(), weights=rms_net(), state_dtype=torch.int8)
+    other.load_state_dict(saved)
+    train(m, opt, steps=3)
+    train(twin, other, steps=3)
+    assert torch.equal(flat(m), flat(twin))
+    for p, q in zip(m.parameters(), twin.parameters()):
+        assert all(torch.equal(opt.state[p][k], other.state[q][k]) for k in opt.state[p])
+
+
+def test_int8_state_is_simple_optimizers_only():
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        DMOptimizer([w], state_dtype=torch.int8)
+    # float64 parameters keep float64 state whatever state_dtype says
+    d = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = SimpleOptimizer([d], state_dtype=torch.int8)
+    d.grad = torch.ones_like(d)
+    opt.step()
+    assert opt.state[d]["h"].dtype == torch.float64 and "h_scale" not in opt.state[d]
+
+
+def test_a_device_skip_flag_keeps_the_codes():
+    # the flag a compiled or accelerator step reads without the host: a re-encoding (new
+    # rounding noise) must not reach the state
+    from l2l_optim.state import decoded_hiddens
+
+    gen = torch.Generator().manual_seed(0)
+    codes, scales = encoded(torch.randn(10, 300, generator=gen) * 0.1, torch.randn(300, generator=gen))
+    state = {"h": codes.clone(), "h_scale": scales.clone()}
+    for skip, same in ((torch.tensor(True), True), (torch.tensor(False), False)):
+        with decoded_hiddens([state], [torch.randn(300, generator=gen)], skip) as (h,):
+            h.add_(0.05)
+        assert torch.equal(state["h"], codes) == same
+        assert torch.equal(state["h_scale"], scales) == same
+
+
+def test_a_float_state_loads_into_int8_state_and_back():
+    # the saved groups' state_dtype is what loads (as every option); a state dict edited to
+    # another one converts the hidden state
+    def switched(state_dict, name):
+        for group in state_dict["param_groups"]:
+            group["state_dtype"] = name
+        return state_dict
+
+    m = model()
+    full = SimpleOptimizer(m.parameters(), weights=rms_net())
+    train(m, full, steps=3)
+    small = SimpleOptimizer(copy.deepcopy(m).parameters(), weights=rms_net(), state_dtype=torch.int8)
+    small.load_state_dict(switched(full.state_dict(), "int8"))
+    assert small.param_groups[0]["state_dtype"] == torch.int8
+    for p, s in zip(m.parameters(), small.state.values()):
+        assert s["h"].dtype == torch.int8 and s["h_scale"].shape == (10, 1)
+        h = full.state[p]["h"]
+        step = s["h_scale"] / 127
+        assert bool(((decode_hidden(s["h"], s["h_scale"]) - h).abs() <= step * (1 + 1e-5)).all())
+        assert torch.equal(s["v"], full.state[p]["v"]) and torch.equal(s["c"], full.state[p]["c"])
+    back = SimpleOptimizer(copy.deepcopy(m).parameters(), weights=rms_net())
+    back.load_state_dict(switched(small.state_dict(), "float32"))
+    for s, t in zip(small.state.values(), back.state.values()):
+        assert "h_scale" not in t and t["h"].dtype == torch.float32
+        assert torch.equal(t["h"], decode_hidden(s["h"], s["h_scale"]))
+    twin = copy.deepcopy(m)
+    again = SimpleOptimizer(twin.parameters(), weights=rms_net(), state_dtype=torch.int8)
+    again.load_state_dict(small.state_dict())  # int8 to int8: as saved
+    assert all(torch.equal(a["h"], b["h"]) for a, b in zip(small.state.values(), again.state.values()))
