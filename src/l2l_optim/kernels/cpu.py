@@ -1,9 +1,5 @@
 """The fused SimpleOptimizer update on CPU: a C++/OpenMP shared library called through ctypes.
 
-(About 550 lines: the C calls, the ops torch.compile traces around them and the public entries
-share the pointer, dtype-code and array helpers and the checks that stand between a tensor and
-a raw pointer, so they stay in one module.)
-
 The library (``simple_cpu.cpp``, ``simple_cpu_isa.h``, ``simple_cpu_simd.h``) is plain C++ with
 a C ABI: it takes data pointers, dtype codes, sizes, learning rates and the packed fp64 weights,
 and links against nothing from torch, so one build serves every torch version. It is compiled at
@@ -578,7 +574,8 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
 
 
 def kernel_tanh(x: Tensor) -> Tensor:
-    """The kernel's tanh applied to a float32 or float64 CPU tensor (for accuracy tests)."""
+    """The kernel's tanh applied to a float32 or float64 CPU tensor (for accuracy tests): the
+    tanh of the selected instruction set's loop for the default hidden size, bit for bit."""
     lib = load_library()
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise RuntimeError("float32 / float64 CPU tensors only")

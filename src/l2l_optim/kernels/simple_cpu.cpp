@@ -167,6 +167,7 @@ struct Job {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
 #define L2L_FAST_ROUND 1
+#define L2L_FMA 1
 #define L2L_SIMD_BACKEND 2
 namespace l2l {
 namespace avx512 {
@@ -174,12 +175,14 @@ namespace avx512 {
 }  // namespace avx512
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_FMA
 #undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define L2L_FAST_ROUND 1
+#define L2L_FMA 1
 #define L2L_SIMD_BACKEND 1
 namespace l2l {
 namespace avx2 {
@@ -187,6 +190,7 @@ namespace avx2 {
 }  // namespace avx2
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_FMA
 #undef L2L_SIMD_BACKEND
 #pragma GCC pop_options
 
@@ -200,12 +204,19 @@ namespace avx2 {
 #endif
 #endif
 #define L2L_SIMD_BACKEND 0
+// a * b + c contracts to one fused multiply-add where the target has one (-ffp-contract=fast)
+#if defined(__FMA__) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA)
+#define L2L_FMA 1
+#else
+#define L2L_FMA 0
+#endif
 namespace l2l {
 namespace baseline {
 #include "simple_cpu_isa.h"
 }  // namespace baseline
 }  // namespace l2l
 #undef L2L_FAST_ROUND
+#undef L2L_FMA
 #undef L2L_SIMD_BACKEND
 
 namespace l2l {

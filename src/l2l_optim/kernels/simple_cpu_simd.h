@@ -158,8 +158,7 @@ inline SimdF simd_tanh(SimdF x) {
   const SimdF round = Simd::set1(12582912.0f);
   const SimdF biased = Simd::fmadd(y, Simd::set1(2.88539008177792682f), round);
   const SimdF n = Simd::sub(biased, round);
-  SimdF r = Simd::fnmadd(n, Simd::set1(0.3466796875f), y);
-  r = Simd::fmadd(n, Simd::set1(1.06097220e-4f), r);
+  const SimdF r = Simd::fnmadd(n, Simd::set1(0.346573591f), y);
   SimdF q = Simd::fmadd(Simd::set1(1.9875691500E-4f * 64.0f), r,
                         Simd::set1(1.3981999507E-3f * 32.0f));
   q = Simd::fmadd(q, r, Simd::set1(8.3334519073E-3f * 16.0f));
