@@ -129,7 +129,8 @@ inline float tanh_recip(float d) {
 //   expm1 by Cody-Waite reduction 2|x| = n ln2 + r (|r| <= ln2 / 2) and the Cephes expf
 //   polynomial: expm1(r) = r + r^2 P(r), E = 2^n expm1(r) + (2^n - 1), 2^n built in the exponent
 //   bits. |x| is clamped to 10, where the result is 1.0f.
-//   The quotient E / d (d = E + 2) without a division, whose latency the loop would wait on:
+//   The quotient E / d (d = E + 2) without a division (on many CPUs a narrow unit whose
+//   latency sits on every hidden unit's path):
 //   q0 = E r with r an estimate of 1 / d, then one correction by the residual, q0 + r (E - q0 d)
 //   (with a fused multiply-add the residual is exact, and the quotient's relative error is
 //   about the square of r's: from r within 1e-7 here, or the AVX-512 copy's 2^-14 hardware
@@ -142,10 +143,10 @@ inline float tanh_recip(float d) {
 //   - the sign goes back on with one OR, the result being >= 0.
 // Max error 2.33 ulp with fused multiply-adds (the AVX-512 and AVX2 copies, either estimate of
 // 1 / d), 2.88 ulp without (the baseline, whose residual rounds), over every 97th fp32 input
-// against torch's fp64 tanh (tests/test_kernels.py, in every instruction set's copy). A separate polynomial for small
-// |x| would bring it to ~1.5 ulp, but every lane of a vector would compute both formulas (the
-// hidden units' inputs mix both ranges): ~25% more vector operations in the kernel's costliest
-// sweep.
+// against torch's fp64 tanh (tests/test_kernels.py, in every instruction set's copy). A
+// separate polynomial for small |x| would bring it to ~1.5 ulp, but every lane of a vector
+// would compute both formulas (the hidden units' inputs mix both ranges): ~25% more vector
+// operations in the kernel's costliest sweep.
 // tanh(+-0) = +-0, tanh(+-inf) = +-1; NaN propagates (its payload is not kept).
 inline float tanh_f32(float x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds [0, 2^22) to integers
