@@ -365,7 +365,7 @@ def test_optimizer_kwargs_reach_the_learned_optimizer(tmp_path, no_shipped, monk
     with pytest.raises(ValueError, match="lr or weights"):
         _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"lr": 0.5})
     with pytest.raises(ValueError):
-        _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"state_dtype": torch.int8})
+        _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"state_dtype": torch.int16})
 
 
 def test_fine_grids():
