@@ -14,8 +14,9 @@
 //   - the pre-activations are summed with the input unit outermost, ten accumulators in
 //     registers, so the ten chains of eleven multiply-adds run side by side; the weights sit
 //     broadcast in a stack array and enter the multiply-adds as memory operands;
-//   - the tanh runs on two hidden units at a time (fp32 state) or on all ten before any is
-//     stored (bf16 state), whichever measured faster on AVX2 (BENCHMARKS.md);
+//   - the tanh runs on two hidden units at a time, or on all ten before any is stored with
+//     bf16 state on AVX2, whichever measured faster (AVX2: BENCHMARKS.md; AVX-512, bf16 state:
+//     two at a time took 0.96 of the time of ten on an AMD EPYC Zen 4, 65,536 coordinates);
 //   - bf16 state is loaded and stored one vector of lanes at a time (GCC vectorises 16-bit
 //     loads at twice the lanes of a float vector, two registers per value, and spills).
 
@@ -198,7 +199,8 @@ template <typename S>
 inline void simd_step(const float* __restrict g, S* __restrict h, int64_t stride,
                       float* __restrict out, float* __restrict s, SimdF lr,
                       const SimdWeights& w) {
-  constexpr int kGroup = sizeof(S) == 2 ? 10 : 2;  // hidden units per tanh group
+  // hidden units per tanh group (see the top of the file)
+  constexpr int kGroup = (sizeof(S) == 2 && Simd::kLanes == 8) ? 10 : 2;
   const SimdF gv = Simd::load(g);
   SimdF p[10];
 #pragma GCC unroll 16
