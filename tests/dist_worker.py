@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.nn.parallel import DistributedDataParallel
 
 from l2l_optim import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
-from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
+from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet, init_net
 
 BATCH = 12  # global batch: divides among 2 and 3 ranks
 LR = 0.05
@@ -315,6 +315,62 @@ def checkpoints(out_dir: Path, load_from: Path | None) -> dict:
     return res
 
 
+def rms_checkpoints(out_dir: Path) -> dict:
+    """A net with the rms input norm: its bias correction c, one value per tensor, through
+    sharded and full state dicts, and a full state dict that keeps c once per coordinate."""
+    res = {}
+    make_opt = lambda ps: SimpleOptimizer(ps, lr=LR, weights=init_net(  # noqa: E731
+        SimpleOptimizerNet(input_norm="rms"), "adam", lr=1e-2))
+
+    def fresh():
+        m = make_model()
+        fully_shard(m)
+        return m, make_opt(m.parameters())
+
+    def load_full(osd):
+        m, o = fresh()
+        set_model_state_dict(m, copy.deepcopy(full_msd), options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(m, o, osd, options=StateDictOptions(full_state_dict=True))
+        return m, o
+
+    def resumes(m, o) -> bool:
+        train(m, o, range(5, 10), sharded_batch=True)
+        return all(torch.equal(full(a), b) for a, b in zip(m.parameters(), resumed))
+
+    model, opt = fresh()
+    train(model, opt, range(5), sharded_batch=True)
+    c = opt.state[model[0].weight]["c"]
+    res["c"] = [type(c).__name__, list(c.shape)]
+    ckpt = out_dir / "ckpt-rms"
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(ckpt))
+    # (a copy: a full state dict holds the plain state tensors, c and step, themselves)
+    full_osd = copy.deepcopy(get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True)))
+    full_msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    train(model, opt, range(5, 10), sharded_batch=True)
+    resumed = [full(p).clone() for p in model.parameters()]
+
+    m, o = fresh()
+    sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, o)}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    set_model_state_dict(m, sd["model"])
+    set_optimizer_state_dict(m, o, sd["optim"])
+    res["sharded_resume_bitwise"] = resumes(m, o)
+    res["full_resume_bitwise"] = resumes(*load_full(copy.deepcopy(full_osd)))
+
+    # c saved once per coordinate, in the parameter's shape (the layout of older versions)
+    old = copy.deepcopy(full_osd)
+    for name, state in old["state"].items():
+        shape = dict(model.named_parameters())[name].shape
+        state["c"] = state["c"].reshape(1).expand(shape.numel()).reshape(shape).clone()
+    m, o = load_full(old)
+    c = o.state[m[0].weight]["c"]
+    res["c_loaded"] = [type(c).__name__, list(c.shape)]
+    res["old_layout_resume_bitwise"] = resumes(m, o)
+    return res
+
+
 def ddp_vs_single(steps: int = 10) -> dict:
     model = make_model()
     ref = copy.deepcopy(model)
@@ -356,6 +412,7 @@ def main() -> None:
                      "checkpoints": scenarios["checkpoints"]}
     if world == 2:
         scenarios["ddp"] = ddp_vs_single
+        scenarios["checkpoints_rms"] = lambda: rms_checkpoints(out_dir)
     only = os.environ.get("L2L_DIST_SCENARIOS")
     if only:  # a subset, or the Triton path (in Triton's interpreter: TRITON_INTERPRET=1)
         scenarios["fsdp_simple_triton"] = lambda: fsdp_vs_single(simple(impl="triton"),

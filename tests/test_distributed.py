@@ -185,6 +185,15 @@ def test_checkpoint_sharded_and_full_resume_bit_identically(two):
         assert res["from_single_diff"] <= TOL
 
 
+def test_checkpoint_with_one_bias_correction_per_tensor(two):
+    # c stays a plain (1,) tensor beside the DTensor state; a full state dict that keeps it
+    # once per coordinate (parameter-shaped) loads and resumes bitwise too
+    for res in _each(two, "checkpoints_rms"):
+        assert res["c"] == ["Tensor", [1]] and res["c_loaded"] == ["Tensor", [1]]
+        assert res["sharded_resume_bitwise"] and res["full_resume_bitwise"], res
+        assert res["old_layout_resume_bitwise"], res
+
+
 def test_checkpoint_loads_on_another_world_size(three):
     # saved on 2 ranks, loaded and continued on 3
     for res in _each(three, "checkpoints"):

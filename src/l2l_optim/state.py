@@ -11,8 +11,9 @@ keeps its absolute maximum ``s`` (float32, the state's ``"h_scale"``, shape
 ``(H, ceil(n / INT8_BLOCK))``); a value is ``code * s / 127``. The codes are rounded
 stochastically (:func:`encode_hidden`), so rounding is unbiased: a hidden unit that moves by
 less than half a code step per step (a slowly decaying unit) still moves on average instead
-of sticking at its code. The random numbers are a hash of the coordinate, the unit and the
-bits of the coordinate's gradient (:func:`rounding_seeds`), not a generator: the step stays a
+of sticking at its code. The random numbers are a hash of the coordinate and the bits of its
+gradient (:func:`rounding_seeds`), rotated by golden-ratio steps from unit to unit, not a
+generator: the step stays a
 function of its inputs, reproducible, independent of the thread count, and the user's random
 streams are not touched. Any kernel can adopt the codec: decode on read, the step in float32,
 encode on write.
@@ -47,6 +48,7 @@ def dtype_from_name(name: torch.dtype | str) -> torch.dtype | str:
 #: block, 4 * H / INT8_BLOCK bytes per parameter (0.01 for H = 10)
 INT8_BLOCK = 4096
 _M32 = 0xFFFFFFFF
+_GOLDEN = 0.6180339887498949
 
 
 def int8_blocks(n: int) -> int:
@@ -72,16 +74,29 @@ def rounding_seeds(grad: Tensor) -> Tensor:
 
 
 def _uniform(seeds: Tensor, units: int) -> Tensor:
-    """``(units, n)`` numbers in [0, 1) with 24 random bits: for unit k and coordinate i,
-    ``fmix32((k n + i) * 0x9E3779B1 xor seed_i)``'s top 24 bits."""
+    """``(units, n)`` numbers in [0, 1): per coordinate i one hash,
+    ``b_i = fmix32(i * 0x9E3779B1 xor seed_i)``'s top 24 bits over 2^24, and for unit k the
+    rotation ``frac(b_i + k * 0.6180339887)`` (golden-ratio steps: every unit's number is
+    uniform, one hash serves all units)."""
     n = seeds.numel()
-    x = torch.arange(units * n, dtype=torch.int64, device=seeds.device).view(units, n)
+    x = torch.arange(n, dtype=torch.int64, device=seeds.device)
     x.mul_(0x9E3779B1).bitwise_xor_(seeds).bitwise_and_(_M32)
-    return (_fmix32_(x) >> 8).to(torch.float32).mul_(2.0 ** -24)
+    base = (_fmix32_(x) >> 8).to(torch.float32).mul_(2.0 ** -24)
+    steps = torch.arange(units, dtype=torch.float32, device=seeds.device).mul_(_GOLDEN)
+    return (base + steps.unsqueeze(1)).frac_()
 
 
-def _per_coordinate(scales: Tensor, n: int) -> Tensor:
-    return scales.repeat_interleave(INT8_BLOCK, dim=-1)[..., :n]
+def _blocks(t: Tensor) -> list[tuple[Tensor, slice]]:
+    """``t`` ``(H, n)`` as views ``(H, blocks, width)`` of its whole blocks and of its partial
+    last block, each with the slice of block indices it covers."""
+    n = t.shape[-1]
+    whole = n // INT8_BLOCK
+    parts = []
+    if whole:
+        parts.append((t[:, : whole * INT8_BLOCK].view(t.shape[0], whole, INT8_BLOCK), slice(0, whole)))
+    if n > whole * INT8_BLOCK:
+        parts.append((t[:, whole * INT8_BLOCK :].unsqueeze(1), slice(whole, whole + 1)))
+    return parts
 
 
 def encode_hidden(h: Tensor, seeds: Tensor, codes: Tensor, scales: Tensor) -> None:
@@ -108,19 +123,23 @@ def encode_hidden(h: Tensor, seeds: Tensor, codes: Tensor, scales: Tensor) -> No
         True
     """
     H, n = h.shape
-    h = h.to(torch.float32)
-    pad = int8_blocks(n) * INT8_BLOCK - n
-    s = torch.nn.functional.pad(h.abs(), (0, pad)).view(H, -1, INT8_BLOCK).amax(dim=-1)
+    y = h.to(torch.float32, copy=True)
+    s = torch.empty(H, int8_blocks(n), dtype=torch.float32, device=h.device)
+    for part, where in _blocks(y):
+        s[:, where] = torch.linalg.vector_norm(part, ord=float("inf"), dim=-1)
+        part.mul_(torch.where(s[:, where] > 0, 127.0 / s[:, where], 0.0).unsqueeze(-1))
+    y.add_(_uniform(seeds, H)).floor_().clamp_(-127.0, 127.0)
     scales.copy_(s)
-    inv = torch.where(s > 0, 127.0 / s, 0.0)
-    y = h * _per_coordinate(inv, n)
-    codes.copy_(torch.floor(y + _uniform(seeds, H)).clamp_(-127.0, 127.0))
+    codes.copy_(y)
 
 
 def decode_hidden(codes: Tensor, scales: Tensor) -> Tensor:
     """The float32 hidden states ``code * s / 127`` of 8-bit ``codes`` ``(H, n)`` and block
     ``scales`` ``(H, int8_blocks(n))``."""
-    return codes.to(torch.float32) * _per_coordinate(scales / 127.0, codes.shape[-1])
+    h = codes.to(torch.float32)
+    for part, where in _blocks(h):
+        part.mul_((scales[:, where] / 127.0).unsqueeze(-1))
+    return h
 
 
 @contextlib.contextmanager
