@@ -313,3 +313,22 @@ def test_a_float_state_loads_into_int8_state_and_back():
     again = SimpleOptimizer(twin.parameters(), weights=rms_net(), state_dtype=torch.int8)
     again.load_state_dict(small.state_dict())  # int8 to int8: as saved
     assert all(torch.equal(a["h"], b["h"]) for a, b in zip(small.state.values(), again.state.values()))
+
+
+@pytest.mark.slow
+def test_int8_state_compiles_to_one_graph():
+    # the codec is torch ops: a compiled step (fullgraph) runs it and stays near the eager one
+    a, b = model(), model()
+    eager = SimpleOptimizer(a.parameters(), weights=rms_net(), state_dtype=torch.int8)
+    compiled = SimpleOptimizer(b.parameters(), weights=rms_net(), state_dtype=torch.int8)
+    step = torch.compile(compiled.step, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(16, 5, generator=g)
+        for m, opt, run in ((a, eager, eager.step), (b, compiled, step)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            run()
+    moved = (flat(a) - flat(model())).abs().max()
+    assert (flat(a) - flat(b)).abs().max() < 0.01 * moved
+    assert compiled.state[b[0].weight]["h"].dtype == torch.int8
