@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bw-sizes", default=None,
                     help=f"bandwidth table: comma-separated, from {','.join(BW_SIZES)} or "
                          f"coordinate counts such as 1e6 (default: {','.join(DEFAULT_BW_SIZES)})")
-    ap.add_argument("--state-dtypes", default="float32,bfloat16",
-                    help="bandwidth table: hidden-state dtypes (default: float32,bfloat16)")
+    ap.add_argument("--state-dtypes", default=",".join(STATE_DTYPES),
+                    help=f"bandwidth table: hidden-state dtypes (default: {','.join(STATE_DTYPES)})")
     ap.add_argument("--c-layouts", default=",".join(C_LAYOUTS),
                     help="bandwidth table: layouts of the rms input norm's bias correction c "
                          f"(default: {','.join(C_LAYOUTS)})")

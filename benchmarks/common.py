@@ -98,10 +98,10 @@ def state_bytes_per_param(opt) -> float:
 def step_bytes_per_coord(opt) -> float:
     """The bytes one fused SimpleOptimizer step moves per coordinate, at the least: the
     gradient read, the parameter read and written by each of the two passes (the second adds
-    the aggregate's shared term), and every state tensor that holds a value per coordinate (as
-    many elements as the parameter or a multiple: h is (H, n)) read and written once; state
-    with one value per tensor (the rms norm's c in that layout) moves next to nothing. NaN
-    before the first step."""
+    the aggregate's shared term), and every state tensor that grows with the parameter (h,
+    v, the 8-bit state's block scales) read and written once; state with one value per tensor
+    (the rms norm's c in that layout) moves next to nothing. The 8-bit state's decoding and
+    encoding around the kernel move more than this counts. NaN before the first step."""
     nbytes = n = 0
     for p, tensors in _tensors(opt):
         k = p.numel()
@@ -109,7 +109,8 @@ def step_bytes_per_coord(opt) -> float:
             continue
         g = p.grad.element_size() if p.grad is not None else p.element_size()
         per = g + 4 * p.element_size()
-        per += sum(2 * t.numel() * t.element_size() / k for t in tensors if t.numel() >= k)
+        per += sum(2 * t.numel() * t.element_size() / k for t in tensors
+                   if t.numel() > 1 or t.numel() == k)
         nbytes += per * k
         n += k
     return nbytes / n if n else math.nan

@@ -103,8 +103,9 @@ TRAIN_OPTIMIZERS: dict[str, Callable] = {
     "adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
     "simple": lambda ps: SimpleOptimizer(ps),
     "simple-bf16": lambda ps: SimpleOptimizer(ps, state_dtype=torch.bfloat16),
+    "simple-int8": lambda ps: SimpleOptimizer(ps, state_dtype=torch.int8),
 }
-DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-bf16"]
+DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-bf16", "simple-int8"]
 
 #: the targets: SimpleOptimizer's whole step at most this many times fused Adam's
 TRAIN_TARGETS = {"base": 1.5, "mlp4m": 1.3}

@@ -62,6 +62,19 @@ def test_bandwidth_rows():
     assert [t["met"] for t in bandwidth_targets(rows)] == [None, None, None]
 
 
+def test_bandwidth_row_of_the_8_bit_state():
+    # the optimizer decodes its codes around the kernel: no functional update to time, its
+    # columns shown as "-"; the bytes are the stored state's (codes, block scales, v)
+    rows = run_bandwidth(BandwidthConfig(sizes=["4096"], state_dtypes=["int8"],
+                                         c_layouts=["tensor"], **QUIET), log=lambda m: None)
+    (r,) = rows
+    assert r.step_s and r.copy_s and r.check_s and not r.update_s and r.skipped_steps == 0
+    assert r.state_bytes_per_param == pytest.approx(14, abs=0.2)
+    assert r.bytes_per_coord == pytest.approx(48, abs=0.5)
+    line = format_bandwidth(rows).splitlines()[-1]
+    assert "skipped" not in line and line.count("| - |") >= 1
+
+
 def test_step_bytes_and_state_bytes_come_from_the_state():
     from l2l_optim import SimpleOptimizer
 
@@ -136,7 +149,7 @@ def test_train_rows():
     rows = run_train(TrainConfig(models=["base", "transformer"], **QUIET), log=lambda m: None)
     assert [(r.model, r.optimizer) for r in rows] == [
         (m, o) for m in ("base", "transformer")
-        for o in ("adam-fused", "adam-foreach", "simple", "simple-bf16")]
+        for o in ("adam-fused", "adam-foreach", "simple", "simple-bf16", "simple-int8")]
     assert rows[0].n_params == 397_510 and rows[0].batch_size == 128
     for r in rows:
         assert len(r.whole_s) == len(r.step_s) == 2
@@ -146,7 +159,7 @@ def test_train_rows():
         assert r.subnormal_grads == 0 and r.skipped_steps == 0
         assert json.dumps(r.to_json())
     assert rows[0].x_adam == 1.0
-    assert [bool(r.impl) for r in rows[:4]] == [False, False, True, True]  # only SimpleOptimizer has one
+    assert [bool(r.impl) for r in rows[:5]] == [False, False, True, True, True]  # only SimpleOptimizer has one
     assert format_train(rows).count("<= 1.5") == 2  # base's fp32 and bf16 state rows
     # the state's bytes per parameter: Adam's two moments, SimpleOptimizer's h, v and c (one
     # value per tensor, or per coordinate: 4 B more kept, 8 more moved); what SimpleOptimizer's
@@ -156,6 +169,9 @@ def test_train_rows():
     assert ((round(rows[2].state_bytes_per_param), rows[2].bytes_per_coord,
              round(rows[3].state_bytes_per_param), rows[3].bytes_per_coord)
             in ((44, 108, 24, 68), (48, 116, 28, 76)))
+    # the 8-bit state: 10 codes and the block scales, v and c; the stored state moved once
+    assert rows[4].state_bytes_per_param == pytest.approx(14, abs=0.2)
+    assert rows[4].bytes_per_coord == pytest.approx(48, abs=0.5)
     # with the run's copy bandwidth, each SimpleOptimizer row gets its memory bound
     bounded = format_train(rows, copy_gbs=10.0)
     assert len({line.count("|") for line in bounded.splitlines()}) == 1
