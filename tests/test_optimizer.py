@@ -1215,6 +1215,33 @@ def test_an_adam_sized_lr_warns_once_that_lr_scales_the_learned_step(cls, net):
         cls([{"params": [leaf(2)]}, {"params": [leaf(3)], "lr": 0.01}], weights=net)
 
 
+def test_adamws_weight_decay_warns_once_that_it_decays_per_step_here():
+    net = random_simple()
+    with pytest.warns(UserWarning) as caught:
+        opt = SimpleOptimizer([leaf(2)], weights=net, weight_decay=0.01)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    text = str(caught[0].message)
+    assert "weight_decay=0.01 at lr=1 multiplies every parameter by 0.99 at every step" in text
+    assert "after 69 steps" in text and "weight_decay=1e-3 * (AdamW's weight_decay)" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [leaf(3)], "weight_decay": 0.1})  # once per optimizer
+        for lr, wd in ((1.0, 1e-3), (1.0, 1e-5), (0.1, 0.01), (torch.tensor(1.0), 0.1)):
+            SimpleOptimizer([leaf(2)], lr, weights=net, weight_decay=wd)
+    with pytest.warns(UserWarning, match="sets every parameter to zero or flips its sign"):
+        SimpleOptimizer([leaf(2)], weights=net, weight_decay=2.0)
+    # the decay the warning names is the decay a step applies
+    p = leaf(2)
+    with torch.no_grad():
+        p.fill_(1.0)
+    with pytest.warns(UserWarning):
+        opt = SimpleOptimizer([p], weights=net, weight_decay=0.01, impl="reference")
+    p.grad = torch.zeros(2)
+    opt.step()
+    # a zero gradient moves nothing but the decay: 1 - lr * weight_decay
+    assert torch.allclose(p.detach(), torch.full((2,), 0.99), rtol=0, atol=1e-7)
+
+
 ADAM_OPTIONS = [
     ("betas", (0.9, 0.999), "nothing replaces it: the update rule is learned"),
     ("eps", 1e-8, "nothing replaces it: the update rule is learned"),

@@ -29,7 +29,7 @@ from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
 from .checkpointing import Checkpointing
 from .nonfinite import NonfiniteGuard
 from .state import decoded_hiddens
-from .validation import check_group, check_params, own_options, warn_small_lr
+from .validation import check_group, check_params, own_options, warn_small_lr, warn_strong_decay
 from .weights import LoadedWeights, WeightsError, fingerprint
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
@@ -112,6 +112,9 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
             ``torch.bfloat16`` (halves the state memory; computation stays float32).
         weight_decay: decoupled weight decay, as in AdamW: each step first multiplies every
             parameter by ``1 - lr * weight_decay`` (default: 0, off; not part of the paper).
+            With lr about 1 this is the decay per step: AdamW's ``weight_decay=0.01`` at its
+            lr of 1e-3 is ``weight_decay=1e-5`` here; above ``lr * weight_decay = 1e-3`` the
+            optimizer warns once.
         maximize: maximize the objective instead: the net sees the negated gradient
             (default: False; not part of the paper).
         **kwargs: a subclass's own options (SimpleOptimizer's ``impl``). Another optimizer's
@@ -209,6 +212,7 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         self._net_copies: dict[tuple, tuple[tuple, CoordinatewiseNet]] = {}
         self._nonfinite = NonfiniteGuard(type(self).__name__, skipped)
         self._lr_warned = False
+        self._decay_warned = False
         if getattr(self, "param_groups", None) and self.param_groups[0]["params"]:
             self._nonfinite.track(self.param_groups[0]["params"][0].device)
 
@@ -245,6 +249,7 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
             self._nonfinite.track(group["params"][0].device)
         # once per optimizer
         self._lr_warned = self._lr_warned or warn_small_lr(name, group["lr"])
+        self._decay_warned = self._decay_warned or warn_strong_decay(name, group["lr"], group["weight_decay"])
 
     def _check_device(self, device: torch.device) -> None:
         """Raise unless this optimizer can step parameters on ``device``."""

@@ -4,7 +4,8 @@ Every option lives in ``defaults`` and the parameter groups, as in torch; :func:
 checks one group's values with torch's messages. :func:`own_options` sorts the keywords a
 constructor gets beyond the common ones: a class's own options (SimpleOptimizer's ``impl``)
 are kept, another optimizer's option raises a TypeError that says what applies instead.
-:func:`warn_small_lr` warns when a float ``lr`` is far below the learned scale, and
+:func:`warn_small_lr` warns when a float ``lr`` is far below the learned scale,
+:func:`warn_strong_decay` when ``lr * weight_decay`` decays the parameters fast, and
 :func:`check_params` refuses parameters an optimizer cannot step.
 """
 
@@ -21,11 +22,13 @@ from torch import Tensor
 from . import distributed
 from .nonfinite import POLICIES, user_stacklevel
 
-__all__ = ["SMALL_LR", "FOREIGN_OPTIONS", "is_real", "check_group", "own_options", "warn_small_lr",
-           "check_params"]
+__all__ = ["SMALL_LR", "STRONG_DECAY", "FOREIGN_OPTIONS", "is_real", "check_group", "own_options",
+           "warn_small_lr", "warn_strong_decay", "check_params"]
 
 #: below this, a float lr is far from the learned scale (1.0 applies the step as trained)
 SMALL_LR = 0.05
+#: above this, ``lr * weight_decay`` shrinks the parameters fast: by half in under 700 steps
+STRONG_DECAY = 1e-3
 _LEARNED = "nothing replaces it: the update rule is learned (its memory is the net's hidden state)"
 _KERNEL = "{impl}"
 #: other optimizers' options: (whose, what applies here instead)
@@ -135,6 +138,39 @@ def warn_small_lr(name: str, lr: Any) -> bool:
         "step, and lr=1.0 applies it as trained (the default). If this is Adam's 1e-3, as it "
         f"probably is, it does not carry over: it makes every step {round(1 / lr):,} times smaller; "
         "leave lr out, or tune it around 1.0",
+        UserWarning, stacklevel=user_stacklevel(),
+    )
+    return True
+
+
+def warn_strong_decay(name: str, lr: Any, weight_decay: Any) -> bool:
+    """Warn when ``lr * weight_decay`` (the decoupled decay of one step) is above
+    :data:`STRONG_DECAY`; return whether it warned.
+
+    AdamW multiplies the parameters by ``1 - lr * weight_decay`` with an lr of about 1e-3,
+    so its ``weight_decay=0.01`` decays by 1e-5 per step; here lr is about 1 and the same
+    value decays by 1% per step, which drives every parameter to zero within a few hundred
+    steps.
+
+    Args:
+        name: the optimizer's class name, for the message.
+        lr: a group's ``lr`` (a tensor is left alone: reading it may synchronise).
+        weight_decay: the group's ``weight_decay``.
+
+    Returns:
+        Whether it warned.
+    """
+    if not (is_real(lr) and is_real(weight_decay) and lr * weight_decay > STRONG_DECAY):
+        return False
+    per_step = lr * weight_decay
+    effect = (f"multiplies every parameter by {1 - per_step:g} at every step (half of it is gone "
+              f"after {math.log(0.5) / math.log1p(-per_step):,.0f} steps)" if per_step < 1
+              else "sets every parameter to zero or flips its sign at every step")
+    warnings.warn(
+        f"{name}: weight_decay={weight_decay:g} at lr={lr:g} {effect}: the decay is "
+        "1 - lr * weight_decay, and lr is about 1 here, not AdamW's 1e-3, so AdamW's "
+        "weight_decay does not carry over; for the decay AdamW applies at lr=1e-3, pass "
+        "weight_decay=1e-3 * (AdamW's weight_decay)",
         UserWarning, stacklevel=user_stacklevel(),
     )
     return True
