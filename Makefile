@@ -38,6 +38,7 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(PY) -m benchmarks.meta_throughput
+	$(PY) -m benchmarks.triton_sm90
 
 # The paper's experiments (experiments/repro/, run from the repository root). JOBS=2 (or more)
 # runs that many workers side by side on the figures (each takes the next run nobody holds,

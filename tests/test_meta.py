@@ -34,7 +34,7 @@ def test_meta_loss_coefficients():
 
 @pytest.mark.parametrize("arch, cls", [("dm", DMOptimizerNet), ("rnnprop", RNNPropNet)])
 def test_the_config_decides_the_architecture(arch, cls):
-    """The signature's defaults must not override the config (they used to: config arch=dm trained simple)."""
+    """The signature's defaults must not override the config (config arch=dm must train a DMOptimizerNet)."""
     r = meta_fit(task=tiny_task(), config=MetaFitConfig(arch=arch, **{k: v for k, v in QUICK.items() if k != "progress"}),
                  progress=False)
     assert type(r.net) is cls

@@ -187,7 +187,7 @@ def meta_train_es(
     cfg_json = json.loads(json.dumps(asdict(cfg))) | {"engine": engine}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
-        # the length of the run may grow between sessions; nothing else may change
+        # a resumed run may ask for more generations; nothing else may change
         # (a checkpoint without an objective key was written with the weighted objective)
         if {"engine": "es", "objective": "weighted", "max_recurrent_norm": None, "input_norm": None,
                 "averaging": 0.0, **ckpt["config"], "generations": cfg.generations} != cfg_json:
