@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             # the bandwidth table's 10M rows, where they ran: per state dtype (the optimizer's
             # own c layout) the copy speed and the step's bytes
             copy_gbs, step_bytes = {}, {}
-            for name, dtype in TARGET_STATE_DTYPES.items():
+            for name, dtype in {**TARGET_STATE_DTYPES, "simple-int8": "int8"}.items():
                 bw = next((r for r in data.get("bandwidth", []) if r.get("size") == "10m"
                            and r.get("state_dtype") == dtype and r.get("c_default", True)
                            and r.get("copy_gbs")), None)
