@@ -122,7 +122,7 @@ def plot_trend(entries: list[dict], path: str | Path, title: str = "",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, (ax, per) = plt.subplots(1, 2, figsize=(11, 4.2))
     gens = [e["generation"] for e in entries]
     for key, label in (("vs_schedule_free", "learned / Schedule-Free AdamW"),
                        ("ratio", "learned / best fixed-lr Adam or SGD"),
@@ -137,8 +137,23 @@ def plot_trend(entries: list[dict], path: str | Path, title: str = "",
     ax.set_yscale("log")
     ax.set_xlabel("generation")
     ax.set_ylabel("geometric mean of loss ratios")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
+    ax.legend(fontsize=7)
+    # the geometric mean can hide a trade between tasks: each task's ratio to Schedule-Free
+    tasks = sorted({t for e in entries for t in e.get("per_task", {})})
+    for task in tasks:
+        ys = [e.get("per_task", {}).get(task) for e in entries]
+        (line,) = per.plot(gens, [float("nan") if y is None else y for y in ys], marker="o", ms=2, lw=1,
+                           label=task)
+        for ref in references[:1]:
+            if ref.get("per_task", {}).get(task) is not None:
+                per.axhline(ref["per_task"][task], color=line.get_color(), lw=0.7, ls="--")
+    per.axhline(1.0, color="gray", lw=0.8, ls=":")
+    per.set_yscale("log")
+    per.set_xlabel("generation")
+    per.set_ylabel("learned / Schedule-Free AdamW, per task")
+    per.set_title("per task" + (f" (dashed: {references[0]['reference']})" if references else ""), fontsize=8)
+    per.legend(fontsize=6)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
