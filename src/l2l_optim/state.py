@@ -13,10 +13,10 @@ stochastically (:func:`encode_hidden`), so rounding is unbiased: a hidden unit t
 less than half a code step per step (a slowly decaying unit) still moves on average instead
 of sticking at its code. The random numbers are a hash of the coordinate and the bits of its
 gradient (:func:`rounding_seeds`), rotated by golden-ratio steps from unit to unit, not a
-generator: the step stays a
-function of its inputs, reproducible, independent of the thread count, and the user's random
-streams are not touched. Any kernel can adopt the codec: decode on read, the step in float32,
-encode on write.
+generator: the step stays a function of its inputs, reproducible, independent of the thread
+count, and the user's random streams are not touched. Any kernel can adopt the codec: decode
+on read, the step in float32, encode on write. Until one does, :func:`decoded_hiddens` runs
+it around the kernels as torch ops on a float32 working copy.
 """
 
 from __future__ import annotations
