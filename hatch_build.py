@@ -14,7 +14,7 @@ set when it loads) and
 Either wheel is then tagged ``py3-none-<platform>``: the library depends on the platform but
 not on Python's ABI (it is loaded with ctypes). The platform is this machine's
 (``linux_x86_64``); ``make dist`` gives the release wheel its manylinux tags with ``auditwheel
-repair``, which checks the library's symbols first (the Makefile says why libgomp is left out).
+repair``, which checks the library's symbols first.
 ``$L2L_OPTIM_PLATFORM_TAG`` overrides the platform part.
 
 A wheel (not an editable install, which reads the repository's ``weights/``) also gets the

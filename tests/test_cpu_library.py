@@ -123,8 +123,8 @@ def test_a_missing_compiler_gives_one_short_warning_that_names_it(tmp_path):
     out = proc.stdout.splitlines()
     assert out[0] == ("WARNINGS ['l2l_optim: fused CPU kernel unavailable (c++: not found); using the "
                       "slower reference update']")
-    assert out[1] == ("FORCED impl='cpu' is unavailable: c++: not found; it needs a C++ compiler with "
-                      "OpenMP (c++, or the one $CXX names). Use impl='auto' (falls back to the "
+    assert out[1] == ("FORCED impl='cpu' is unavailable: c++: not found; it needs a C++ compiler "
+                      "(c++, or the one $CXX names). Use impl='auto' (falls back to the "
                       "reference) or impl='reference'.")
     assert "CUDA" not in proc.stderr
 

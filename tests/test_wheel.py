@@ -219,12 +219,11 @@ def test_make_dist_makes_an_sdist_and_a_manylinux_wheel(tmp_path):
         lines = z.read(f"l2l_optim-{version}.dist-info/WHEEL").decode().splitlines()
     assert {line.split(": ")[1] for line in lines if line.startswith("Tag: ")} == {f"py3-none-{t}" for t in tags}
     assert "l2l_optim/kernels/libl2l_simple_cpu.so.1" in names
-    assert not [n for n in names if ".libs/" in n]  # nothing grafted: torch's libgomp serves the kernel
-    # auditwheel's verdict: within the manylinux policy but for the one library left out on purpose
+    assert not [n for n in names if ".libs/" in n]  # nothing grafted: torch's OpenMP runtime serves the kernel
+    # auditwheel's verdict: the wheel's own tag, with no library outside the manylinux policy
     show = subprocess.run([sys.executable, "-m", "auditwheel", "show", "--json", str(wheel)],
                           capture_output=True, text=True, timeout=300)
     assert show.returncode == 0, show.stderr
     verdict = json.loads(show.stdout)
-    assert set(verdict["external_libs"]) == {"libgomp.so.1"}
-    assert verdict["policy_upgrades"] and all(
-        p["libs_to_eliminate"] == ["libgomp.so.1"] for p in verdict["policy_upgrades"].values())
+    assert verdict["external_libs"] == {}
+    assert verdict["overall_tag"] in tags and verdict["overall_tag"].startswith("manylinux_"), verdict["overall_tag"]

@@ -5,10 +5,11 @@ package itself imports torch) and :mod:`l2l_optim.kernels.cpu` when no library w
 (a checkout used through ``PYTHONPATH``). So it needs nothing but the standard library.
 
 The library is plain C++ with a C ABI (``simple_cpu.cpp`` and the per-instruction-set
-``simple_cpu_isa.h``), compiled by the system compiler (``$CXX``, else ``c++``) with OpenMP and
-without ``-march``: it chooses its instruction set when it loads. The hash of the sources is
-compiled into it (:func:`library_hash` reads it), so a loader can tell a library built from
-other sources or with other flags without loading it.
+``simple_cpu_isa.h``), compiled by the system compiler (``$CXX``, else ``c++``) with OpenMP's
+``simd`` pragmas alone (``-fopenmp-simd``: no OpenMP runtime is linked; the library runs its
+threads on the one torch has loaded) and without ``-march``: it chooses its instruction set
+when it loads. The hash of the sources is compiled into it (:func:`library_hash` reads it), so
+a loader can tell a library built from other sources or with other flags without loading it.
 
 Run as a script it builds the library beside the sources, as an editable install does::
 
@@ -36,7 +37,7 @@ LIB_NAME = "libl2l_simple_cpu.so.1"
 # reads errno); they let GCC if-convert the tanh's clamp and inline sqrt, without which the
 # AVX2 and SSE2 copies of the coordinate loops stay scalar (3.5x and 2.2x slower per
 # coordinate; the AVX-512 copy vectorises either way, with masks)
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast",
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-ffp-contract=fast",
          "-fno-trapping-math", "-fno-math-errno", "-fno-tree-loop-distribute-patterns",
          "-fvisibility=hidden", "-fno-exceptions",
          "-fno-rtti", "-Wl,--as-needed"]

@@ -42,7 +42,7 @@ _error: str | None = None
 _advice: str | None = None
 _tried = False
 
-_COMPILER_ADVICE = "it needs a C++ compiler with OpenMP (c++, or the one $CXX names)"
+_COMPILER_ADVICE = "it needs a C++ compiler (c++, or the one $CXX names)"
 # the lines of a failed build that say why; everything else is the echoed command line
 _CAUSE = re.compile(
     r"not found|No such file|Permission denied|Read-only file system|error:|cannot|undefined reference",
@@ -91,8 +91,8 @@ _SIGNATURES = {
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    # torch is imported, so its OpenMP runtime (libgomp.so.1) is loaded and the library's
-    # dependency on it resolves to that one: one thread pool in the process
+    # torch is imported, so its OpenMP runtime (libgomp.so.1) is loaded into the global scope
+    # and the library's weak references to it resolve when it loads: one thread pool
     lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)

@@ -77,9 +77,7 @@
 #include <immintrin.h>  // the AVX2 and AVX-512 copies' coordinate loop (simple_cpu_simd.h)
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <atomic>
 
 #ifndef L2L_SOURCE_HASH
 #define L2L_SOURCE_HASH "unknown"
@@ -268,19 +266,44 @@ const Kernels* g_kernels = nullptr;  // set when the library loads (l2l_init), o
 
 __attribute__((constructor)) void l2l_init() { g_kernels = best(); }
 
-// Run fn(i) for i in [0, n): dynamically scheduled over nt OpenMP threads (the runtime torch
-// itself uses, so no second thread pool), serially for one thread or inside a parallel region.
+}  // namespace l2l
+
+// The OpenMP runtime the process already runs (torch's libgomp.so.1, which torch loads into
+// the global scope), called through its GOMP entry points rather than linked: the library
+// needs nothing beyond the C library (a wheel auditwheel accepts as manylinux), and torch's
+// thread pool serves both. Weak references, resolved when the library loads; where no runtime
+// is in the global scope they stay null and work items run serially (the same bits: results
+// do not depend on the thread count). LLVM's and Intel's runtimes export these entry points too.
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
+    __attribute__((weak));
+int omp_in_parallel() __attribute__((weak));
+}
+
+namespace l2l {
+
+bool have_omp() { return &GOMP_parallel != nullptr && &omp_in_parallel != nullptr; }
+
+// Run fn(i) for i in [0, n): dynamically scheduled (one item at a time, as schedule(dynamic, 1))
+// over nt threads of the OpenMP runtime, serially for one thread or inside a parallel region.
 template <typename F>
 void for_items(int64_t n, int nt, const F& fn) {
   if (n <= 0) return;
   if (nt > n) nt = static_cast<int>(n);
-#ifdef _OPENMP
-  if (nt > 1 && !omp_in_parallel()) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t i = 0; i < n; ++i) fn(i);
+  if (nt > 1 && have_omp() && !omp_in_parallel()) {
+    struct Work {
+      const F* fn;
+      int64_t n;
+      std::atomic<int64_t> next;
+    } work{&fn, n, {0}};
+    GOMP_parallel(
+        [](void* p) {
+          auto* w = static_cast<Work*>(p);
+          for (int64_t i; (i = w->next.fetch_add(1, std::memory_order_relaxed)) < w->n;) (*w->fn)(i);
+        },
+        &work, static_cast<unsigned>(nt), 0);
     return;
   }
-#endif
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
