@@ -44,8 +44,7 @@ from torch import Tensor
 
 from l2l_optim.kernels import get_kernel, resolve_impl
 from l2l_optim.nets import SimpleOptimizerNet
-from l2l_optim.optimizer import SimpleOptimizer
-from l2l_optim.registry import get_architecture
+from l2l_optim.optimizer import SimpleOptimizer, optimizer_class
 
 from .common import GRAD_SCALE, SIZES, available_memory, fmt_ms, resolved_impl, time_steps, untrained_net
 
@@ -57,7 +56,7 @@ __all__ = ["OPTIMIZERS", "DEFAULT_OPTIMIZERS", "run", "format_table"]
 
 def _learned(arch: str, **options):
     def build(params):
-        return get_architecture(arch).optimizer_class(params, weights=untrained_net(arch), **options)
+        return optimizer_class(arch)(params, weights=untrained_net(arch), **options)
 
     return build
 

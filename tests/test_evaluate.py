@@ -73,7 +73,7 @@ def _evaluate(weights, tmp_path, **kw):
 def test_same_init_and_batches_for_every_optimizer():
     log_a, log_b = [], []
     a = ev._train(tiny_task(log=log_a), lambda p: torch.optim.Adam(p, lr=0.1), 5, seed=3)
-    b = ev._train(tiny_task(log=log_b), lambda p: ev.get_architecture("simple").optimizer_class(
+    b = ev._train(tiny_task(log=log_b), lambda p: ev.optimizer_class("simple")(
         p, weights=sgd_like()), 5, seed=3)
     assert log_a == log_b  # the same minibatches
     assert a["losses"][0] == b["losses"][0]  # the same init (the first loss precedes any update)
@@ -349,13 +349,13 @@ def test_shipped_baselines_are_complete(monkeypatch):
 def test_optimizer_kwargs_reach_the_learned_optimizer(tmp_path, no_shipped, monkeypatch):
     """``optimizer_kwargs`` (the CLI's --state-dtype) changes the learned runs only."""
     seen = []
-    real_step = ev.get_architecture("simple").optimizer_class.step
+    real_step = ev.optimizer_class("simple").step
 
     def spy(self, *a, **kw):
         seen.append(next(iter(self.state.values()))["h"].dtype if self.state else None)
         return real_step(self, *a, **kw)
 
-    monkeypatch.setattr(ev.get_architecture("simple").optimizer_class, "step", spy)
+    monkeypatch.setattr(ev.optimizer_class("simple"), "step", spy)
     r32 = _evaluate(sgd_like(), tmp_path, quick=True)
     seen.clear()
     r16 = _evaluate(sgd_like(), tmp_path, optimizer_kwargs={"state_dtype": torch.bfloat16}, quick=True)

@@ -11,11 +11,8 @@ from pathlib import Path
 PACKAGE = "l2l_optim"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# (importer, imported): imports that still close a cycle, each with a caller to move first.
-# registry.Architecture.optimizer_class imports the optimizer module, which imports the weight
-# files' module, which imports the registry; its callers (evaluation.protocol, benchmarks.step,
-# experiments.repro.learned) can take the class from the package by its optimizer_name instead.
-KNOWN = {("l2l_optim.registry", "l2l_optim.optimizer")}
+# (importer, imported): imports that still close a cycle (none)
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _modules(src: Path = SRC, package: str = PACKAGE) -> dict[str, tuple[Path, bool]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from l2l_optim.nets import CoordinatewiseNet, init_net
+from l2l_optim.optimizer import optimizer_class
 from l2l_optim.registry import ARCHITECTURES, build_net, get_architecture
 from l2l_optim.weights import WeightsError, fingerprint, resolve_net
 
@@ -51,5 +52,5 @@ def resolve_weights(name: str, allow_random: bool) -> tuple[CoordinatewiseNet, d
 
 def learned_factory(net: CoordinatewiseNet, arch: str) -> Callable:
     """``params -> optimizer`` of architecture ``arch`` with the meta-weights ``net``."""
-    cls = get_architecture(arch).optimizer_class
+    cls = optimizer_class(arch)
     return lambda params: cls(params, weights=net)

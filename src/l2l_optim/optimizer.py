@@ -28,11 +28,12 @@ from .kernels._common import compute_dtype
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
 from .checkpointing import Checkpointing
 from .nonfinite import NonfiniteGuard
+from .registry import get_architecture
 from .state import decoded_hiddens
 from .validation import check_group, check_params, own_options, warn_small_lr, warn_strong_decay
 from .weights import LoadedWeights, WeightsError, fingerprint
 
-__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp"]
+__all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp", "optimizer_class"]
 
 WeightsT = str | os.PathLike | CoordinatewiseNet | LoadedWeights
 
@@ -664,3 +665,17 @@ class RNNProp(LearnedOptimizer):
 
     _required_arch = "rnnprop"
     _default_weights = "rnnprop"
+
+
+def optimizer_class(arch: str) -> type[LearnedOptimizer]:
+    """The optimizer class of the registry's architecture ``arch``.
+
+    Raises:
+        ValueError: an unknown architecture.
+
+    Example:
+        >>> optimizer_class("simple").__name__, optimizer_class("dm").__name__
+        ('SimpleOptimizer', 'DMOptimizer')
+    """
+    name = get_architecture(arch).optimizer_name
+    return {cls.__name__: cls for cls in (SimpleOptimizer, DMOptimizer, RNNProp)}[name]

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from .nets import CoordinatewiseNet, DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
@@ -30,7 +29,8 @@ class Architecture:
     Attributes:
         name: the registry name, stored in weight files (``net.arch``).
         net_class: the :class:`~l2l_optim.nets.CoordinatewiseNet` subclass.
-        optimizer_name: the name of its ``torch.optim`` class in :mod:`l2l_optim.optimizer`.
+        optimizer_name: the name of its ``torch.optim`` class in :mod:`l2l_optim.optimizer`
+            (:func:`l2l_optim.optimizer.optimizer_class` hands out the class).
         default_weights: the shipped weights its optimizer uses by default.
         default_init: the :func:`~l2l_optim.nets.init_net` starting point meta-training uses.
     """
@@ -40,11 +40,6 @@ class Architecture:
     optimizer_name: str
     default_weights: str
     default_init: str
-
-    @property
-    def optimizer_class(self) -> type:
-        """The optimizer class (imported on first use: the optimizer module imports this one)."""
-        return getattr(importlib.import_module(".optimizer", __package__), self.optimizer_name)
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..registry import get_architecture
+from ..optimizer import optimizer_class
 from ..training import tail_mean
 from ..hub import resolve_net
 from ..weights import weights_dirs
@@ -339,7 +339,7 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
             raise ValueError(f"unknown tasks {unknown}; the suite has {[t.name for t in suite_tasks]}")
         suite_tasks = [t for t in suite_tasks if t.name in set(tasks)]
     net, description = resolve_net(weights)
-    opt_cls = get_architecture(net.arch).optimizer_class
+    opt_cls = optimizer_class(net.arch)
     kwargs = dict(optimizer_kwargs or {})
     if "lr" in kwargs or "weights" in kwargs:
         raise ValueError("optimizer_kwargs may not set lr or weights (the suite runs the net at lr=1.0)")
