@@ -85,7 +85,7 @@ def test_cpp_unpack_reads_the_layout():
 
 
 def test_triton_reads_the_layout():
-    src = (KERNELS / "triton.py").read_text()
+    src = (KERNELS / "_triton_device.py").read_text()
     H = 10
     offsets = {k: v[0] for k, v in packed_offsets(H).items()}
     # the loads in pass 1: w_ih at j, w_hh rows at H + j*H, b_h at H + H*H + j, w_a and w_b
