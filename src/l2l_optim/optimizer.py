@@ -22,10 +22,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed, kernels
+from .averaging import AveragingModes, averaged_update
 from .functional import RunningRms, coordinatewise_update, simple_update
 from .hub import HubMixin, resolve_net
 from .kernels._common import compute_dtype
-from .nets import CoordinatewiseNet, SimpleOptimizerNet, averaged_step
+from .nets import CoordinatewiseNet, SimpleOptimizerNet
 from .checkpointing import Checkpointing
 from .nonfinite import NonfiniteGuard
 from .registry import get_architecture
@@ -421,7 +422,7 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         return head.replace(" (", f" (meta-weights: {self.net.arch} {self.meta_fingerprint}", 1)
 
 
-class SimpleOptimizer(LearnedOptimizer):
+class SimpleOptimizer(AveragingModes, LearnedOptimizer):
     r"""The paper's 132-parameter SimpleOptimizer, run by a fused update kernel.
 
     Per coordinate ``i`` with gradient ``g_i`` and hidden state ``h_i``:
@@ -531,55 +532,8 @@ class SimpleOptimizer(LearnedOptimizer):
             state["z"].copy_(p.detach().reshape(-1))
         return state
 
-    def train(self) -> None:
-        """Put the parameters back at the point where gradients are taken (after :meth:`eval`).
-
-        Only weights with ``averaging`` change anything: as Schedule-Free AdamW's
-        ``optimizer.train()``, it moves each parameter from the average ``x`` back to the
-        interpolation point ``y = (1 - b) z + b x``. Call it before training resumes.
-
-        Example:
-            >>> import torch
-            >>> from l2l_optim.nets import SimpleOptimizerNet, init_net
-            >>> rule = init_net(SimpleOptimizerNet(input_norm="rms", averaging=0.9), "schedule-free", lr=0.1)
-            >>> w = torch.nn.Parameter(torch.zeros(2))
-            >>> opt = SimpleOptimizer([w], weights=rule)
-            >>> for _ in range(3):
-            ...     opt.zero_grad(); (w - 1).pow(2).sum().backward(); opt.step()
-            >>> y = w.detach().clone()
-            >>> opt.eval(); x = w.detach().clone(); opt.train()
-            >>> bool(torch.allclose(w, y)), bool((x < y).all())
-            (True, True)
-        """
-        self._swap(train=True)
-
-    def eval(self) -> None:
-        """Put the parameters at the running average ``x`` (for evaluation and saving the model).
-
-        Only weights with ``averaging`` change anything; then :meth:`step` refuses to run
-        until :meth:`train` is called, as in Schedule-Free AdamW.
-        """
-        self._swap(train=False)
-
-    def _swap(self, train: bool) -> None:
-        b = self.net.averaging
-        if not b or all(g.get("train_mode", True) == train for g in self.param_groups):
-            return
-        with torch.no_grad():
-            for group in self.param_groups:
-                if group.get("train_mode", True) == train:
-                    continue
-                for p in group["params"]:
-                    z = self.state[p].get("z") if p in self.state else None
-                    if z is not None:
-                        # y = x + (1 - b)(z - x);  x = y + (1 - 1/b)(z - y)
-                        p.lerp_(z.view(p.shape).to(p.dtype), (1.0 - b) if train else (1.0 - 1.0 / b))
-                group["train_mode"] = train
-
     def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
-        if self.net.averaging and not all(g.get("train_mode", True) for g in self.param_groups):
-            raise RuntimeError("SimpleOptimizer: the parameters hold the average (opt.eval() was "
-                               "called); call opt.train() before step()")
+        self._check_train_mode()
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         # the rms input norm's running means go to the kernel, which updates them as it reads g
         rms = None
@@ -595,24 +549,7 @@ class SimpleOptimizer(LearnedOptimizer):
         if not self.net.averaging:
             step(params)
             return
-        # Schedule-Free averaging: the rule moves z, the parameters hold the interpolation
-        # point y; a skipped step must change neither (the host reads the device flag here)
-        if skip is not None and bool(skip):
-            return
-        zs = [s["z"].view(p.shape) for s, p in zip(states, params)]
-        # c = 1 / t from each parameter's own step count (all equal in the usual case)
-        cs = [1.0 / (int(s["step"]) + 1) for s in states]
-        if all(p.dtype == z.dtype for p, z in zip(params, zs)) and len(set(cs)) == 1:
-            averaged_step(params, zs, cs[0], self.net.averaging, lambda: step(zs))
-            return
-        # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time
-        ys = [p.detach().to(z.dtype, copy=True) for p, z in zip(params, zs)]
-        b = self.net.averaging
-        for y, z, c in zip(ys, zs, cs):
-            y.mul_(1.0 - c).add_(z, alpha=c - (1.0 - b * (1.0 - c)))
-        step(zs)
-        for p, y, z, c in zip(params, ys, zs, cs):
-            p.copy_(y.add_(z, alpha=1.0 - b * (1.0 - c)))
+        averaged_update(params, states, self.net.averaging, skip, step)
 
 
 class DMOptimizer(LearnedOptimizer):
