@@ -51,7 +51,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +62,8 @@ import torch.nn.functional as F
 from l2l_optim import SimpleOptimizer
 from l2l_optim.data import load_dataset
 from l2l_optim.models import base_mlp
-from l2l_optim.training import tail_mean
+from l2l_optim.tasks import Task
+from l2l_optim.training import tail_mean, train_task
 from l2l_optim.weights import fingerprint, load_weights
 
 # ----------------------------------------------------------------------------- config
@@ -216,53 +216,36 @@ def mnist_batch(root, bs, target):
     return batch
 
 
-def make_tasks(cfg: Config) -> dict[str, dict]:
+def make_tasks(cfg: Config) -> dict[str, tuple[Task, str]]:
+    """name -> (task, description)."""
     bs, root = cfg.batch_size, cfg.data_root
-    return {
-        "resnet-bn": dict(model=resnet_bn, batch=mnist_batch(root, bs, "labels"), loss=F.cross_entropy,
-                          desc="residual CNN + BatchNorm, MNIST, CE"),
-        "regression": dict(model=lambda: nn.Sequential(nn.Linear(REG_DIM, 64), nn.ReLU(), nn.Linear(64, 64),
-                                                       nn.ReLU(), nn.Linear(64, 1)),
-                           batch=lambda g: regression_batch(g, bs), loss=F.mse_loss,
-                           desc="MLP regression, sin of a projection, MSE"),
-        "autoencoder": dict(model=autoencoder, batch=mnist_batch(root, bs, "pixels"), loss=F.mse_loss,
-                            desc="MNIST autoencoder, MSE"),
-        "transformer": dict(model=TinyTransformer, batch=lambda g: addition_batch(g, bs), loss=seq_ce,
-                            desc="2-layer transformer, 4-digit addition, CE"),
-        "base-mlp": dict(model=base_mlp, batch=mnist_batch(root, bs, "labels"), loss=F.cross_entropy,
-                         desc="base MLP 784-500-10, MNIST, CE (the paper's task)"),
+    specs = {
+        "resnet-bn": (resnet_bn, mnist_batch(root, bs, "labels"), F.cross_entropy,
+                      "residual CNN + BatchNorm, MNIST, CE"),
+        "regression": (lambda: nn.Sequential(nn.Linear(REG_DIM, 64), nn.ReLU(), nn.Linear(64, 64),
+                                             nn.ReLU(), nn.Linear(64, 1)),
+                       lambda g: regression_batch(g, bs), F.mse_loss, "MLP regression, sin of a projection, MSE"),
+        "autoencoder": (autoencoder, mnist_batch(root, bs, "pixels"), F.mse_loss, "MNIST autoencoder, MSE"),
+        "transformer": (TinyTransformer, lambda g: addition_batch(g, bs), seq_ce,
+                        "2-layer transformer, 4-digit addition, CE"),
+        "base-mlp": (base_mlp, mnist_batch(root, bs, "labels"), F.cross_entropy,
+                     "base MLP 784-500-10, MNIST, CE (the paper's task)"),
     }
+    return {name: (Task(name, model, batch_fn=batch, loss_fn=loss), desc)
+            for name, (model, batch, loss, desc) in specs.items()}
 
 
 # ------------------------------------------------------------------------- one run
 
 
 def train(task, make_opt, steps, seed):
-    """Train a fresh model (init under `seed`) on batches from a generator seeded by `seed`.
-
-    Returns (losses, skipped_steps, seconds); losses stops at (and includes) the first
+    """:func:`l2l_optim.training.train_task` without the skipped-step warnings (the count is
+    reported instead). Returns (losses, skipped_steps, seconds); losses stops before the first
     non-finite loss."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = task["model"]()
-    model.train()
-    opt = make_opt(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    t0 = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # SimpleOptimizer's skipped-step warning
-        for _ in range(steps):
-            x, y = task["batch"](gen)
-            loss = task["loss"](model(x), y)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    skipped = int(getattr(opt, "skipped_steps", 0))
-    return losses, skipped, time.perf_counter() - t0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = train_task(task, make_opt, steps=steps, seed=seed)
+    return r.losses, r.skipped, r.seconds
 
 
 def score(losses, steps, tail):
@@ -380,11 +363,10 @@ def main(argv=None):
                "weights": {k: {"source": v[0], "fingerprint": v[2]} for k, v in weights.items()},
                "tasks": {}}
     for tname in cfg.tasks:
-        task = tasks[tname]
-        with torch.random.fork_rng(devices=[]):
-            nparams = sum(q.numel() for q in task["model"]().parameters())
-        print(f"\n{tname}: {task['desc']} ({nparams:,} parameters)", flush=True)
-        entry = {"desc": task["desc"], "params": nparams, "simple": {}, "adam": {}, "sgd": {}}
+        task, desc = tasks[tname]
+        nparams = task.num_params()
+        print(f"\n{tname}: {desc} ({nparams:,} parameters)", flush=True)
+        entry = {"desc": desc, "params": nparams, "simple": {}, "adam": {}, "sgd": {}}
         for label, (source, net, fp) in weights.items():
             entry["simple"][label] = run_or_load(
                 cfg, tname, task, f"simpleopt-{label}", lambda ps, net=net: SimpleOptimizer(ps, weights=net),

@@ -110,3 +110,58 @@ def test_library_calls_leave_the_global_rng_alone():
     p, b = registered.init_params(0)
     registered.loss(p, b, registered.sample_batch(torch.Generator().manual_seed(0)))  # builds its template
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records every group's lr at each step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_train_task_applies_the_schedule_to_the_starting_lr():
+    x, y = make_data()
+    task = Task("bn", bn_net, (x, y), batch_size=32)
+    box = {}
+
+    def make(p):
+        box["opt"] = _RecordingSGD(p, lr=0.2)
+        return box["opt"]
+
+    r = train_task(task, make, steps=5, seed=0, schedule=lambda t: 1.0 / (t + 1))
+    assert box["opt"].seen == pytest.approx([0.2 / (t + 1) for t in range(5)])
+    assert len(r.losses) == 5 and r.cpu_seconds > 0 and r.skipped == 0
+
+
+def test_a_task_draws_batches_from_batch_fn_or_its_data():
+    def batch(gen):
+        return torch.randn(8, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+
+    synthetic = Task("synthetic", bn_net, batch_fn=batch)
+    a = synthetic.sample_batch(torch.Generator().manual_seed(3))
+    b = batch(torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert train_task(synthetic, lambda p: torch.optim.SGD(p, lr=0.1), steps=3).losses
+    with pytest.raises(ValueError, match="has no training data"):
+        Task("empty", bn_net)
+
+
+def test_the_suite_runs_through_the_one_training_loop():
+    from l2l_optim.evaluation.protocol import _train
+    from l2l_optim.evaluation.suite import SuiteTask
+
+    def batch(gen):
+        x = torch.randn(16, 6, generator=gen)
+        return x, x[:, :4].argmax(1)
+
+    task = SuiteTask(name="s", config={}, model_fn=bn_net, batch_fn=batch)
+    assert isinstance(task, Task)
+    ref = train_task(task, lambda p: torch.optim.Adam(p, lr=1e-2), steps=20, seed=4,
+                     schedule=lambda t: 1 - t / 20)
+    run = _train(task, lambda p: torch.optim.Adam(p, lr=1e-2), 20, 4, schedule=lambda t: 1 - t / 20)
+    assert run["losses"] == ref.losses

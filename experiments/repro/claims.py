@@ -1,7 +1,8 @@
 """The rules that turn training curves into the verdicts of RESULTS.md, as pure functions.
 
 A *run* is ``(curve, diverged)``: the per-step training losses and whether a non-finite loss
-stopped it. The final loss of a run is the mean of its last :func:`final_window` steps; a
+stopped it. The final loss of a run (:func:`final_loss`) is the package's tail mean
+(:func:`l2l_optim.training.tail_mean`) over its last :func:`final_window` steps; a
 diverged run's final loss is ``inf``, so it ranks below every finite one. A claim "A reaches
 a lower loss than B" holds when A's mean final loss over seeds is finite and below B's
 (:func:`beats`); when both sides have several seeds whose ranges overlap, the order of the
@@ -14,21 +15,27 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["final_window", "window_mean", "finite", "stats", "loss_at", "mean_loss_at", "beats",
+from l2l_optim.training import tail_mean
+
+__all__ = ["final_window", "final_loss", "finite", "stats", "loss_at", "mean_loss_at", "beats",
            "seed_ranges_overlap", "compare"]
 
 Run = tuple[list[float], bool]
 
 
+#: the longest window of the final loss: long runs are scored on their last 500 steps
+FINAL_MAX_WINDOW = 500
+
+
 def final_window(n: int) -> int:
     """Steps averaged for the final loss of ``n`` steps: the last 500, or the last 10% when fewer."""
-    return min(500, max(1, n // 10))
+    return min(FINAL_MAX_WINDOW, max(1, n // 10))
 
 
-def window_mean(values: list[float], w: int) -> float:
-    """Mean of the last ``w`` values (of all of them when there are fewer; nan when none)."""
-    tail = values[-w:]
-    return sum(tail) / len(tail) if tail else float("nan")
+def final_loss(values: list[float]) -> float:
+    """The final loss of a curve: the mean of its last :func:`final_window` values (nan when
+    empty)."""
+    return tail_mean(values, 0.1, max_window=FINAL_MAX_WINDOW)
 
 
 def finite(x: Any) -> bool:
@@ -49,7 +56,7 @@ def loss_at(curve: list[float], diverged: bool, horizon: int) -> float:
     """The final loss of one run cut at step ``horizon``: inf if it diverged before getting there."""
     if diverged and len(curve) < horizon:
         return float("inf")
-    return window_mean(curve[:horizon], final_window(horizon))
+    return final_loss(curve[:horizon])
 
 
 def mean_loss_at(runs: list[Run], horizon: int) -> float:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # the library this report names, in one place
-from l2l_optim.training import search_lr
+from l2l_optim.training import search_lr, tail_mean
 
-from .claims import final_window, finite, window_mean
+from .claims import final_loss, final_window, finite
 from .experiments import ALL, CLI
 from .store import read_json
 
@@ -65,10 +65,10 @@ def trend(entry: dict, curves: list[list[float]]) -> str | None:
         return None
     c = curves[0]
     n, half = len(c), len(c) // 2
-    mid = window_mean(c[:half], final_window(half))
-    end = window_mean(c, final_window(n))
+    mid, end = final_loss(c[:half]), final_loss(c)
     w = final_window(n)
-    best = min(window_mean(c[:i], w) for i in range(w, n + 1, max(1, w // 2)))
+    # the lowest mean over windows of the final loss's length, every half window
+    best = min(tail_mean(c[:i], 1.0, max_window=w) for i in range(w, n + 1, max(1, w // 2)))
     text = (f"{entry['label']} (seed 0): windowed loss {_fmt(mid)} at step {half:,}, {_fmt(end)} at step {n:,} "
             f"({100 * (end - mid) / mid:+.1f}% over the second half)")
     if end > 1.2 * best:

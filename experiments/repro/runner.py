@@ -161,7 +161,7 @@ def _train_one(exp: Experiment, opt: OptSpec, task: Task, seed: int, steps: int,
     record = {
         "config": config, "label": opt.label, "steps_done": n, "diverged": r.diverged,
         "diverged_at": n if r.diverged else None,
-        "final_loss": claims.window_mean(r.losses, claims.final_window(n)) if n and not r.diverged else float("nan"),
+        "final_loss": claims.final_loss(r.losses) if n and not r.diverged else float("nan"),
         "test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"], "wall_s": round(r.seconds, 2),
         "s_per_step": r.seconds / max(1, n), "machine": started_on, "finished": now(),
     }

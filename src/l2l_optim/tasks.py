@@ -31,24 +31,37 @@ __all__ = ["Task", "TASKS", "make_task", "task_from_model", "subsample_task"]
 
 @dataclass
 class Task:
-    """A model factory plus in-memory data, exposed functionally for meta-training.
+    """A model factory plus its training data: what every training loop of the package runs.
+
+    The data is either in memory (``train``, minibatches drawn uniformly with replacement) or
+    drawn by ``batch_fn`` (synthetic data, or data loaded on first use).
 
     Args:
         name: a label for logs.
         model_fn: builds a freshly initialised model (called under a fixed seed).
-        train: ``(x, y)`` training tensors.
+        train: ``(x, y)`` training tensors; may be None when ``batch_fn`` is given.
         test: optional ``(x, y)`` test tensors.
-        batch_size: minibatch size of every optimizee step.
+        batch_size: minibatch size of every optimizee step (of ``train``'s minibatches).
         loss_fn: ``loss_fn(output, y) -> scalar``; cross-entropy by default.
+        batch_fn: optional ``batch_fn(generator) -> (x, y)``, one training minibatch; used
+            instead of sampling ``train``.
+
+    Raises:
+        ValueError: neither ``train`` nor ``batch_fn`` is given.
     """
 
     name: str
     model_fn: Callable[[], nn.Module]
-    train: tuple[Tensor, Tensor]
+    train: tuple[Tensor, Tensor] | None = None
     test: tuple[Tensor, Tensor] | None = None
     batch_size: int = 128
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
-    _module: nn.Module | None = field(default=None, repr=False)
+    batch_fn: Callable[[torch.Generator], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+    _module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.train is None and self.batch_fn is None:
+            raise ValueError(f"task {self.name!r} has no training data: pass train=(x, y) or batch_fn")
 
     @property
     def module(self) -> nn.Module:
@@ -70,9 +83,13 @@ class Task:
         return params, buffers
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        """The number of trainable parameters of the model."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
     def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One training minibatch, drawn with ``generator``."""
+        if self.batch_fn is not None:
+            return self.batch_fn(generator)
         x, y = self.train
         idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
         return x[idx], y[idx]

@@ -51,12 +51,17 @@ class TrainResult:
         model: the trained module.
         diverged: a non-finite loss stopped the run.
         seconds: wall time of the training loop.
+        cpu_seconds: CPU time of the whole process during the loop (the cost that does not
+            depend on what else the machine runs).
+        skipped: steps the optimizer skipped (its ``skipped_steps``; 0 for optimizers without).
     """
 
     losses: list[float]
     model: nn.Module
     diverged: bool
     seconds: float
+    cpu_seconds: float = 0.0
+    skipped: int = 0
 
 
 def train_task(
@@ -65,6 +70,7 @@ def train_task(
     *,
     steps: int,
     seed: int = 0,
+    schedule: Callable[[int], float] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> TrainResult:
@@ -72,12 +78,34 @@ def train_task(
 
     The model is ``task.model_fn()`` under ``seed`` (the same init as ``task.init_params(seed)``)
     and the minibatches come from ``task.sample_batch`` with a generator seeded by ``seed``, so
-    every optimizer sees the same init and the same batches for a given seed.
+    every optimizer sees the same init and the same batches for a given seed. The run stops
+    before the first non-finite loss.
 
     Args:
-        make_optimizer: ``params -> optimizer``, e.g. ``lambda p: torch.optim.SGD(p, lr=0.1)``
-            or ``lambda p: SimpleOptimizer(p, weights="simple")``.
+        task: the model factory and data.
+        make_optimizer: ``params -> optimizer`` (the trainable parameters), e.g.
+            ``lambda p: torch.optim.SGD(p, lr=0.1)`` or
+            ``lambda p: SimpleOptimizer(p, weights="simple")``.
         steps: number of optimizer steps.
+        seed: the seed of the init and of the minibatch stream.
+        schedule: optional ``schedule(t) -> m``: every group's lr at step ``t`` is its
+            starting lr times ``m``.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from l2l_optim.tasks import Task
+        >>> x = torch.randn(64, 4); y = x.sum(1, keepdim=True)
+        >>> task = Task("sum", lambda: nn.Linear(4, 1), (x, y), batch_size=16,
+        ...             loss_fn=torch.nn.functional.mse_loss)
+        >>> r = train_task(task, lambda p: torch.optim.SGD(p, lr=0.1), steps=50)
+        >>> len(r.losses), r.losses[-1] < r.losses[0]
+        (50, True)
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -85,11 +113,12 @@ def train_task(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(trainable)
+    base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     diverged = False
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in bar:
         x, y = task.sample_batch(gen)
         loss = task.loss_fn(model(x), y)
@@ -100,12 +129,17 @@ def train_task(
         losses.append(value)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if schedule is not None:
+            m = schedule(step)
+            for g, lr in zip(opt.param_groups, base):
+                g["lr"] = lr * m
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     bar.close()
-    return TrainResult(losses=losses, model=model, diverged=diverged, seconds=seconds)
+    return TrainResult(losses=losses, model=model, diverged=diverged, seconds=seconds,
+                       cpu_seconds=cpu_seconds, skipped=int(getattr(opt, "skipped_steps", 0)))
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..optimizer import optimizer_class
-from ..training import tail_mean
+from ..training import tail_mean, train_task
 from ..hub import resolve_net
 from ..weights import weights_dirs
 from .peers import PEERS, TUNED, UNTUNED, _START, make_peer, search_grid, warmup_cosine
@@ -67,40 +67,13 @@ _PROTOCOL = 2  # bumped when the way a run is scored changes
 
 def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int,
            schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
-    """One training run: init under ``seed``, batches from a generator seeded by ``seed``.
-
-    ``schedule(t)`` multiplies every group's starting lr at step t. Returns ``{"losses",
-    "seconds", "cpu_seconds", "skipped"}``; ``losses`` stops before the first non-finite
-    loss. CPU time (of the whole process) is the cost that does not depend on what else the
-    machine runs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = task.model_fn()
-    model.train()
-    opt = make_opt([p for p in model.parameters() if p.requires_grad])
-    base = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    t0, c0 = time.perf_counter(), time.process_time()
+    """One run of :func:`~l2l_optim.training.train_task` as the cache records it: ``{"losses",
+    "seconds", "cpu_seconds", "skipped"}``; a learned optimizer's skipped-step warnings are
+    silenced (the count is reported instead)."""
     with warnings.catch_warnings():
-        # a learned optimizer's skipped-step warning; the count is reported instead
         warnings.simplefilter("ignore", RuntimeWarning)
-        for t in range(steps):
-            x, y = task.batch_fn(gen)
-            loss = task.loss_fn(model(x), y)
-            value = loss.item()
-            if not math.isfinite(value):
-                break
-            losses.append(value)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if schedule is not None:
-                m = schedule(t)
-                for g, lr in zip(opt.param_groups, base):
-                    g["lr"] = lr * m
-            opt.step()
-    return {"losses": losses, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "skipped": int(getattr(opt, "skipped_steps", 0))}
+        r = train_task(task, make_opt, steps=steps, seed=seed, schedule=schedule)
+    return {"losses": r.losses, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped}
 
 
 @torch.no_grad()
@@ -112,7 +85,7 @@ def _initial_loss(task: SuiteTask, seed: int) -> float:
         model = task.model_fn()
     model.train()  # as the runs see it (BatchNorm on batch statistics)
     gen = torch.Generator().manual_seed(seed)
-    values = [float(task.loss_fn(model(x), y)) for x, y in (task.batch_fn(gen) for _ in range(INITIAL_BATCHES))]
+    values = [float(task.loss_fn(model(x), y)) for x, y in (task.sample_batch(gen) for _ in range(INITIAL_BATCHES))]
     return sum(values) / len(values)
 
 

@@ -1,7 +1,7 @@
 """The validation suite: optimizee tasks that meta-training never sees.
 
-Each :class:`SuiteTask` is a model factory, a minibatch sampler driven by an explicit
-``torch.Generator``, and a loss, plus a ``config`` dict that names every choice defining the
+Each :class:`SuiteTask` is a :class:`~l2l_optim.tasks.Task` (a model factory, a minibatch
+sampler driven by an explicit ``torch.Generator``, and a loss) plus a ``config`` dict that names every choice defining the
 task (dataset, architecture, sizes, batch size). :func:`l2l_optim.evaluation.evaluate` hashes
 ``name`` and ``config`` to key its cache of baseline runs, so changing a task changes its key
 and its baselines are recomputed.
@@ -53,15 +53,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import _STATS, load_dataset
+from ..tasks import Task
 
 __all__ = ["SuiteTask", "SUITES", "default_suite", "get_suite"]
 
 Batch = tuple[Tensor, Tensor]
 
 
-@dataclass(frozen=True)
-class SuiteTask:
-    """One validation task.
+@dataclass(kw_only=True, eq=False)
+class SuiteTask(Task):
+    """One validation task: a :class:`~l2l_optim.tasks.Task` with the identity that keys its
+    cached baselines.
 
     Args:
         name: a short unique label.
@@ -77,19 +79,10 @@ class SuiteTask:
             tasks stop at 5,000 steps, and longer horizons leave them out.
     """
 
-    name: str
     config: dict[str, Any]
-    model_fn: Callable[[], nn.Module]
-    batch_fn: Callable[[torch.Generator], Batch]
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
     description: str = ""
-    data_fn: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    data_fn: Callable[[], str] | None = field(default=None, repr=False)
     max_steps: int | None = None
-
-    def num_params(self) -> int:
-        """The number of trainable parameters of the model."""
-        with torch.random.fork_rng(devices=[]):
-            return sum(p.numel() for p in self.model_fn().parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- data
