@@ -119,3 +119,38 @@ def test_no_import_cycles_in_the_package():
         assert imported in graph[importer], f"{importer} no longer imports {imported}: drop it from KNOWN"
         graph[importer].discard(imported)
     assert cycles(graph) == []
+
+
+def private_imports(src: Path = SRC, package: str = PACKAGE) -> list[str]:
+    """``module: name`` for every underscore name a module imports from another module of the
+    package. Private submodules (``kernels._common``) and their contents are their package's
+    own business, dunder names (``__version__``) are public, and so is a public name imported
+    under a private alias."""
+    modules = _modules(src, package)
+    found = []
+    for name, (path, is_package) in modules.items():
+        base = name if is_package else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
+                continue
+            module = _absolute(node.module or "", node.level, base) if node.level else node.module
+            if not module or not module.startswith(package) or module.rpartition(".")[2].startswith("_"):
+                continue
+            for a in node.names:
+                private = a.name.startswith("_") and not a.name.endswith("__")
+                if private and f"{module}.{a.name}" not in modules:
+                    found.append(f"{name}: {module}.{a.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports() == []
+
+
+def test_private_imports_are_found(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def _helper():\n    pass\n")
+    (pkg / "b.py").write_text("from .a import _helper\nfrom . import a as _a\n")
+    assert private_imports(tmp_path) == [f"{PACKAGE}.b: {PACKAGE}.a._helper"]

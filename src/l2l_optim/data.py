@@ -34,7 +34,7 @@ _SYSTEM_ROOT = Path("/usr/share/datasets")
 _SUBDIRS = {"mnist": ("mnist", "MNIST/raw"), "fashion-mnist": ("fashion-mnist", "FashionMNIST/raw")}
 # per-dataset pixel statistics of the training split, so both datasets reach the nets at the
 # same scale (which matters for a learned optimizer fed raw gradients)
-_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -128,7 +128,7 @@ def load_dataset(
     labels = load_idx(lbl_path).long()
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{img_path} has {images.shape[0]} images but {lbl_path} {labels.shape[0]} labels")
-    mean, std = _STATS[name]
+    mean, std = NORMALISATION[name]
     x = (images.float().div_(255.0).sub_(mean).div_(std)).unsqueeze(1)
     return x, labels
 

@@ -93,7 +93,7 @@ PEERS: dict[str, tuple[Callable, tuple[float, ...] | None, bool]] = {
 TUNED = tuple(k for k, v in PEERS.items() if v[1] is not None)
 UNTUNED = tuple(k for k, v in PEERS.items() if v[1] is None)
 # where a grid search starts: the usual default of each optimizer
-_START = {"adam": 1e-3, "sgd": 1e-2, "adamw-cosine": 1e-3}
+START_LRS = {"adam": 1e-3, "sgd": 1e-2, "adamw-cosine": 1e-3}
 
 
 def make_peer(name: str, params: Iterable[torch.Tensor], lr: float | None = None) -> torch.optim.Optimizer:

@@ -46,8 +46,8 @@ from ..optimizer import optimizer_class
 from ..training import tail_mean, train_task
 from ..hub import resolve_net
 from ..weights import weights_dirs
-from .peers import PEERS, TUNED, UNTUNED, _START, make_peer, search_grid, warmup_cosine
-from .results import RATIOS, EvalResult, TaskResult, _lr_key, _mean_curve, _tail_of, geometric_mean, task_rows
+from .peers import PEERS, TUNED, UNTUNED, START_LRS, make_peer, search_grid, warmup_cosine
+from .results import RATIOS, EvalResult, TaskResult, lr_key, mean_curve, tail_of, geometric_mean, task_rows
 from .suite import SuiteTask, get_suite
 
 __all__ = ["MULTIPLIERS", "TaskResult", "EvalResult", "evaluate", "baseline_entry", "cache_key",
@@ -125,7 +125,7 @@ def cache_key(task: SuiteTask, seed: int) -> str:
         "protocol": _PROTOCOL, "name": task.name, "config": task.config,
         "data": task.data_fn() if task.data_fn is not None else None,
         "seed": seed, "tail": TAIL, "warmup": "5% linear, cosine to 0",
-        "peers": {k: [_lr_key(x) for x in v[1]] if v[1] else None for k, v in sorted(PEERS.items())},
+        "peers": {k: [lr_key(x) for x in v[1]] if v[1] else None for k, v in sorted(PEERS.items())},
         "torch": ".".join(torch.__version__.split(".")[:2]),
     }
     text = json.dumps(ident, sort_keys=True, separators=(",", ":"))
@@ -201,7 +201,7 @@ def baseline_entry(task: SuiteTask, *, steps: int, seed: int, horizons: Sequence
 
     def get(peer: str, lr: float | None, length: int, horizon: int | None = None) -> dict[str, Any]:
         runs = entry["runs"].setdefault(_run_key(peer, horizon), {})
-        rec = runs.get(_lr_key(lr))
+        rec = runs.get(lr_key(lr))
         hs = [h for h in horizons if h <= length]
         if _covers(rec, length, hs):
             return rec
@@ -211,28 +211,29 @@ def baseline_entry(task: SuiteTask, *, steps: int, seed: int, horizons: Sequence
             hs = sorted(set(hs) | {int(h) for h in rec["tails"]})
         schedule = (lambda t: warmup_cosine(t, horizon)) if horizon is not None else None
         run = _train(task, lambda ps: make_peer(peer, ps, lr), length, seed, schedule)
-        runs[_lr_key(lr)] = _record(run, length, hs)
+        runs[lr_key(lr)] = _record(run, length, hs)
         _write_entry(cache_path, key, entry)
         if progress:
-            print(f"  baseline {task.name} seed {seed} {_run_key(peer, horizon)} lr={_lr_key(lr)}: "
+            print(f"  baseline {task.name} seed {seed} {_run_key(peer, horizon)} lr={lr_key(lr)}: "
                   f"{run['seconds']:.1f} s" + (f", diverged at step {len(run['losses'])}"
                                                 if len(run["losses"]) < length else ""),
                   file=sys.stderr, flush=True)
-        return runs[_lr_key(lr)]
+        return runs[lr_key(lr)]
 
     for peer in TUNED:
         grid, scheduled = PEERS[peer][1], PEERS[peer][2]
         for h in horizons:
             length, sched_h = (h, h) if scheduled else (steps, None)
             cached = entry["runs"].get(_run_key(peer, sched_h), {})
-            search_grid(grid, lambda lr: _tail_of(get(peer, lr, length, sched_h), h), _START[peer],
-                        known=lambda lr: _covers(cached.get(_lr_key(lr)), length, [h]))
+            search_grid(grid, lambda lr: tail_of(get(peer, lr, length, sched_h), h), START_LRS[peer],
+                        known=lambda lr: _covers(cached.get(lr_key(lr)), length, [h]))
     for peer in UNTUNED:
         get(peer, None, steps)
     return entry
 
 
-def _horizons(steps: int, horizons: Sequence[int]) -> list[int]:
+def horizons_upto(steps: int, horizons: Sequence[int]) -> list[int]:
+    """The horizons a run of ``steps`` scores: those within it, and ``steps`` itself."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return sorted({int(h) for h in horizons if 1 <= int(h) <= steps} | {steps})
@@ -301,7 +302,7 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
         ([('tiny', 20)], [20])
     """
     t_start = time.perf_counter()
-    hs = _horizons(steps, horizons)
+    hs = horizons_upto(steps, horizons)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty")
@@ -348,11 +349,11 @@ def evaluate(weights: Any, *, suite: str | Sequence[SuiteTask] = "default", step
                                "batch_size": task.config.get("batch_size")}
             rows += task_rows(task.name, entries, runs, t_hs)
             last = rows[-1]
-            curves[task.name] = {"learned": _mean_curve(runs["1"], t_steps)}
+            curves[task.name] = {"learned": mean_curve(runs["1"], t_steps)}
             for peer, lr in (("adam", last.adam_lr), ("sgd", last.sgd_lr), ("schedule-free", None)):
-                recs = [e["runs"][peer][_lr_key(lr)] for e in entries if _lr_key(lr) in e["runs"].get(peer, {})]
+                recs = [e["runs"][peer][lr_key(lr)] for e in entries if lr_key(lr) in e["runs"].get(peer, {})]
                 if len(recs) == len(entries):
-                    curves[task.name][peer] = _mean_curve(recs, t_steps)
+                    curves[task.name][peer] = mean_curve(recs, t_steps)
     finally:
         torch.set_num_threads(old_threads)
     geomeans = {col: {h: geometric_mean([getattr(r, col) for r in rows if r.horizon == h]) for h in hs}

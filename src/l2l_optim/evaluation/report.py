@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .peers import ADAM_GRID, SGD_GRID
-from .protocol import MULTIPLIERS, RATIOS, EvalResult, _horizons, baseline_entry, evaluate
+from .protocol import MULTIPLIERS, RATIOS, EvalResult, horizons_upto, baseline_entry, evaluate
 from .suite import get_suite
 
 __all__ = ["format_table", "plot_results", "main"]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.baselines_only:
             torch.set_num_threads(threads or torch.get_num_threads())
-            hs = _horizons(args.steps, args.horizons)
+            hs = horizons_upto(args.steps, args.horizons)
             for task in suite_tasks:
                 if args.tasks and task.name not in args.tasks:
                     continue

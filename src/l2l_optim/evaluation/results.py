@@ -21,11 +21,13 @@ ADAM_DEFAULT = 1e-3
 SELF_TUNED = 1.05  # lr=1 counts as self-tuned within 5% of the best multiplier
 
 
-def _lr_key(lr: float | None) -> str:
+def lr_key(lr: float | None) -> str:
+    """How a run's lr names it in the records (``"default"`` for a peer at its defaults)."""
     return "default" if lr is None else f"{lr:g}"
 
 
-def _tail_of(rec: dict[str, Any], h: int) -> float:
+def tail_of(rec: dict[str, Any], h: int) -> float:
+    """A record's final loss at horizon ``h`` (inf where the run had diverged)."""
     v = rec["tails"].get(str(h))
     return math.inf if v is None else v
 
@@ -232,7 +234,7 @@ def _best(by_lr: dict[str, float]) -> tuple[str, float]:
                key=lambda kv: math.inf if math.isnan(kv[1]) else kv[1])
 
 
-def _mean_curve(recs: list[dict[str, Any]], steps: int) -> dict[str, list]:
+def mean_curve(recs: list[dict[str, Any]], steps: int) -> dict[str, list]:
     """The records' curves up to ``steps``, averaged over seeds (None where a run had ended)."""
     curves = [_curve_upto(r, steps) for r in recs]
     xs = curves[0][0]
@@ -263,7 +265,7 @@ def _div(a: float, b: float) -> float:
 def _by_lr(entries: list[dict[str, Any]], run_key: str, h: int) -> dict[str, float]:
     """lr -> seed-mean final loss at ``h``, over the lrs every seed's entry holds."""
     common = set.intersection(*(set(e["runs"].get(run_key, {})) for e in entries))
-    return {k: _mean([_tail_of(e["runs"][run_key][k], h) for e in entries]) for k in common
+    return {k: _mean([tail_of(e["runs"][run_key][k], h) for e in entries]) for k in common
             if all(str(h) in e["runs"][run_key][k]["tails"] for e in entries)}
 
 
@@ -276,22 +278,22 @@ def task_rows(name: str, entries: list[dict[str, Any]], learned: dict[str, list[
     for h in horizons:
         adam, sgd, cos = _by_lr(entries, "adam", h), _by_lr(entries, "sgd", h), _by_lr(entries, f"adamw-cosine@{h}", h)
         (adam_lr, adam_loss), (sgd_lr, sgd_loss), (cos_lr, cos_loss) = _best(adam), _best(sgd), _best(cos)
-        untuned = {p: _mean([_tail_of(e["runs"][p]["default"], h) for e in entries])
+        untuned = {p: _mean([tail_of(e["runs"][p]["default"], h) for e in entries])
                    if all(p in e["runs"] for e in entries) else math.nan for p in UNTUNED}
-        loss = _mean([_tail_of(r, h) for r in learned["1"]])
-        mults = {k: _mean([_tail_of(r, h) for r in learned[k]]) for k in learned if not k.startswith("cosine")}
+        loss = _mean([tail_of(r, h) for r in learned["1"]])
+        mults = {k: _mean([tail_of(r, h) for r in learned[k]]) for k in learned if not k.startswith("cosine")}
         cos_runs = learned.get(f"cosine@{h}")
-        learned_cos = _mean([_tail_of(r, h) for r in cos_runs]) if cos_runs else math.nan
+        learned_cos = _mean([tail_of(r, h) for r in cos_runs]) if cos_runs else math.nan
         diverged = any(r["diverged_at"] is not None and r["diverged_at"] < h for r in learned["1"])
         best_mult = _best({k: v for k, v in mults.items()})[0]
         rows.append(TaskResult(
-            task=name, horizon=h, initial_loss=init, adam_default_loss=adam.get(_lr_key(ADAM_DEFAULT), math.nan),
+            task=name, horizon=h, initial_loss=init, adam_default_loss=adam.get(lr_key(ADAM_DEFAULT), math.nan),
             adam_lr=float(adam_lr), adam_loss=adam_loss, sgd_lr=float(sgd_lr), sgd_loss=sgd_loss,
             cosine_lr=float(cos_lr), cosine_loss=cos_loss,
             schedule_free_loss=untuned["schedule-free"], prodigy_loss=untuned["prodigy"],
             learned_loss=loss, learned_cosine_loss=learned_cos, learned_by_multiplier=mults,
             ratio=_div(loss, min(adam_loss, sgd_loss)),
-            vs_adam_default=_div(loss, adam.get(_lr_key(ADAM_DEFAULT), math.nan)),
+            vs_adam_default=_div(loss, adam.get(lr_key(ADAM_DEFAULT), math.nan)),
             vs_cosine=_div(learned_cos, cos_loss),
             vs_schedule_free=_div(loss, untuned["schedule-free"]), vs_prodigy=_div(loss, untuned["prodigy"]),
             best_multiplier=float(best_mult),

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import _STATS, load_dataset
+from ..data import NORMALISATION, load_dataset
 from ..tasks import Task
 
 __all__ = ["SuiteTask", "SUITES", "default_suite", "get_suite"]
@@ -110,7 +110,7 @@ def _image_batch(gen: torch.Generator, *, dataset: str, batch_size: int, target:
     idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
     xb = x[idx]
     if target == "pixels":  # undo the normalisation: pixels in [0, 1] for a sigmoid output
-        mean, std = _STATS[dataset]
+        mean, std = NORMALISATION[dataset]
         return xb, (xb * std + mean).flatten(1)
     return xb, y[idx]
 

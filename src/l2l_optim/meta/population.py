@@ -71,11 +71,13 @@ def population_step(w: PopulationWeights, g: Tensor, h: Tensor) -> tuple[Tensor,
     return output(w.w_a, h_new, shared_term(w.w_b, h_new.mean(2))), h_new
 
 
-def _flat(params: dict[str, Tensor]) -> Tensor:
+def flat_members(params: dict[str, Tensor]) -> Tensor:
+    """Every member's optimizee parameters as one row: ``(M, total)`` from ``{name: (M, ...)}``."""
     return torch.cat([t.reshape(t.shape[0], -1) for t in params.values()], 1)
 
 
-def _unflat(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+def unflat_members(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`flat_members`, shaped like ``like``."""
     out, i = {}, 0
     for k, t in like.items():
         n = t[0].numel()
@@ -128,7 +130,7 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         raise ValueError(f"Invalid input_norm: {input_norm!r}; expected one of {INPUT_NORMS}")
     with torch.no_grad():
         params = task.init_params()
-        flat = _flat(params).contiguous()
+        flat = flat_members(params).contiguous()
         M, N = flat.shape
         h = torch.zeros(M, hidden_size, N)
         v = torch.zeros(M, N) if input_norm == "rms" else None
@@ -143,7 +145,7 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         for t in range(steps + 1):
             # one leaf per tensor, each a view of `flat`: a leaf sliced out of one flat vector
             # would make every slice's backward allocate and zero a full-size gradient
-            leaves = {k: v.detach().requires_grad_() for k, v in _unflat(flat, params).items()}
+            leaves = {k: v.detach().requires_grad_() for k, v in unflat_members(flat, params).items()}
             with torch.enable_grad():
                 f = task.losses(leaves, task.sample_batch())
                 g = torch.cat([gr.reshape(M, -1) for gr in torch.autograd.grad(f.sum(), list(leaves.values()))], 1)

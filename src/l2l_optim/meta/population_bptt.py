@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .es_config import ESConfig, draw_generation
 from .families import ImageData, build_task
-from .population import _flat, _unflat, population_step, unflatten
+from .population import flat_members, unflat_members, population_step, unflatten
 
 __all__ = ["bptt_generation"]
 
@@ -34,7 +34,7 @@ def bptt_generation(z: Tensor, scales: Tensor, cfg: ESConfig, generation: int, i
     z = z.detach().requires_grad_()
     t0 = time.perf_counter()
     params = task.init_params()
-    flat = _flat(params)
+    flat = flat_members(params)
     M, N = flat.shape
     h = torch.zeros(M, 10, N)
     norm = horizon * (horizon + 1) / 2  # sum of the weights t = 1..T, as in fitness()
@@ -48,7 +48,7 @@ def bptt_generation(z: Tensor, scales: Tensor, cfg: ESConfig, generation: int, i
         flat, h = flat.detach().requires_grad_(), h.detach()
         meta_loss = torch.zeros(())
         for t in range(start, min(start + unroll, horizon) + (1 if start + unroll >= horizon else 0)):
-            f = task.losses(_unflat(flat, params), task.sample_batch())
+            f = task.losses(unflat_members(flat, params), task.sample_batch())
             # the optimizee's gradient is a constant input (first order)
             (g,) = torch.autograd.grad(f.sum(), flat, retain_graph=True)
             if f0 is None:
