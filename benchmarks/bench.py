@@ -64,7 +64,7 @@ from .train import describe as describe_train
 __all__ = ["main", "TABLES", "QUICK", "format_targets"]
 
 TABLES = ("bandwidth", "train", "step")
-#: ``--quick``: the two new tables on the target sizes that take seconds, few steps
+#: ``--quick``: the bandwidth and whole-step tables on the target sizes that take seconds, few steps
 QUICK = dict(tables="bandwidth,train", bw_sizes="10m,base",
              models="base,lenet,mlp4m,mlp50m,transformer",
              steps=10, rounds=2, budget=10.0)
