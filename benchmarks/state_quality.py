@@ -5,9 +5,12 @@ each state option and records the suite's score, the final loss (mean over the l
 the steps), one JSON line per run (resumable: runs already in the file are skipped). No
 baselines are run: the comparison is each option against float32 state, paired by seed.
 
-Options: ``float32``, ``bfloat16``, ``int8`` (the state dtypes) and ``float32-reference``
+Options: ``float32``, ``bfloat16``, ``int8`` (the state dtypes), ``float32-reference``
 (float32 state on the reference kernel, whose float32 results differ from the C++ kernel's in
-the last bits: the noise floor of the trajectories themselves).
+the last bits: the noise floor of the trajectories themselves) and ``bfloat16-sr`` (float32
+state rounded to bfloat16 values after every step, stochastically: what a bfloat16 state
+with stochastic rounding would hold, emulated with torch ops, for the quality question only;
+rounding to nearest the same way gives ``bfloat16``'s losses bit for bit).
 
     python -m benchmarks.state_quality --tasks sine-regression fmnist-logreg --seeds 0 1 2 \\
         --options float32 bfloat16 int8 --steps 1000 --out runs/state-quality/results.jsonl
@@ -21,7 +24,39 @@ import json
 import math
 import os
 
-OPTIONS = ("float32", "bfloat16", "int8", "float32-reference")
+OPTIONS = ("float32", "bfloat16", "int8", "float32-reference", "bfloat16-sr")
+
+
+def round_bf16_stochastic_(h, generator) -> None:
+    """Round float32 ``h`` in place to bfloat16 values, stochastically: a uniform 16-bit integer
+    added to the low half of each float's bits, then truncated, so ``E[rounded] = h``."""
+    import torch
+
+    bits = h.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32)
+    bits.copy_((bits + noise) & -65536)
+
+
+def stochastic_bf16_optimizer(params, seed: int):
+    """A SimpleOptimizer (lr 1) with float32 state whose hidden state is rounded to bfloat16
+    values after every step by :func:`round_bf16_stochastic_`."""
+    import torch
+
+    from l2l_optim import SimpleOptimizer
+
+    class StochasticBf16(SimpleOptimizer):
+        def __init__(self, params):
+            super().__init__(params, lr=1.0)
+            self._gen = torch.Generator().manual_seed(seed)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = super().step(closure)
+            for state in self.state.values():
+                round_bf16_stochastic_(state["h"], self._gen)
+            return loss
+
+    return StochasticBf16(params)
 
 
 def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out: str) -> None:
@@ -41,10 +76,14 @@ def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out:
             for option in options:
                 if (task, seed, option, steps) in done:
                     continue
-                dtype = getattr(torch, option.removesuffix("-reference"))
-                impl = "reference" if option.endswith("-reference") else "auto"
-                result = _train(suite[task], lambda ps: SimpleOptimizer(
-                    ps, lr=1.0, state_dtype=dtype, impl=impl), steps, seed)
+                if option == "bfloat16-sr":
+                    make = lambda ps, seed=seed: stochastic_bf16_optimizer(ps, seed)  # noqa: E731
+                else:
+                    dtype = getattr(torch, option.removesuffix("-reference"))
+                    impl = "reference" if option.endswith("-reference") else "auto"
+                    make = lambda ps, dtype=dtype, impl=impl: SimpleOptimizer(  # noqa: E731
+                        ps, lr=1.0, state_dtype=dtype, impl=impl)
+                result = _train(suite[task], make, steps, seed)
                 losses = result["losses"]
                 record = {"task": task, "seed": seed, "option": option, "steps": steps,
                           "final": _tail(losses, steps),
