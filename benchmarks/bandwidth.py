@@ -306,8 +306,8 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
                 variants = (
                     ("copy_s", lambda s=src[:k], d=dst[:k]: d.copy_(s)),
                     ("step_s", opt.step),
-                    ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms:
-                        simple_update(params, grads, h, lr, o.net, rms=m)),
+                    ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms, ps=params, gs=grads:
+                        simple_update(ps, gs, h, lr, o.net, rms=m)),
                     ("check_s", functools.partial(_check_nonfinite, opt, *check_args)),
                 )
                 if r % 2:  # step and update take turns right after the copy, which evicts

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 
 OPTIONS = ("float32", "bfloat16", "int8", "float32-reference", "bfloat16-sr")
 
@@ -62,9 +63,11 @@ def stochastic_bf16_optimizer(params, seed: int):
 def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out: str) -> None:
     import torch
 
-    from l2l_optim import SimpleOptimizer
-    from l2l_optim.evaluation.protocol import _tail, _train
+    from l2l_optim import SimpleOptimizer, SkippedStepWarning
     from l2l_optim.evaluation.suite import default_suite
+    from l2l_optim.training import tail_mean, train_task
+
+    warnings.simplefilter("ignore", SkippedStepWarning)  # the count is recorded instead
 
     torch.set_num_threads(1)
     done = set()
@@ -83,12 +86,13 @@ def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out:
                     impl = "reference" if option.endswith("-reference") else "auto"
                     make = lambda ps, dtype=dtype, impl=impl: SimpleOptimizer(  # noqa: E731
                         ps, lr=1.0, state_dtype=dtype, impl=impl)
-                result = _train(suite[task], make, steps, seed)
-                losses = result["losses"]
+                result = train_task(suite[task], make, steps=steps, seed=seed)
+                losses = result.losses
+                finished = len(losses) >= steps
                 record = {"task": task, "seed": seed, "option": option, "steps": steps,
-                          "final": _tail(losses, steps),
-                          "diverged_at": len(losses) if len(losses) < steps else None,
-                          "skipped": result["skipped"], "seconds": round(result["seconds"], 1)}
+                          "final": tail_mean(losses, 0.1) if finished else math.inf,
+                          "diverged_at": None if finished else len(losses),
+                          "skipped": result.skipped, "seconds": round(result.seconds, 1)}
                 print(json.dumps(record), flush=True)
                 with open(out, "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2l_optim import SimpleOptimizer
+from l2l_optim import SimpleOptimizer, SkippedStepWarning
 from l2l_optim.data import load_dataset
 from l2l_optim.models import base_mlp
 from l2l_optim.tasks import Task
@@ -243,7 +243,7 @@ def train(task, make_opt, steps, seed):
     reported instead). Returns (losses, skipped_steps, seconds); losses stops before the first
     non-finite loss."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", SkippedStepWarning)
         r = train_task(task, make_opt, steps=steps, seed=seed)
     return r.losses, r.skipped, r.seconds
 

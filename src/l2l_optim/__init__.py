@@ -33,6 +33,7 @@ _EXPORTS = {
     "save_weights": "weights",
     "WeightsError": "weights",
     "RunningRms": "functional",
+    "SkippedStepWarning": "nonfinite",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

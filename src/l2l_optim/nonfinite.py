@@ -18,11 +18,21 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["POLICIES", "finite_flags", "NonfiniteGuard", "user_stacklevel"]
+__all__ = ["POLICIES", "SkippedStepWarning", "finite_flags", "NonfiniteGuard", "user_stacklevel"]
 
 #: the values of the ``nonfinite`` option
 POLICIES = ("skip", "raise")
 _OWN_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+class SkippedStepWarning(RuntimeWarning):
+    """A step skipped for a non-finite gradient (parameters and state unchanged).
+
+    Its own category so that a training loop which reports the optimizer's ``skipped_steps``
+    can silence these warnings without hiding other ``RuntimeWarning``\ s::
+
+        warnings.simplefilter("ignore", SkippedStepWarning)
+    """
 
 
 def finite_flags(grads: list[Tensor]) -> Tensor:
@@ -128,7 +138,7 @@ class NonfiniteGuard:
         warnings.warn(
             f"{self.name}: non-finite gradient, step skipped (parameters and state unchanged); "
             "see skipped_steps, or pass nonfinite='raise' to stop",
-            RuntimeWarning, stacklevel=user_stacklevel(),
+            SkippedStepWarning, stacklevel=user_stacklevel(),
         )
         return False, None
 

@@ -45,6 +45,7 @@ import torch
 from ..optimizer import optimizer_class
 from ..training import tail_mean, train_task
 from ..hub import resolve_net
+from ..nonfinite import SkippedStepWarning
 from ..weights import weights_dirs
 from .peers import PEERS, TUNED, UNTUNED, START_LRS, make_peer, search_grid, warmup_cosine
 from .results import RATIOS, EvalResult, TaskResult, lr_key, mean_curve, tail_of, geometric_mean, task_rows
@@ -71,7 +72,7 @@ def _train(task: SuiteTask, make_opt: Callable, steps: int, seed: int,
     "seconds", "cpu_seconds", "skipped"}``; a learned optimizer's skipped-step warnings are
     silenced (the count is reported instead)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", SkippedStepWarning)
         r = train_task(task, make_opt, steps=steps, seed=seed, schedule=schedule)
     return {"losses": r.losses, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped}
 
