@@ -5,12 +5,11 @@ each state option and records the suite's score, the final loss (mean over the l
 the steps), one JSON line per run (resumable: runs already in the file are skipped). No
 baselines are run: the comparison is each option against float32 state, paired by seed.
 
-Options: ``float32``, ``bfloat16``, ``int8`` (the state dtypes), ``float32-reference``
-(float32 state on the reference kernel, whose float32 results differ from the C++ kernel's in
-the last bits: the noise floor of the trajectories themselves) and ``bfloat16-sr`` (float32
-state rounded to bfloat16 values after every step, stochastically: what a bfloat16 state
-with stochastic rounding would hold, emulated with torch ops, for the quality question only;
-rounding to nearest the same way gives ``bfloat16``'s losses bit for bit).
+Options: ``float32``, ``bfloat16`` (rounded stochastically, as the optimizer does), ``int8``
+(the state dtypes), ``float32-reference`` (float32 state on the reference kernel, whose
+float32 results differ from the C++ kernel's in the last bits: the noise floor of the
+trajectories themselves) and ``bfloat16-nearest`` (bfloat16 state rounded to nearest even:
+what stochastic rounding is measured against).
 
     python -m benchmarks.state_quality --tasks sine-regression fmnist-logreg --seeds 0 1 2 \\
         --options float32 bfloat16 int8 --steps 1000 --out runs/state-quality/results.jsonl
@@ -25,39 +24,20 @@ import math
 import os
 import warnings
 
-OPTIONS = ("float32", "bfloat16", "int8", "float32-reference", "bfloat16-sr")
+OPTIONS = ("float32", "bfloat16", "int8", "float32-reference", "bfloat16-nearest")
 
 
-def round_bf16_stochastic_(h, generator) -> None:
-    """Round float32 ``h`` in place to bfloat16 values, stochastically: a uniform 16-bit integer
-    added to the low half of each float's bits, then truncated, so ``E[rounded] = h``."""
-    import torch
-
-    bits = h.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32)
-    bits.copy_((bits + noise) & -65536)
-
-
-def stochastic_bf16_optimizer(params, seed: int):
-    """A SimpleOptimizer (lr 1) with float32 state whose hidden state is rounded to bfloat16
-    values after every step by :func:`round_bf16_stochastic_`."""
+def nearest_bf16_optimizer(params):
+    """A SimpleOptimizer (lr 1) whose bfloat16 hidden state rounds to nearest even instead of
+    stochastically."""
     import torch
 
     from l2l_optim import SimpleOptimizer
 
-    class StochasticBf16(SimpleOptimizer):
-        def __init__(self, params):
-            super().__init__(params, lr=1.0)
-            self._gen = torch.Generator().manual_seed(seed)
+    class NearestBf16(SimpleOptimizer):
+        _round_stochastically = False
 
-        @torch.no_grad()
-        def step(self, closure=None):
-            loss = super().step(closure)
-            for state in self.state.values():
-                round_bf16_stochastic_(state["h"], self._gen)
-            return loss
-
-    return StochasticBf16(params)
+    return NearestBf16(params, lr=1.0, state_dtype=torch.bfloat16)
 
 
 def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out: str) -> None:
@@ -79,8 +59,8 @@ def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out:
             for option in options:
                 if (task, seed, option, steps) in done:
                     continue
-                if option == "bfloat16-sr":
-                    make = lambda ps, seed=seed: stochastic_bf16_optimizer(ps, seed)  # noqa: E731
+                if option == "bfloat16-nearest":
+                    make = nearest_bf16_optimizer
                 else:
                     dtype = getattr(torch, option.removesuffix("-reference"))
                     impl = "reference" if option.endswith("-reference") else "auto"

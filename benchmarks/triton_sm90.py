@@ -79,18 +79,20 @@ def variants() -> list[Variant]:
     warps = tk.NUM_WARPS
     scan_per_thread = tk.SCAN_BLOCK_GPU // (32 * warps)
     step_types = dict(tab="*i64", blk="*i32", lr_ptr="*fp64", w_ptr="*fp32", norm_ptr="*fp64",
-                      part_ptr="*fp64", shared_ptr="*fp64", skip_ptr="*i1")
+                      part_ptr="*fp64", shared_ptr="*fp64", skip_ptr="*i1", key_ptr="*i64")
     f32, f64, bf16, f16 = tl.float32, tl.float64, tl.bfloat16, tl.float16
     out = []
 
-    def step(name, mode, p, g, h, c_layout=1, aligned=True, default=False, block=None):
+    def step(name, mode, p, g, h, c_layout=1, aligned=True, default=False, block=None,
+             stochastic=False):
         cdt = f64 if p == f64 else f32
         wide = block is None
         if block is None:
             block = tk.BLOCK_GPU_16BIT if {p, g, h} & {bf16, f16} else tk.BLOCK_GPU
         out.append(Variant(name, "_step_kernel", step_types, dict(
             H=10, BLOCK=block, P_DT=p, G_DT=g, H_DT=h, C_DT=cdt, MODE=mode, HAS_SKIP=True,
-            C_LAYOUT=c_layout, ALIGNED=aligned, NATIVE_BF16=True), block // (32 * warps),
+            C_LAYOUT=c_layout, ALIGNED=aligned, NATIVE_BF16=True, STOCHASTIC=stochastic),
+            block // (32 * warps),
             aligned, default, wide))
 
     step("pass1 default (fp32, rms)", 0, f32, f32, f32, default=True)
@@ -98,10 +100,12 @@ def variants() -> list[Variant]:
     step("pass1 default, unaligned", 0, f32, f32, f32, aligned=False)
     step("pass1 fp32, no rms", 0, f32, f32, f32, c_layout=0)
     step("pass1 fp32, bf16 hidden", 0, f32, f32, bf16)
+    step("pass1 fp32, bf16 hidden, stochastic", 0, f32, f32, bf16, stochastic=True)
     step("pass1 fp32, bf16 hidden, no rms", 0, f32, f32, bf16, c_layout=0)
     step("pass1 bf16 params (sums)", 1, bf16, bf16, f32)
     step("pass2 bf16 params (recompute)", 2, bf16, bf16, f32)
     step("pass2 bf16 params, bf16 hidden", 2, bf16, bf16, bf16)
+    step("pass2 bf16 params, bf16 hidden, stochastic", 2, bf16, bf16, bf16, stochastic=True)
     step("pass2 fp16 params", 2, f16, f16, f32)
     step("pass1 fp64", 0, f64, f64, f64)
     # 16-bit groups at the fp32 block size: 64-bit accesses to 16-bit data, at about half

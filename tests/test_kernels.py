@@ -313,6 +313,67 @@ def test_parity_bf16_hidden(path):
     assert max_err(p_ref, p_k) <= 1e-3 * scale_of(p_ref)
 
 
+def assert_stochastic_rounding_exact(kernel, device, pdt, weights, shapes=((), (7,), (1023,), (2, 300))):
+    """The kernel's stochastically rounded bf16 state is rounding.round_bf16_stochastic of the
+    very float32 values it computes, which a float32 hidden state of the same inputs shows
+    (the two dtypes share the arithmetic and differ only in the store). Exact."""
+    from l2l_optim.rounding import round_bf16_stochastic, rounding_key
+
+    hs = weights.w_ih.numel()
+    params, _ = make_state([(s, pdt, torch.float32) for s in shapes], device)
+    g = torch.Generator().manual_seed(1)
+    hiddens = [torch.tanh(torch.randn(hs, p.numel(), generator=g)).to(device) for p in params]
+    h32 = [h.to(torch.bfloat16).float() for h in hiddens]  # both dtypes hold these exactly
+    h16 = [h.to(torch.bfloat16) for h in hiddens]
+    grads = make_grads(params, 0)
+    keys = [(rounding_key(5, i) + 12345 * i) % 2**32 for i in range(len(shapes))]
+    lrs = [0.01] * len(shapes)
+    kernel(clone(params), grads, h32, lrs, weights)
+    kernel(clone(params), grads, h16, lrs, weights, rounding=keys)
+    for a, b, key in zip(h32, h16, keys):
+        expect = round_bf16_stochastic(a.cpu().float(), key)
+        assert torch.equal(b.cpu().view(torch.int16), expect.view(torch.int16))
+    # the same keys as a tensor on the device give the same bits
+    h16t = [h.to(torch.bfloat16) for h in hiddens]
+    kernel(clone(params), grads, h16t, lrs, weights, rounding=torch.tensor(keys, device=device))
+    assert all(torch.equal(a, b) for a, b in zip(h16, h16t))
+
+
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16])
+def test_stochastic_bf16_hidden_rounds_the_kernels_own_values(path, pdt):
+    kernel, device = path
+    assert_stochastic_rounding_exact(kernel, device, pdt, weights_for())
+
+
+def test_stochastic_bf16_hidden_parity(path):
+    from l2l_optim.rounding import rounding_key
+
+    kernel, device = path
+    specs = [(s, torch.float32, torch.bfloat16) for s in [(7,), (1023,), (2, 300)]]
+    w = weights_for()
+    p_ref, h_ref = make_state(specs, "cpu")
+    p_k, h_k = [p.to(device) for p in clone(p_ref)], [h.to(device) for h in clone(h_ref)]
+    lrs = [0.01] * len(specs)
+    for step in range(_steps(device)):
+        grads = make_grads(p_ref, step)
+        keys = [rounding_key(step, i) for i in range(len(specs))]
+        simple_update_reference(p_ref, grads, h_ref, lrs, w, rounding=keys)
+        kernel(p_k, [g.to(device) for g in grads], h_k, lrs, w, rounding=keys)
+    h_k = [h.cpu() for h in h_k]
+    # as with rounding to nearest: an ulp of the fp32 tanh flips a rounding now and then
+    same = sum((a == b).sum().item() for a, b in zip(h_ref, h_k))
+    total = sum(a.numel() for a in h_ref)
+    assert same / total > 0.98, same / total
+    assert max_err(h_ref, h_k) <= 4 * 2.0**-8
+    # and the keys are used: rounding to nearest gives other states
+    h_near = [h.to(device) for h in clone(make_state(specs, "cpu")[1])]
+    p_near = [p.to(device) for p in clone(make_state(specs, "cpu")[0])]
+    for step in range(_steps(device)):
+        kernel(p_near, [g.to(device) for g in make_grads(p_ref, step)], h_near, lrs, w)
+    differ = sum((a != b.cpu()).sum().item() for a, b in zip(h_k, h_near))
+    assert differ / total > 0.3, differ / total
+
+
 def test_skip_flag(path):
     kernel, device = path
     specs = [(s, torch.float32, torch.float32) for s in [(7,), (), (100,)]]
@@ -600,14 +661,20 @@ def test_cpu_every_instruction_set_matches_the_reference(isa):
             simple_update_reference(p_ref, grads, h_ref, [0.02], six.fused_weights())
             kernel(p_k, grads, h_k, [0.02], six.fused_weights())
         assert_parity(p_ref, h_ref, p_k, h_k, 1e-6, 1e-6)
+        # stochastic rounding of a bf16 state: the vector loop (fp32 compute, H = 10), the
+        # portable one (fp64 compute) and the loop for other hidden sizes
+        for pdt in (torch.float32, torch.float64):
+            assert_stochastic_rounding_exact(kernel, "cpu", pdt, weights_for(dtype=pdt))
+        assert_stochastic_rounding_exact(kernel, "cpu", torch.float32, six.fused_weights())
         x = torch.linspace(-25, 25, 100001)
         y, ref = cpu.kernel_tanh(x).double(), torch.tanh(x.double())
         assert ((y - ref).abs() / ref.abs().clamp_min(1e-38)).max() <= 2e-7  # as the tanh test
         outs = []
         for nt in (1, 3):
             torch.set_num_threads(nt)
-            p, h = make_state([((9000,), torch.float32, torch.float32), ((7,), torch.bfloat16, torch.float32)])
-            kernel(p, make_grads(p, 0), h, [0.05] * 2, weights_for())
+            p, h = make_state([((9000,), torch.float32, torch.float32), ((7,), torch.bfloat16, torch.float32),
+                               ((70001,), torch.float32, torch.bfloat16)])
+            kernel(p, make_grads(p, 0), h, [0.05] * 3, weights_for(), rounding=[1, 2, 3])
             outs.append(p + h)
         assert all(torch.equal(a, b) for a, b in zip(*outs))
     finally:

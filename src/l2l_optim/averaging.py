@@ -2,7 +2,7 @@
 
 With ``SimpleOptimizerNet(averaging=b)`` the rule moves a base sequence ``z`` (one state
 tensor per parameter) and the parameters hold the interpolation point ``y = (1 - b) z + b x``
-between ``z`` and the uniform running average ``x`` of the ``z``\ s
+between ``z`` and the uniform running average ``x`` of the ``z`` values
 (:func:`l2l_optim.rule.averaged_step` is the one definition of the step).
 :class:`AveragingModes` gives an optimizer Schedule-Free AdamW's ``train()`` / ``eval()``;
 :func:`averaged_update` runs one step around any update of ``z``.
@@ -88,7 +88,7 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
             advanced for this step).
         averaging: the interpolation weight ``b``.
         skip: a device flag; a skipped step changes neither ``params`` nor ``z``.
-        step: moves the tensors it is given (the ``z``\ s, shaped as the parameters).
+        step: moves the tensors it is given (the ``z`` values, shaped as the parameters).
     """
     # the host reads the device flag here: the averaging's coefficients depend on it
     if skip is not None and bool(skip):

@@ -143,11 +143,15 @@ class ShardedStep:
         params, grads: the local shards (plain tensors) of the parameters and gradients.
         mesh: the parameters' device mesh.
         count: the global number of coordinates stepped.
+        offsets: per parameter, the index of its local shard's first coordinate in the whole
+            tensor (flattened), where the shard is one contiguous range of it (sharded on
+            dimension 0 only, or replicated); else None.
     """
 
     def __init__(self, params: list[Tensor], grads: list[Tensor], mesh, count: int,
-                 scales: Tensor | None) -> None:
+                 scales: Tensor | None, offsets: list[int | None] | None = None) -> None:
         self.params = params
+        self.offsets = offsets if offsets is not None else [None] * len(params)
         self.grads = grads
         self.mesh = mesh
         self.count = count
@@ -179,13 +183,13 @@ class ShardedStep:
         return (total / self.count).reshape(())
 
     def local_states(self, states: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """The ``(*lead, local_numel)`` views of the parameters' DTensor states (``step``
-        left out), for the update to read and write in place.
+        """The ``(*lead, local_numel)`` views of the parameters' DTensor states (plain
+        entries such as ``step`` as they are), for the update to read and write in place.
 
         Args:
             states: the parameters' state dicts (DTensor state, plus ``step``).
         """
-        return [{k: _local_view(v, p) if is_dtensor(v) else v for k, v in state.items() if k != "step"}
+        return [{k: _local_view(v, p) if is_dtensor(v) else v for k, v in state.items()}
                 for p, state in zip(self.params, states)]
 
     @staticmethod
@@ -204,6 +208,28 @@ def _local_view(state: Tensor, p_local: Tensor) -> Tensor:
     local = state.to_local()
     lead = local.shape[: local.dim() - p_local.dim()]
     return local.view(*lead, p_local.numel())
+
+
+def flat_offset(p: Tensor) -> int | None:
+    """Where DTensor ``p``'s local shard starts in the flattened whole tensor, when the shard
+    is one contiguous range of it (placements Shard(0) or Replicate, torch's even chunks
+    along dimension 0 on each sharded mesh dimension, in order); else None."""
+    if any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
+        return None
+    if any(not isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+        return None
+    rows = p.shape[0] if p.dim() else 1
+    start, size = 0, rows
+    coord = p.device_mesh.get_coordinate()
+    if coord is None:  # this process holds no shard
+        return None
+    for d, pl in enumerate(p.placements):
+        if isinstance(pl, Shard):
+            chunk = -(-size // p.device_mesh.size(d))  # torch.chunk's: ceil
+            first = min(coord[d] * chunk, size)
+            start += first
+            size = min(chunk, size - first)
+    return start * (p.numel() // rows if rows else 0)
 
 
 def prepare_step(name: str, params: list[Tensor], grads: list[Tensor], where, *,
@@ -236,7 +262,7 @@ def prepare_step(name: str, params: list[Tensor], grads: list[Tensor], where, *,
             "SimpleOptimizer (an all-reduce between its kernel's passes)"
         )
     mesh = next(p.device_mesh for p in params if is_dtensor(p))
-    local_params, local_grads, scales = [], [], []
+    local_params, local_grads, scales, offsets = [], [], [], []
     count = 0
     for (i, _), p, g in zip(where, params, grads):
         if not is_dtensor(p):
@@ -264,12 +290,13 @@ def prepare_step(name: str, params: list[Tensor], grads: list[Tensor], where, *,
         replicas = math.prod(mesh.size(d) for d, pl in enumerate(p.placements)
                              if isinstance(pl, Replicate))
         scales.append(1.0 / replicas)
+        offsets.append(flat_offset(p))
         count += p.numel()
     device = local_params[0].device
     scale_t = None
     if any(s != 1.0 for s in scales):
         scale_t = torch.tensor(scales, dtype=torch.float64, device=device)
-    return ShardedStep(local_params, local_grads, mesh, count, scale_t)
+    return ShardedStep(local_params, local_grads, mesh, count, scale_t, offsets)
 
 
 def init_state(net, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -37,6 +37,7 @@ def simple_update(
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
     rms: RunningRms | tuple[list[Tensor], list[Tensor]] | None = None,
+    rounding: list[int] | Tensor | None = None,
 ) -> None:
     r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
 
@@ -84,6 +85,12 @@ def simple_update(
             coordinate (the same numbers); updated in place by the same pass that reads the
             gradient (SimpleOptimizer's states ``"v"`` and ``"c"``). Skipped steps leave
             them unchanged.
+        rounding: for bfloat16 hidden states, the keys of their stochastic rounding, one per
+            parameter (a list of ints, or an integer tensor on the parameters' device):
+            ``l2l_optim.rounding.rounding_keys(step_counts)``, which SimpleOptimizer passes.
+            The random bits are a function of the key and the coordinate
+            (:mod:`l2l_optim.rounding`), so every path and thread count gives the same bits.
+            ``None`` (the default): they round to nearest even. Other hidden dtypes ignore it.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version
@@ -92,10 +99,12 @@ def simple_update(
     Raises:
         ValueError: an unknown ``impl``, lists of different lengths, a sparse gradient, an
             unsupported dtype, a hidden state of the wrong shape, a net with
-            ``input_norm="rms"`` without ``rms``, or running means that do not fit.
+            ``input_norm="rms"`` without ``rms``, running means that do not fit, or not one
+            rounding key per parameter.
         TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights, a tensor
             is a subclass the kernels cannot address (e.g. DTensor: pass its ``to_local()``),
-            ``aggregate`` is not callable or returns no one-element tensor.
+            ``aggregate`` is not callable or returns no one-element tensor, or ``rounding``
+            is neither a list of ints nor an integer tensor.
         RuntimeError: ``impl`` cannot run here (no compiler, no Triton, another device), or
             the tensors are on several devices for a fused kernel.
 
@@ -133,7 +142,7 @@ def simple_update(
     if isinstance(weights, SimpleOptimizerNet):
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     with torch.no_grad():
-        kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms)
+        kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
 
 
 def coordinatewise_update(

@@ -393,7 +393,8 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         else:
             views = sharded.local_states(states)
             given = [dict(v) for v in views]
-            self._update(sharded.params, local_grads, given, lrs, skip, aggregate=sharded.aggregate)
+            self._update(sharded.params, local_grads, given, lrs, skip, aggregate=sharded.aggregate,
+                         offsets=sharded.offsets)
             sharded.write_back(views, given)
         steps = [s["step"] for s in states]
         if skip is None:
@@ -408,8 +409,10 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         return not self.net.independent_coordinates
 
     def _update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                lrs: list[float | Tensor], skip: Tensor | None, aggregate=None) -> None:
-        # aggregate: unused, the nets run here average over nothing (_couples_coordinates)
+                lrs: list[float | Tensor], skip: Tensor | None, aggregate=None,
+                offsets=None) -> None:
+        # aggregate: unused, the nets run here average over nothing (_couples_coordinates);
+        # offsets (where sharded parameters' local shards start): unused too
         cd = compute_dtype(*(p.dtype for p in params))
         coordinatewise_update(
             self._net_for(params[0].device, cd), params, grads, states, lrs, skip=skip

@@ -29,9 +29,20 @@ class SkippedStepWarning(RuntimeWarning):
     """A step skipped for a non-finite gradient (parameters and state unchanged).
 
     Its own category so that a training loop which reports the optimizer's ``skipped_steps``
-    can silence these warnings without hiding other ``RuntimeWarning``\ s::
+    can silence these warnings without hiding other runtime warnings.
 
-        warnings.simplefilter("ignore", SkippedStepWarning)
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from l2l_optim import SimpleOptimizer, SkippedStepWarning
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = SimpleOptimizer([p])
+        >>> p.grad = torch.tensor([1.0, float("nan"), 0.0])
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", SkippedStepWarning)
+        ...     opt.step()
+        >>> opt.skipped_steps
+        1
     """
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import distributed, kernels
 from .averaging import AveragingModes, averaged_update
 from .functional import RunningRms, simple_update
+from .rounding import rounding_keys
 from .learned_optimizer import LearnedOptimizer
 from .nets import SimpleOptimizerNet
 from .registry import get_architecture
@@ -104,6 +105,8 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
     _own_options = {"impl": "auto"}
     _step_options = ("impl",)
     _state_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    # bfloat16 hidden states round stochastically (False: to nearest even, for comparisons)
+    _round_stochastically = True
 
     def _check_options(self, options: dict[str, Any]) -> None:
         # the name here; whether the kernel runs on the parameters' device in _check_device
@@ -134,19 +137,25 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
             state["z"].copy_(p.detach().reshape(-1))
         return state
 
-    def _update(self, params, grads, states, lrs, skip, aggregate=None) -> None:
+    def _update(self, params, grads, states, lrs, skip, aggregate=None, offsets=None) -> None:
         self._check_train_mode()
         # aggregate: the mean over other processes' shards too (l2l_optim.distributed)
         # the rms input norm's running means go to the kernel, which updates them as it reads g
         rms = None
         if self.net.input_norm is not None:
             rms = RunningRms([s["v"] for s in states], [s["c"] for s in states])
+        # bfloat16 hidden states round stochastically, with keys from the step counts
+        # (l2l_optim.rounding): a slow unit's small increments survive on average
+        rounding = None
+        if self._round_stochastically and any(s["h"].dtype == torch.bfloat16 for s in states):
+            # (a shard of a sharded parameter draws the whole tensor's bits: offsets)
+            rounding = rounding_keys([s["step"] for s in states], offsets, self.net.hidden_size)
 
         def step(targets: list[Tensor]) -> None:
             # 8-bit hidden states run as float32 working copies, encoded back afterwards
             with decoded_hiddens(states, grads, skip) as hiddens:
-                simple_update(targets, grads, hiddens, lrs, self.net,
-                              impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms)
+                simple_update(targets, grads, hiddens, lrs, self.net, impl=self.defaults["impl"],
+                              skip=skip, aggregate=aggregate, rms=rms, rounding=rounding)
 
         if not self.net.averaging:
             step(params)

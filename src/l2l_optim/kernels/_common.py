@@ -8,6 +8,7 @@
   (a mean over coordinates that other processes hold).
 * :class:`RunningRms`, :func:`check_rms`: the running means of the rms input norm
   (``SimpleOptimizerNet(input_norm="rms")``), which every path updates in the same call.
+* :func:`check_rounding`: the keys of a bf16 hidden state's stochastic rounding.
 * :func:`contiguous_inplace`: contiguous working copies of non-contiguous tensors, copied back
   after the kernel, and the autograd version bump that in-place writes through raw pointers
   need.
@@ -40,6 +41,7 @@ __all__ = [
     "RunningRms",
     "RMS_CONSTANTS",
     "check_rms",
+    "check_rounding",
     "check_lengths",
     "check_inputs",
     "contiguous_inplace",
@@ -165,6 +167,38 @@ def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device
                     f"impl={impl!r}: {what} {i} must hold {count} {cd} values (the "
                     f"compute dtype of a {p.dtype} parameter), got {x.numel()} {x.dtype}"
                 )
+
+
+def check_rounding(impl: str, rounding: Any, n: int, *,
+                   device: torch.device | None = None) -> list[int] | Tensor | None:
+    """The stochastic rounding keys of a call (:mod:`l2l_optim.rounding`) in the form the
+    kernels read: None; a list of ``n`` ints in ``[0, 2**32)``; or, as given, an integer
+    tensor of shape ``(n,)`` whose values' low 32 bits are the keys.
+
+    Raises:
+        TypeError: neither None, a sequence of ints nor an integer tensor.
+        ValueError: not one key per parameter.
+        RuntimeError: a tensor on another device than ``device``.
+    """
+    if rounding is None:
+        return None
+    if isinstance(rounding, Tensor):
+        if rounding.dtype not in (torch.int64, torch.int32) or rounding.dim() != 1:
+            raise TypeError(f"rounding must be a 1-D integer tensor, got {rounding.dtype} "
+                            f"of {rounding.dim()} dimensions")
+        if rounding.shape[0] != n:
+            raise ValueError(f"rounding needs one key per parameter: {n}, got {rounding.shape[0]}")
+        if device is not None and rounding.device != device:
+            raise RuntimeError(f"impl={impl!r}: the rounding keys must be on {device}, got "
+                               f"{rounding.device}")
+        return rounding.to(torch.int64)
+    if not isinstance(rounding, (list, tuple)) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in rounding):
+        raise TypeError("rounding must be a list of ints or an integer tensor, got "
+                        f"{type(rounding).__name__}")
+    if len(rounding) != n:
+        raise ValueError(f"rounding needs one key per parameter: {n}, got {len(rounding)}")
+    return [k & 0xFFFFFFFF for k in rounding]
 
 
 def _check_plain(x: Any, what: str, i: int) -> None:

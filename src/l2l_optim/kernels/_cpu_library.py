@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
 ISA_ENV = "L2L_OPTIM_CPU_ISA"
 CACHE_ENV = "L2L_OPTIM_KERNEL_CACHE"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 _lock = threading.Lock()
@@ -72,6 +72,7 @@ _P = ctypes.c_void_p
 _PP = ctypes.POINTER(ctypes.c_void_p)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _I64P = ctypes.POINTER(ctypes.c_int64)
+_U32P = ctypes.POINTER(ctypes.c_uint32)
 _F64P = ctypes.POINTER(ctypes.c_double)
 _SIGNATURES = {
     "l2l_abi_version": (ctypes.c_int, []),
@@ -80,9 +81,9 @@ _SIGNATURES = {
     "l2l_isa": (ctypes.c_char_p, []),
     "l2l_supported_isas": (ctypes.c_char_p, []),
     "l2l_select_isa": (ctypes.c_int, [ctypes.c_char_p]),
-    "l2l_simple_pass1": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _PP, _I32P, _PP, _I32P, _PP,
-                                        _PP, _I64P, _F64P, _I64P, _F64P, _PP, _P, ctypes.c_int64,
-                                        _P, _P, ctypes.c_int]),
+    "l2l_simple_pass1": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _PP, _I32P, _PP, _I32P,
+                                        _U32P, _PP, _PP, _I64P, _F64P, _I64P, _F64P, _PP, _P,
+                                        ctypes.c_int64, _P, _P, ctypes.c_int]),
     "l2l_simple_pass2": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _I64P, _F64P, _PP, _P,
                                         ctypes.c_int64, ctypes.c_double, _P, ctypes.c_int]),
     "l2l_first_nonfinite": (ctypes.c_int64, [ctypes.c_int64, _PP, _I32P, _I64P, ctypes.c_int]),

@@ -94,6 +94,15 @@ if triton is not None:
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _to_bf16_stochastic(x, seq):
+        # fp32 -> bf16 rounded stochastically (rounding.py): the pattern plus the high half of
+        # seq * GOLDEN (modulo 2^32), truncated; NaN -> 0x7FC0
+        r = (seq * 0x9E3779B1) >> 16
+        u = x.to(tl.uint32, bitcast=True)
+        b = tl.where(x != x, 0x7FC0, (u + r) >> 16)
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _store(ptr, x, mask, DT: tl.constexpr, NATIVE_BF16: tl.constexpr):
         if DT == tl.bfloat16:
             # (from fp64 through fp32, as c10's conversion goes)
@@ -138,11 +147,11 @@ if triton is not None:
 
     @triton.jit
     def _step_kernel(
-        tab, blk, lr_ptr, w_ptr, norm_ptr, part_ptr, shared_ptr, skip_ptr,
+        tab, blk, lr_ptr, w_ptr, norm_ptr, part_ptr, shared_ptr, skip_ptr, key_ptr,
         H: tl.constexpr, BLOCK: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, H_DT: tl.constexpr, C_DT: tl.constexpr,
         MODE: tl.constexpr, HAS_SKIP: tl.constexpr, C_LAYOUT: tl.constexpr,
-        ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+        ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
     ):
         # MODE 0: pass 1 of fp32/fp64 parameters (writes h', the running means and theta +
         # lr u; the block's partial sum). MODE 1: pass 1 of bf16/fp16 parameters (the
@@ -193,12 +202,19 @@ if triton is not None:
         # dtype, rounded to the compute dtype here
         u = tl.zeros([BLOCK], dtype=C_DT) + tl.load(w_ptr + 4 * H + H * H).to(C_DT)
         s = tl.zeros([BLOCK], dtype=C_DT)
+        if STOCHASTIC:
+            # the rounding sequence of unit 0: key + i H for coordinate i, modulo 2^32
+            key = (tl.load(key_ptr + tl.load(row + 6)) & 0xFFFFFFFF).to(tl.uint32)
+            seq0 = key + ((start + idx) * H).to(tl.uint32)
         for j in tl.static_range(H):
             pre = tl.load(w_ptr + j).to(C_DT) * x + tl.load(w_ptr + H + H * H + j).to(C_DT)
             hn = _tanh(_w_hh_times_h(w_ptr, j, hs, pre, H, C_DT), F64)
             if MODE != 1:
-                _store(_base(row + 2, j * n + start, H_DT, ALIGNED) + idx, hn, mask, H_DT,
-                       NATIVE_BF16)
+                hp = _base(row + 2, j * n + start, H_DT, ALIGNED) + idx
+                if STOCHASTIC:
+                    tl.store(hp, _to_bf16_stochastic(hn.to(tl.float32), seq0 + j), mask=mask)
+                else:
+                    _store(hp, hn, mask, H_DT, NATIVE_BF16)
             u = u + tl.load(w_ptr + 2 * H + H * H + j).to(C_DT) * hn
             s = s + tl.load(w_ptr + 3 * H + H * H + j).to(C_DT) * hn
 

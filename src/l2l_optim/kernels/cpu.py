@@ -63,6 +63,7 @@ from ._common import (
     call_aggregate,
     check_inputs,
     check_rms,
+    check_rounding,
     compute_dtype,
     contiguous_inplace,
     packed_weights,
@@ -147,7 +148,7 @@ def _pointer(t: Tensor, what: str, i: int, codes: dict) -> tuple[int, int]:
 
 
 # array.array type codes of the C arrays' element types (same sizes, checked below)
-_TYPECODES = {_P: "Q", ctypes.c_int32: "i", ctypes.c_int64: "q", ctypes.c_double: "d"}
+_TYPECODES = {_P: "Q", ctypes.c_int32: "i", ctypes.c_int64: "q", ctypes.c_uint32: "I", ctypes.c_double: "d"}
 if any(array.array(code).itemsize != ctypes.sizeof(ctype) for ctype, code in _TYPECODES.items()):
     raise ImportError("l2l_optim cpu kernel: array.array and ctypes disagree on an element size")
 
@@ -287,13 +288,14 @@ def _plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Pla
 
 
 def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
-           checked: bool = False, plan: _Plan | None = None):
+           rounding: list[int] | None = None, checked: bool = False, plan: _Plan | None = None):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
 
     ``checked``: the caller has run check_inputs (and check_rms) and made every tensor
     contiguous, in eager mode (simple_update_cpu): then the pointers are read without
     checking each tensor again, which is most of the call's cost for small tensors.
     ``plan``: the arrays :func:`_plain_plan` read from these tensors (implies ``checked``).
+    ``rounding``: the bf16 hidden states' stochastic rounding keys (None: round to nearest).
     """
     lib = load_library()
     n = len(params)
@@ -320,6 +322,7 @@ def _pass1(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares,
         n, _array(_P, plan.p_ptrs), _array(ctypes.c_int32, p_codes),
         _array(_P, plan.g_ptrs), _array(ctypes.c_int32, plan.g_codes),
         _array(_P, plan.h_ptrs), _array(ctypes.c_int32, plan.h_codes),
+        None if rounding is None else _array(ctypes.c_uint32, rounding),
         _array(_P, plan.v_ptrs) if norm else None,
         _array(_P, plan.c_ptrs) if norm else None,
         _array(ctypes.c_int64, plan.c_numels) if norm else None,
@@ -396,21 +399,33 @@ def _lr_tensor(lrs: list) -> Tensor:
                         if isinstance(lr, Tensor) else one * lr for lr in lrs])
 
 
+def _key_list(rounding: Tensor | None, n: int) -> list[int] | None:
+    """An op's rounding keys (an int64 CPU vector) as the library takes them."""
+    if rounding is None:
+        return None
+    if rounding.shape != (n,) or rounding.dtype != torch.int64 or not rounding.is_cpu:
+        raise RuntimeError(f"l2l_optim cpu kernel: rounding must be a CPU int64 vector of {n} "
+                           f"keys, got {rounding.dtype} of shape {tuple(rounding.shape)}")
+    return [k & 0xFFFFFFFF for k in rounding.tolist()]
+
+
 # The registered ops take the learning rates as a tensor (see _lr_tensor); squares, ones: the
 # rms input norm's running means, or empty lists for none (an op's arguments cannot be None
-# lists).
+# lists); rounding: the stochastic rounding keys as an int64 vector, or None.
 def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
                    lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
-                   squares: list[Tensor], ones: list[Tensor]) -> None:
+                   squares: list[Tensor], ones: list[Tensor],
+                   rounding: Optional[Tensor] = None) -> None:
     _pass1(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip, False, squares,
-           ones)
+           ones, _key_list(rounding, len(params)))
 
 
 def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
                          lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
-                         squares: list[Tensor], ones: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+                         squares: list[Tensor], ones: list[Tensor],
+                         rounding: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
     sums, scratch = _pass1(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip,
-                           True, squares, ones)
+                           True, squares, ones, _key_list(rounding, len(params)))
     # an empty buffer for the parameters that need none (an op returns tensors, not None)
     return sums, [torch.empty(0) if s is None else s for s in scratch]
 
@@ -437,11 +452,12 @@ def _register_ops() -> None:
                                     device_types="cpu")
     pass2 = torch.library.custom_op(f"{lib}::simple_update_pass2", _simple_update_pass2,
                                     mutates_args=("params",), device_types="cpu")
-    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones: None)
+    update.register_fake(
+        lambda params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None: None)
     pass2.register_fake(lambda params, scratch, lrs, weights, shared, skip: None)
 
     @pass1.register_fake
-    def _(params, grads, hiddens, lrs, weights, skip, squares, ones):
+    def _(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None):
         sums = weights.new_empty((len(params),), dtype=torch.float64)
         low = (torch.bfloat16, torch.float16)
         return sums, [weights.new_empty((p.numel() if p.dtype in low else 0,), dtype=torch.float32)
@@ -471,6 +487,7 @@ def simple_update_cpu(
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
     rms: RunningRms | None = None,
+    rounding: list[int] | Tensor | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
 
@@ -499,6 +516,7 @@ def simple_update_cpu(
                      device_rule="runs on CPU tensors only")
         if rms is not None:
             check_rms("cpu", rms, params, device=_CPU, device_rule="runs on CPU tensors only")
+    rounding = check_rounding("cpu", rounding, len(params), device=_CPU)
     done, skip = split_skip(skip)
     if skip is not None and skip.device.type != "cpu":
         raise RuntimeError("impl='cpu': the skip flag must be a CPU tensor")
@@ -511,8 +529,9 @@ def simple_update_cpu(
     def eager(ps, gs, hs, vs, cs, plan=None):
         # every tensor was checked above (or planned), so pass 1 reads the pointers unchecked
         lr_list = [float(lr) for lr in lrs]
+        keys = rounding.tolist() if isinstance(rounding, Tensor) else rounding
         sums, scratch = _pass1(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
-                               checked=True, plan=plan)
+                               keys, checked=True, plan=plan)
         if aggregate is not None:
             _pass2(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
 
@@ -528,10 +547,12 @@ def simple_update_cpu(
             return
         update, pass1, pass2 = _ops()
         lr_t = _lr_tensor(lrs)
+        keys = rounding if rounding is None or isinstance(rounding, Tensor) else torch.tensor(
+            rounding, dtype=torch.int64)
         if aggregate is None:
-            update(ps, gs, hs, lr_t, packed, skip, vs, cs)
+            update(ps, gs, hs, lr_t, packed, skip, vs, cs, keys)
             return
-        sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs)
+        sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs, keys)
         shared = call_aggregate(aggregate, sums)
         pass2(ps, scratch, lr_t, packed, shared, skip)
 

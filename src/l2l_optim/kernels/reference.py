@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rounding import round_bf16_stochastic
 from ..rule import SimpleWeights, output, recur, rms_normalise, shared_term
 from ._common import (
     Aggregate,
@@ -17,6 +18,7 @@ from ._common import (
     call_aggregate,
     check_inputs,
     check_rms,
+    check_rounding,
     compute_dtype,
     packed_weights,
     split_skip,
@@ -34,6 +36,7 @@ def simple_update_reference(
     skip: Tensor | None = None,
     aggregate: Aggregate | None = None,
     rms: RunningRms | None = None,
+    rounding: list[int] | Tensor | None = None,
 ) -> None:
     """Apply one SimpleOptimizer step in place to ``params`` and ``hiddens``.
 
@@ -54,6 +57,9 @@ def simple_update_reference(
         rms: for a net with the rms input norm, its running means (updated in place); the
             RNN's input is then :func:`~l2l_optim.nets.rms_normalise` of the gradient, in the
             compute dtype. ``None``: the raw gradient.
+        rounding: optional keys, one per parameter, of the stochastic rounding of bfloat16
+            hidden states (:func:`~l2l_optim.rounding.round_bf16_stochastic`); ``None``: they
+            round to nearest. Other hidden dtypes ignore them.
 
     The aggregate is the mean of ``h'`` over every coordinate of every tensor in the call.
 
@@ -67,6 +73,7 @@ def simple_update_reference(
     if rms is not None:
         check_rms("reference", rms, params)
         rms = RunningRms(*rms)
+    rounding = check_rounding("reference", rounding, len(params))
     done, skip = split_skip(skip)
     if done or not params:
         return
@@ -101,7 +108,7 @@ def simple_update_reference(
     mean = total / max(count, 1)
     if aggregate is not None:
         agg = call_aggregate(aggregate, torch.stack(sums).to(params[0].device))
-    for p, h, h_new, lr in zip(params, hiddens, new_hiddens, lrs):
+    for i, (p, h, h_new, lr) in enumerate(zip(params, hiddens, new_hiddens, lrs)):
         cd = h_new.dtype
         w = packed_weights(weights, p.device, cd)
         if aggregate is None:
@@ -110,6 +117,9 @@ def simple_update_reference(
             shared = agg.to(device=p.device, dtype=cd)
         update = output(w.w_a, h_new, shared, w.b_out)
         p_new = p.to(cd) + lr * update.reshape(p.shape)
+        if rounding is not None and h.dtype == torch.bfloat16:
+            # float64 compute rounds to float32 first, as every conversion to bfloat16 does
+            h_new = round_bf16_stochastic(h_new.float(), rounding[i])
         if skip is not None:
             p_new, h_new = torch.where(skip, p, p_new), torch.where(skip, h, h_new)
         p.copy_(p_new)

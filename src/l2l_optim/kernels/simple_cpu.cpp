@@ -150,6 +150,8 @@ struct Job {
   int32_t pk, gk, hk;  // dtype codes of param, grad, hidden state
   int64_t n;
   double lr;
+  uint32_t rounding_key = 0;  // a bf16 hidden state's stochastic rounding (rounding.py), when
+  bool stochastic = false;    // the caller gives keys; else round to nearest even
 };
 
 }  // namespace l2l
@@ -394,7 +396,7 @@ using namespace l2l;
 // ------------------------------------------------------------------------------------------------
 // the C ABI (argument order and meaning mirrored in cpu.py)
 
-L2L_API int l2l_abi_version(void) { return 3; }
+L2L_API int l2l_abi_version(void) { return 4; }
 
 // the hash of the sources and flags this library was built from; _build.py finds it in the
 // file by its prefix, so a loader can tell a stale library without loading it
@@ -442,6 +444,8 @@ L2L_API int l2l_select_isa(const char* name) {
 //   params, grads, hiddens: data pointers (numels[t] elements; hiddens (H, numels[t]))
 //   param_dtypes, grad_dtypes, hidden_dtypes: dtype codes (params and grads: any of the four;
 //       hidden states: kF32, kF64 or kBF16)
+//   rounding_keys: NULL (bf16 hidden states round to nearest even), or per tensor the key of its
+//       bf16 hidden state's stochastic rounding (rounding.py); ignored for other hidden dtypes
 //   squares, ones, ones_numels, norm: NULL, or the rms input norm: per tensor the running means
 //       v (numels[t] elements) and c, in the compute dtype (fp64 for fp64 parameters, else
 //       fp32), updated in place; c's element count, 1 (one bias correction for the tensor,
@@ -457,6 +461,7 @@ L2L_API int l2l_select_isa(const char* name) {
 L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                              const void* const* grads, const int32_t* grad_dtypes,
                              void* const* hiddens, const int32_t* hidden_dtypes,
+                             const uint32_t* rounding_keys,
                              void* const* squares, void* const* ones,
                              const int64_t* ones_numels, const double* norm, const int64_t* numels, const double* lrs, float* const* scratch,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
@@ -478,6 +483,10 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
     job.hidden = hiddens[t];
     job.gk = grad_dtypes[t];
     job.hk = hidden_dtypes[t];
+    if (rounding_keys != nullptr) {
+      job.rounding_key = rounding_keys[t];
+      job.stochastic = true;
+    }
     if (job.n > 0 && (job.grad == nullptr || job.hidden == nullptr)) return kBadArgument;
     if (norm != nullptr) {
       job.squares = squares[t];

@@ -72,6 +72,22 @@ inline uint16_t f2h(float f) {
   return static_cast<uint16_t>(o | (sign >> 16));
 }
 
+// Stochastic rounding to bf16 (rounding.py, the definition): the float's bit pattern plus the
+// high half of x * kGolden, truncated; x = key + i * H + j for hidden unit j of coordinate i,
+// modulo 2^32. NaN -> 0x7FC0, as f2bf.
+constexpr uint32_t kGolden = 0x9E3779B1u;
+inline uint16_t f2bf_stochastic(float f, uint32_t x) {
+  const uint32_t r = (x * kGolden) >> 16;
+  return (f != f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((f2u(f) + r) >> 16);
+}
+
+// How a bf16 hidden state is rounded: to nearest even, or stochastically with the tensor's key
+// of this step.
+struct Rounding {
+  uint32_t key;
+  bool stochastic;
+};
+
 template <typename S, typename C>
 struct Cvt;  // load S as C, store C as S
 
@@ -97,6 +113,21 @@ struct Cvt<uint16_t, double> {
   // double -> float -> bf16, the same two roundings as torch's tensor.to(torch.bfloat16)
   static inline uint16_t store(double v) { return f2bf(static_cast<float>(v)); }
 };
+
+// Store a new hidden value; x: its stochastic rounding sequence (read for bf16 state only).
+template <typename S, typename C>
+inline S store_h(C v, uint32_t, bool) {
+  return Cvt<S, C>::store(v);
+}
+template <>
+inline uint16_t store_h<uint16_t, float>(float v, uint32_t x, bool stochastic) {
+  return stochastic ? f2bf_stochastic(v, x) : f2bf(v);
+}
+template <>
+inline uint16_t store_h<uint16_t, double>(double v, uint32_t x, bool stochastic) {
+  // double -> float rounds to nearest first, as Cvt's store
+  return stochastic ? f2bf_stochastic(static_cast<float>(v), x) : Cvt<uint16_t, double>::store(v);
+}
 
 // ---------------------------------------------------------------------------------------------
 // tanh
@@ -269,12 +300,13 @@ __attribute__((noinline)) double pass1_fixed(
     S* __restrict h,        // hidden state base of the tensor, (H, n)
     int64_t n, int64_t i0, int64_t len,
     C* __restrict out,  // theta or scratch, offset to the block
-    C lr, const Weights<C>& w, C* __restrict sbuf) {
+    C lr, const Weights<C>& w, C* __restrict sbuf, const Rounding& rnd) {
 #if L2L_SIMD_BACKEND
   if constexpr (H == 10 && sizeof(C) == 4 && sizeof(S) != 8) {
-    return pass1_simd<S>(g, h, n, i0, len, out, lr, w, sbuf);
+    return pass1_simd<S>(g, h, n, i0, len, out, lr, w, sbuf, rnd);
   }
 #endif
+  const bool stochastic = rnd.stochastic;
   // local copies of the weights so that the compiler sees loop-invariant broadcast operands
   C ih[H], bh[H], wa[H], wb[H], hh[H * H];
   for (int j = 0; j < H; ++j) {
@@ -312,6 +344,7 @@ __attribute__((noinline)) double pass1_fixed(
     }
     C* __restrict oc = out + c0;
     C* __restrict sc = sbuf + c0;
+    const uint32_t rb = rnd.key + static_cast<uint32_t>(i0 + c0) * static_cast<uint32_t>(H);
 #pragma omp simd
     for (int ii = 0; ii < cl; ++ii) {
       C u = b_out;
@@ -319,7 +352,7 @@ __attribute__((noinline)) double pass1_fixed(
 #pragma GCC unroll 16
       for (int j = 0; j < H; ++j) {
         const C t = pre[j][ii];
-        hc[j * n + ii] = Cvt<S, C>::store(t);
+        hc[j * n + ii] = store_h<S, C>(t, rb + static_cast<uint32_t>(ii * H + j), stochastic);
         u += wa[j] * t;
         s += wb[j] * t;
       }
@@ -333,9 +366,11 @@ __attribute__((noinline)) double pass1_fixed(
 // The same for any hidden size <= kMaxH (runtime loops; slower, used for H != 10).
 template <typename C, typename S>
 double pass1_generic(const C* __restrict g, S* __restrict h, int64_t n, int64_t i0, int64_t len,
-                     C* __restrict out, C lr, const Weights<C>& w, C* __restrict sbuf) {
+                     C* __restrict out, C lr, const Weights<C>& w, C* __restrict sbuf,
+                     const Rounding& rnd) {
   const int H = w.H;
   S* __restrict hb = h + i0;
+  const uint32_t rb = rnd.key + static_cast<uint32_t>(i0) * static_cast<uint32_t>(H);
   for (int64_t ii = 0; ii < len; ++ii) {
     C hk[kMaxH];
     for (int k = 0; k < H; ++k) hk[k] = Cvt<S, C>::load(hb[k * n + ii]);
@@ -346,7 +381,7 @@ double pass1_generic(const C* __restrict g, S* __restrict h, int64_t n, int64_t 
       C pre = w.ih[j] * gi + w.bh[j];
       for (int k = 0; k < H; ++k) pre += w.hh[j * H + k] * hk[k];
       const C hn = tanh_c(pre);
-      hb[j * n + ii] = Cvt<S, C>::store(hn);
+      hb[j * n + ii] = store_h<S, C>(hn, rb + static_cast<uint32_t>(ii * H + j), rnd.stochastic);
       u += w.a[j] * hn;
       s += w.b[j] * hn;
     }
@@ -465,8 +500,9 @@ double run_block_typed(const Job& job, const Item& it, const Weights<C>& w) {
     out = static_cast<C*>(job.param) + it.start;
     lr = static_cast<C>(job.lr);
   }
-  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
-  return pass1_generic<C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf);
+  const Rounding rnd{job.rounding_key, job.stochastic};
+  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf, rnd);
+  return pass1_generic<C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf, rnd);
 }
 
 template <typename C>

@@ -49,6 +49,8 @@ struct Simd {
   static I as_int(F a) { return _mm256_castps_si256(a); }
   static F as_float(I a) { return _mm256_castsi256_ps(a); }
   static I addi(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }  // low 32 bits of each product
+  static I lanes() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static I andi(I a, I b) { return _mm256_and_si256(a, b); }
   template <int k> static I shl(I a) { return _mm256_slli_epi32(a, k); }
   template <int k> static I shr(I a) { return _mm256_srli_epi32(a, k); }  // logical
@@ -91,6 +93,8 @@ struct Simd {
   static I as_int(F a) { return _mm512_castps_si512(a); }
   static F as_float(I a) { return _mm512_castsi512_ps(a); }
   static I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
+  static I lanes() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   static I andi(I a, I b) { return _mm512_and_si512(a, b); }
   template <int k> static I shl(I a) { return _mm512_slli_epi32(a, k); }
   template <int k> static I shr(I a) { return _mm512_srli_epi32(a, k); }
@@ -141,13 +145,26 @@ inline SimdI simd_bf16_bits(SimdF t) {
   return Simd::where_nan(t, r, Simd::set1i(0x7FC0));
 }
 
-// Store two hidden units' new values, to rows p0 and p1.
-inline void simd_store_h2(float* p0, float* p1, SimdF t0, SimdF t1) {
+// f2bf_stochastic on every lane: x holds each lane's key + i H + j (rounding.py).
+inline SimdI simd_bf16_bits_stochastic(SimdF t, SimdI x) {
+  const SimdI r = Simd::shr<16>(Simd::mullo(x, Simd::set1i(static_cast<int32_t>(kGolden))));
+  return Simd::where_nan(t, Simd::shr<16>(Simd::addi(Simd::as_int(t), r)), Simd::set1i(0x7FC0));
+}
+
+// Store two hidden units' new values, to rows p0 and p1; x: the first unit's rounding
+// sequence (the second's is x + 1), read for stochastically rounded bf16 state only.
+inline void simd_store_h2(float* p0, float* p1, SimdF t0, SimdF t1, SimdI, bool) {
   Simd::store(p0, t0);
   Simd::store(p1, t1);
 }
-inline void simd_store_h2(uint16_t* p0, uint16_t* p1, SimdF t0, SimdF t1) {
-  Simd::store_bf16_2(p0, p1, simd_bf16_bits(t0), simd_bf16_bits(t1));
+inline void simd_store_h2(uint16_t* p0, uint16_t* p1, SimdF t0, SimdF t1, SimdI x,
+                          bool stochastic) {
+  if (stochastic) {
+    Simd::store_bf16_2(p0, p1, simd_bf16_bits_stochastic(t0, x),
+                       simd_bf16_bits_stochastic(t1, Simd::addi(x, Simd::set1i(1))));
+  } else {
+    Simd::store_bf16_2(p0, p1, simd_bf16_bits(t0), simd_bf16_bits(t1));
+  }
 }
 
 // tanh_f32 on every lane: its operations, in its order (see there for the method), except for
@@ -194,11 +211,12 @@ inline void simd_tanh_range(const float* __restrict src, float* __restrict dst, 
 }
 
 // One vector of coordinates: gradients g, hidden rows h + k * stride, out += lr * (w_a . h' +
-// b_out), s = w_b . h'.
+// b_out), s = w_b . h'. rb: per lane, key + i * 10 for the lane's coordinate i (the stochastic
+// rounding's sequence of unit 0).
 template <typename S>
 inline void simd_step(const float* __restrict g, S* __restrict h, int64_t stride,
                       float* __restrict out, float* __restrict s, SimdF lr,
-                      const SimdWeights& w) {
+                      const SimdWeights& w, SimdI rb, bool stochastic) {
   // hidden units per tanh group (see the top of the file)
   constexpr int kGroup = (sizeof(S) == 2 && Simd::kLanes == 8) ? 10 : 2;
   const SimdF gv = Simd::load(g);
@@ -220,7 +238,8 @@ inline void simd_step(const float* __restrict g, S* __restrict h, int64_t stride
     for (int q = 0; q < kGroup; ++q) t[q] = simd_tanh(p[j0 + q]);
 #pragma GCC unroll 16
     for (int q = 0; q < kGroup; q += 2) {
-      simd_store_h2(h + (j0 + q) * stride, h + (j0 + q + 1) * stride, t[q], t[q + 1]);
+      simd_store_h2(h + (j0 + q) * stride, h + (j0 + q + 1) * stride, t[q], t[q + 1],
+                    Simd::addi(rb, Simd::set1i(j0 + q)), stochastic);
     }
 #pragma GCC unroll 16
     for (int q = 0; q < kGroup; ++q) {
@@ -237,14 +256,20 @@ template <typename S>
 __attribute__((noinline)) double pass1_simd(const float* __restrict g, S* __restrict h, int64_t n,
                                             int64_t i0, int64_t len, float* __restrict out,
                                             float lr, const Weights<float>& w,
-                                            float* __restrict sbuf) {
+                                            float* __restrict sbuf, const Rounding& rnd) {
   constexpr int kV = Simd::kLanes;
   SimdWeights wv;
   simd_broadcast(w, &wv);
   const SimdF lrv = Simd::set1(lr);
   S* __restrict hb = h + i0;
+  // the rounding sequence of unit 0 at coordinate i0 + ii, per lane; advanced by kV * 10
+  const SimdI lane10 = Simd::mullo(Simd::lanes(), Simd::set1i(10));
+  const uint32_t base = rnd.key + static_cast<uint32_t>(i0) * 10u;
   int64_t ii = 0;
-  for (; ii + kV <= len; ii += kV) simd_step(g + ii, hb + ii, n, out + ii, sbuf + ii, lrv, wv);
+  for (; ii + kV <= len; ii += kV) {
+    const SimdI rb = Simd::addi(Simd::set1i(static_cast<int32_t>(base + static_cast<uint32_t>(ii) * 10u)), lane10);
+    simd_step(g + ii, hb + ii, n, out + ii, sbuf + ii, lrv, wv, rb, rnd.stochastic);
+  }
   if (ii < len) {  // the last 1 to kV - 1 coordinates, through a zero-padded copy: same operations
     const int rest = static_cast<int>(len - ii);
     alignas(64) float gt[kV] = {}, ot[kV] = {}, st[kV];
@@ -254,7 +279,8 @@ __attribute__((noinline)) double pass1_simd(const float* __restrict g, S* __rest
       ot[i] = out[ii + i];
       for (int k = 0; k < 10; ++k) ht[k * kV + i] = hb[k * n + ii + i];
     }
-    simd_step(gt, ht, kV, ot, st, lrv, wv);
+    const SimdI rb = Simd::addi(Simd::set1i(static_cast<int32_t>(base + static_cast<uint32_t>(ii) * 10u)), lane10);
+    simd_step(gt, ht, kV, ot, st, lrv, wv, rb, rnd.stochastic);
     for (int i = 0; i < rest; ++i) {
       out[ii + i] = ot[i];
       sbuf[ii + i] = st[i];

@@ -79,6 +79,7 @@ from ._common import (
     call_aggregate,
     check_inputs,
     check_rms,
+    check_rounding,
     compute_dtype,
     contiguous_inplace,
     packed_weights,
@@ -205,12 +206,13 @@ def _launch_context(device: torch.device):
 class _Step:
     """What one call launches with: its layout, tensor and lr tables, and the flags."""
 
-    __slots__ = ("layout", "tabs", "lrs", "norm", "weights", "H", "skip")
+    __slots__ = ("layout", "tabs", "lrs", "norm", "weights", "H", "skip", "keys")
 
 
-def _prepare(ps, gs, hs, vs, cs, lrs, weights, skip, tables) -> _Step:
+def _prepare(ps, gs, hs, vs, cs, lrs, weights, skip, tables, rounding=None) -> _Step:
     """The tables of one call, from its handle (built on first use). ``lrs``: Python floats
-    (a cached table) or a float64 vector on the device, one per tensor."""
+    (a cached table) or a float64 vector on the device, one per tensor. ``rounding``: None,
+    or the stochastic rounding keys as ints (uploaded) or an int64 vector on the device."""
     device = ps[0].device
     keys, numels, rows = [], [], []
     for i, (p, g, h) in enumerate(zip(ps, gs, hs)):
@@ -243,6 +245,10 @@ def _prepare(ps, gs, hs, vs, cs, lrs, weights, skip, tables) -> _Step:
     step.weights = weights
     step.H = hs[0].shape[0]
     step.skip = skip
+    if rounding is None or isinstance(rounding, Tensor):
+        step.keys = rounding
+    else:  # a new set of keys every step: uploaded, not cached
+        step.keys = torch.tensor(rounding, dtype=torch.int64).to(device, non_blocking=True)
     return step
 
 
@@ -277,14 +283,16 @@ def _pass(step: _Step, mode: str, partials: Tensor | None, shared: Tensor | None
                 ALIGNED=aligned, **_warps())
             continue
         kernel_mode = (1 if low else 0) if mode == "pass1" else 2
+        stochastic = step.keys is not None and hdt == torch.bfloat16
         _step_kernel[(grp.n_blocks,)](
             tab, grp.blocks, step.lrs, step.weights, step.norm,
             partials[grp.part_base :] if partials is not None else step.norm,
             shared if shared is not None else step.norm, skip_t,
+            step.keys if stochastic else step.norm,
             H=step.H, BLOCK=grp.block, P_DT=_TL_DTYPES[pdt], G_DT=_TL_DTYPES[gdt],
             H_DT=_TL_DTYPES[hdt], C_DT=_TL_DTYPES[cdt], MODE=kernel_mode,
             HAS_SKIP=has_skip, C_LAYOUT=layout_c, ALIGNED=aligned,
-            NATIVE_BF16=not _INTERPRET, **_warps())
+            NATIVE_BF16=not _INTERPRET, STOCHASTIC=stochastic, **_warps())
     if mode == "pass2":
         for grp, tab in zip(layout.groups, step.tabs):
             if grp.key[3] == _C_PER_TENSOR:
@@ -293,14 +301,14 @@ def _pass(step: _Step, mode: str, partials: Tensor | None, shared: Tensor | None
                                               HAS_SKIP=has_skip, **_warps())
 
 
-def _update(params, grads, hiddens, lrs, weights, skip, squares, ones, mode: str,
+def _update(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding, mode: str,
             shared: Tensor | None = None, tables: TritonTables | None = None) -> Tensor | None:
     """The update's implementation (eager, or inside the ops): ``mode`` ``"step"`` (both
     passes), ``"pass1"`` (returns the per-tensor sums) or ``"pass2"`` (with ``shared``)."""
     device = params[0].device
     # (the tables are looked up, built and uploaded on the tensors' device and stream too)
     with _launch_context(device):
-        step = _prepare(params, grads, hiddens, squares, ones, lrs, weights, skip, tables)
+        step = _prepare(params, grads, hiddens, squares, ones, lrs, weights, skip, tables, rounding)
         layout = step.layout
         if layout.n_total == 0:
             return (torch.zeros(len(params), dtype=torch.float64, device=device)
@@ -357,23 +365,24 @@ _MUTATED = ("params", "hiddens", "squares", "ones")
 # The ops take the learning rates as one float64 vector on the device (_lr_vector): a list of
 # floats among an op's arguments would be a constant of the graph, guarded by value, and every
 # step of a learning-rate schedule would compile the step again. squares, ones: the rms input
-# norm's running means, or empty lists for none (an op's arguments cannot be None lists).
+# norm's running means, or empty lists for none (an op's arguments cannot be None lists);
+# rounding: the stochastic rounding keys as an int64 vector on the device, or None.
 def _op_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
                weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
-               ones: list[Tensor]) -> None:
-    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "step")
+               ones: list[Tensor], rounding: Optional[Tensor] = None) -> None:
+    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding, "step")
 
 
 def _op_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
               weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
-              ones: list[Tensor]) -> Tensor:
-    return _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "pass1")
+              ones: list[Tensor], rounding: Optional[Tensor] = None) -> Tensor:
+    return _update(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding, "pass1")
 
 
 def _op_pass2(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor], lrs: Tensor,
               weights: Tensor, skip: Optional[Tensor], squares: list[Tensor],
-              ones: list[Tensor], shared: Tensor) -> None:
-    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, "pass2", shared)
+              ones: list[Tensor], shared: Tensor, rounding: Optional[Tensor] = None) -> None:
+    _update(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding, "pass2", shared)
 
 
 def _op_finite_flags(grads: list[Tensor]) -> Tensor:
@@ -394,11 +403,12 @@ def _register_ops() -> None:
                                     mutates_args=_MUTATED, device_types=_DEVICE_TYPES)
     flags = torch.library.custom_op(f"{lib}::finite_flags", _op_finite_flags, mutates_args=(),
                                     device_types=_DEVICE_TYPES)
-    update.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones: None)
-    pass1.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones:
+    update.register_fake(
+        lambda params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None: None)
+    pass1.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None:
                         weights.new_empty((len(params),), dtype=torch.float64))
     pass2.register_fake(lambda params, grads, hiddens, lrs, weights, skip, squares, ones,
-                        shared: None)
+                        shared, rounding=None: None)
     flags.register_fake(lambda grads: grads[0].new_empty((len(grads),), dtype=torch.bool))
 
 
@@ -438,6 +448,7 @@ def simple_update_triton(
     skip: Tensor | bool | None = None,
     aggregate: Aggregate | None = None,
     rms: RunningRms | None = None,
+    rounding: list[int] | Tensor | None = None,
     *,
     tables: TritonTables | None = None,
 ) -> None:
@@ -466,6 +477,7 @@ def simple_update_triton(
     check_inputs("triton", params, grads, hiddens, lrs, H, device=device, device_rule=rule)
     if rms is not None:
         check_rms("triton", rms, params, device=device, device_rule=rule)
+    rounding = check_rounding("triton", rounding, len(params), device=device)
     done, skip = split_skip(skip)
     if done or not params:
         return
@@ -481,19 +493,22 @@ def simple_update_triton(
         lrs = [float(lr) for lr in lrs]
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
+        if compiling and rounding is not None and not isinstance(rounding, Tensor):
+            rounding = torch.tensor(rounding, dtype=torch.int64, device=device)
         args = (ps, gs, hs, lrs, packed, skip, vs, cs)
         if compiling:
             ops = torch.ops.l2l_optim_triton
             if aggregate is None:
-                ops.simple_update(*args)
+                ops.simple_update(*args, rounding)
             else:
-                ops.simple_update_pass2(*args, call_aggregate(aggregate, ops.simple_update_pass1(*args)))
+                sums = ops.simple_update_pass1(*args, rounding)
+                ops.simple_update_pass2(*args, call_aggregate(aggregate, sums), rounding)
             return
         if aggregate is None:
-            _update(*args, "step", tables=tables)
+            _update(*args, rounding, "step", tables=tables)
         else:
-            sums = _update(*args, "pass1", tables=tables)
-            _update(*args, "pass2", call_aggregate(aggregate, sums), tables=tables)
+            sums = _update(*args, rounding, "pass1", tables=tables)
+            _update(*args, rounding, "pass2", call_aggregate(aggregate, sums), tables=tables)
 
 
 def finite_flags_triton(grads: list[Tensor], *, tables: TritonTables | None = None) -> Tensor:
