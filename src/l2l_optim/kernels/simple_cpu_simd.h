@@ -145,23 +145,26 @@ inline SimdI simd_bf16_bits(SimdF t) {
   return Simd::where_nan(t, r, Simd::set1i(0x7FC0));
 }
 
-// f2bf_stochastic on every lane: x holds each lane's key + i H + j (rounding.py).
-inline SimdI simd_bf16_bits_stochastic(SimdF t, SimdI x) {
-  const SimdI r = Simd::shr<16>(Simd::mullo(x, Simd::set1i(static_cast<int32_t>(kGolden))));
+// f2bf_stochastic on every lane: xg holds each lane's (key + i H + j) * kGolden, modulo 2^32
+// (rounding.py).
+inline SimdI simd_bf16_bits_stochastic(SimdF t, SimdI xg) {
+  const SimdI r = Simd::shr<16>(xg);
   return Simd::where_nan(t, Simd::shr<16>(Simd::addi(Simd::as_int(t), r)), Simd::set1i(0x7FC0));
 }
 
-// Store two hidden units' new values, to rows p0 and p1; x: the first unit's rounding
-// sequence (the second's is x + 1), read for stochastically rounded bf16 state only.
+// Store two hidden units' new values, to rows p0 and p1; xg: the first unit's rounding
+// sequence times kGolden (the second's is xg + kGolden), read for stochastically rounded bf16
+// state only.
 inline void simd_store_h2(float* p0, float* p1, SimdF t0, SimdF t1, SimdI, bool) {
   Simd::store(p0, t0);
   Simd::store(p1, t1);
 }
-inline void simd_store_h2(uint16_t* p0, uint16_t* p1, SimdF t0, SimdF t1, SimdI x,
+inline void simd_store_h2(uint16_t* p0, uint16_t* p1, SimdF t0, SimdF t1, SimdI xg,
                           bool stochastic) {
   if (stochastic) {
-    Simd::store_bf16_2(p0, p1, simd_bf16_bits_stochastic(t0, x),
-                       simd_bf16_bits_stochastic(t1, Simd::addi(x, Simd::set1i(1))));
+    const SimdI g = Simd::set1i(static_cast<int32_t>(kGolden));
+    Simd::store_bf16_2(p0, p1, simd_bf16_bits_stochastic(t0, xg),
+                       simd_bf16_bits_stochastic(t1, Simd::addi(xg, g)));
   } else {
     Simd::store_bf16_2(p0, p1, simd_bf16_bits(t0), simd_bf16_bits(t1));
   }
@@ -211,12 +214,12 @@ inline void simd_tanh_range(const float* __restrict src, float* __restrict dst, 
 }
 
 // One vector of coordinates: gradients g, hidden rows h + k * stride, out += lr * (w_a . h' +
-// b_out), s = w_b . h'. rb: per lane, key + i * 10 for the lane's coordinate i (the stochastic
-// rounding's sequence of unit 0).
+// b_out), s = w_b . h'. rbg: per lane, (key + i * 10) * kGolden for the lane's coordinate i
+// (the stochastic rounding's sequence of unit 0, multiplied out: unit j adds j * kGolden).
 template <typename S>
 inline void simd_step(const float* __restrict g, S* __restrict h, int64_t stride,
                       float* __restrict out, float* __restrict s, SimdF lr,
-                      const SimdWeights& w, SimdI rb, bool stochastic) {
+                      const SimdWeights& w, SimdI rbg, bool stochastic) {
   // hidden units per tanh group (see the top of the file)
   constexpr int kGroup = (sizeof(S) == 2 && Simd::kLanes == 8) ? 10 : 2;
   const SimdF gv = Simd::load(g);
@@ -239,7 +242,8 @@ inline void simd_step(const float* __restrict g, S* __restrict h, int64_t stride
 #pragma GCC unroll 16
     for (int q = 0; q < kGroup; q += 2) {
       simd_store_h2(h + (j0 + q) * stride, h + (j0 + q + 1) * stride, t[q], t[q + 1],
-                    Simd::addi(rb, Simd::set1i(j0 + q)), stochastic);
+                    Simd::addi(rbg, Simd::set1i(static_cast<int32_t>((j0 + q) * kGolden))),
+                    stochastic);
     }
 #pragma GCC unroll 16
     for (int q = 0; q < kGroup; ++q) {
@@ -262,13 +266,16 @@ __attribute__((noinline)) double pass1_simd(const float* __restrict g, S* __rest
   simd_broadcast(w, &wv);
   const SimdF lrv = Simd::set1(lr);
   S* __restrict hb = h + i0;
-  // the rounding sequence of unit 0 at coordinate i0 + ii, per lane; advanced by kV * 10
-  const SimdI lane10 = Simd::mullo(Simd::lanes(), Simd::set1i(10));
-  const uint32_t base = rnd.key + static_cast<uint32_t>(i0) * 10u;
+  // the rounding sequence of unit 0 at coordinate i0 + ii, per lane, times kGolden (all modulo
+  // 2^32: (a + b) kGolden = a kGolden + b kGolden, so no multiplication in the loop)
+  const SimdI lane10g = Simd::mullo(Simd::lanes(), Simd::set1i(static_cast<int32_t>(10u * kGolden)));
+  const uint32_t base_g = (rnd.key + static_cast<uint32_t>(i0) * 10u) * kGolden;
+  const uint32_t step_g = static_cast<uint32_t>(kV) * 10u * kGolden;
   int64_t ii = 0;
   for (; ii + kV <= len; ii += kV) {
-    const SimdI rb = Simd::addi(Simd::set1i(static_cast<int32_t>(base + static_cast<uint32_t>(ii) * 10u)), lane10);
-    simd_step(g + ii, hb + ii, n, out + ii, sbuf + ii, lrv, wv, rb, rnd.stochastic);
+    const uint32_t at = base_g + static_cast<uint32_t>(ii / kV) * step_g;
+    const SimdI rbg = Simd::addi(Simd::set1i(static_cast<int32_t>(at)), lane10g);
+    simd_step(g + ii, hb + ii, n, out + ii, sbuf + ii, lrv, wv, rbg, rnd.stochastic);
   }
   if (ii < len) {  // the last 1 to kV - 1 coordinates, through a zero-padded copy: same operations
     const int rest = static_cast<int>(len - ii);
@@ -279,8 +286,9 @@ __attribute__((noinline)) double pass1_simd(const float* __restrict g, S* __rest
       ot[i] = out[ii + i];
       for (int k = 0; k < 10; ++k) ht[k * kV + i] = hb[k * n + ii + i];
     }
-    const SimdI rb = Simd::addi(Simd::set1i(static_cast<int32_t>(base + static_cast<uint32_t>(ii) * 10u)), lane10);
-    simd_step(gt, ht, kV, ot, st, lrv, wv, rb, rnd.stochastic);
+    const uint32_t at = base_g + static_cast<uint32_t>(ii / kV) * step_g;
+    const SimdI rbg = Simd::addi(Simd::set1i(static_cast<int32_t>(at)), lane10g);
+    simd_step(gt, ht, kV, ot, st, lrv, wv, rbg, rnd.stochastic);
     for (int i = 0; i < rest; ++i) {
       out[ii + i] = ot[i];
       sbuf[ii + i] = st[i];
