@@ -102,20 +102,19 @@ TRAIN_OPTIMIZERS: dict[str, Callable] = {
     "adam-fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
     "adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
     "simple": lambda ps: SimpleOptimizer(ps),
-    "simple-bf16": lambda ps: SimpleOptimizer(ps, state_dtype=torch.bfloat16),
+    "simple-fp32": lambda ps: SimpleOptimizer(ps, state_dtype=torch.float32),
     "simple-int8": lambda ps: SimpleOptimizer(ps, state_dtype=torch.int8),
 }
-DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-bf16", "simple-int8"]
+DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-fp32", "simple-int8"]
 
 #: the targets: SimpleOptimizer's whole step at most this many times fused Adam's
 TRAIN_TARGETS = {"base": 1.5, "mlp4m": 1.3}
 #: the rows the targets are read on, with their names in the targets summary: the default
-#: fp32 hidden state and the bf16 one the README recommends for large models (its bytes per
-#: parameter, and so its memory bound, are lower)
-TARGET_OPTIMIZERS = {"simple": "SimpleOptimizer", "simple-bf16": "SimpleOptimizer (bf16 state)"}
+#: (bfloat16 hidden state) and float32 hidden state
+TARGET_OPTIMIZERS = {"simple": "SimpleOptimizer", "simple-fp32": "SimpleOptimizer (float32 state)"}
 #: their hidden-state dtypes: the bandwidth table's row whose bytes and copy speed give each
 #: one's memory bound
-TARGET_STATE_DTYPES = {"simple": "float32", "simple-bf16": "bfloat16"}
+TARGET_STATE_DTYPES = {"simple": "bfloat16", "simple-fp32": "float32"}
 
 
 @dataclass
@@ -292,7 +291,7 @@ def train_targets(rows: list[TrainRow], copy_gbs: float | Mapping[str, float] | 
     """The whole-step targets (SimpleOptimizer against fused Adam).
 
     The ``simple`` rows' targets are always listed (unmeasured where the row is missing); the
-    ``simple-bf16`` rows' where the table has any.
+    ``simple-fp32`` rows' where the table has any.
 
     Args:
         rows: the training-step table.

@@ -124,8 +124,10 @@ def placements_vs_single(steps: int = 5) -> dict:
     plain = [torch.randn(s) for s in shapes]
     start = [p.clone() for p in plain]
     sharded = [distribute_tensor(p.clone(), mesh, k) for p, k in zip(plain, kinds)]
-    opt = SimpleOptimizer(sharded, lr=LR, weights=coupled_net())
-    ref_opt = SimpleOptimizer(plain, lr=LR, weights=coupled_net())
+    # float32 state: a Shard(1) shard is no contiguous range of the whole tensor, so its
+    # bfloat16 state's stochastic rounding draws other bits than one process would
+    opt = SimpleOptimizer(sharded, lr=LR, weights=coupled_net(), state_dtype=torch.float32)
+    ref_opt = SimpleOptimizer(plain, lr=LR, weights=coupled_net(), state_dtype=torch.float32)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         grads = [torch.randn(s, generator=g) for s in shapes]
@@ -249,8 +251,10 @@ def checkpoints(out_dir: Path, load_from: Path | None) -> dict:
     ckpt = out_dir / "ckpt"
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=str(ckpt))
-    full_osd = get_optimizer_state_dict(model, opt,
-                                        options=StateDictOptions(full_state_dict=True))
+    # a snapshot: the full dict shares the plain (non-DTensor) entries such as ``step`` with
+    # the live state, which the training below advances in place
+    full_osd = copy.deepcopy(get_optimizer_state_dict(model, opt,
+                                                      options=StateDictOptions(full_state_dict=True)))
     full_msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     res["full_state_types"] = sorted({type(v).__name__ for s in full_osd["state"].values()
                                       for v in s.values()})

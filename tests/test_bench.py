@@ -81,7 +81,7 @@ def test_step_bytes_and_state_bytes_come_from_the_state():
     from benchmarks.common import c_layout, set_c_layout, state_bytes_per_param, step_bytes_per_coord
 
     ps = [torch.zeros(100, requires_grad=True), torch.zeros(3, 50, requires_grad=True)]
-    opt = SimpleOptimizer(ps)
+    opt = SimpleOptimizer(ps, state_dtype=torch.float32)
     assert math.isnan(step_bytes_per_coord(opt)) and math.isnan(state_bytes_per_param(opt))
     for p in ps:
         p.grad = torch.full_like(p, 1e-3)
@@ -149,7 +149,7 @@ def test_train_rows():
     rows = run_train(TrainConfig(models=["base", "transformer"], **QUIET), log=lambda m: None)
     assert [(r.model, r.optimizer) for r in rows] == [
         (m, o) for m in ("base", "transformer")
-        for o in ("adam-fused", "adam-foreach", "simple", "simple-bf16", "simple-int8")]
+        for o in ("adam-fused", "adam-foreach", "simple", "simple-fp32", "simple-int8")]
     assert rows[0].n_params == 397_510 and rows[0].batch_size == 128
     for r in rows:
         assert len(r.whole_s) == len(r.step_s) == 2
@@ -160,7 +160,7 @@ def test_train_rows():
         assert json.dumps(r.to_json())
     assert rows[0].x_adam == 1.0
     assert [bool(r.impl) for r in rows[:5]] == [False, False, True, True, True]  # only SimpleOptimizer has one
-    assert format_train(rows).count("<= 1.5") == 2  # base's fp32 and bf16 state rows
+    assert format_train(rows).count("<= 1.5") == 2  # base's default (bf16) and fp32 state rows
     # the state's bytes per parameter: Adam's two moments, SimpleOptimizer's h, v and c (one
     # value per tensor, or per coordinate: 4 B more kept, 8 more moved); what SimpleOptimizer's
     # step moves per coordinate (none for Adam)
@@ -168,7 +168,7 @@ def test_train_rows():
     assert math.isnan(rows[0].bytes_per_coord)
     assert ((round(rows[2].state_bytes_per_param), rows[2].bytes_per_coord,
              round(rows[3].state_bytes_per_param), rows[3].bytes_per_coord)
-            in ((44, 108, 24, 68), (48, 116, 28, 76)))
+            in ((24, 68, 44, 108), (28, 76, 48, 116)))
     # the 8-bit state: 10 codes and the block scales, v and c; the stored state moved once
     assert rows[4].state_bytes_per_param == pytest.approx(14, abs=0.2)
     assert rows[4].bytes_per_coord == pytest.approx(48, abs=0.5)
@@ -176,7 +176,7 @@ def test_train_rows():
     bounded = format_train(rows, copy_gbs=10.0)
     assert len({line.count("|") for line in bounded.splitlines()}) == 1
     targets = train_targets(rows)
-    assert len(targets) == 4 and "(bf16 state)" in targets[2]["target"]
+    assert len(targets) == 4 and "(float32 state)" in targets[2]["target"]
     assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)
     assert targets[2]["measured"] == rows[3].x_adam and targets[2]["met"] in (True, False)
     assert targets[1]["met"] is None and targets[3]["met"] is None  # mlp4m not run
@@ -215,12 +215,12 @@ def test_train_targets_logic():
     met = {t["target"].split(":")[0]: t["met"] for t in train_targets(rows)}
     assert met == {"base": False, "mlp4m": True}
     assert [t["bound"] for t in train_targets(rows)] == [None, None]  # no bandwidth given
-    # a bf16-state row adds its own two targets, read on its own row
-    rows.append(TrainRow("base", "", 1, 128, "simple-bf16", x_adam=1.4))
+    # a float32-state row adds its own two targets, read on its own row
+    rows.append(TrainRow("base", "", 1, 128, "simple-fp32", x_adam=1.4))
     targets = train_targets(rows)
     assert [(t["target"].split(" whole")[0], t["met"]) for t in targets] == [
         ("base: SimpleOptimizer", False), ("mlp4m: SimpleOptimizer", True),
-        ("base: SimpleOptimizer (bf16 state)", True), ("mlp4m: SimpleOptimizer (bf16 state)", None)]
+        ("base: SimpleOptimizer (float32 state)", True), ("mlp4m: SimpleOptimizer (float32 state)", None)]
 
 
 def test_train_targets_memory_bound():
@@ -232,11 +232,11 @@ def test_train_targets_memory_bound():
     assert base["bound"] == pytest.approx(3.25) and base["met"] is False
     table = bench.format_targets([base])
     assert "| 5.00x | NOT met | 3.25x |" in table
-    # per optimizer: bf16 state moves 60 B at 12 GB/s: (3 + 5) / 4 = 2x
-    bf16 = TrainRow("base", "", 10**6, 128, "simple-bf16", whole_s=[0.01], step_s=[0.006],
+    # per optimizer: the other state moves 60 B at 12 GB/s: (3 + 5) / 4 = 2x
+    bf16 = TrainRow("base", "", 10**6, 128, "simple-fp32", whole_s=[0.01], step_s=[0.006],
                     x_adam=2.5)
-    targets = train_targets([adam, simple, bf16], copy_gbs={"simple": 10.0, "simple-bf16": 12.0},
-                            bytes_per_param={"simple": 100, "simple-bf16": 60})
+    targets = train_targets([adam, simple, bf16], copy_gbs={"simple": 10.0, "simple-fp32": 12.0},
+                            bytes_per_param={"simple": 100, "simple-fp32": 60})
     assert [t["bound"] for t in targets] == [pytest.approx(3.25), None, pytest.approx(2.0), None]
     # a bandwidth measured for one state dtype only gives no bound to the other
     targets = train_targets([adam, simple, bf16], copy_gbs={"simple": 10.0},
@@ -277,7 +277,7 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
         adam = TrainRow("base", "", 10**6, 128, "adam-fused", whole_s=[0.004], step_s=[0.001],
                         x_adam=1.0)
         return [adam] + [TrainRow("base", "", 10**6, 128, o, whole_s=[0.01], step_s=[0.006],
-                                  x_adam=2.5) for o in ("simple", "simple-bf16")]
+                                  x_adam=2.5) for o in ("simple", "simple-fp32")]
 
     monkeypatch.setattr(bench, "run_bandwidth", bandwidth)
     monkeypatch.setattr(bench, "run_train", train)
@@ -286,9 +286,10 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
     bounds = {t["target"].split(" whole")[0]: t["bound"]
               for t in json.loads(path.read_text())["targets"] if "whole step" in t["target"]}
     # (3 ms of fused Adam's forward and backward + bytes / bandwidth) / its 4 ms whole step
-    assert bounds == {"base: SimpleOptimizer": pytest.approx(3.25),
-                      "base: SimpleOptimizer (bf16 state)": pytest.approx(2.0),
-                      "mlp4m: SimpleOptimizer": None, "mlp4m: SimpleOptimizer (bf16 state)": None}
+    # the default (bfloat16 state) reads the bf16 row, float32 state the float32 row
+    assert bounds == {"base: SimpleOptimizer": pytest.approx(2.0),
+                      "base: SimpleOptimizer (float32 state)": pytest.approx(3.25),
+                      "mlp4m: SimpleOptimizer": None, "mlp4m: SimpleOptimizer (float32 state)": None}
 
 
 def test_command_rejects_unknown_names(capsys, keep_threads):
@@ -339,7 +340,7 @@ def test_the_nearest_bf16_option_rounds_to_nearest():
     v.data.copy_(w.data)
     near = nearest_bf16_optimizer([w])
     sr = SimpleOptimizer([v], state_dtype=torch.bfloat16)
-    fp32 = SimpleOptimizer([torch.nn.Parameter(w.detach().clone())])
+    fp32 = SimpleOptimizer([torch.nn.Parameter(w.detach().clone())], state_dtype=torch.float32)
     g = torch.randn(4096)
     for opt, p in ((near, w), (sr, v), (fp32, fp32.param_groups[0]["params"][0])):
         p.grad = g.clone()

@@ -303,11 +303,34 @@ def test_matches_simple_optimizer_step(impl):
     opt_params = [torch.nn.Parameter(p.clone()) for p in params]
     for q, g in zip(opt_params, grads):
         q.grad = g.clone()
-    opt = SimpleOptimizer(opt_params, lr=0.3, weights=net, impl=impl)
+    opt = SimpleOptimizer(opt_params, lr=0.3, weights=net, impl=impl, state_dtype=torch.float32)
     hiddens = [torch.zeros(H, p.numel(), dtype=compute_dtype(p.dtype)) for p in params]
     for _ in range(3):
         opt.step()
         simple_update(mine, grads, hiddens, [0.3] * 3, net, impl=impl)
+    assert equal([q.detach() for q in opt_params], mine)
+    assert equal([opt.state[q]["h"] for q in opt_params], hiddens)
+
+
+@pytest.mark.parametrize("impl", [i for i, d in PATHS if d == "cpu" and i != "triton"])
+def test_the_default_bf16_state_is_simple_update_with_step_keys(impl):
+    # the default state: bfloat16, rounded with rounding_keys of the step counts, bitwise
+    from l2l_optim.rounding import rounding_keys
+
+    net = random_net(2)
+    torch.manual_seed(0)
+    params = [torch.randn(7), torch.randn(3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    mine = clone(params)
+    opt_params = [torch.nn.Parameter(p.clone()) for p in params]
+    for q, g in zip(opt_params, grads):
+        q.grad = g.clone()
+    opt = SimpleOptimizer(opt_params, lr=0.3, weights=net, impl=impl)
+    hiddens = [torch.zeros(H, p.numel(), dtype=torch.bfloat16) for p in params]
+    for t in range(3):
+        opt.step()
+        simple_update(mine, grads, hiddens, [0.3] * 2, net, impl=impl,
+                      rounding=rounding_keys([torch.tensor(t)] * 2))
     assert equal([q.detach() for q in opt_params], mine)
     assert equal([opt.state[q]["h"] for q in opt_params], hiddens)
 

@@ -129,7 +129,7 @@ def test_optimizer_kernels_match_the_nets_forward(impl):
         pytest.skip("no CPU kernel in this build")
     net = rms_net()
     m = model()
-    opt = SimpleOptimizer(m.parameters(), weights=net, impl=impl)
+    opt = SimpleOptimizer(m.parameters(), weights=net, impl=impl, state_dtype=torch.float32)
     train(m, opt)
     # the net's own forward, over all coordinates at once, as the paper writes the rule
     ref = model()

@@ -82,7 +82,7 @@ def test_shipped_simple_kernel_and_generic_paths_agree():
     torch.manual_seed(0)
     params = [torch.randn(50, 20).requires_grad_(), torch.randn(20).requires_grad_()]
     twins = [p.detach().clone().requires_grad_() for p in params]
-    kernel = SimpleOptimizer(params)
+    kernel = SimpleOptimizer(params, state_dtype=torch.float32)  # as the generic path keeps it
     generic = LearnedOptimizer(twins, weights="simple")
     for _ in range(5):
         grads = [torch.randn(p.shape) * 0.01 for p in params]

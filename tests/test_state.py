@@ -51,10 +51,12 @@ def cpu_kernel_or_skip() -> None:
 # ------------------------------------------------------------------ one c per tensor
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, 44), (torch.bfloat16, 24), (torch.int8, 14)])
+@pytest.mark.parametrize("dtype, expected", [(None, 24), (torch.float32, 44), (torch.bfloat16, 24),
+                                             (torch.int8, 14)])
 def test_bytes_of_state_per_parameter(dtype, expected):
+    # None: the default, bfloat16
     w = torch.nn.Parameter(torch.zeros(1000, 1000))
-    opt = SimpleOptimizer([w], state_dtype=dtype)
+    opt = SimpleOptimizer([w]) if dtype is None else SimpleOptimizer([w], state_dtype=dtype)
     w.grad = torch.randn_like(w)
     opt.step()
     state = opt.state[w]
@@ -82,7 +84,7 @@ def test_the_generic_path_runs_several_tensors_with_one_c_each():
     # LearnedOptimizer runs the net's forward over every tensor at once: each tensor's c is
     # spread over its coordinates and read back, as SimpleOptimizer keeps it
     a, b = model(), model()
-    fused = SimpleOptimizer(a.parameters(), weights=rms_net(), impl="reference")
+    fused = SimpleOptimizer(a.parameters(), weights=rms_net(), impl="reference", state_dtype=torch.float32)
     generic = LearnedOptimizer(b.parameters(), weights=rms_net())
     train(a, fused)
     train(b, generic)

@@ -44,6 +44,13 @@ steps.
 :meth:`~l2l_optim.optimizer.LearnedOptimizer.load_state_dict` also takes full (plain) state
 tensors of either shape, for a plain or a DTensor parameter (each process keeps its slice),
 and a per-tensor value saved with one entry per coordinate (:func:`per_tensor_value`).
+
+**Stochastic rounding.** A bfloat16 hidden state's rounding bits are a function of the
+coordinate's index in its tensor (:mod:`l2l_optim.rounding`); a shard that is one contiguous
+range of its tensor (``Shard(0)`` or ``Replicate()``, FSDP2's layout) passes its offset
+(:func:`flat_offset`), so the sharded step rounds exactly as one process would. Other shards
+(``Shard(d)`` with ``d > 0``) draw bits from their local indices: the same distribution,
+other values.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
             result (deep-copied: later changes to it do not reach the optimizer).
         nonfinite: ``"skip"`` or ``"raise"``, the policy for NaN/Inf gradients (see above).
         state_dtype: dtype of the state for non-float64 parameters, ``torch.float32`` or
-            ``torch.bfloat16`` (halves the state memory; computation stays float32).
+            ``torch.bfloat16`` (halves the state memory; computation stays float32); default:
+            the class's (float32 here, bfloat16 for SimpleOptimizer).
         weight_decay: decoupled weight decay, as in AdamW: each step first multiplies every
             parameter by ``1 - lr * weight_decay`` (default: 0, off; not part of the paper).
             With lr about 1 this is the decay per step: AdamW's ``weight_decay=0.01`` at its
@@ -164,6 +165,8 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
     #: options that apply to the whole step, not to one group
     _step_options: tuple[str, ...] = ()
     _state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    #: the state dtype when none is given
+    _default_state_dtype: torch.dtype = torch.float32
 
     def __init__(
         self,
@@ -172,7 +175,7 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         *,
         weights: WeightsT | None = None,
         nonfinite: str = "skip",
-        state_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | None = None,
         weight_decay: float = 0.0,
         maximize: bool = False,
         **kwargs: Any,
@@ -182,6 +185,8 @@ class LearnedOptimizer(HubMixin, Checkpointing, Optimizer):
         weights = self._default_weights if weights is None else weights
         if weights is None:
             raise TypeError(f"{name}.__init__() missing 1 required keyword-only argument: 'weights'")
+        if state_dtype is None:
+            state_dtype = self._default_state_dtype
         defaults = dict(lr=lr, nonfinite=nonfinite, state_dtype=state_dtype,
                         weight_decay=weight_decay, maximize=maximize, momentum=0.0, **own)
         self._check_options(defaults)

@@ -23,6 +23,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..evaluation.protocol import evaluate
 
 __all__ = ["TRACK_TASKS", "track", "score_reference", "plot_trend", "main"]
@@ -44,8 +46,10 @@ def _scored(path: Path) -> dict[int, dict]:
 
 
 def _score(weights: str, tasks: Sequence[str], steps: int, cache_dir, data_root) -> dict:
+    # float32 state: the rule as the population trains it, comparable over a run's history
     res = evaluate(weights, tasks=list(tasks), steps=steps, horizons=(steps,), quick=True,
-                   cache_dir=cache_dir, data_root=data_root, progress=False, threads=1)
+                   cache_dir=cache_dir, data_root=data_root, progress=False, threads=1,
+                   optimizer_kwargs={"state_dtype": torch.float32})
     rows = [r for r in res.rows if r.horizon == steps]
     return {"steps": steps, **{k: res.geomeans[k][steps] for k in ("vs_schedule_free", "ratio", "vs_adam_default")},
             "per_task": {r.task: r.vs_schedule_free for r in rows}, "seconds": round(res.seconds, 1)}
