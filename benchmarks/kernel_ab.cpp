@@ -35,11 +35,12 @@
 #include <random>
 #include <vector>
 
-// l2l_simple_pass1 of the library's C ABI, version 3 (kernels/simple_cpu.cpp)
-constexpr int kAbi = 3;
+// l2l_simple_pass1 of the library's C ABI, version 4 (kernels/simple_cpu.cpp)
+constexpr int kAbi = 4;
 typedef int (*Pass1)(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                      const void* const* grads, const int32_t* grad_dtypes, void* const* hiddens,
-                     const int32_t* hidden_dtypes, void* const* squares, void* const* ones,
+                     const int32_t* hidden_dtypes, const uint32_t* rounding_keys,
+                     void* const* squares, void* const* ones,
                      const int64_t* ones_numels, const double* norm, const int64_t* numels,
                      const double* lrs,
                      float* const* scratch, const double* weights, int64_t n_weights,
@@ -105,12 +106,17 @@ int main(int argc, char** argv) {
   const int32_t f32_code[1] = {0}, hidden_code[1] = {bf16 ? 2 : 0};
   const int64_t numels[1] = {n}, ones_numels[1] = {c_per_coordinate ? n : 1};
   const double lrs[1] = {1e-3};
+  // bf16 state rounds stochastically, as SimpleOptimizer passes keys (L2L_AB_ROUNDING=nearest:
+  // to nearest even)
+  const char* rounding = std::getenv("L2L_AB_ROUNDING");
+  const bool stochastic = rounding == nullptr || std::strcmp(rounding, "nearest") != 0;
+  const uint32_t keys[1] = {0x2545F491u};
   const double norm[3] = {0.999, 1 - 0.999, 1e-12};
 
   // one call of build i's pass 1 on the data above; false (after a message) on an error
   auto run = [&](int i) {
     const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code,
-                            rms ? squares : nullptr, rms ? ones : nullptr,
+                            stochastic ? keys : nullptr, rms ? squares : nullptr, rms ? ones : nullptr,
                             rms ? ones_numels : nullptr, rms ? norm : nullptr, numels, lrs,
                             nullptr, weights.data(),
                             static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
