@@ -26,9 +26,10 @@ Columns:
   i.e. predicated) by width in bits (``128x6`` is six 128-bit instructions); ``scalar``: the
   unpredicated loads of tables, weights and flags, same format.
 
-Targets (``--check``): no variant spills; pass 1 of the default state (fp32 parameters,
-gradients and hidden state, the rms input norm with either layout of its bias correction c,
-the skip flag, aligned tensors) takes at most 450 SASS instructions per coordinate; aligned variants at the kernels' block sizes move their
+Targets (``--check``): no variant spills; pass 1 of the default state (fp32 parameters and
+gradients, bf16 hidden state rounded stochastically, the rms input norm with its bias
+correction c per tensor, the skip flag, aligned tensors) and of the fp32 state (either layout
+of c) takes at most 450 SASS instructions per coordinate; aligned variants at the kernels' block sizes move their
 per-coordinate data in 128-bit accesses only (the rows marked 512 compile 16-bit groups at
 the fp32 block size, for comparison: narrower accesses, fewer registers).
 """
@@ -95,12 +96,15 @@ def variants() -> list[Variant]:
             block // (32 * warps),
             aligned, default, wide))
 
-    step("pass1 default (fp32, rms)", 0, f32, f32, f32, default=True)
-    step("pass1 default, c per tensor", 0, f32, f32, f32, c_layout=2, default=True)
-    step("pass1 default, unaligned", 0, f32, f32, f32, aligned=False)
+    # the default state: bf16 hidden state rounded stochastically, c per tensor
+    step("pass1 default (bf16 stochastic, rms)", 0, f32, f32, bf16, c_layout=2, default=True,
+         stochastic=True)
+    step("pass1 default, c per coordinate", 0, f32, f32, bf16, stochastic=True)
+    step("pass1 fp32 state (rms)", 0, f32, f32, f32, default=True)
+    step("pass1 fp32 state, c per tensor", 0, f32, f32, f32, c_layout=2, default=True)
+    step("pass1 fp32 state, unaligned", 0, f32, f32, f32, aligned=False)
     step("pass1 fp32, no rms", 0, f32, f32, f32, c_layout=0)
     step("pass1 fp32, bf16 hidden", 0, f32, f32, bf16)
-    step("pass1 fp32, bf16 hidden, stochastic", 0, f32, f32, bf16, stochastic=True)
     step("pass1 fp32, bf16 hidden, no rms", 0, f32, f32, bf16, c_layout=0)
     step("pass1 bf16 params (sums)", 1, bf16, bf16, f32)
     step("pass2 bf16 params (recompute)", 2, bf16, bf16, f32)

@@ -1043,10 +1043,12 @@ def test_resolve_impl_choices():
 
 @pytest.mark.slow
 def test_bf16_state_trains_like_fp32():
-    """A bf16 hidden state trains the base MLP (shipped weights, MNIST, batches of 128,
-    2,000 steps) to a training loss no more than 2% above the fp32 state's. The loss is measured
-    at the end on a fixed 10,000-example slice of the training set (not on the last minibatches,
-    whose noise alone is a few percent)."""
+    """The default bf16 hidden state (rounded stochastically) trains the base MLP (shipped
+    weights, MNIST, batches of 128, 2,000 steps) as the fp32 state does: the geometric mean over
+    3 seeds of the loss ratio at most 1.05. The loss is measured at the end on a fixed
+    10,000-example slice of the training set. One seed alone is not enough: at losses near
+    0.03 the ratio of two trajectories varies 0.92-1.14 from seed to seed (rounding to
+    nearest: 0.95-1.05), on an Intel Xeon of the Sapphire Rapids class."""
     import torch.nn.functional as F
 
     from l2l_optim.optimizer import SimpleOptimizer
@@ -1058,20 +1060,24 @@ def test_bf16_state_trains_like_fp32():
     except DatasetNotFoundError as e:
         pytest.skip(str(e))
     x_eval, y_eval = task.train[0][:10000], task.train[1][:10000]
-    final = {}
-    for state_dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        model = task.model_fn()
-        opt = SimpleOptimizer(model.parameters(), weights="simple", state_dtype=state_dtype)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(2000):
-            x, y = task.sample_batch(gen)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            final[state_dtype] = F.cross_entropy(model(x_eval), y_eval).item()
-    f32, bf16 = final[torch.float32], final[torch.bfloat16]
-    print(f"training loss after 2000 steps: fp32 state {f32:.4f}, bf16 state {bf16:.4f}")
-    assert math.isfinite(bf16) and bf16 <= 1.02 * f32, final
+    ratios = []
+    for seed in range(3):
+        final = {}
+        for state_dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(seed)
+            model = task.model_fn()
+            opt = SimpleOptimizer(model.parameters(), weights="simple", state_dtype=state_dtype)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(2000):
+                x, y = task.sample_batch(gen)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                final[state_dtype] = F.cross_entropy(model(x_eval), y_eval).item()
+        assert all(math.isfinite(v) for v in final.values()), final
+        ratios.append(final[torch.bfloat16] / final[torch.float32])
+    gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    print(f"bf16 / fp32 training loss after 2000 steps, per seed: {ratios}; geometric mean {gm:.4f}")
+    assert gm <= 1.05, ratios

@@ -94,10 +94,10 @@ if triton is not None:
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _to_bf16_stochastic(x, seq):
+    def _to_bf16_stochastic(x, seq_g):
         # fp32 -> bf16 rounded stochastically (rounding.py): the pattern plus the high half of
-        # seq * GOLDEN (modulo 2^32), truncated; NaN -> 0x7FC0
-        r = (seq * 0x9E3779B1) >> 16
+        # seq_g = seq * GOLDEN (modulo 2^32), truncated; NaN -> 0x7FC0
+        r = seq_g >> 16
         u = x.to(tl.uint32, bitcast=True)
         b = tl.where(x != x, 0x7FC0, (u + r) >> 16)
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -203,16 +203,19 @@ if triton is not None:
         u = tl.zeros([BLOCK], dtype=C_DT) + tl.load(w_ptr + 4 * H + H * H).to(C_DT)
         s = tl.zeros([BLOCK], dtype=C_DT)
         if STOCHASTIC:
-            # the rounding sequence of unit 0: key + i H for coordinate i, modulo 2^32
+            # the rounding sequence of unit 0, key + i H for coordinate i, times GOLDEN (modulo
+            # 2^32); unit j's is that plus j GOLDEN: one multiplication per coordinate
             key = (tl.load(key_ptr + tl.load(row + 6)) & 0xFFFFFFFF).to(tl.uint32)
-            seq0 = key + ((start + idx) * H).to(tl.uint32)
+            seq0_g = (key + ((start + idx) * H).to(tl.uint32)) * 0x9E3779B1
         for j in tl.static_range(H):
             pre = tl.load(w_ptr + j).to(C_DT) * x + tl.load(w_ptr + H + H * H + j).to(C_DT)
             hn = _tanh(_w_hh_times_h(w_ptr, j, hs, pre, H, C_DT), F64)
             if MODE != 1:
                 hp = _base(row + 2, j * n + start, H_DT, ALIGNED) + idx
                 if STOCHASTIC:
-                    tl.store(hp, _to_bf16_stochastic(hn.to(tl.float32), seq0 + j), mask=mask)
+                    # (j GOLDEN modulo 2^32: a compile-time constant)
+                    seq_g = seq0_g + ((j * 0x9E3779B1) % 4294967296)
+                    tl.store(hp, _to_bf16_stochastic(hn.to(tl.float32), seq_g), mask=mask)
                 else:
                     _store(hp, hn, mask, H_DT, NATIVE_BF16)
             u = u + tl.load(w_ptr + 2 * H + H * H + j).to(C_DT) * hn
