@@ -333,10 +333,13 @@ def assert_stochastic_rounding_exact(kernel, device, pdt, weights, shapes=((), (
     for a, b, key in zip(h32, h16, keys):
         expect = round_bf16_stochastic(a.cpu().float(), key)
         assert torch.equal(b.cpu().view(torch.int16), expect.view(torch.int16))
-    # the same keys as a tensor on the device give the same bits
-    h16t = [h.to(torch.bfloat16) for h in hiddens]
-    kernel(clone(params), grads, h16t, lrs, weights, rounding=torch.tensor(keys, device=device))
-    assert all(torch.equal(a, b) for a, b in zip(h16, h16t))
+    # the same keys as a tensor on the device give the same bits, also with bits above the
+    # low 32 (which the keys ignore)
+    for extra in (0, 2**32):
+        h16t = [h.to(torch.bfloat16) for h in hiddens]
+        kernel(clone(params), grads, h16t, lrs, weights,
+               rounding=torch.tensor([k + extra for k in keys], device=device))
+        assert all(torch.equal(a, b) for a, b in zip(h16, h16t))
 
 
 @pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16])

@@ -259,7 +259,7 @@ def simple_update_cpu(
     def eager(ps, gs, hs, vs, cs, plan=None):
         # every tensor was checked above (or planned), so pass 1 reads the pointers unchecked
         lr_list = [float(lr) for lr in lrs]
-        keys = rounding.tolist() if isinstance(rounding, Tensor) else rounding
+        keys = _key_list(rounding, len(ps)) if isinstance(rounding, Tensor) else rounding
         sums, scratch = pass1_call(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
                                keys, checked=True, plan=plan)
         if aggregate is not None:
