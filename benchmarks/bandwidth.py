@@ -52,6 +52,7 @@ from torch import Tensor
 
 from l2l_optim.functional import RunningRms, simple_update
 from l2l_optim.optimizer import SimpleOptimizer
+from l2l_optim.rounding import rounding_keys
 from l2l_optim.weights import resolve_net
 
 from .common import (GRAD_SCALE, SIZES, available_memory, c_layout, count_subnormal, fmt_ms,
@@ -299,6 +300,10 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         for r in range(cfg.rounds):
             for row, opt, check_args in zip(size_rows, opts, checked):
                 hiddens = [opt.state[p]["h"] for p in params]
+                # the optimizer's rounding keys and 8-bit scales, as its step passes them
+                keys = rounding_keys([opt.state[p]["step"] for p in params], None,
+                                     opt.net.hidden_size)
+                scales = [opt.state[p].get("h_scale") for p in params]
                 lrs = [opt.param_groups[0]["lr"]] * len(params)
                 rms = (RunningRms([opt.state[p]["v"] for p in params],
                                   [opt.state[p]["c"] for p in params]) if norm else None)
@@ -306,16 +311,14 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
                 variants = (
                     ("copy_s", lambda s=src[:k], d=dst[:k]: d.copy_(s)),
                     ("step_s", opt.step),
-                    ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms, ps=params, gs=grads:
-                        simple_update(ps, gs, h, lr, o.net, rms=m)),
+                    ("update_s", lambda o=opt, h=hiddens, lr=lrs, m=rms, ps=params, gs=grads,
+                            k=keys, sc=scales:
+                        simple_update(ps, gs, h, lr, o.net, rms=m, rounding=k, hidden_scales=sc)),
                     ("check_s", functools.partial(_check_nonfinite, opt, *check_args)),
                 )
                 if r % 2:  # step and update take turns right after the copy, which evicts
                     # what the other warmed
                     variants = (variants[0], variants[2], variants[1], variants[3])
-                if row.state_dtype == "int8":  # 8-bit codes: the optimizer decodes them, the
-                    # functional update takes no such state
-                    variants = tuple(v for v in variants if v[0] != "update_s")
                 for attr, fn in variants:
                     times, _ = time_steps(_Call(fn), per_round, warmup=cfg.warmup, device=device,
                                           budget=cfg.budget / cfg.rounds)
@@ -414,7 +417,6 @@ def describe() -> str:
         "left off (torch's default); `subnormals` counts those in g and h after timing. "
         "`check`: the optimizer's non-finite check alone, as step() runs it; `check share` = "
         "check / step; `step - update` = (step - update) / step, the check plus the optimizer's "
-        "bookkeeping. int8 (8-bit hidden state, decoded and encoded around the kernel by the "
-        "optimizer) has no `update`: its B/coord counts the stored state only."
+        "bookkeeping. int8: the 8-bit hidden state (its codec inside the CPU kernel's pass)."
     )
 

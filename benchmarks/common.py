@@ -100,8 +100,7 @@ def step_bytes_per_coord(opt) -> float:
     gradient read, the parameter read and written by each of the two passes (the second adds
     the aggregate's shared term), and every state tensor that grows with the parameter (h,
     v, the 8-bit state's block scales) read and written once; state with one value per tensor
-    (the rms norm's c in that layout) moves next to nothing. The 8-bit state's decoding and
-    encoding around the kernel move more than this counts. NaN before the first step."""
+    (the rms norm's c in that layout) moves next to nothing. NaN before the first step."""
     nbytes = n = 0
     for p, tensors in _tensors(opt):
         k = p.numel()

@@ -118,6 +118,8 @@ KINDS = {
     "int32 param": lambda: ([torch.zeros(4, dtype=torch.int32)], [torch.zeros(4)],
                             [torch.zeros(H, 4)]),
     "float16 hidden": lambda: _plain((4,), torch.float32, torch.float16),
+    "int8 hidden without scales": lambda: ([torch.randn(4)], [torch.randn(4)],
+                                           [torch.zeros(H, 4, dtype=torch.int8)]),
     "hidden of the wrong shape": lambda: ([torch.randn(4)], [torch.randn(4)], [torch.zeros(H, 5)]),
     "grad of the wrong size": lambda: ([torch.randn(4)], [torch.randn(3)], [torch.zeros(H, 4)]),
     "sparse grad": lambda: ([torch.randn(4)], [torch.randn(4).to_sparse()], [torch.zeros(H, 4)]),
@@ -151,8 +153,9 @@ def _call(entry: str, params, grads, hiddens) -> None:
         ops = torch.ops.l2l_optim_cpu
         packed = packed_weights(w, "cpu", torch.float64, flat=True)
         lr_t = torch.tensor(lrs, dtype=torch.float64)  # the ops take one learning rate per tensor
-        ops.simple_update(params, grads, hiddens, lr_t, packed, None, [], [])
-        sums, scratch = ops.simple_update_pass1(params, grads, hiddens, lr_t, packed, None, [], [])
+        ops.simple_update(params, grads, hiddens, lr_t, packed, None, [], [], [])
+        sums, scratch = ops.simple_update_pass1(params, grads, hiddens, lr_t, packed, None, [], [],
+                                                [])
         ops.simple_update_pass2(params, scratch, lr_t, packed, sums.sum(), None)
     elif entry == "triton":
         from l2l_optim.kernels.triton import simple_update_triton

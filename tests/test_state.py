@@ -12,7 +12,7 @@ from l2l_optim import SimpleOptimizer
 from l2l_optim.distributed import per_tensor_value
 from l2l_optim.nets import SimpleOptimizerNet, init_net
 from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer
-from l2l_optim.state import (INT8_BLOCK, decode_hidden, encode_hidden, int8_blocks, rounding_seeds,
+from l2l_optim.state import (INT8_BLOCK, decode_hidden, encode_hidden, int8_blocks,
                              state_bytes_per_parameter)
 
 
@@ -148,10 +148,10 @@ def test_per_tensor_value():
 # ------------------------------------------------------------------ the 8-bit hidden state
 
 
-def encoded(h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encoded(h: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.empty(h.shape, dtype=torch.int8)
     scales = torch.empty(h.shape[0], int8_blocks(h.shape[1]))
-    encode_hidden(h, rounding_seeds(grad), codes, scales)
+    encode_hidden(h, key, codes, scales)
     return codes, scales
 
 
@@ -160,7 +160,7 @@ def test_codes_stay_within_one_step_of_the_value_and_keep_block_maxima():
     n = INT8_BLOCK + 100  # a full block and a partial one
     h = torch.randn(3, n, generator=gen) * torch.tensor([[1e-1], [1e-4], [0.0]])
     h[0, 5] = 0.9
-    codes, scales = encoded(h, torch.randn(n, generator=gen))
+    codes, scales = encoded(h, 7)
     assert scales.shape == (3, 2)
     assert scales[0, 0] == 0.9 and codes[0, 5] == 127
     assert scales[1, 1] == h[1, INT8_BLOCK:].abs().max()
@@ -171,30 +171,33 @@ def test_codes_stay_within_one_step_of_the_value_and_keep_block_maxima():
 
 
 def test_rounding_is_unbiased_and_a_function_of_its_inputs():
-    gen = torch.Generator().manual_seed(0)
+    from l2l_optim.rounding import rounding_key
+
     h = torch.full((1, 512), 0.3)
     h[0, 0] = 1.0  # code step 1/127: 0.3 lies 0.1 of a step above a code
     mean = torch.zeros(1, 512)
-    for _ in range(200):
-        mean += decode_hidden(*encoded(h, torch.randn(512, generator=gen))) / 200
+    for step in range(200):
+        mean += decode_hidden(*encoded(h, rounding_key(step, 0))) / 200
     assert abs(mean[0, 1:].mean().item() - 0.3) < 2e-4  # round to nearest is 8e-4 off
-    grad = torch.randn(512, generator=gen)
-    a, b = encoded(h, grad), encoded(h, grad.clone())
+    a, b = encoded(h, 99), encoded(h, 99)
     assert torch.equal(a[0], b[0])
-    assert not torch.equal(a[0], encoded(h, grad + 1)[0])  # new gradient, new noise
+    assert not torch.equal(a[0], encoded(h, rounding_key(1, 0))[0])  # new key, new noise
+    # a tensor key gives the int key's bits
+    assert torch.equal(encoded(h, torch.tensor(99))[0], a[0])
 
 
 def test_a_slowly_moving_unit_moves_under_stochastic_rounding():
     # a unit that gains less than half a code step per step would stick at its code under
     # round to nearest: 200 steps of +1e-3 (code step 1/127 ~ 7.9e-3) move it by 0.2
-    gen = torch.Generator().manual_seed(0)
+    from l2l_optim.rounding import rounding_key
+
     h = torch.zeros(1, 256)
     h[0, 0] = 1.0
-    codes, scales = encoded(h, torch.randn(256, generator=gen))
-    for _ in range(200):
+    codes, scales = encoded(h, 0)
+    for step in range(200):
         x = decode_hidden(codes, scales)
         x[0, 1:] += 1e-3
-        codes, scales = encoded(x, torch.randn(256, generator=gen))
+        codes, scales = encoded(x, rounding_key(step + 1, 0))
     assert abs(decode_hidden(codes, scales)[0, 1:].mean().item() - 0.2) < 0.01
 
 
@@ -277,13 +280,13 @@ def test_a_device_skip_flag_keeps_the_codes():
     from l2l_optim.state import decoded_hiddens
 
     gen = torch.Generator().manual_seed(0)
-    codes, scales = encoded(torch.randn(10, 300, generator=gen) * 0.1, torch.randn(300, generator=gen))
-    state = {"h": codes.clone(), "h_scale": scales.clone()}
+    codes, scales = encoded(torch.randn(10, 300, generator=gen) * 0.1, 3)
+    h8, s8 = codes.clone(), scales.clone()
     for skip, same in ((torch.tensor(True), True), (torch.tensor(False), False)):
-        with decoded_hiddens([state], [torch.randn(300, generator=gen)], skip) as (h,):
+        with decoded_hiddens([h8], [s8], [4], skip) as (h,):
             h.add_(0.05)
-        assert torch.equal(state["h"], codes) == same
-        assert torch.equal(state["h_scale"], scales) == same
+        assert torch.equal(h8, codes) == same
+        assert torch.equal(s8, scales) == same
 
 
 def test_a_float_state_loads_into_int8_state_and_back():
@@ -334,3 +337,130 @@ def test_int8_state_compiles_to_one_graph():
     moved = (flat(a) - flat(model())).abs().max()
     assert (flat(a) - flat(b)).abs().max() < 0.01 * moved
     assert compiled.state[b[0].weight]["h"].dtype == torch.int8
+
+
+# ------------------------------------------------------- the 8-bit state inside the CPU kernel
+
+
+def _int8_inputs(hidden_size: int, pdt: torch.dtype, seed: int = 0):
+    """A call's inputs with 8-bit hidden states: tensors of one coordinate to three blocks (the
+    last partial), the rms input norm, and a net whose every weight matters."""
+    from l2l_optim.kernels._common import RunningRms
+    from l2l_optim.rounding import rounding_key
+
+    g = torch.Generator().manual_seed(seed)
+    net = SimpleOptimizerNet(hidden_size=hidden_size, input_norm="rms")
+    with torch.no_grad():
+        for w in net.parameters():
+            w.copy_(0.4 * torch.randn(w.shape, generator=g))
+    # (the largest: enough roundings that a fused multiply-add in the encoding shows)
+    shapes = [(), (7,), (2 * INT8_BLOCK + 100,), (3, 1500), (2**19 + 3,)]
+    params = [torch.randn(s, generator=g).to(pdt) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(pdt) for s in shapes]
+    codes, scales = zip(*(encoded(torch.tanh(torch.randn(hidden_size, p.numel(), generator=g))
+                                  * torch.rand(hidden_size, 1, generator=g), 7) for p in params))
+    rms = RunningRms([torch.rand(p.numel(), generator=g) for p in params],
+                     [torch.full((1,), 0.3) for _ in params])
+    keys = [rounding_key(3, i) for i in range(len(params))]
+    return net, params, grads, list(codes), list(scales), rms, keys
+
+
+def _copies(*lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("hidden_size, pdt", [(10, torch.float32), (10, torch.bfloat16),
+                                              (6, torch.float32)])
+def test_the_kernels_8bit_state_is_the_codec_of_its_own_float_step(isa, hidden_size, pdt):
+    # the fused codec (decode a block, step it in float32, encode it) gives the bits of the
+    # codec's torch ops around the same kernel's float32 step: the float32 values are the
+    # same (a coordinate's h' does not depend on the others), the rounding is one definition
+    from l2l_optim.functional import simple_update
+    from l2l_optim.kernels import cpu
+    from l2l_optim.kernels._common import RunningRms
+
+    cpu_kernel_or_skip()
+    if isa not in cpu.kernel_info()["supported"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    net, params, grads, codes, scales, rms, keys = _int8_inputs(hidden_size, pdt)
+    lrs = [0.05] * len(params)
+    before = cpu.kernel_info()["isa"]
+    threads = torch.get_num_threads()
+    try:
+        cpu.select_isa(isa)
+        runs = []
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
+            simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o),
+                          rounding=keys, hidden_scales=s)
+            runs.append((p, c, s, v, o))
+        p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
+        work = [decode_hidden(a, b) for a, b in zip(c, s)]
+        simple_update(p, grads, work, lrs, net, impl="cpu", rms=RunningRms(v, o))
+    finally:
+        cpu.select_isa(before)
+        torch.set_num_threads(threads)
+    (p1, c1, s1, v1, o1), (p2, c2, s2, v2, o2) = runs
+    # independent of the thread count, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(p1 + c1 + s1 + v1 + o1, p2 + c2 + s2 + v2 + o2))
+    for i, (x, key) in enumerate(zip(work, keys)):
+        expect_c, expect_s = encoded(x, key)
+        assert torch.equal(s1[i], expect_s), i
+        assert torch.equal(c1[i], expect_c), (i, (c1[i].int() - expect_c.int()).abs().max())
+        assert torch.equal(v1[i], v[i]) and torch.equal(o1[i], o[i])
+    # theta: the same but for the order in which the mean's partial sums are added
+    for a, b in zip(p1, p):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7 if pdt == torch.float32 else 1e-2)
+    assert not all(torch.equal(a, b) for a, b in zip(c1, codes))  # the states moved
+
+
+def test_the_kernels_8bit_state_skips_and_refuses_what_does_not_fit():
+    from l2l_optim.functional import simple_update
+    from l2l_optim.kernels._common import RunningRms
+
+    cpu_kernel_or_skip()
+    net, params, grads, codes, scales, rms, keys = _int8_inputs(10, torch.float32)
+    lrs = [0.05] * len(params)
+    p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
+    simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o), rounding=keys,
+                  hidden_scales=s, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(p + c + s + v, params + codes + scales + rms.squares))
+    with pytest.raises(ValueError, match="need rounding keys"):
+        simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o), hidden_scales=s)
+    with pytest.raises(ValueError, match="need hidden_scales"):
+        simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o), rounding=keys)
+    bad = list(s)
+    bad[2] = torch.zeros(10, 2)  # three blocks
+    with pytest.raises(ValueError, match=r"hidden_scales 2 must be float32 of shape \(10, 3\)"):
+        simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o), rounding=keys,
+                      hidden_scales=bad)
+    assert all(torch.equal(a, b) for a, b in zip(p + c + s, params + codes + scales))
+    # the C call itself refuses an 8-bit state without scales
+    from l2l_optim.kernels._cpu_calls import pass1_call
+    from l2l_optim.kernels._common import packed_weights
+
+    packed = packed_weights(net, torch.device("cpu"), torch.float64, flat=True)
+    with pytest.raises(RuntimeError, match="needs float32 scales of shape"):
+        pass1_call(p, grads, c, lrs, packed, None, False, v, o, keys)
+
+
+def test_the_reference_runs_the_codec_around_its_step():
+    # the paths without the fused codec (reference, Triton) decode, step and encode as torch
+    # ops: the same definition, so they agree with the kernel within a code step
+    from l2l_optim.functional import simple_update
+    from l2l_optim.kernels._common import RunningRms
+
+    net, params, grads, codes, scales, rms, keys = _int8_inputs(10, torch.float32)
+    lrs = [0.05] * len(params)
+    p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
+    simple_update(p, grads, c, lrs, net, impl="reference", rms=RunningRms(v, o), rounding=keys,
+                  hidden_scales=s)
+    p2, c2, s2, v2, o2 = _copies(params, codes, scales, rms.squares, rms.ones)
+    work = [decode_hidden(a, b) for a, b in zip(c2, s2)]
+    simple_update(p2, grads, work, lrs, net, impl="reference", rms=RunningRms(v2, o2))
+    for i, x in enumerate(work):
+        expect_c, expect_s = encoded(x, keys[i])
+        assert torch.equal(c[i], expect_c) and torch.equal(s[i], expect_s)
+    assert all(torch.equal(a, b) for a, b in zip(p, p2))

@@ -69,9 +69,7 @@ def _recode_hidden(value: dict[str, Any], coded: bool) -> dict[str, Any]:
         flat = h.reshape(h.shape[0], -1)
         codes = torch.empty(flat.shape, dtype=torch.int8, device=h.device)
         scales = torch.empty(flat.shape[0], int8_blocks(flat.shape[1]), device=h.device)
-        # seeds of zero: a deterministic conversion
-        seeds = torch.zeros(flat.shape[1], dtype=torch.int64, device=h.device)
-        encode_hidden(flat, seeds, codes, scales)
+        encode_hidden(flat, 0, codes, scales)  # key 0: a deterministic conversion
         value["h"], value["h_scale"] = codes, scales
     elif not coded and isinstance(value.get("h_scale"), Tensor) and h.dtype == torch.int8:
         flat = h.reshape(h.shape[0], -1)

@@ -22,6 +22,7 @@ from .kernels._common import (
     split_skip,
 )
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
+from .state import decoded_hiddens, int8_blocks
 
 __all__ = ["simple_update", "RunningRms", "coordinatewise_update"]
 
@@ -38,6 +39,7 @@ def simple_update(
     aggregate: Aggregate | None = None,
     rms: RunningRms | tuple[list[Tensor], list[Tensor]] | None = None,
     rounding: list[int] | Tensor | None = None,
+    hidden_scales: list[Tensor | None] | None = None,
 ) -> None:
     r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
 
@@ -53,8 +55,8 @@ def simple_update(
             one device (updated in place; non-contiguous ones keep their strides).
         grads: their dense gradients, one per parameter, with as many elements.
         hiddens: one hidden state per parameter, of shape ``(H, p.numel())`` and dtype
-            float32 / bfloat16 / float64 (updated in place); ``net.init_state(p.numel())``
-            makes one.
+            float32 / bfloat16 / float64, or int8 codes with their ``hidden_scales`` (not for
+            float64 parameters) (updated in place); ``net.init_state(p.numel())`` makes one.
         lrs: one learning rate per parameter: a float, or a 0-dim / 1-element tensor (on
             CUDA a device tensor keeps the step free of host synchronisation).
         weights: a :class:`~l2l_optim.nets.SimpleOptimizerNet`, folded here in float64 if
@@ -90,7 +92,13 @@ def simple_update(
             ``l2l_optim.rounding.rounding_keys(step_counts)``, which SimpleOptimizer passes.
             The random bits are a function of the key and the coordinate
             (:mod:`l2l_optim.rounding`), so every path and thread count gives the same bits.
-            ``None`` (the default): they round to nearest even. Other hidden dtypes ignore it.
+            ``None`` (the default): they round to nearest even. 8-bit hidden states need
+            keys (their rounding is always stochastic). Other hidden dtypes ignore it.
+        hidden_scales: for 8-bit hidden states, per parameter the float32 block scales of
+            its codes, shape ``(H, l2l_optim.state.int8_blocks(p.numel()))`` (updated in
+            place; ``None`` entries for the other states): the codec of
+            :mod:`l2l_optim.state`, which the CPU kernel runs inside its pass and the other
+            kernels around the step. ``None`` (the default): no hidden state is 8-bit.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version
@@ -99,8 +107,9 @@ def simple_update(
     Raises:
         ValueError: an unknown ``impl``, lists of different lengths, a sparse gradient, an
             unsupported dtype, a hidden state of the wrong shape, a net with
-            ``input_norm="rms"`` without ``rms``, running means that do not fit, or not one
-            rounding key per parameter.
+            ``input_norm="rms"`` without ``rms``, running means that do not fit, not one
+            rounding key per parameter, or an 8-bit hidden state without keys or scales that
+            fit.
         TypeError: ``weights`` is neither a SimpleOptimizerNet nor SimpleWeights, a tensor
             is a subclass the kernels cannot address (e.g. DTensor: pass its ``to_local()``),
             ``aggregate`` is not callable or returns no one-element tensor, or ``rounding``
@@ -141,8 +150,40 @@ def simple_update(
     kernel = kernels.get_kernel(kernels.resolve_impl(impl, device.type))
     if isinstance(weights, SimpleOptimizerNet):
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
+    coded = isinstance(hiddens, (list, tuple)) and any(
+        isinstance(h, Tensor) and h.dtype == torch.int8 for h in hiddens)
     with torch.no_grad():
-        kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
+        if not coded:
+            kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
+            return
+        _check_hidden_scales(params, hiddens, hidden_scales, rounding, weights.w_ih.numel())
+        if kernels.resolve_impl(impl, device.type) == "cpu":
+            kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding,
+                   hidden_scales=hidden_scales)
+            return
+        with decoded_hiddens(hiddens, hidden_scales, rounding, skip) as work:
+            kernel(params, grads, work, lrs, weights, skip, aggregate, rms, rounding)
+
+
+def _check_hidden_scales(params, hiddens, scales, rounding, hidden_size: int) -> None:
+    """ValueError unless every 8-bit hidden state has a rounding key and scales that fit."""
+    if rounding is None:
+        raise ValueError("8-bit hidden states need rounding keys: pass rounding="
+                         "l2l_optim.rounding.rounding_keys(step_counts)")
+    if scales is None or len(scales) != len(hiddens):
+        raise ValueError("8-bit hidden states need hidden_scales, one entry per parameter")
+    for i, (p, h, s) in enumerate(zip(params, hiddens, scales)):
+        if h.dtype != torch.int8:
+            continue
+        if p.dtype == torch.float64:
+            raise ValueError(f"parameter {i} is float64, whose hidden state cannot be 8-bit")
+        shape = (hidden_size, int8_blocks(p.numel()))
+        if (not isinstance(s, Tensor) or s.dtype != torch.float32 or tuple(s.shape) != shape
+                or s.device != h.device):
+            got = (f"{s.dtype} of shape {tuple(s.shape)} on {s.device}"
+                   if isinstance(s, Tensor) else type(s).__name__)
+            raise ValueError(f"hidden_scales {i} must be float32 of shape {shape} on "
+                             f"{h.device}, got {got}")
 
 
 def coordinatewise_update(

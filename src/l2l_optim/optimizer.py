@@ -20,7 +20,6 @@ from .rounding import rounding_keys
 from .learned_optimizer import LearnedOptimizer
 from .nets import SimpleOptimizerNet
 from .registry import get_architecture
-from .state import decoded_hiddens
 
 __all__ = ["LearnedOptimizer", "SimpleOptimizer", "DMOptimizer", "RNNProp", "optimizer_class"]
 
@@ -48,10 +47,11 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
             rounded stochastically every step (:mod:`l2l_optim.rounding`); ``v`` 4 and ``c``
             one value per tensor, both float32), ``torch.float32`` (44: ``h`` 40) or
             ``torch.int8`` (14.01: ``h`` as block-scaled 8-bit codes with stochastic
-            rounding, :mod:`l2l_optim.state`). Computation is float32 in every case. The 8-bit state runs with every
-            ``impl``, not inside the kernel: the step decodes it into a float32 working copy
-            (40 bytes per parameter while the step runs), runs the kernel on that and encodes
-            the result with torch ops; it is not available for DTensor (FSDP2) parameters.
+            rounding, :mod:`l2l_optim.state`). Computation is float32 in every case. The CPU
+            kernel decodes, steps and encodes the 8-bit state a block at a time inside its
+            pass; the other paths run the codec around the step as torch ops (a float32
+            working copy, 40 bytes per parameter while the step runs). The 8-bit state is not
+            available for DTensor (FSDP2) parameters.
         nonfinite: ``"skip"`` or ``"raise"``, per group.
         weight_decay: decoupled (AdamW-style) weight decay, off by default.
         maximize: step along the gradient instead of against it (default: False).
@@ -148,18 +148,21 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
         rms = None
         if self.net.input_norm is not None:
             rms = RunningRms([s["v"] for s in states], [s["c"] for s in states])
-        # bfloat16 hidden states round stochastically, with keys from the step counts
-        # (l2l_optim.rounding): a slow unit's small increments survive on average
-        rounding = None
-        if self._round_stochastically and any(s["h"].dtype == torch.bfloat16 for s in states):
+        # bfloat16 and 8-bit hidden states round stochastically, with keys from the step
+        # counts (l2l_optim.rounding): a slow unit's small increments survive on average
+        rounding, scales = None, None
+        coded = any(s["h"].dtype == torch.int8 for s in states)
+        if coded:
+            scales = [s.get("h_scale") for s in states]
+        if coded or (self._round_stochastically
+                     and any(s["h"].dtype == torch.bfloat16 for s in states)):
             # (a shard of a sharded parameter draws the whole tensor's bits: offsets)
             rounding = rounding_keys([s["step"] for s in states], offsets, self.net.hidden_size)
 
         def step(targets: list[Tensor]) -> None:
-            # 8-bit hidden states run as float32 working copies, encoded back afterwards
-            with decoded_hiddens(states, grads, skip) as hiddens:
-                simple_update(targets, grads, hiddens, lrs, self.net, impl=self.defaults["impl"],
-                              skip=skip, aggregate=aggregate, rms=rms, rounding=rounding)
+            simple_update(targets, grads, [s["h"] for s in states], lrs, self.net,
+                          impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms,
+                          rounding=rounding, hidden_scales=scales)
 
         if not self.net.averaging:
             step(params)

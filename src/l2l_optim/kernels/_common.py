@@ -241,6 +241,7 @@ def check_inputs(
     *,
     device: torch.device | None = None,
     device_rule: str = "",
+    hidden_dtypes: tuple[torch.dtype, ...] = HIDDEN_DTYPES,
 ) -> None:
     """The checks every path makes before it touches anything.
 
@@ -250,6 +251,7 @@ def check_inputs(
         device: when given, every tensor must be on it (the fused paths); ``None`` allows any
             devices (the reference).
         device_rule: the phrase that says which device, e.g. ``"runs on CPU tensors only"``.
+        hidden_dtypes: the hidden-state dtypes the path takes.
 
     Raises:
         ValueError: lists of different lengths, a sparse gradient, a sparse or nested tensor,
@@ -271,7 +273,7 @@ def check_inputs(
                     )
         if p.dtype not in PARAM_DTYPES or g.dtype not in PARAM_DTYPES:
             raise ValueError(f"impl={impl!r}: unsupported dtype {p.dtype} / {g.dtype}")
-        if h.dtype not in HIDDEN_DTYPES:
+        if h.dtype not in hidden_dtypes:
             raise ValueError(
                 f"impl={impl!r}: unsupported hidden-state dtype {h.dtype} "
                 "(use float32, bfloat16 or float64)"

@@ -16,16 +16,18 @@ import torch
 from torch import Tensor
 
 from ..rule import hidden_size_of_packed
+from ..state import int8_blocks
 from ._common import RMS_CONSTANTS, compute_dtype
 from ._cpu_library import load_library
 
-__all__ = ["DTYPE_CODES", "HIDDEN_CODES", "VOID_P", "CPU", "ERRORS", "address", "pointer",
+__all__ = ["DTYPE_CODES", "HIDDEN_CODES", "INT8", "VOID_P", "CPU", "ERRORS", "address", "pointer",
            "c_array", "check_rc", "all_plain_contiguous_cpu", "plain_plan", "pass1_call",
            "pass2_call"]
 
 # dtype codes of the C ABI (the enum at the top of simple_cpu.cpp)
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-HIDDEN_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+HIDDEN_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.int8: 4}
+INT8 = HIDDEN_CODES[torch.int8]
 VOID_P = ctypes.c_void_p
 CPU = torch.device("cpu")
 ERRORS = {-1: "a packed weight vector of a bad length", -2: "an unsupported dtype",
@@ -124,13 +126,26 @@ def _pointers(tensors) -> list[int | None]:
     return [t.data_ptr() or None for t in tensors]
 
 
-def _check_tensors(params, grads, hiddens, squares, ones, h_size: int) -> None:
+def _scale_shape_ok(scale, h_size: int, k: int) -> bool:
+    return (isinstance(scale, Tensor) and scale.dtype == torch.float32
+            and tuple(scale.shape) == (h_size, int8_blocks(k)))
+
+
+def _check_tensors(params, grads, hiddens, scales, squares, ones, h_size: int) -> None:
     """RuntimeError unless every tensor is one the library may address, of the right size."""
     for i, (p, g, h) in enumerate(zip(params, grads, hiddens)):
         pointer(p, "param", i, DTYPE_CODES)
         pointer(g, "grad", i, DTYPE_CODES)
         pointer(h, "hidden", i, HIDDEN_CODES)
         k = p.numel()
+        if h.dtype == torch.int8:
+            if p.dtype == torch.float64:
+                raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} is 8-bit, which float64 "
+                                   "parameters do not take")
+            if scales is None or not _scale_shape_ok(scales[i], h_size, k):
+                raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} is 8-bit and needs float32 "
+                                   f"scales of shape ({h_size}, {int8_blocks(k)})")
+            pointer(scales[i], "hidden scale", i, {torch.float32: 0})
         if g.numel() != k:
             raise RuntimeError(f"l2l_optim cpu kernel: grad {i} has {g.numel()} elements, "
                                f"param has {k}")
@@ -156,6 +171,7 @@ class _Plan(NamedTuple):
     g_codes: list
     h_ptrs: list
     h_codes: list
+    s_ptrs: list | None  # the 8-bit hidden states' scales (None when there are none)
     v_ptrs: list
     c_ptrs: list
     c_numels: list  # 1 (one bias correction per tensor) or the tensor's numel
@@ -172,7 +188,8 @@ def all_plain_contiguous_cpu(tensors: list) -> bool:
                      for x in tensors]))
 
 
-def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Plan | None:
+def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int,
+               scales=None) -> _Plan | None:
     """The arrays of pass 1 when every tensor is one the library reads and writes as it is,
     else None (then the full checks say what is wrong, or contiguous copies are made).
 
@@ -201,6 +218,11 @@ def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Plan
         return None
     if [h.shape for h in hiddens] != [(h_size, k) for k in numels]:  # torch.Size == tuple
         return None
+    s_ptrs = None
+    if INT8 in h_codes:
+        s_ptrs = _scale_pointers(params, hiddens, scales, h_size, numels)
+        if s_ptrs is None:
+            return None
     c_numels = [c.numel() for c in ones]
     if norm:
         # the compute dtype (compute_dtype): float64 for float64 parameters, else float32
@@ -210,19 +232,42 @@ def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int) -> _Plan
                 or not all([m == 1 or m == k for m, k in zip(c_numels, numels)])):
             return None
     ptrs = [x.data_ptr() or None for x in tensors]
-    return _Plan(ptrs[:n], p_codes, ptrs[n:2 * n], g_codes, ptrs[2 * n:3 * n], h_codes,
+    return _Plan(ptrs[:n], p_codes, ptrs[n:2 * n], g_codes, ptrs[2 * n:3 * n], h_codes, s_ptrs,
                  ptrs[3 * n:4 * n], ptrs[4 * n:], c_numels, numels)
 
 
+def _scale_pointers(params, hiddens, scales, h_size: int, numels: list) -> list | None:
+    """The 8-bit hidden states' scale pointers (None for the other states), or None when one is
+    missing or not a plain contiguous float32 CPU tensor of the right shape."""
+    if scales is None or len(scales) != len(hiddens):
+        return None
+    ptrs = []
+    for p, h, s, k in zip(params, hiddens, scales, numels):
+        if h.dtype != torch.int8:
+            ptrs.append(None)
+            continue
+        if p.dtype == torch.float64 or not _scale_shape_ok(s, h_size, k):
+            return None
+        found = address(s, {torch.float32: 0})
+        if found is None:
+            return None
+        ptrs.append(found[0] or None)
+    return ptrs
+
+
 def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
-           rounding: list[int] | None = None, checked: bool = False, plan: _Plan | None = None):
+           rounding: list[int] | None = None, checked: bool = False, plan: _Plan | None = None,
+           scales: list | None = None):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
 
     ``checked``: the caller has run check_inputs (and check_rms) and made every tensor
     contiguous, in eager mode (simple_update_cpu): then the pointers are read without
     checking each tensor again, which is most of the call's cost for small tensors.
     ``plan``: the arrays :func:`plain_plan` read from these tensors (implies ``checked``).
-    ``rounding``: the bf16 hidden states' stochastic rounding keys (None: round to nearest).
+    ``rounding``: the bf16 and 8-bit hidden states' stochastic rounding keys (None: bf16
+    rounds to nearest; an 8-bit state needs keys).
+    ``scales``: per tensor, its 8-bit hidden state's float32 scales (other entries are
+    ignored), or None when no hidden state is 8-bit.
     """
     lib = load_library()
     n = len(params)
@@ -233,12 +278,21 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
         raise RuntimeError("l2l_optim cpu kernel: the rms running means differ in length from params")
     w_ptr, w_len = _weights_pointer(weights)
     if plan is None:
+        h_size = _hidden_size(w_len)
         if not checked:
-            _check_tensors(params, grads, hiddens, squares, ones, _hidden_size(w_len))
+            _check_tensors(params, grads, hiddens, scales, squares, ones, h_size)
+        h_codes = [HIDDEN_CODES[h.dtype] for h in hiddens]
+        numels = [p.numel() for p in params]
+        s_ptrs = None
+        if INT8 in h_codes:
+            s_ptrs = _scale_pointers(params, hiddens, scales, h_size, numels)
+            if s_ptrs is None:
+                _check_tensors(params, grads, hiddens, scales, squares, ones, h_size)  # says why
         plan = _Plan(_pointers(params), [DTYPE_CODES[p.dtype] for p in params], _pointers(grads),
-                     [DTYPE_CODES[g.dtype] for g in grads], _pointers(hiddens),
-                     [HIDDEN_CODES[h.dtype] for h in hiddens], _pointers(squares),
-                     _pointers(ones), [c.numel() for c in ones], [p.numel() for p in params])
+                     [DTYPE_CODES[g.dtype] for g in grads], _pointers(hiddens), h_codes, s_ptrs,
+                     _pointers(squares), _pointers(ones), [c.numel() for c in ones], numels)
+    if plan.s_ptrs is not None and rounding is None:
+        raise RuntimeError("l2l_optim cpu kernel: 8-bit hidden states need rounding keys")
     p_codes, numels = plan.p_codes, plan.numels
     # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
     scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
@@ -249,6 +303,7 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
         n, c_array(VOID_P, plan.p_ptrs), c_array(ctypes.c_int32, p_codes),
         c_array(VOID_P, plan.g_ptrs), c_array(ctypes.c_int32, plan.g_codes),
         c_array(VOID_P, plan.h_ptrs), c_array(ctypes.c_int32, plan.h_codes),
+        None if plan.s_ptrs is None else c_array(VOID_P, plan.s_ptrs),
         None if rounding is None else c_array(ctypes.c_uint32, rounding),
         c_array(VOID_P, plan.v_ptrs) if norm else None,
         c_array(VOID_P, plan.c_ptrs) if norm else None,

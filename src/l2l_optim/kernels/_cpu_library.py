@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..state import INT8_BLOCK
 from . import _build
 
 __all__ = ["load_library", "is_available", "build_error", "build_advice", "kernel_info",
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
 ISA_ENV = "L2L_OPTIM_CPU_ISA"
 CACHE_ENV = "L2L_OPTIM_KERNEL_CACHE"
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 _lock = threading.Lock()
@@ -78,11 +79,12 @@ _SIGNATURES = {
     "l2l_abi_version": (ctypes.c_int, []),
     "l2l_source_hash": (ctypes.c_char_p, []),
     "l2l_block_size": (ctypes.c_int64, []),
+    "l2l_int8_block_size": (ctypes.c_int64, []),
     "l2l_isa": (ctypes.c_char_p, []),
     "l2l_supported_isas": (ctypes.c_char_p, []),
     "l2l_select_isa": (ctypes.c_int, [ctypes.c_char_p]),
     "l2l_simple_pass1": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _PP, _I32P, _PP, _I32P,
-                                        _U32P, _PP, _PP, _I64P, _F64P, _I64P, _F64P, _PP, _P,
+                                        _PP, _U32P, _PP, _PP, _I64P, _F64P, _I64P, _F64P, _PP, _P,
                                         ctypes.c_int64, _P, _P, ctypes.c_int]),
     "l2l_simple_pass2": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _I64P, _F64P, _PP, _P,
                                         ctypes.c_int64, ctypes.c_double, _P, ctypes.c_int]),
@@ -100,6 +102,9 @@ def _open(path: Path) -> ctypes.CDLL:
         fn.restype, fn.argtypes = restype, argtypes
     if lib.l2l_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI version {lib.l2l_abi_version()}, expected {ABI_VERSION}")
+    if lib.l2l_int8_block_size() != INT8_BLOCK:
+        raise RuntimeError(f"{path} encodes 8-bit hidden states in blocks of "
+                           f"{lib.l2l_int8_block_size()} coordinates, expected {INT8_BLOCK}")
     return lib
 
 

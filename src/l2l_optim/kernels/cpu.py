@@ -37,7 +37,9 @@ Results are bitwise independent of the thread count (the kernel uses
 
 Supported: parameters in float32 / float64 / bfloat16 / float16 (any shape, 0-dim included;
 non-contiguous ones are copied to contiguous and back), gradients of any of these dtypes,
-hidden state in float32 / bfloat16 / float64, one learning rate per tensor, the ``skip`` flag.
+hidden state in float32 / bfloat16 / float64, or 8-bit codes with their block scales
+(:mod:`l2l_optim.state`'s codec, run inside pass 1 a block at a time), one learning rate per
+tensor, the ``skip`` flag.
 Compute precision is that of the reference: float64 for float64 parameters, float32 otherwise.
 
 The same library checks gradients for NaN/Inf at memory speed (:func:`first_nonfinite`),
@@ -55,6 +57,7 @@ from torch import Tensor
 from ..rule import SimpleWeights
 from . import _cpu_library
 from ._common import (
+    HIDDEN_DTYPES,
     Aggregate,
     RunningRms,
     bump_versions,
@@ -139,23 +142,39 @@ def _key_list(rounding: Tensor | None, n: int) -> list[int] | None:
     return [k & 0xFFFFFFFF for k in rounding.tolist()]
 
 
+def _scale_list(scales: list[Tensor]) -> list[Tensor] | None:
+    """An op's 8-bit scales (an empty list for none; an empty tensor for a state that is not
+    8-bit) as pass1_call takes them."""
+    return list(scales) if scales else None
+
+
+def _scale_args(hiddens: list[Tensor], scales) -> list[Tensor]:
+    """The 8-bit scales as an op takes them: an empty list when no hidden state is 8-bit, else
+    one tensor per hidden state (an empty one for the others)."""
+    if scales is None or not any(h.dtype == torch.int8 for h in hiddens):
+        return []
+    return [torch.empty(0) if s is None else s for s in scales]
+
+
 # The registered ops take the learning rates as a tensor (see _lr_tensor); squares, ones: the
 # rms input norm's running means, or empty lists for none (an op's arguments cannot be None
-# lists); rounding: the stochastic rounding keys as an int64 vector, or None.
+# lists); scales: the 8-bit hidden states' scales (see _scale_args); rounding: the stochastic
+# rounding keys as an int64 vector, or None.
 def _simple_update(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
                    lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
-                   squares: list[Tensor], ones: list[Tensor],
+                   squares: list[Tensor], ones: list[Tensor], scales: list[Tensor],
                    rounding: Optional[Tensor] = None) -> None:
     pass1_call(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip, False, squares,
-           ones, _key_list(rounding, len(params)))
+           ones, _key_list(rounding, len(params)), scales=_scale_list(scales))
 
 
 def _simple_update_pass1(params: list[Tensor], grads: list[Tensor], hiddens: list[Tensor],
                          lrs: Tensor, weights: Tensor, skip: Optional[Tensor],
-                         squares: list[Tensor], ones: list[Tensor],
+                         squares: list[Tensor], ones: list[Tensor], scales: list[Tensor],
                          rounding: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
     sums, scratch = pass1_call(params, grads, hiddens, _lr_list(lrs, len(params)), weights, skip,
-                           True, squares, ones, _key_list(rounding, len(params)))
+                           True, squares, ones, _key_list(rounding, len(params)),
+                           scales=_scale_list(scales))
     # an empty buffer for the parameters that need none (an op returns tensors, not None)
     return sums, [torch.empty(0) if s is None else s for s in scratch]
 
@@ -175,19 +194,21 @@ def _register_ops() -> None:
     """
     lib = "l2l_optim_cpu"
     update = torch.library.custom_op(f"{lib}::simple_update", _simple_update,
-                                     mutates_args=("params", "hiddens", "squares", "ones"),
+                                     mutates_args=("params", "hiddens", "squares", "ones",
+                                                   "scales"),
                                      device_types="cpu")
     pass1 = torch.library.custom_op(f"{lib}::simple_update_pass1", _simple_update_pass1,
-                                    mutates_args=("params", "hiddens", "squares", "ones"),
+                                    mutates_args=("params", "hiddens", "squares", "ones",
+                                                  "scales"),
                                     device_types="cpu")
     pass2 = torch.library.custom_op(f"{lib}::simple_update_pass2", _simple_update_pass2,
                                     mutates_args=("params",), device_types="cpu")
     update.register_fake(
-        lambda params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None: None)
+        lambda params, grads, hiddens, lrs, weights, skip, squares, ones, scales, rounding=None: None)
     pass2.register_fake(lambda params, scratch, lrs, weights, shared, skip: None)
 
     @pass1.register_fake
-    def _(params, grads, hiddens, lrs, weights, skip, squares, ones, rounding=None):
+    def _(params, grads, hiddens, lrs, weights, skip, squares, ones, scales, rounding=None):
         sums = weights.new_empty((len(params),), dtype=torch.float64)
         low = (torch.bfloat16, torch.float16)
         return sums, [weights.new_empty((p.numel() if p.dtype in low else 0,), dtype=torch.float32)
@@ -218,10 +239,14 @@ def simple_update_cpu(
     aggregate: Aggregate | None = None,
     rms: RunningRms | None = None,
     rounding: list[int] | Tensor | None = None,
+    hidden_scales: list[Tensor | None] | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
 
-    With ``rms`` the input norm runs inside pass 1, on each block as it is read.
+    With ``rms`` the input norm runs inside pass 1, on each block as it is read. An 8-bit
+    hidden state (int8 codes, with its float32 scales in ``hidden_scales`` and its key in
+    ``rounding``) is decoded, stepped and encoded inside pass 1 too, a block at a time
+    (:mod:`l2l_optim.state`'s codec, bit for bit).
 
     Without ``aggregate`` one call runs both passes; with it, pass 1 and pass 2 are two calls
     and ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
@@ -240,10 +265,11 @@ def simple_update_cpu(
                                  and isinstance(rms.ones, lists)))):
         # the common case in one pass: tensors the library takes as they are
         sq, on = rms if rms is not None else ((), ())
-        plan = plain_plan(params, grads, hiddens, lrs, sq, on, weights.w_ih.numel())
+        plan = plain_plan(params, grads, hiddens, lrs, sq, on, weights.w_ih.numel(), hidden_scales)
     if plan is None:
         check_inputs("cpu", params, grads, hiddens, lrs, weights.w_ih.numel(), device=CPU,
-                     device_rule="runs on CPU tensors only")
+                     device_rule="runs on CPU tensors only",
+                     hidden_dtypes=(*HIDDEN_DTYPES, torch.int8) if hidden_scales else HIDDEN_DTYPES)
         if rms is not None:
             check_rms("cpu", rms, params, device=CPU, device_rule="runs on CPU tensors only")
     rounding = check_rounding("cpu", rounding, len(params), device=CPU)
@@ -261,7 +287,7 @@ def simple_update_cpu(
         lr_list = [float(lr) for lr in lrs]
         keys = _key_list(rounding, len(ps)) if isinstance(rounding, Tensor) else rounding
         sums, scratch = pass1_call(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
-                               keys, checked=True, plan=plan)
+                               keys, checked=True, plan=plan, scales=hidden_scales)
         if aggregate is not None:
             pass2_call(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
 
@@ -279,10 +305,11 @@ def simple_update_cpu(
         lr_t = _lr_tensor(lrs)
         keys = rounding if rounding is None or isinstance(rounding, Tensor) else torch.tensor(
             rounding, dtype=torch.int64)
+        scales = _scale_args(hs, hidden_scales)
         if aggregate is None:
-            update(ps, gs, hs, lr_t, packed, skip, vs, cs, keys)
+            update(ps, gs, hs, lr_t, packed, skip, vs, cs, scales, keys)
             return
-        sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs, keys)
+        sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs, scales, keys)
         shared = call_aggregate(aggregate, sums)
         pass2(ps, scratch, lr_t, packed, shared, skip)
 

@@ -38,7 +38,10 @@
 //
 // Layout: the hidden state of a tensor with n coordinates is a contiguous (H, n) array, so for a
 // fixed hidden unit k the coordinates are contiguous and the coordinate loops vectorise
-// (`#pragma omp simd`, H fully unrolled for the default H = 10).
+// (`#pragma omp simd`, H fully unrolled for the default H = 10). An 8-bit hidden state (int8
+// codes with one fp32 scale per hidden unit and block of kI8Block coordinates, state.py's codec)
+// is cut into work items of kI8Block coordinates: each is decoded into a per-thread fp32 buffer,
+// stepped there by the fp32-state loop and encoded back (simple_cpu_isa.h, run_block_int8).
 //
 // Instruction sets: the per-coordinate code (simple_cpu_isa.h) is compiled three times on
 // x86-64, for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and the SSE2 baseline, and the best
@@ -88,13 +91,16 @@
 namespace l2l {
 
 constexpr int64_t kBlock = 2048;  // coordinates per work item (fixed: part of the result's definition)
+constexpr int64_t kI8Block = 4096;  // coordinates per scale of an 8-bit hidden state (state.py's
+                                    // INT8_BLOCK): one work item, a multiple of kBlock
+constexpr int64_t kI8Stride = kI8Block + 16;  // floats per row of its work buffer
 constexpr int kLanes = 16;        // lanes of the fixed-order partial sums
 constexpr int kMaxH = 64;         // largest hidden size of the generic (runtime-H) kernel
 constexpr int kSub = 256;         // coordinates per L1-resident sub-block of pass 1
 constexpr int64_t kScanBlock = 1 << 16;  // elements per work item of the whole-array helpers
 
 // dtype codes of the ABI (cpu.py's DTYPE_CODES)
-enum : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+enum : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kI8 = 4 };
 
 // error codes of the ABI (cpu.py's _ERRORS)
 enum : int { kOk = 0, kBadWeights = -1, kBadDtype = -2, kNoMemory = -3, kBadArgument = -4 };
@@ -124,7 +130,8 @@ void unpack(const double* w, int H, Weights<C>* out) {
   out->b_out = static_cast<C>(w[4 * H + H * H]);
 }
 
-// One work item: kBlock (or fewer, at a tensor's end) coordinates of one tensor.
+// One work item: kBlock (kI8Block for an 8-bit hidden state; fewer at a tensor's end)
+// coordinates of one tensor.
 struct Item {
   int64_t tensor;
   int64_t start;
@@ -150,8 +157,10 @@ struct Job {
   int32_t pk, gk, hk;  // dtype codes of param, grad, hidden state
   int64_t n;
   double lr;
-  uint32_t rounding_key = 0;  // a bf16 hidden state's stochastic rounding (rounding.py), when
-  bool stochastic = false;    // the caller gives keys; else round to nearest even
+  uint32_t rounding_key = 0;  // a bf16 or 8-bit hidden state's stochastic rounding
+  bool stochastic = false;    // (rounding.py), when the caller gives keys; else bf16 rounds to
+                              // nearest even (an 8-bit state needs a key)
+  float* hidden_scale = nullptr;  // an 8-bit hidden state's scales, (H, blocks of kI8Block)
 };
 
 }  // namespace l2l
@@ -224,7 +233,7 @@ namespace l2l {
 // What one instruction-set copy provides.
 struct Kernels {
   const char* name;
-  double (*pass1)(const Job&, const Item&, const Weights<float>&, const Weights<double>&);
+  double (*pass1)(const Job&, const Item&, const Weights<float>&, const Weights<double>&, float*);
   void (*pass2)(const Job&, const Item&, double);
   bool (*nonfinite)(int, const void*, int64_t, int64_t);
   void (*tanh)(int, const void*, void*, int64_t, int64_t);
@@ -280,14 +289,19 @@ extern "C" {
 void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
     __attribute__((weak));
 int omp_in_parallel() __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
 }
 
 namespace l2l {
 
-bool have_omp() { return &GOMP_parallel != nullptr && &omp_in_parallel != nullptr; }
+bool have_omp() {
+  return &GOMP_parallel != nullptr && &omp_in_parallel != nullptr &&
+         &omp_get_thread_num != nullptr;
+}
 
-// Run fn(i) for i in [0, n): dynamically scheduled (one item at a time, as schedule(dynamic, 1))
-// over nt threads of the OpenMP runtime, serially for one thread or inside a parallel region.
+// Run fn(i, slot) for i in [0, n): dynamically scheduled (one item at a time, as
+// schedule(dynamic, 1)) over nt threads of the OpenMP runtime, serially for one thread or inside a
+// parallel region. slot < nt is the running thread's index (0 when serial), for per-thread buffers.
 template <typename F>
 void for_items(int64_t n, int nt, const F& fn) {
   if (n <= 0) return;
@@ -301,12 +315,14 @@ void for_items(int64_t n, int nt, const F& fn) {
     GOMP_parallel(
         [](void* p) {
           auto* w = static_cast<Work*>(p);
-          for (int64_t i; (i = w->next.fetch_add(1, std::memory_order_relaxed)) < w->n;) (*w->fn)(i);
+          const int slot = omp_get_thread_num();
+          for (int64_t i; (i = w->next.fetch_add(1, std::memory_order_relaxed)) < w->n;)
+            (*w->fn)(i, slot);
         },
         &work, static_cast<unsigned>(nt), 0);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  for (int64_t i = 0; i < n; ++i) fn(i, 0);
 }
 
 // The hidden size of a packed weight vector (its length is 4H + H^2 + 1), or -1.
@@ -318,7 +334,7 @@ int hidden_size(int64_t wn) {
 }
 
 bool valid_param_dtype(int32_t d) { return d == kF32 || d == kF64 || d == kBF16 || d == kF16; }
-bool valid_hidden_dtype(int32_t d) { return d == kF32 || d == kF64 || d == kBF16; }
+bool valid_hidden_dtype(int32_t d) { return d == kF32 || d == kF64 || d == kBF16 || d == kI8; }
 
 // One call's tensors cut into blocks, with the weights unpacked in both compute precisions.
 struct Step {
@@ -337,8 +353,11 @@ struct Step {
   }
 
   // The weights, the jobs (dtype codes checked) and their blocks; kOk or an error code.
+  // hk: the hidden states' dtype codes (pass 1, checked by the caller: 8-bit ones are cut into
+  // blocks of kI8Block), or nullptr (pass 2, which reads no hidden state).
   int init(int64_t n_tensors, void* const* params, const int32_t* pk, const int64_t* numels,
-           const double* lrs, float* const* scratch, const double* weights, int64_t n_weights) {
+           const double* lrs, float* const* scratch, const double* weights, int64_t n_weights,
+           const int32_t* hk = nullptr) {
     if (n_tensors < 0) return kBadArgument;
     H = hidden_size(n_weights);
     if (H < 0 || weights == nullptr) return kBadWeights;
@@ -360,16 +379,19 @@ struct Step {
       if (job.n > 0 && (job.param == nullptr || ((job.pk == kBF16 || job.pk == kF16) &&
                                                  job.scratch == nullptr)))
         return kBadArgument;
-      n_items += (job.n + kBlock - 1) / kBlock;
+      const int64_t width = (hk != nullptr && hk[t] == kI8) ? kI8Block : kBlock;
+      n_items += (job.n + width - 1) / width;
       N += job.n;
     }
     items = static_cast<Item*>(std::malloc(static_cast<size_t>(std::max<int64_t>(n_items, 1)) *
                                            sizeof(Item)));
     if (items == nullptr) return kNoMemory;
     int64_t i = 0;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t s = 0; s < jobs[t].n; s += kBlock)
-        items[i++] = Item{t, s, std::min(kBlock, jobs[t].n - s)};
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t width = (hk != nullptr && hk[t] == kI8) ? kI8Block : kBlock;
+      for (int64_t s = 0; s < jobs[t].n; s += width)
+        items[i++] = Item{t, s, std::min(width, jobs[t].n - s)};
+    }
     return kOk;
   }
 
@@ -385,7 +407,8 @@ struct Step {
 
   void pass2(double shared, int nt) const {
     const Kernels* k = g_kernels;
-    for_items(n_items, nt, [&](int64_t i) { k->pass2(jobs[items[i].tensor], items[i], shared); });
+    for_items(n_items, nt,
+              [&](int64_t i, int) { k->pass2(jobs[items[i].tensor], items[i], shared); });
   }
 };
 
@@ -396,7 +419,7 @@ using namespace l2l;
 // ------------------------------------------------------------------------------------------------
 // the C ABI (argument order and meaning mirrored in cpu.py)
 
-L2L_API int l2l_abi_version(void) { return 4; }
+L2L_API int l2l_abi_version(void) { return 5; }
 
 // the hash of the sources and flags this library was built from; _build.py finds it in the
 // file by its prefix, so a loader can tell a stale library without loading it
@@ -404,6 +427,9 @@ static const char kSourceHash[] = "l2l-source-hash:" L2L_SOURCE_HASH;
 L2L_API const char* l2l_source_hash(void) { return kSourceHash + 16; }
 
 L2L_API int64_t l2l_block_size(void) { return kBlock; }
+
+// coordinates per scale of an 8-bit hidden state
+L2L_API int64_t l2l_int8_block_size(void) { return kI8Block; }
 
 // the instruction set in use
 L2L_API const char* l2l_isa(void) { return g_kernels->name; }
@@ -443,9 +469,12 @@ L2L_API int l2l_select_isa(const char* name) {
 //
 //   params, grads, hiddens: data pointers (numels[t] elements; hiddens (H, numels[t]))
 //   param_dtypes, grad_dtypes, hidden_dtypes: dtype codes (params and grads: any of the four;
-//       hidden states: kF32, kF64 or kBF16)
-//   rounding_keys: NULL (bf16 hidden states round to nearest even), or per tensor the key of its
-//       bf16 hidden state's stochastic rounding (rounding.py); ignored for other hidden dtypes
+//       hidden states: kF32, kF64, kBF16, or kI8 for a parameter that is not fp64)
+//   hidden_scales: NULL when no hidden state is kI8, else per tensor the fp32 scales of its 8-bit
+//       hidden state, (H, ceil(numels[t] / kI8Block)) (ignored for the others)
+//   rounding_keys: NULL (bf16 hidden states round to nearest even; none may be kI8), or per
+//       tensor the key of its bf16 or 8-bit hidden state's stochastic rounding (rounding.py);
+//       ignored for other hidden dtypes
 //   squares, ones, ones_numels, norm: NULL, or the rms input norm: per tensor the running means
 //       v (numels[t] elements) and c, in the compute dtype (fp64 for fp64 parameters, else
 //       fp32), updated in place; c's element count, 1 (one bias correction for the tensor,
@@ -461,7 +490,7 @@ L2L_API int l2l_select_isa(const char* name) {
 L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                              const void* const* grads, const int32_t* grad_dtypes,
                              void* const* hiddens, const int32_t* hidden_dtypes,
-                             const uint32_t* rounding_keys,
+                             void* const* hidden_scales, const uint32_t* rounding_keys,
                              void* const* squares, void* const* ones,
                              const int64_t* ones_numels, const double* norm, const int64_t* numels, const double* lrs, float* const* scratch,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
@@ -469,16 +498,20 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
   if (sums != nullptr)
     for (int64_t t = 0; t < n_tensors; ++t) sums[t] = 0.0;
   if (skip != nullptr && *skip) return kOk;
+  for (int64_t t = 0; t < n_tensors; ++t)
+    if (!valid_param_dtype(grad_dtypes[t]) || !valid_hidden_dtype(hidden_dtypes[t]) ||
+        (hidden_dtypes[t] == kI8 && param_dtypes[t] == kF64))
+      return kBadDtype;
   Step step;
-  int rc = step.init(n_tensors, params, param_dtypes, numels, lrs, scratch, weights, n_weights);
+  int rc = step.init(n_tensors, params, param_dtypes, numels, lrs, scratch, weights, n_weights,
+                     hidden_dtypes);
   if (rc != kOk) return rc;
   if ((squares == nullptr) != (ones == nullptr) || (squares == nullptr) != (norm == nullptr))
     return kBadArgument;
+  bool any_int8 = false;
   const Norm nm = norm == nullptr ? Norm{0.0, 0.0, 0.0} : Norm{norm[0], norm[1], norm[2]};
   for (int64_t t = 0; t < n_tensors; ++t) {
     Job& job = step.jobs[t];
-    if (!valid_param_dtype(grad_dtypes[t]) || !valid_hidden_dtype(hidden_dtypes[t]))
-      return kBadDtype;
     job.grad = grads[t];
     job.hidden = hiddens[t];
     job.gk = grad_dtypes[t];
@@ -488,6 +521,12 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
       job.stochastic = true;
     }
     if (job.n > 0 && (job.grad == nullptr || job.hidden == nullptr)) return kBadArgument;
+    if (job.hk == kI8) {
+      if (hidden_scales == nullptr || rounding_keys == nullptr) return kBadArgument;
+      job.hidden_scale = static_cast<float*>(hidden_scales[t]);
+      if (job.n > 0 && job.hidden_scale == nullptr) return kBadArgument;
+      any_int8 = any_int8 || job.n > 0;
+    }
     if (norm != nullptr) {
       job.squares = squares[t];
       job.ones = ones[t];
@@ -500,19 +539,30 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
     }
   }
   double* partial = nullptr;
+  float* work = nullptr;  // 8-bit hidden states: a float32 block buffer per thread
+  const int slots = std::max(n_threads, 1);
+  const size_t slot_floats = static_cast<size_t>(step.H) * kI8Stride;
   if (step.N > 0) {
     partial = static_cast<double*>(std::malloc(static_cast<size_t>(step.n_items) * sizeof(double)));
-    if (partial == nullptr) return kNoMemory;
+    if (any_int8)
+      work = static_cast<float*>(std::malloc(static_cast<size_t>(slots) * slot_floats * sizeof(float)));
+    if (partial == nullptr || (any_int8 && work == nullptr)) {
+      std::free(partial);
+      std::free(work);
+      return kNoMemory;
+    }
   }
   const Kernels* k = g_kernels;
   // every check has passed: each per-tensor bias correction takes its step, once
   for (int64_t t = 0; t < n_tensors && norm != nullptr; ++t)
     if (step.jobs[t].ones_per_tensor) k->rms_prepare(step.jobs[t]);
   if (step.N == 0) return kOk;
-  for_items(step.n_items, n_threads, [&](int64_t i) {
+  for_items(step.n_items, slots, [&](int64_t i, int slot) {
     const Item& it = step.items[i];
-    partial[i] = k->pass1(step.jobs[it.tensor], it, step.w32, step.w64);
+    partial[i] = k->pass1(step.jobs[it.tensor], it, step.w32, step.w64,
+                          work == nullptr ? nullptr : work + static_cast<size_t>(slot) * slot_floats);
   });
+  std::free(work);
   if (sums != nullptr) {
     for (int64_t i = 0; i < step.n_items; ++i) sums[step.items[i].tensor] += partial[i];
     std::free(partial);
@@ -566,7 +616,7 @@ L2L_API int64_t l2l_first_nonfinite(int64_t n_tensors, const void* const* data,
     for (int64_t s = 0; s < numels[t]; s += kScanBlock)
       items[i++] = Item{t, s, std::min(kScanBlock, numels[t] - s)};
   const Kernels* k = g_kernels;
-  for_items(n_items, n_threads, [&](int64_t j) {
+  for_items(n_items, n_threads, [&](int64_t j, int) {
     const Item& it = items[j];
     bad[j] = k->nonfinite(dtypes[it.tensor], data[it.tensor], it.start, it.len) ? 1 : 0;
   });
@@ -582,7 +632,7 @@ L2L_API int64_t l2l_first_nonfinite(int64_t n_tensors, const void* const* data,
 L2L_API int l2l_tanh(int32_t dtype, const void* x, void* out, int64_t n, int n_threads) {
   if (dtype != kF32 && dtype != kF64) return kBadDtype;
   const Kernels* k = g_kernels;
-  for_items((n + kScanBlock - 1) / kScanBlock, n_threads, [&](int64_t j) {
+  for_items((n + kScanBlock - 1) / kScanBlock, n_threads, [&](int64_t j, int) {
     const int64_t s = j * kScanBlock;
     k->tanh(dtype, x, out, s, std::min(kScanBlock, n - s));
   });

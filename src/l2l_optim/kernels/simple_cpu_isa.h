@@ -483,14 +483,17 @@ inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i
   return buf;
 }
 
+// Pass 1 on one block whose hidden state h has row stride `stride` and starts at column h_i0
+// (the tensor's own state: stride n, h_i0 = the block's start; an 8-bit state's float32 work
+// buffer: its own stride and offset).
 template <typename C, typename S>
-double run_block_typed(const Job& job, const Item& it, const Weights<C>& w) {
+double run_block_typed(const Job& job, const Item& it, const Weights<C>& w, S* h, int64_t stride,
+                       int64_t h_i0) {
   alignas(64) C gbuf[kBlock];
   alignas(64) C xbuf[kBlock];
   alignas(64) C sbuf[kBlock];
   const C* g = load_grad_block<C>(job, it.start, it.len, gbuf);
   if (job.squares != nullptr) g = normalise_block<C>(job, g, it.start, it.len, xbuf);
-  S* h = static_cast<S*>(job.hidden);
   C* out;
   C lr;
   if (job.scratch != nullptr) {  // bf16 / fp16 params (computed in fp32): u into zeroed scratch
@@ -501,25 +504,108 @@ double run_block_typed(const Job& job, const Item& it, const Weights<C>& w) {
     lr = static_cast<C>(job.lr);
   }
   const Rounding rnd{job.rounding_key, job.stochastic};
-  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf, rnd);
-  return pass1_generic<C, S>(g, h, job.n, it.start, it.len, out, lr, w, sbuf, rnd);
+  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+  return pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+}
+
+template <typename C, typename S>
+double run_block_own(const Job& job, const Item& it, const Weights<C>& w) {
+  return run_block_typed<C, S>(job, it, w, static_cast<S*>(job.hidden), job.n, it.start);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the 8-bit hidden state (state.py's codec, the definition)
+//
+// Codes c (int8, (H, n)) and per hidden unit and block of kI8Block coordinates a float32 scale s
+// (the block's max |h|): h = c * (s / 127). A block (one work item) is decoded into a float32
+// work buffer, stepped there by the float32-state loop, and encoded back: s' = max |h'| over the
+// block, c' = clamp(floor(h' * (127 / s') + u), -127, 127), u = the 16 random bits of
+// rounding.py (key + i H + j) / 2^16: stochastic rounding, so a unit whose increments are below
+// half a code step still moves on average. The buffer stays in the core's cache: the step reads
+// and writes 10 bytes of hidden state per coordinate.
+
+inline void decode_int8(const int8_t* __restrict codes, int64_t n, int64_t i0, int64_t len,
+                        const float* __restrict scales, int64_t nb, int64_t b, int H,
+                        float* __restrict work, int64_t stride) {
+  for (int k = 0; k < H; ++k) {
+    const float f = scales[k * nb + b] / 127.0f;
+    const int8_t* __restrict in = codes + k * n + i0;
+    float* __restrict row = work + k * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) row[i] = static_cast<float>(in[i]) * f;
+  }
+}
+
+// h' * m + u in two roundings, as the codec's torch ops compute it: a fused multiply-add
+// would round once and move some codes by one
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+__attribute__((noinline)) void encode_int8(const float* __restrict work, int64_t stride, int H,
+                                           int64_t len,
+                                           int8_t* __restrict codes, int64_t n, int64_t i0,
+                                           float* __restrict scales, int64_t nb, int64_t b,
+                                           uint32_t key) {
+  for (int k = 0; k < H; ++k) {
+    const float* __restrict row = work + k * stride;
+    float s = 0.0f;
+#pragma omp simd reduction(max : s)
+    for (int64_t i = 0; i < len; ++i) s = std::max(s, std::fabs(row[i]));
+    const float m = s > 0.0f ? 127.0f / s : 0.0f;
+    scales[k * nb + b] = s;
+    int8_t* __restrict out = codes + k * n + i0;
+    // the sequence of unit k at coordinate i0 + i is x = key + (i0 + i) H + k, its bits the
+    // high half of x kGolden = x0 kGolden + i (H kGolden), all modulo 2^32
+    const uint32_t x0g = (key + static_cast<uint32_t>(i0) * static_cast<uint32_t>(H) +
+                          static_cast<uint32_t>(k)) * kGolden;
+    const uint32_t hg = static_cast<uint32_t>(H) * kGolden;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t r = (x0g + static_cast<uint32_t>(i) * hg) >> 16;
+      // 16 bits: exact through a signed conversion, which every vector unit has
+      const float u = static_cast<float>(static_cast<int32_t>(r)) * (1.0f / 65536.0f);
+      float y = std::floor(row[i] * m + u);
+      y = std::min(std::max(y, -127.0f), 127.0f);  // (no finite h' gives a NaN)
+      out[i] = static_cast<int8_t>(static_cast<int32_t>(y));
+    }
+  }
+}
+#pragma GCC pop_options
+
+// Pass 1 on one block of an 8-bit hidden state (fp32 compute): `work` holds H rows of
+// kI8Stride floats. The rows are kI8Block + 16 floats apart, not a multiple of 4 KiB: rows a
+// multiple apart share the L1 cache's sets and alias in the load-store unit.
+double run_block_int8(const Job& job, const Item& it, const Weights<float>& w, float* work) {
+  const int H = w.H;
+  const int64_t len = it.len, b = it.start / kI8Block, nb = (job.n + kI8Block - 1) / kI8Block;
+  int8_t* codes = static_cast<int8_t*>(job.hidden);
+  decode_int8(codes, job.n, it.start, len, job.hidden_scale, nb, b, H, work, kI8Stride);
+  double sum = 0.0;
+  for (int64_t o = 0; o < len; o += kBlock) {
+    const Item sub{it.tensor, it.start + o, std::min(kBlock, len - o)};
+    sum += run_block_typed<float, float>(job, sub, w, work, kI8Stride, o);
+  }
+  encode_int8(work, kI8Stride, H, len, codes, job.n, it.start, job.hidden_scale, nb, b,
+              job.rounding_key);
+  return sum;
 }
 
 template <typename C>
 double run_block(const Job& job, const Item& it, const Weights<C>& w) {
   switch (job.hk) {
     case kF32:
-      return run_block_typed<C, float>(job, it, w);
+      return run_block_own<C, float>(job, it, w);
     case kF64:
-      return run_block_typed<C, double>(job, it, w);
+      return run_block_own<C, double>(job, it, w);
     default:  // kBF16
-      return run_block_typed<C, uint16_t>(job, it, w);
+      return run_block_own<C, uint16_t>(job, it, w);
   }
 }
 
-// Pass 1 on one block, in the job's compute precision (fp64 for fp64 parameters).
+// Pass 1 on one block, in the job's compute precision (fp64 for fp64 parameters); `work`: this
+// thread's buffer for an 8-bit hidden state (which only fp32 compute takes).
 double pass1_item(const Job& job, const Item& it, const Weights<float>& w32,
-                  const Weights<double>& w64) {
+                  const Weights<double>& w64, float* work) {
+  if (job.hk == kI8) return run_block_int8(job, it, w32, work);
   return job.pk == kF64 ? run_block<double>(job, it, w64) : run_block<float>(job, it, w32);
 }
 
