@@ -35,11 +35,12 @@
 #include <random>
 #include <vector>
 
-// l2l_simple_pass1 of the library's C ABI, version 4 (kernels/simple_cpu.cpp)
-constexpr int kAbi = 4;
+// l2l_simple_pass1 of the library's C ABI, version 5 (kernels/simple_cpu.cpp)
+constexpr int kAbi = 5;
 typedef int (*Pass1)(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                      const void* const* grads, const int32_t* grad_dtypes, void* const* hiddens,
-                     const int32_t* hidden_dtypes, const uint32_t* rounding_keys,
+                     const int32_t* hidden_dtypes, void* const* hidden_scales,
+                     const uint32_t* rounding_keys,
                      void* const* squares, void* const* ones,
                      const int64_t* ones_numels, const double* norm, const int64_t* numels,
                      const double* lrs,
@@ -115,7 +116,7 @@ int main(int argc, char** argv) {
 
   // one call of build i's pass 1 on the data above; false (after a message) on an error
   auto run = [&](int i) {
-    const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code,
+    const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, nullptr,
                             stochastic ? keys : nullptr, rms ? squares : nullptr, rms ? ones : nullptr,
                             rms ? ones_numels : nullptr, rms ? norm : nullptr, numels, lrs,
                             nullptr, weights.data(),
