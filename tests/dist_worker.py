@@ -114,6 +114,30 @@ def fsdp_vs_single(make_opt, steps: int = 20, record=(10, 20)) -> dict:
     return out
 
 
+def averaging_vs_single() -> dict:
+    """Schedule-Free averaging around the rule (a state ``z`` per parameter) under FSDP2
+    against one process, and the average ``x`` that ``opt.eval()`` puts in the parameters."""
+    net = init_net(SimpleOptimizerNet(input_norm="rms", averaging=0.9), "schedule-free", lr=2e-2)
+    with torch.no_grad():
+        net.w_out[10:].fill_(1e-3)  # the mean over coordinates matters too
+    make = lambda ps: SimpleOptimizer(ps, weights=copy.deepcopy(net))  # noqa: E731
+    model = make_model()
+    ref = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    fully_shard(model)
+    opt, ref_opt = make(model.parameters()), make(ref.parameters())
+    train(model, opt, range(0, 10), sharded_batch=True)
+    train(ref, ref_opt, range(0, 10), sharded_batch=False)
+    out = {"diff_10": max_diff(model.parameters(), ref.parameters()),
+           "moved": max_diff(ref.parameters(), start.parameters())}
+    opt.eval()
+    ref_opt.eval()
+    out["diff_eval"] = max_diff(model.parameters(), ref.parameters())
+    out["eval_moved"] = max_diff(model.parameters(), start.parameters())
+    out["state_types"] = sorted({type(v).__name__ for s in opt.state.values() for v in s.values()})
+    return out
+
+
 def placements_vs_single(steps: int = 5) -> dict:
     """Hand-made DTensors (Shard(0), Shard(1), Replicate, and a Partial gradient) against
     plain tensors stepped on the same gradients."""
@@ -404,6 +428,7 @@ def main() -> None:
         "fsdp_simple_reference": lambda: fsdp_vs_single(simple(impl="reference"), record=(5,)),
         "fsdp_shipped_weights": lambda: fsdp_vs_single(
             lambda ps: SimpleOptimizer(ps), steps=10, record=(10,)),
+        "fsdp_averaging": averaging_vs_single,
         "placements": placements_vs_single,
         "baselines": baselines,
         "nonfinite": nonfinite,

@@ -212,3 +212,42 @@ def test_train_and_eval_swap_between_the_interpolation_point_and_the_average():
     opt2.eval()
     train(plain, opt2, 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, plain.parameters()))
+
+
+@pytest.mark.slow
+def test_a_compiled_step_with_averaging_is_one_graph_and_skips_on_the_device():
+    # the step counts and the skip flag stay on the device: fullgraph compiles, a step with a
+    # non-finite gradient changes nothing, and the compiled run follows the eager one
+    import warnings
+
+    a, b = small_model(), small_model()
+    eager = SimpleOptimizer(a.parameters(), weights=sf_net(lr=1e-2))
+    compiled = SimpleOptimizer(b.parameters(), weights=sf_net(lr=1e-2))
+    step = torch.compile(compiled.step, fullgraph=True)
+
+    def poison(m):
+        next(m.parameters()).grad[0, 0] = float("nan")
+
+    gen = torch.Generator().manual_seed(3)
+    for i in range(6):
+        x = torch.randn(32, 8, generator=gen)
+        for m, opt, run in ((a, eager, eager.step), (b, compiled, step)):
+            opt.zero_grad()
+            ((m(x) - torch.sin(x.sum(1, keepdim=True))) ** 2).mean().backward()
+            if i == 3:
+                poison(m)
+                before = ([p.detach().clone() for p in m.parameters()],
+                          [opt.state[p]["z"].clone() for p in m.parameters()])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+            if i == 3:
+                assert all(torch.equal(p, q) for p, q in zip(before[0], m.parameters()))
+                assert all(torch.equal(z, opt.state[p]["z"]) for z, p in zip(before[1], m.parameters()))
+    def gap(m, n):
+        return max(float((p - q).detach().abs().max()) for p, q in zip(m.parameters(), n.parameters()))
+
+    moved = gap(a, small_model())
+    assert moved > 1e-2 and gap(a, b) < 1e-4 * max(1.0, moved)
+    eager.eval(), compiled.eval()
+    assert gap(a, b) < 1e-4

@@ -131,6 +131,16 @@ def test_fsdp_reference_impl_and_shipped_weights(two):
         assert res["moved"] > 0
 
 
+def test_fsdp_with_averaging_matches_single_process(two):
+    # the base sequence z is sharded as the parameter is; opt.eval() moves each shard to the
+    # average x, as one process moves the whole parameter
+    for res in _each(two, "fsdp_averaging"):
+        assert res["moved"] > 1e-2 and res["eval_moved"] > 1e-2
+        assert res["diff_10"] <= TOL, res
+        assert res["diff_eval"] <= TOL, res
+        assert res["state_types"] == ["DTensor", "Tensor"]  # h, v, z sharded; step plain
+
+
 def test_placements_shard_dims_replicate_and_partial_grads(two):
     # Shard(1) and Replicate parameters (the replicated coordinates counted once), and a
     # Partial gradient redistributed to its parameter's placement

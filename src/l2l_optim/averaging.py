@@ -90,6 +90,9 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
         skip: a device flag; a skipped step changes neither ``params`` nor ``z``.
         step: moves the tensors it is given (the ``z`` values, shaped as the parameters).
     """
+    if torch.compiler.is_compiling():
+        _traced_averaged_update(params, states, averaging, skip, step)
+        return
     # the host reads the device flag here: the averaging's coefficients depend on it
     if skip is not None and bool(skip):
         return
@@ -107,3 +110,21 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
     step(zs)
     for p, y, z, c in zip(params, ys, zs, cs):
         p.copy_(y.add_(z, alpha=1.0 - b * (1.0 - c)))
+
+
+def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]],
+                            averaging: float, skip: Tensor | None,
+                            step: Callable[[list[Tensor]], None]) -> None:
+    """:func:`averaged_update` as a compiled graph holds it: the step counts and the skip flag
+    stay on the device (no host read, so ``fullgraph=True`` compiles the step as one graph);
+    ``y`` is computed out of place and a skipped step keeps the old one."""
+    zs = [s["z"].view(p.shape) for s, p in zip(states, params)]
+    b = averaging
+    cs = [1.0 / (s["step"].to(z.dtype) + 1.0) for s, z in zip(states, zs)]
+    ks = [1.0 - b * (1.0 - c) for c in cs]
+    halves = [p.detach().to(z.dtype) * (1.0 - c) + z * (c - k)
+              for p, z, c, k in zip(params, zs, cs, ks)]
+    step(zs)  # moves z in place; a skipped step leaves it
+    for p, y, z, k in zip(params, halves, zs, ks):
+        new = (y + z * k).to(p.dtype)
+        p.copy_(new if skip is None else torch.where(skip, p, new))

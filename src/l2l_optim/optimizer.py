@@ -134,11 +134,10 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
                 "use torch.float32 or torch.bfloat16")
         state = super()._init_state(p, group)
         if "z" in state:
-            if distributed.is_dtensor(p):
-                raise NotImplementedError(
-                    "SimpleOptimizer: weights with averaging do not support DTensor parameters")
-            # the base sequence starts where the parameter is (x = y = z)
-            state["z"].copy_(p.detach().reshape(-1))
+            # the base sequence starts where the parameter is (x = y = z); a DTensor's z is a
+            # DTensor of the parameter's shape and placements, so its shard is the shard's
+            z = state["z"]
+            z.copy_(p.detach() if distributed.is_dtensor(p) else p.detach().reshape(-1))
         return state
 
     def _update(self, params, grads, states, lrs, skip, aggregate=None, offsets=None) -> None:
