@@ -251,3 +251,81 @@ def test_a_compiled_step_with_averaging_is_one_graph_and_skips_on_the_device():
     assert moved > 1e-2 and gap(a, b) < 1e-4 * max(1.0, moved)
     eager.eval(), compiled.eval()
     assert gap(a, b) < 1e-4
+
+
+def _averaging_case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = sf_net(lr=1e-2)
+    with torch.no_grad():
+        net.w_out[10:].fill_(0.05)  # the shared term, which pass 2 adds
+    shapes = [(), (7,), (2100,), (3, 50)]
+    ys = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    zs = [y.reshape(-1) + 0.1 * torch.randn(y.numel(), generator=g, dtype=dtype) for y in ys]
+    # gradients mostly positive: the hidden units' mean, and so the shared term, is not ~0
+    grads = [torch.randn(s, generator=g, dtype=dtype) + 1.0 for s in shapes]
+    hs = [torch.tanh(torch.randn(10, y.numel(), generator=g)).to(dtype) for y in ys]
+    from l2l_optim.kernels._common import RunningRms
+
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    rms = RunningRms([torch.rand(y.numel(), generator=g, dtype=cd) for y in ys],
+                     [torch.full((1,), 0.4, dtype=cd) for _ in ys])
+    return net, ys, zs, grads, hs, rms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_the_cpu_kernel_moves_the_averaged_parameters_as_the_definition(dtype, two_pass):
+    # the kernel's own passes (fused) against averaged_step around the same kernel (the one
+    # definition): the same z, y within rounding of the ways a y' = a1 y + a2 z + a3 z' is summed
+    from l2l_optim.functional import simple_update
+    from l2l_optim.kernels import resolve_impl
+    from l2l_optim.kernels._common import RunningRms
+
+    if resolve_impl("auto", "cpu") != "cpu":
+        pytest.skip("no CPU kernel in this build")
+    net, ys, zs, grads, hs, rms = _averaging_case(dtype)
+    zs = [z.view(y.shape) for z, y in zip(zs, ys)]
+    c, b = 1.0 / 7, 0.9
+    agg = (lambda sums: sums.sum() / sum(z.numel() for z in zs)) if two_pass else None
+    runs = []
+    for fused in (True, False):
+        y, z, h = ([t.clone() for t in ts] for ts in (ys, zs, hs))
+        r = RunningRms([t.clone() for t in rms.squares], [t.clone() for t in rms.ones])
+        lrs = [1.0] * len(y)
+        if fused:
+            simple_update(z, grads, h, lrs, net, impl="cpu", rms=r, aggregate=agg,
+                          averaged=(y, c, b))
+        else:
+            averaged_step(y, z, c, b, lambda: simple_update(z, grads, h, lrs, net, impl="cpu",
+                                                            rms=r, aggregate=agg))
+        runs.append((y, z, h))
+    (y1, z1, h1), (y2, z2, h2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(z1 + h1, z2 + h2))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    moved = max(float((a - b).abs().max()) for a, b in zip(y1, ys))
+    assert moved > 1e-3
+    assert max(float((a - b).abs().max()) for a, b in zip(y1, y2)) <= tol * max(1.0, moved) * 10
+
+
+def test_averaging_falls_back_to_the_definition_where_the_kernel_cannot_fuse_it():
+    # a transposed parameter (not contiguous): averaged_step
+    # around the kernel, the same result as writing it out
+    from l2l_optim.functional import simple_update
+
+    net, ys, zs, grads, hs, rms = _averaging_case(torch.float32)
+    ys = [y.t() if y.dim() == 2 else y for y in ys]
+    zs = [z.view(y.shape) for z, y in zip(zs, ys)]
+    grads = [g.reshape(y.shape) for g, y in zip(grads, ys)]
+    c, b = 0.25, 0.9
+    y1, z1 = [t.clone() for t in ys], [t.clone() for t in zs]
+    from l2l_optim.kernels._common import RunningRms
+
+    r1 = RunningRms([t.clone() for t in rms.squares], [t.clone() for t in rms.ones])
+    r2 = RunningRms([t.clone() for t in rms.squares], [t.clone() for t in rms.ones])
+    h1, h2 = [t.clone() for t in hs], [t.clone() for t in hs]
+    simple_update(z1, grads, h1, [1.0] * 4, net, rms=r1, averaged=(y1, c, b))
+    y2, z2 = [t.clone() for t in ys], [t.clone() for t in zs]
+    averaged_step(y2, z2, c, b, lambda: simple_update(z2, grads, h2, [1.0] * 4, net, rms=r2))
+    assert all(torch.equal(a, b) for a, b in zip(y1 + z1, y2 + z2))
+    with pytest.raises(ValueError, match="one parameter per base sequence"):
+        simple_update(z1, grads, h1, [1.0] * 4, net, rms=r1, averaged=(y1[:2], c, b))

@@ -78,7 +78,8 @@ class AveragingModes:
 
 
 def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], averaging: float,
-                    skip: Tensor | None, step: Callable[[list[Tensor]], None]) -> None:
+                    skip: Tensor | None, step: Callable[[list[Tensor]], None],
+                    fused: Callable[[list[Tensor], tuple], None] | None = None) -> None:
     """One Schedule-Free step of ``params`` (the interpolation points) around ``step``, which
     moves the base sequences ``state["z"]`` in place.
 
@@ -89,6 +90,9 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
         averaging: the interpolation weight ``b``.
         skip: a device flag; a skipped step changes neither ``params`` nor ``z``.
         step: moves the tensors it is given (the ``z`` values, shaped as the parameters).
+        fused: optional; ``fused(zs, (params, c, b))`` moves the ``z`` values and the
+            parameters together (``simple_update(..., averaged=...)``), used where every
+            parameter has its ``z``'s dtype and all share one step count.
     """
     if torch.compiler.is_compiling():
         _traced_averaged_update(params, states, averaging, skip, step)
@@ -100,6 +104,9 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
     # c = 1 / t from each parameter's own step count (all equal in the usual case)
     cs = [1.0 / (int(s["step"]) + 1) for s in states]
     if all(p.dtype == z.dtype for p, z in zip(params, zs)) and len(set(cs)) == 1:
+        if fused is not None:  # the update moves the parameters in its own passes
+            fused(zs, (params, cs[0], averaging))
+            return
         averaged_step(params, zs, cs[0], averaging, lambda: step(zs))
         return
     # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time

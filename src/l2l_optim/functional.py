@@ -22,6 +22,7 @@ from .kernels._common import (
     split_skip,
 )
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
+from .rule import averaged_step
 from .state import decoded_hiddens, int8_blocks
 
 __all__ = ["simple_update", "RunningRms", "coordinatewise_update"]
@@ -40,6 +41,7 @@ def simple_update(
     rms: RunningRms | tuple[list[Tensor], list[Tensor]] | None = None,
     rounding: list[int] | Tensor | None = None,
     hidden_scales: list[Tensor | None] | None = None,
+    averaged: tuple[list[Tensor], float, float] | None = None,
 ) -> None:
     r"""One SimpleOptimizer step, in place, on ``params`` and their hidden states.
 
@@ -99,6 +101,13 @@ def simple_update(
             place; ``None`` entries for the other states): the codec of
             :mod:`l2l_optim.state`, which the CPU kernel runs inside its pass and the other
             kernels around the step. ``None`` (the default): no hidden state is 8-bit.
+        averaged: Schedule-Free averaging around the step, ``(ys, c, b)``: ``params`` are
+            then the base sequences ``z``, and the parameters ``ys`` (one per ``z``, as many
+            elements) move as :func:`~l2l_optim.rule.averaged_step` defines, with ``c`` the
+            newest ``z``'s weight in the average (``1 / t`` at step ``t``) and ``b`` the
+            interpolation weight. The CPU kernel moves them in its own passes (float32 /
+            float64 contiguous parameters of their ``z``'s dtype); the other paths run
+            ``averaged_step`` around the step. ``None`` (the default): no averaging.
 
     Returns:
         None; ``params`` and ``hiddens`` are updated in place and their autograd version
@@ -152,17 +161,32 @@ def simple_update(
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     coded = isinstance(hiddens, (list, tuple)) and any(
         isinstance(h, Tensor) and h.dtype == torch.int8 for h in hiddens)
-    with torch.no_grad():
-        if not coded:
-            kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
-            return
+    if coded:
         _check_hidden_scales(params, hiddens, hidden_scales, rounding, weights.w_ih.numel())
+    if averaged is not None and len(averaged[0]) != len(params):
+        raise ValueError(f"averaged needs one parameter per base sequence: {len(params)}, got "
+                         f"{len(averaged[0])}")
+    with torch.no_grad():
         if kernels.resolve_impl(impl, device.type) == "cpu":
-            kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding,
-                   hidden_scales=hidden_scales)
+            # the fused CPU kernel runs the 8-bit codec and the averaging in its passes
+            extra = {"hidden_scales": hidden_scales} if coded else {}
+            if averaged is not None:
+                extra["averaged"] = averaged
+            kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding, **extra)
             return
-        with decoded_hiddens(hiddens, hidden_scales, rounding, skip) as work:
-            kernel(params, grads, work, lrs, weights, skip, aggregate, rms, rounding)
+
+        def step() -> None:
+            if not coded:
+                kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
+                return
+            with decoded_hiddens(hiddens, hidden_scales, rounding, skip) as work:
+                kernel(params, grads, work, lrs, weights, skip, aggregate, rms, rounding)
+
+        if averaged is None:
+            step()
+        else:
+            ys, c, b = averaged
+            averaged_step(list(ys), params, c, b, step)
 
 
 def _check_hidden_scales(params, hiddens, scales, rounding, hidden_size: int) -> None:

@@ -182,7 +182,7 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         norm ``v`` ``(n,)`` and ``c`` ``(1,)`` (one bias correction for all ``n``) in float32
         (float64 for a float64 ``dtype``); with averaging ``z`` ``(n,)``. ``dtype=torch.int8``
         keeps ``h`` as 8-bit codes with their block scales ``h_scale``
-        (:mod:`l2l_optim.state`); the optimizer decodes them around its kernel."""
+        (:mod:`l2l_optim.state`), whose codec the CPU kernel runs in its pass."""
         state = {"h": torch.zeros(self.hidden_size, n, device=device, dtype=dtype)}
         if dtype == torch.int8:
             state["h_scale"] = torch.zeros(self.hidden_size, int8_blocks(n), device=device)

@@ -158,15 +158,15 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
             # (a shard of a sharded parameter draws the whole tensor's bits: offsets)
             rounding = rounding_keys([s["step"] for s in states], offsets, self.net.hidden_size)
 
-        def step(targets: list[Tensor]) -> None:
+        def step(targets: list[Tensor], averaged=None) -> None:
             simple_update(targets, grads, [s["h"] for s in states], lrs, self.net,
                           impl=self.defaults["impl"], skip=skip, aggregate=aggregate, rms=rms,
-                          rounding=rounding, hidden_scales=scales)
+                          rounding=rounding, hidden_scales=scales, averaged=averaged)
 
         if not self.net.averaging:
             step(params)
             return
-        averaged_update(params, states, self.net.averaging, skip, step)
+        averaged_update(params, states, self.net.averaging, skip, step, fused=step)
 
 
 class DMOptimizer(LearnedOptimizer):

@@ -257,7 +257,7 @@ def _scale_pointers(params, hiddens, scales, h_size: int, numels: list) -> list 
 
 def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squares, ones,
            rounding: list[int] | None = None, checked: bool = False, plan: _Plan | None = None,
-           scales: list | None = None):
+           scales: list | None = None, averaged=None):
     """Run pass 1 (``want_sums``) or the whole step; returns ``(sums, scratch)``.
 
     ``checked``: the caller has run check_inputs (and check_rms) and made every tensor
@@ -268,6 +268,9 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
     rounds to nearest; an 8-bit state needs keys).
     ``scales``: per tensor, its 8-bit hidden state's float32 scales (other entries are
     ignored), or None when no hidden state is 8-bit.
+    ``averaged``: None, or Schedule-Free averaging: ``(ys, coeffs)``, per tensor the parameter
+    ``y`` (``params`` are the base sequences ``z``; same dtype, float32 or float64, as many
+    elements) and its ``(a1, a2, a3)``, ``y' = a1 y + a2 z + a3 z'``.
     """
     lib = load_library()
     n = len(params)
@@ -298,6 +301,7 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
     scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
                for k, c in zip(numels, p_codes)]
     skip_ptr, _flag = _skip_pointer(skip)
+    y_ptrs, coeffs = _averaged_arrays(params, averaged)
     sums = torch.zeros(n, dtype=torch.float64) if want_sums else None
     rc = lib.l2l_simple_pass1(
         n, c_array(VOID_P, plan.p_ptrs), c_array(ctypes.c_int32, p_codes),
@@ -309,10 +313,29 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
         c_array(VOID_P, plan.c_ptrs) if norm else None,
         c_array(ctypes.c_int64, plan.c_numels) if norm else None,
         _NORM if norm else None, c_array(ctypes.c_int64, numels), c_array(ctypes.c_double, lrs),
-        c_array(VOID_P, [None if s is None else s.data_ptr() or None for s in scratch]), w_ptr,
-        w_len, skip_ptr, None if sums is None else sums.data_ptr(), torch.get_num_threads())
+        c_array(VOID_P, [None if s is None else s.data_ptr() or None for s in scratch]),
+        y_ptrs, coeffs, w_ptr, w_len, skip_ptr, None if sums is None else sums.data_ptr(),
+        torch.get_num_threads())
     check_rc(rc)
     return sums, scratch
+
+
+def _averaged_arrays(params, averaged):
+    """The C arrays of Schedule-Free averaging (see :func:`pass1_call`), or ``(None, None)``."""
+    if averaged is None:
+        return None, None
+    ys, coeffs = averaged
+    if len(ys) != len(params) or len(coeffs) != len(params):
+        raise RuntimeError("l2l_optim cpu kernel: averaging needs one parameter and one set of "
+                           "coefficients per tensor")
+    ptrs = []
+    for i, (z, y) in enumerate(zip(params, ys)):
+        if y.dtype != z.dtype or y.dtype not in (torch.float32, torch.float64) or y.numel() != z.numel():
+            raise RuntimeError(f"l2l_optim cpu kernel: averaged parameter {i} must be float32 or "
+                               f"float64 with the dtype and size of its base sequence")
+        ptrs.append(pointer(y, "averaged param", i, DTYPE_CODES)[0] or None)
+    flat = [float(a) for c in coeffs for a in c]
+    return c_array(VOID_P, ptrs), c_array(ctypes.c_double, flat)
 
 
 def _hidden_size(w_len: int) -> int:
@@ -327,8 +350,9 @@ def _hidden_size(w_len: int) -> int:
 
 
 def pass2_call(params, scratch, lrs: list[float], weights: Tensor, shared: Tensor,
-           skip: Tensor | None) -> None:
-    """Run pass 2 after :func:`pass1_call` with sums: ``theta += lr * shared``."""
+           skip: Tensor | None, averaged=None) -> None:
+    """Run pass 2 after :func:`pass1_call` with sums: ``theta += lr * shared`` (with
+    ``averaged``, as there, ``y += a3 lr shared`` too)."""
     lib = load_library()
     n = len(params)
     if not (len(scratch) == len(lrs) == n):
@@ -352,8 +376,9 @@ def pass2_call(params, scratch, lrs: list[float], weights: Tensor, shared: Tenso
         else:
             s_ptrs.append(None)
         p_ptrs.append(pp), p_codes.append(pc), numels.append(k)
+    y_ptrs, coeffs = _averaged_arrays(params, averaged)
     rc = lib.l2l_simple_pass2(
         n, c_array(VOID_P, p_ptrs), c_array(ctypes.c_int32, p_codes), c_array(ctypes.c_int64, numels),
-        c_array(ctypes.c_double, lrs), c_array(VOID_P, s_ptrs), w_ptr, w_len, float(shared.item()),
-        skip_ptr, torch.get_num_threads())
+        c_array(ctypes.c_double, lrs), c_array(VOID_P, s_ptrs), y_ptrs, coeffs, w_ptr, w_len,
+        float(shared.item()), skip_ptr, torch.get_num_threads())
     check_rc(rc)

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..rule import SimpleWeights
+from ..rule import SimpleWeights, averaged_step
 from . import _cpu_library
 from ._common import (
     HIDDEN_DTYPES,
@@ -240,13 +240,18 @@ def simple_update_cpu(
     rms: RunningRms | None = None,
     rounding: list[int] | Tensor | None = None,
     hidden_scales: list[Tensor | None] | None = None,
+    averaged: tuple[list[Tensor], float, float] | None = None,
 ) -> None:
     """The fused CPU update; same contract as :func:`~.reference.simple_update_reference`.
 
     With ``rms`` the input norm runs inside pass 1, on each block as it is read. An 8-bit
     hidden state (int8 codes, with its float32 scales in ``hidden_scales`` and its key in
     ``rounding``) is decoded, stepped and encoded inside pass 1 too, a block at a time
-    (:mod:`l2l_optim.state`'s codec, bit for bit).
+    (:mod:`l2l_optim.state`'s codec, bit for bit). With ``averaged`` (``(ys, c, b)``, see
+    :func:`~l2l_optim.functional.simple_update`) the parameters ``ys`` of Schedule-Free
+    averaging move in the same passes as their base sequences, which ``params`` then are
+    (eager calls on plain contiguous float32 / float64 tensors; otherwise the averaging runs
+    as torch ops around the kernel, :func:`~l2l_optim.rule.averaged_step`).
 
     Without ``aggregate`` one call runs both passes; with it, pass 1 and pass 2 are two calls
     and ``aggregate`` turns pass 1's per-tensor sums into the shared scalar in between.
@@ -287,14 +292,26 @@ def simple_update_cpu(
         lr_list = [float(lr) for lr in lrs]
         keys = _key_list(rounding, len(ps)) if isinstance(rounding, Tensor) else rounding
         sums, scratch = pass1_call(ps, gs, hs, lr_list, packed, skip, aggregate is not None, vs, cs,
-                               keys, checked=True, plan=plan, scales=hidden_scales)
+                               keys, checked=True, plan=plan, scales=hidden_scales,
+                               averaged=averaged)
         if aggregate is not None:
-            pass2_call(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip)
+            pass2_call(ps, scratch, lr_list, packed, call_aggregate(aggregate, sums), skip,
+                       averaged)
 
+    if averaged is not None:
+        ys, c, b = averaged
+        coeffs = _averaging_coefficients(params, ys, c, b) if plan is not None else None
+        if coeffs is None:  # not fusable here: the one definition, around this kernel
+            averaged_step(list(ys), params, c, b, lambda: simple_update_cpu(
+                params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding,
+                hidden_scales))
+            return
+        averaged = (ys, coeffs)
     if plan is not None:
         eager(params, grads, hiddens, squares, ones, plan)
         # the kernel's writes bypass autograd, as in contiguous_inplace
-        bump_versions(params, hiddens, list(squares), list(ones))
+        bump_versions(params, hiddens, list(squares), list(ones),
+                      list(averaged[0]) if averaged is not None else [])
         return
     with torch.no_grad(), contiguous_inplace(params, grads, hiddens, list(squares),
                                              list(ones)) as (ps, gs, hs, vs, cs):
@@ -312,6 +329,20 @@ def simple_update_cpu(
         sums, scratch = pass1(ps, gs, hs, lr_t, packed, skip, vs, cs, scales, keys)
         shared = call_aggregate(aggregate, sums)
         pass2(ps, scratch, lr_t, packed, shared, skip)
+
+
+def _averaging_coefficients(zs, ys, c: float, b: float) -> list[tuple[float, float, float]] | None:
+    """Per tensor ``(a1, a2, a3)`` of ``y' = a1 y + a2 z + a3 z'``, the coefficients of
+    :func:`~l2l_optim.rule.averaged_step` (``k = 1 - b (1 - c)``: ``1 - c``, ``c - k``, ``k``),
+    when the kernel can move every ``y`` in its passes (plain contiguous CPU tensors of their
+    base sequence's dtype and size, float32 or float64), else None."""
+    if len(ys) != len(zs) or not all_plain_contiguous_cpu(list(ys)):
+        return None
+    if not all([y.dtype == z.dtype and y.dtype in (torch.float32, torch.float64)
+                and y.numel() == z.numel() for y, z in zip(ys, zs)]):
+        return None
+    k = 1.0 - b * (1.0 - c)
+    return [(1.0 - c, c - k, k)] * len(zs)
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:

@@ -161,6 +161,10 @@ struct Job {
   bool stochastic = false;    // (rounding.py), when the caller gives keys; else bf16 rounds to
                               // nearest even (an 8-bit state needs a key)
   float* hidden_scale = nullptr;  // an 8-bit hidden state's scales, (H, blocks of kI8Block)
+  // Schedule-Free averaging (rule.averaged_step): param holds the base sequence z, avg_y the
+  // parameter y (same dtype, fp32 or fp64), moved as y' = a1 y + a2 z + a3 z' (avg = a1, a2, a3)
+  void* avg_y = nullptr;
+  double avg[3] = {0.0, 0.0, 0.0};
 };
 
 }  // namespace l2l
@@ -405,6 +409,23 @@ struct Step {
     return !(all_zero_b && !any_scratch);
   }
 
+  // Schedule-Free averaging: per tensor the parameter y (NULL: none) and 3 coefficients;
+  // kOk or an error code (y needs an fp32 / fp64 parameter, which has no scratch buffer).
+  int set_averaging(void* const* averaged, const double* coeffs) {
+    if (averaged == nullptr) return kOk;
+    if (coeffs == nullptr) return kBadArgument;
+    for (int64_t t = 0; t < T; ++t) {
+      if (averaged[t] == nullptr) {
+        if (jobs[t].n > 0) return kBadArgument;
+        continue;
+      }
+      if (jobs[t].pk != kF32 && jobs[t].pk != kF64) return kBadDtype;
+      jobs[t].avg_y = averaged[t];
+      for (int j = 0; j < 3; ++j) jobs[t].avg[j] = coeffs[3 * t + j];
+    }
+    return kOk;
+  }
+
   void pass2(double shared, int nt) const {
     const Kernels* k = g_kernels;
     for_items(n_items, nt,
@@ -483,6 +504,10 @@ L2L_API int l2l_select_isa(const char* name) {
 //   lrs: one learning rate per tensor
 //   scratch: per tensor, for bf16 / fp16 parameters a zeroed fp32 buffer of numels[t] elements
 //       (pass 2 reads it back), ignored for the others; may be NULL when there are none
+//   averaged, averaging: NULL, or Schedule-Free averaging (rule.averaged_step): params hold the
+//       base sequences z, averaged[t] the parameter y (numels[t] elements of the same dtype,
+//       fp32 or fp64; NULL for a tensor without), averaging[3t..3t+2] = a1, a2, a3 with
+//       y' = a1 y + a2 z + a3 z' (z' the moved z)
 //   weights: the packed fp64 weights (see unpack), n_weights = 4H + H^2 + 1
 //   skip: NULL, or one byte; nonzero: change nothing (sums stay zero)
 //   n_threads: the number of threads to use (torch.get_num_threads())
@@ -493,6 +518,7 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
                              void* const* hidden_scales, const uint32_t* rounding_keys,
                              void* const* squares, void* const* ones,
                              const int64_t* ones_numels, const double* norm, const int64_t* numels, const double* lrs, float* const* scratch,
+                             void* const* averaged, const double* averaging,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
                              double* sums, int n_threads) {
   if (sums != nullptr)
@@ -505,6 +531,8 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
   Step step;
   int rc = step.init(n_tensors, params, param_dtypes, numels, lrs, scratch, weights, n_weights,
                      hidden_dtypes);
+  if (rc != kOk) return rc;
+  rc = step.set_averaging(averaged, averaging);
   if (rc != kOk) return rc;
   if ((squares == nullptr) != (ones == nullptr) || (squares == nullptr) != (norm == nullptr))
     return kBadArgument;
@@ -578,14 +606,18 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
 }
 
 // Pass 2 after l2l_simple_pass1 with sums: theta += lr * shared (bf16 / fp16 parameters:
-// theta = round(theta + lr * (scratch + shared))). The arguments mean what they mean there.
+// theta = round(theta + lr * (scratch + shared)); with averaging also y += a3 lr shared). The
+// arguments mean what they mean there.
 L2L_API int l2l_simple_pass2(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                              const int64_t* numels, const double* lrs, float* const* scratch,
+                             void* const* averaged, const double* averaging,
                              const double* weights, int64_t n_weights, double shared,
                              const uint8_t* skip, int n_threads) {
   if (skip != nullptr && *skip) return kOk;
   Step step;
   int rc = step.init(n_tensors, params, param_dtypes, numels, lrs, scratch, weights, n_weights);
+  if (rc != kOk) return rc;
+  rc = step.set_averaging(averaged, averaging);
   if (rc != kOk) return rc;
   if (step.N == 0 || !step.needs_pass2()) return kOk;
   step.pass2(shared, n_threads);

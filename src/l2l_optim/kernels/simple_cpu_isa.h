@@ -504,8 +504,23 @@ double run_block_typed(const Job& job, const Item& it, const Weights<C>& w, S* h
     lr = static_cast<C>(job.lr);
   }
   const Rounding rnd{job.rounding_key, job.stochastic};
-  if (w.H == 10) return pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
-  return pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+  if (job.avg_y == nullptr) {
+    if (w.H == 10) return pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+    return pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+  }
+  // Schedule-Free averaging: out is z; y' = a1 y + a2 z + a3 z' (pass 2 adds a3 lr shared)
+  alignas(64) C zbuf[kBlock];
+  std::memcpy(zbuf, out, static_cast<size_t>(it.len) * sizeof(C));
+  const double sum =
+      w.H == 10 ? pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd)
+                : pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+  C* __restrict y = static_cast<C*>(job.avg_y) + it.start;
+  const C a1 = static_cast<C>(job.avg[0]), a2 = static_cast<C>(job.avg[1]),
+          a3 = static_cast<C>(job.avg[2]);
+  const C* __restrict zn = out;
+#pragma omp simd
+  for (int64_t i = 0; i < it.len; ++i) y[i] = (y[i] * a1 + a2 * zbuf[i]) + a3 * zn[i];
+  return sum;
 }
 
 template <typename C, typename S>
@@ -619,6 +634,12 @@ void pass2_item(const Job& job, const Item& it, double shared) {
     const double c = job.lr * shared;  // fp64 compute: lr * shared in fp64
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    if (job.avg_y != nullptr) {
+      double* __restrict y = static_cast<double*>(job.avg_y) + i0;
+      const double d = job.avg[2] * c;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) y[i] = y[i] + d;
+    }
     return;
   }
   const float sh = static_cast<float>(shared);
@@ -628,6 +649,12 @@ void pass2_item(const Job& job, const Item& it, double shared) {
     const float c = lr * sh;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
+    if (job.avg_y != nullptr) {
+      float* __restrict y = static_cast<float*>(job.avg_y) + i0;
+      const float d = static_cast<float>(job.avg[2]) * c;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) y[i] = y[i] + d;
+    }
     return;
   }
   const float* __restrict u = job.scratch + i0;
