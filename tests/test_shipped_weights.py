@@ -21,6 +21,7 @@ _BASE = {"hidden_size": 10, "bias": False, "aggregate": True}
 PLANNED = {
     "simple": (SimpleOptimizerNet, 132, dict(_BASE, input_norm="rms")),
     "simple-raw": (SimpleOptimizerNet, 132, _BASE),
+    "simple-sf": (SimpleOptimizerNet, 132, dict(_BASE, input_norm="rms", averaging=0.9)),
     "simple-v0": (SimpleOptimizerNet, 132, _BASE),
     "simple-bias": (SimpleOptimizerNet, 143, dict(_BASE, bias=True)),
     "simple-noagg": (SimpleOptimizerNet, 121, dict(_BASE, aggregate=False)),
@@ -92,3 +93,28 @@ def test_shipped_simple_kernel_and_generic_paths_agree():
         generic.step()
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_the_schedule_free_rule_trains_as_a_drop_in():
+    # weights="simple-sf": the parameters hold the interpolation point while training,
+    # eval() moves them to the average, train() back, as Schedule-Free AdamW does
+    torch.manual_seed(0)
+    A, b = torch.randn(64, 8), torch.randn(64)
+    x = torch.zeros(8, requires_grad=True)
+    opt = SimpleOptimizer([x], weights="simple-sf")
+    first = None
+    for _ in range(200):
+        opt.zero_grad()
+        loss = (A @ x - b).pow(2).mean()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert opt.skipped_steps == 0 and sorted(opt.state[x]) == ["c", "h", "step", "v", "z"]
+    y = x.detach().clone()
+    opt.eval()
+    at_average = (A @ x - b).pow(2).mean().item()
+    opt.train()
+    assert torch.equal(x.detach(), y)
+    best = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
+    floor = (A @ best - b).pow(2).mean().item()
+    assert at_average - floor < 0.1 * (first - floor)

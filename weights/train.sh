@@ -21,6 +21,9 @@ SF_ARGS="--out-dir runs/simple-sf --init schedule-free --init-lr 2.5e-3 --input-
 # tasks and drifts away from Schedule-Free AdamW on the classifiers (docs/meta-training.md)
 SF2_ARGS="${SF_ARGS/runs\/simple-sf/runs/simple-sf2} --objective final"
 SF2_ARGS="${SF2_ARGS/--meta-lr 0.02/--meta-lr 0.005}"
+# simple-sf: the simple-sf2 run's rule at generation 140 (selected on the validation suite,
+# weights/validation/suite/simple-sf2-gen140.json), with its provenance in the file's metadata
+SF_SELECT_GEN=140
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-raw simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
@@ -31,6 +34,28 @@ for name in "${names[@]}"; do
     fi
     if [ "$name" = simple-sf ]; then args=$SF_ARGS; else args=$SF2_ARGS; fi
     $PY -m l2l_optim meta-es $args
+    continue
+  fi
+  if [ "$name" = simple-sf ]; then
+    # the simple-sf2 recipe run to the selected generation in its own directory (resumable)
+    $PY -m l2l_optim meta-es ${SF2_ARGS/runs\/simple-sf2/runs/simple-sf-select} --until $SF_SELECT_GEN
+    $PY - "$SF_SELECT_GEN" "python -m l2l_optim meta-es ${SF2_ARGS/runs\/simple-sf2/runs/simple-sf-select} --until $SF_SELECT_GEN" <<'PYEOF'
+import json, sys
+from l2l_optim.weights import load_weights, save_weights
+gen, command = int(sys.argv[1]), sys.argv[2]
+loaded = load_weights("runs/simple-sf-select/weights.safetensors")
+recipe = json.loads(loaded.metadata["es_config"])
+log = [json.loads(line) for line in open("runs/simple-sf-select/log.jsonl")]
+last = [e for e in log if e["generation"] == gen - 1][-1]
+validation = json.load(open("weights/validation/suite/simple-sf2-gen140.json"))["results"][0]["geomeans"]
+save_weights(loaded.net, "weights/simple-sf.safetensors", metadata={
+    "recipe": recipe, "command": command, "seed": recipe["seed"],
+    "final_meta_loss": last["fitness_centre"], "selected_generation": gen,
+    "selection": "validation suite (python -m l2l_optim eval, 12 tasks, seed 0): the snapshot "
+                 "whose full evaluation ran, among those whose 6-task trend was within the "
+                 "trend's noise of the best (weights/logs/simple-sf2/validation.jsonl)",
+    "validation": validation})
+PYEOF
     continue
   fi
   if [ "$name" = simple ]; then
