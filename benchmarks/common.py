@@ -100,7 +100,9 @@ def step_bytes_per_coord(opt) -> float:
     gradient read, the parameter read and written by each of the two passes (the second adds
     the aggregate's shared term), and every state tensor that grows with the parameter (h,
     v, the 8-bit state's block scales) read and written once; state with one value per tensor
-    (the rms norm's c in that layout) moves next to nothing. NaN before the first step."""
+    (the rms norm's c in that layout) moves next to nothing. With Schedule-Free averaging the
+    passes move the base sequence ``z`` as they move the parameter, which they also read and
+    write: ``z`` counts twice. NaN before the first step."""
     nbytes = n = 0
     for p, tensors in _tensors(opt):
         k = p.numel()
@@ -110,6 +112,9 @@ def step_bytes_per_coord(opt) -> float:
         per = g + 4 * p.element_size()
         per += sum(2 * t.numel() * t.element_size() / k for t in tensors
                    if t.numel() > 1 or t.numel() == k)
+        z = opt.state[p].get("z")
+        if torch.is_tensor(z) and z.numel() == k:
+            per += 2 * z.element_size()
         nbytes += per * k
         n += k
     return nbytes / n if n else math.nan

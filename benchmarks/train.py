@@ -104,6 +104,8 @@ TRAIN_OPTIMIZERS: dict[str, Callable] = {
     "simple": lambda ps: SimpleOptimizer(ps),
     "simple-fp32": lambda ps: SimpleOptimizer(ps, state_dtype=torch.float32),
     "simple-int8": lambda ps: SimpleOptimizer(ps, state_dtype=torch.int8),
+    # the shipped rule with Schedule-Free averaging (one more state value per parameter)
+    "simple-sf": lambda ps: SimpleOptimizer(ps, weights="simple-sf"),
 }
 DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-fp32", "simple-int8"]
 
