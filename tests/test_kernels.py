@@ -1084,3 +1084,35 @@ def test_bf16_state_trains_like_fp32():
     gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
     print(f"bf16 / fp32 training loss after 2000 steps, per seed: {ratios}; geometric mean {gm:.4f}")
     assert gm <= 1.05, ratios
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_kernel_flushes_subnormal_values(isa):
+    # a hidden state decaying toward zero (a coordinate whose gradient stays 0) reaches the
+    # subnormal range, where x86 arithmetic is microcoded and a step several times slower: the
+    # kernel flushes such values to zero (the reference keeps them; they differ by < 2^-126)
+    if INTERPRET:
+        pytest.skip("CPU-kernel test")
+    kernel = _cpu_kernel()
+    from l2l_optim.kernels import cpu
+
+    if isa not in cpu.kernel_info()["supported"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    tiny = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal float32
+    w = weights_for()
+    p, g = torch.zeros(3000), torch.zeros(3000)
+    h = torch.full((H, 3000), 2.0 * tiny)  # normal; w_hh @ h is not
+    p_ref, h_ref = p.clone(), h.clone()
+    simple_update_reference([p_ref], [g], [h_ref], [1.0], w)
+    assert bool(((h_ref != 0) & (h_ref.abs() < tiny)).any())  # the case arises
+    before = cpu.kernel_info()["isa"]
+    try:
+        cpu.select_isa(isa)
+        kernel([p], [g], [h], [1.0], w)
+    finally:
+        cpu.select_isa(before)
+    assert not bool(((h != 0) & (h.abs() < tiny)).any())
+    # (intermediate products below 2^-126 flush too: the states differ by a few 2^-126)
+    assert float((h - h_ref).abs().max()) < 8 * tiny and float((p - p_ref).abs().max()) < 1e-6
+    # the caller's floating-point mode is restored: torch still produces subnormal values
+    assert float(torch.tensor(tiny) / 4) > 0
