@@ -34,6 +34,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cpu_isa import cpu_isa
 from l2l_optim import kernels
 from l2l_optim.kernels import get_kernel, resolve_impl, simple_update_reference
 from l2l_optim.nets import SimpleOptimizerNet, SimpleWeights
@@ -637,14 +638,9 @@ def test_cpu_every_instruction_set_matches_the_reference(isa):
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     kernel = _cpu_kernel()
-    from l2l_optim.kernels import cpu
-
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
-    before = cpu.kernel_info()["isa"]
     threads = torch.get_num_threads()
-    try:
-        assert cpu.select_isa(isa) == isa and cpu.kernel_info()["isa"] == isa
+    with cpu_isa(isa) as cpu:
+        assert cpu.kernel_info()["isa"] == isa
         for dtype in (torch.float64, torch.float32):
             specs = [(s, dtype, dtype) for s in ODD]
             assert_parity(*run_both(kernel, specs, steps=5), TOL[dtype], TOL[dtype])
@@ -673,16 +669,17 @@ def test_cpu_every_instruction_set_matches_the_reference(isa):
         y, ref = cpu.kernel_tanh(x).double(), torch.tanh(x.double())
         assert ((y - ref).abs() / ref.abs().clamp_min(1e-38)).max() <= 2e-7  # as the tanh test
         outs = []
-        for nt in (1, 3):
-            torch.set_num_threads(nt)
-            p, h = make_state([((9000,), torch.float32, torch.float32), ((7,), torch.bfloat16, torch.float32),
-                               ((70001,), torch.float32, torch.bfloat16)])
-            kernel(p, make_grads(p, 0), h, [0.05] * 3, weights_for(), rounding=[1, 2, 3])
-            outs.append(p + h)
+        try:
+            for nt in (1, 3):
+                torch.set_num_threads(nt)
+                p, h = make_state([((9000,), torch.float32, torch.float32),
+                                   ((7,), torch.bfloat16, torch.float32),
+                                   ((70001,), torch.float32, torch.bfloat16)])
+                kernel(p, make_grads(p, 0), h, [0.05] * 3, weights_for(), rounding=[1, 2, 3])
+                outs.append(p + h)
+        finally:
+            torch.set_num_threads(threads)
         assert all(torch.equal(a, b) for a, b in zip(*outs))
-    finally:
-        torch.set_num_threads(threads)
-        cpu.select_isa(before)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
@@ -692,16 +689,11 @@ def test_cpu_one_bias_correction_per_tensor_gives_every_copys_per_coordinate_bit
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     kernel = _cpu_kernel()
-    from l2l_optim.kernels import cpu
     from l2l_optim.kernels._common import RunningRms
 
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
-    before = cpu.kernel_info()["isa"]
     specs = [((5000,), torch.float32, torch.float32), ((7,), torch.float64, torch.float64),
              ((), torch.float32, torch.bfloat16), ((33,), torch.bfloat16, torch.float32)]
-    try:
-        cpu.select_isa(isa)
+    with cpu_isa(isa):
         runs = []
         for per_tensor in (False, True):
             p, h = make_state(specs)
@@ -712,8 +704,6 @@ def test_cpu_one_bias_correction_per_tensor_gives_every_copys_per_coordinate_bit
             for step in range(4):
                 kernel(p, make_grads(p, step), h, [0.05] * len(p), weights_for(), None, None, rms)
             runs.append((p, h, rms))
-    finally:
-        cpu.select_isa(before)
     (p1, h1, coord), (p2, h2, tensor) = runs
     assert all(torch.equal(a, b) for a, b in zip(p1 + h1 + coord.squares, p2 + h2 + tensor.squares))
     assert all(torch.equal(c, one.expand_as(c)) for c, one in zip(coord.ones, tensor.ones))
@@ -777,14 +767,9 @@ def test_cpu_tanh_accuracy(isa):
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     _cpu_kernel()
-    from l2l_optim.kernels import cpu
     from l2l_optim.kernels.cpu import kernel_tanh as tanh_f32
 
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
-    before = cpu.kernel_info()["isa"]
-    try:
-        cpu.select_isa(isa)
+    with cpu_isa(isa):
         # every 97th positive fp32 up to 20 (~11M values; tanh is odd and checked for
         # symmetry), plus the special values
         bits = torch.arange(0, 0x41A00000, 97, dtype=torch.int64).to(torch.int32)
@@ -803,8 +788,6 @@ def test_cpu_tanh_accuracy(isa):
         assert out.tolist() == special.tolist()[:2] + [1.0, -1.0, 1.0, -1.0] + [special[6].item()]
         assert torch.equal(torch.signbit(out), torch.signbit(special))  # -0 stays -0
         assert torch.isnan(tanh_f32(torch.tensor([float("nan")]))).all()
-    finally:
-        cpu.select_isa(before)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
@@ -815,27 +798,19 @@ def test_cpu_tanh_tested_is_the_tanh_of_the_default_loop(isa):
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     kernel = _cpu_kernel()
-    from l2l_optim.kernels import cpu
-
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
     z = torch.zeros(10)
     weights = SimpleWeights(w_ih=torch.ones(10), w_hh=torch.zeros(10, 10), b_h=z, w_a=z, w_b=z,
                             b_out=torch.zeros(()))
     g = torch.Generator().manual_seed(0)
     sizes = [1, 15, 17, 2048 + 31, 40000]
     grads = [torch.randn(n, generator=g) * torch.logspace(-8, 1.2, n) for n in sizes]
-    before = cpu.kernel_info()["isa"]
-    try:
-        cpu.select_isa(isa)
+    with cpu_isa(isa) as cpu:
         params = [torch.zeros(n) for n in sizes]
         hiddens = [torch.zeros(10, n) for n in sizes]
         kernel(params, grads, hiddens, [1.0] * len(sizes), weights)
         for x, h in zip(grads, hiddens):
             expected = cpu.kernel_tanh(x)
             assert all(torch.equal(row, expected) for row in h)
-    finally:
-        cpu.select_isa(before)
 
 
 def test_cpu_tanh_accuracy_fp64():
@@ -1094,10 +1069,6 @@ def test_cpu_kernel_flushes_subnormal_values(isa):
     if INTERPRET:
         pytest.skip("CPU-kernel test")
     kernel = _cpu_kernel()
-    from l2l_optim.kernels import cpu
-
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
     tiny = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal float32
     w = weights_for()
     p, g = torch.zeros(3000), torch.zeros(3000)
@@ -1105,12 +1076,8 @@ def test_cpu_kernel_flushes_subnormal_values(isa):
     p_ref, h_ref = p.clone(), h.clone()
     simple_update_reference([p_ref], [g], [h_ref], [1.0], w)
     assert bool(((h_ref != 0) & (h_ref.abs() < tiny)).any())  # the case arises
-    before = cpu.kernel_info()["isa"]
-    try:
-        cpu.select_isa(isa)
+    with cpu_isa(isa):
         kernel([p], [g], [h], [1.0], w)
-    finally:
-        cpu.select_isa(before)
     assert not bool(((h != 0) & (h.abs() < tiny)).any())
     # (intermediate products below 2^-126 flush too: the states differ by a few 2^-126)
     assert float((h - h_ref).abs().max()) < 8 * tiny and float((p - p_ref).abs().max()) < 1e-6

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from cpu_isa import cpu_isa
 from l2l_optim import SimpleOptimizer
 from l2l_optim.distributed import per_tensor_value
 from l2l_optim.nets import SimpleOptimizerNet, init_net
@@ -377,31 +378,25 @@ def test_the_kernels_8bit_state_is_the_codec_of_its_own_float_step(isa, hidden_s
     # codec's torch ops around the same kernel's float32 step: the float32 values are the
     # same (a coordinate's h' does not depend on the others), the rounding is one definition
     from l2l_optim.functional import simple_update
-    from l2l_optim.kernels import cpu
     from l2l_optim.kernels._common import RunningRms
 
-    cpu_kernel_or_skip()
-    if isa not in cpu.kernel_info()["supported"]:
-        pytest.skip(f"this CPU does not run {isa}")
     net, params, grads, codes, scales, rms, keys = _int8_inputs(hidden_size, pdt)
     lrs = [0.05] * len(params)
-    before = cpu.kernel_info()["isa"]
     threads = torch.get_num_threads()
-    try:
-        cpu.select_isa(isa)
+    with cpu_isa(isa):
         runs = []
-        for n_threads in (1, 2):
-            torch.set_num_threads(n_threads)
-            p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
-            simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o),
-                          rounding=keys, hidden_scales=s)
-            runs.append((p, c, s, v, o))
+        try:
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
+                simple_update(p, grads, c, lrs, net, impl="cpu", rms=RunningRms(v, o),
+                              rounding=keys, hidden_scales=s)
+                runs.append((p, c, s, v, o))
+        finally:
+            torch.set_num_threads(threads)
         p, c, s, v, o = _copies(params, codes, scales, rms.squares, rms.ones)
         work = [decode_hidden(a, b) for a, b in zip(c, s)]
         simple_update(p, grads, work, lrs, net, impl="cpu", rms=RunningRms(v, o))
-    finally:
-        cpu.select_isa(before)
-        torch.set_num_threads(threads)
     (p1, c1, s1, v1, o1), (p2, c2, s2, v2, o2) = runs
     # independent of the thread count, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(p1 + c1 + s1 + v1 + o1, p2 + c2 + s2 + v2 + o2))
