@@ -17,6 +17,7 @@ each rank writes its shards; ``dcp.load`` reads them back on any number of ranks
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -91,6 +92,7 @@ def main() -> None:
         print(f"{world} processes ({backend}), {n} parameters in DTensor shards, "
               f"SimpleOptimizer with meta-weights {opt.meta_fingerprint}")
 
+    loss = logits = mean = None
     for step in range(args.steps):
         tokens = batch(step, args.batch_per_rank, rank, device)
         logits = model(tokens[:, :-1]).view(len(tokens), SEQ, VOCAB)
@@ -114,6 +116,10 @@ def main() -> None:
     # every rank leaves its last collective before any tears the group down: gloo can
     # abort (SIGABRT) a process that destroys its group while a peer is still in one
     dist.barrier()
+    # the sharded model and its optimizer hold the device mesh and so the group: freed here,
+    # not by the interpreter's shutdown, where gloo's threads can abort the process
+    del model, opt, loss, logits, mean
+    gc.collect()
     dist.destroy_process_group()
 
 
