@@ -95,6 +95,10 @@ def test_step_bytes_and_state_bytes_come_from_the_state():
     torch_adam = torch.optim.Adam(ps, fused=True)
     torch_adam.step()
     assert state_bytes_per_param(torch_adam) == pytest.approx(8, abs=0.1) and c_layout(torch_adam) == ""
+    # Schedule-Free averaging: z kept (4 B) and moved by both passes with the parameter (16 B)
+    sf = SimpleOptimizer(ps, weights="simple-sf")
+    sf.step()
+    assert step_bytes_per_coord(sf) == 84 and state_bytes_per_param(sf) == pytest.approx(28, abs=0.1)
 
 
 def test_bandwidth_copy_cap_and_sizes():
