@@ -19,7 +19,7 @@ import l2l_optim
 from l2l_optim import cli, cli_args
 from l2l_optim import weights as W
 from l2l_optim.meta.fit import build_parser as meta_fit_parser
-from l2l_optim.nets import DMOptimizerNet, SimpleOptimizerNet
+from l2l_optim.nets import DMOptimizerNet
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.weights import fingerprint, save_weights
 

@@ -23,7 +23,7 @@ from l2l_optim import hub
 from l2l_optim import weights as W
 from l2l_optim import weight_file as WF
 from l2l_optim.weight_file import read_header
-from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
+from l2l_optim.nets import DMOptimizerNet, RNNPropNet
 from l2l_optim.weights import (
     FORMAT,
     LoadedWeights,
