@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .rule import averaged_step
+from .rule import averaging_coefficients
 
 __all__ = ["AveragingModes", "averaged_update"]
 
@@ -78,8 +78,7 @@ class AveragingModes:
 
 
 def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], averaging: float,
-                    skip: Tensor | None, step: Callable[[list[Tensor]], None],
-                    fused: Callable[[list[Tensor], tuple], None] | None = None) -> None:
+                    skip: Tensor | None, step: Callable[..., None]) -> None:
     """One Schedule-Free step of ``params`` (the interpolation points) around ``step``, which
     moves the base sequences ``state["z"]`` in place.
 
@@ -89,10 +88,10 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
             advanced for this step).
         averaging: the interpolation weight ``b``.
         skip: a device flag; a skipped step changes neither ``params`` nor ``z``.
-        step: moves the tensors it is given (the ``z`` values, shaped as the parameters).
-        fused: optional; ``fused(zs, (params, c, b))`` moves the ``z`` values and the
-            parameters together (``simple_update(..., averaged=...)``), used where every
-            parameter has its ``z``'s dtype and all share one step count.
+        step: ``step(zs)`` moves the tensors it is given (the ``z`` values, shaped as the
+            parameters); ``step(zs, (params, c, b))`` moves the parameters with them, as
+            ``simple_update(..., averaged=...)`` does (used where every parameter has its
+            ``z``'s dtype and all share one step count).
     """
     if torch.compiler.is_compiling():
         _traced_averaged_update(params, states, averaging, skip, step)
@@ -104,19 +103,16 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
     # c = 1 / t from each parameter's own step count (all equal in the usual case)
     cs = [1.0 / (int(s["step"]) + 1) for s in states]
     if all(p.dtype == z.dtype for p, z in zip(params, zs)) and len(set(cs)) == 1:
-        if fused is not None:  # the update moves the parameters in its own passes
-            fused(zs, (params, cs[0], averaging))
-            return
-        averaged_step(params, zs, cs[0], averaging, lambda: step(zs))
+        step(zs, (params, cs[0], averaging))
         return
     # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time
     ys = [p.detach().to(z.dtype, copy=True) for p, z in zip(params, zs)]
-    b = averaging
-    for y, z, c in zip(ys, zs, cs):
-        y.mul_(1.0 - c).add_(z, alpha=c - (1.0 - b * (1.0 - c)))
+    coeffs = [averaging_coefficients(c, averaging) for c in cs]
+    for y, z, (a1, a2, _) in zip(ys, zs, coeffs):
+        y.mul_(a1).add_(z, alpha=a2)
     step(zs)
-    for p, y, z, c in zip(params, ys, zs, cs):
-        p.copy_(y.add_(z, alpha=1.0 - b * (1.0 - c)))
+    for p, y, z, (_, _, a3) in zip(params, ys, zs, coeffs):
+        p.copy_(y.add_(z, alpha=a3))
 
 
 def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]],
@@ -126,12 +122,10 @@ def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]
     stay on the device (no host read, so ``fullgraph=True`` compiles the step as one graph);
     ``y`` is computed out of place and a skipped step keeps the old one."""
     zs = [s["z"].view(p.shape) for s, p in zip(states, params)]
-    b = averaging
-    cs = [1.0 / (s["step"].to(z.dtype) + 1.0) for s, z in zip(states, zs)]
-    ks = [1.0 - b * (1.0 - c) for c in cs]
-    halves = [p.detach().to(z.dtype) * (1.0 - c) + z * (c - k)
-              for p, z, c, k in zip(params, zs, cs, ks)]
+    coeffs = [averaging_coefficients(1.0 / (s["step"].to(z.dtype) + 1.0), averaging)
+              for s, z in zip(states, zs)]
+    halves = [p.detach().to(z.dtype) * a1 + z * a2 for p, z, (a1, a2, _) in zip(params, zs, coeffs)]
     step(zs)  # moves z in place; a skipped step leaves it
-    for p, y, z, k in zip(params, halves, zs, ks):
-        new = (y + z * k).to(p.dtype)
+    for p, y, z, (_, _, a3) in zip(params, halves, zs, coeffs):
+        new = (y + z * a3).to(p.dtype)
         p.copy_(new if skip is None else torch.where(skip, p, new))

@@ -156,7 +156,8 @@ def simple_update(
     if done or not params:
         return
     device = params[0].device
-    kernel = kernels.get_kernel(kernels.resolve_impl(impl, device.type))
+    resolved = kernels.resolve_impl(impl, device.type)
+    kernel = kernels.get_kernel(resolved)
     if isinstance(weights, SimpleOptimizerNet):
         weights = packed_weights(weights, device, compute_dtype(*(p.dtype for p in params)))
     coded = isinstance(hiddens, (list, tuple)) and any(
@@ -167,7 +168,7 @@ def simple_update(
         raise ValueError(f"averaged needs one parameter per base sequence: {len(params)}, got "
                          f"{len(averaged[0])}")
     with torch.no_grad():
-        if kernels.resolve_impl(impl, device.type) == "cpu":
+        if resolved == "cpu":
             # the fused CPU kernel runs the 8-bit codec and the averaging in its passes
             extra = {"hidden_scales": hidden_scales} if coded else {}
             if averaged is not None:

@@ -166,7 +166,7 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
         if not self.net.averaging:
             step(params)
             return
-        averaged_update(params, states, self.net.averaging, skip, step, fused=step)
+        averaged_update(params, states, self.net.averaging, skip, step)
 
 
 class DMOptimizer(LearnedOptimizer):

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["SimpleWeights", "PACKED_FIELDS", "packed_size", "packed_offsets", "hidden_size_of_packed", "INPUT_NORMS",
-           "RMS_BETA", "RMS_EPS", "rms_normalise", "recur", "shared_term", "output", "averaged_step"]
+           "RMS_BETA", "RMS_EPS", "rms_normalise", "recur", "shared_term", "output",
+           "averaging_coefficients", "averaged_step"]
 
 
 class SimpleWeights(NamedTuple):
@@ -186,6 +187,14 @@ def output(w_a: Tensor, h_new: Tensor, shared: Tensor | None, b_out: Tensor | No
     return u if b_out is None else u + b_out
 
 
+def averaging_coefficients(c, averaging: float):
+    """``(a1, a2, a3)`` with ``y' = a1 y + a2 z + a3 z'`` for one step of :func:`averaged_step`:
+    ``1 - c``, ``c - k`` and ``k = 1 - b (1 - c)`` (``b`` = ``averaging``). ``c`` may be a
+    float or a tensor (a compiled step keeps the step count on the device)."""
+    k = 1.0 - averaging * (1.0 - c)
+    return 1.0 - c, c - k, k
+
+
 def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, step_z) -> None:
     """One Schedule-Free step around any update of the base sequence, in place.
 
@@ -202,8 +211,8 @@ def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, 
         averaging: the interpolation weight ``b`` in [0, 1).
         step_z: called once, between the two halves, to move ``z`` in place.
     """
-    k = 1.0 - averaging * (1.0 - c)
-    torch._foreach_mul_(y, 1.0 - c)
-    torch._foreach_add_(y, z, alpha=c - k)
+    a1, a2, a3 = averaging_coefficients(c, averaging)
+    torch._foreach_mul_(y, a1)
+    torch._foreach_add_(y, z, alpha=a2)
     step_z()
-    torch._foreach_add_(y, z, alpha=k)
+    torch._foreach_add_(y, z, alpha=a3)

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..rule import SimpleWeights, averaged_step
+from ..rule import SimpleWeights, averaged_step, averaging_coefficients
 from . import _cpu_library
 from ._common import (
     HIDDEN_DTYPES,
@@ -332,17 +332,16 @@ def simple_update_cpu(
 
 
 def _averaging_coefficients(zs, ys, c: float, b: float) -> list[tuple[float, float, float]] | None:
-    """Per tensor ``(a1, a2, a3)`` of ``y' = a1 y + a2 z + a3 z'``, the coefficients of
-    :func:`~l2l_optim.rule.averaged_step` (``k = 1 - b (1 - c)``: ``1 - c``, ``c - k``, ``k``),
-    when the kernel can move every ``y`` in its passes (plain contiguous CPU tensors of their
-    base sequence's dtype and size, float32 or float64), else None."""
+    """Per tensor ``(a1, a2, a3)`` of ``y' = a1 y + a2 z + a3 z'``
+    (:func:`~l2l_optim.rule.averaging_coefficients`), when the kernel can move every ``y`` in
+    its passes (plain contiguous CPU tensors of their base sequence's dtype and size, float32
+    or float64), else None."""
     if len(ys) != len(zs) or not all_plain_contiguous_cpu(list(ys)):
         return None
     if not all([y.dtype == z.dtype and y.dtype in (torch.float32, torch.float64)
                 and y.numel() == z.numel() for y, z in zip(ys, zs)]):
         return None
-    k = 1.0 - b * (1.0 - c)
-    return [(1.0 - c, c - k, k)] * len(zs)
+    return [averaging_coefficients(c, b)] * len(zs)
 
 
 def first_nonfinite(tensors: list[Tensor]) -> int | None:

@@ -383,6 +383,10 @@ struct Step {
     unpack<double>(wp, H, &w64);
     T = n_tensors;
     if (T == 0) return kOk;
+    // coordinates per work item of tensor t
+    const auto width = [hk](int64_t t) {
+      return (hk != nullptr && hk[t] == kI8) ? kI8Block : kBlock;
+    };
     jobs = static_cast<Job*>(std::calloc(static_cast<size_t>(T), sizeof(Job)));
     if (jobs == nullptr) return kNoMemory;
     for (int64_t t = 0; t < T; ++t) {
@@ -396,19 +400,16 @@ struct Step {
       if (job.n > 0 && (job.param == nullptr || ((job.pk == kBF16 || job.pk == kF16) &&
                                                  job.scratch == nullptr)))
         return kBadArgument;
-      const int64_t width = (hk != nullptr && hk[t] == kI8) ? kI8Block : kBlock;
-      n_items += (job.n + width - 1) / width;
+      n_items += (job.n + width(t) - 1) / width(t);
       N += job.n;
     }
     items = static_cast<Item*>(std::malloc(static_cast<size_t>(std::max<int64_t>(n_items, 1)) *
                                            sizeof(Item)));
     if (items == nullptr) return kNoMemory;
     int64_t i = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t width = (hk != nullptr && hk[t] == kI8) ? kI8Block : kBlock;
-      for (int64_t s = 0; s < jobs[t].n; s += width)
-        items[i++] = Item{t, s, std::min(width, jobs[t].n - s)};
-    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < jobs[t].n; s += width(t))
+        items[i++] = Item{t, s, std::min(width(t), jobs[t].n - s)};
     return kOk;
   }
 

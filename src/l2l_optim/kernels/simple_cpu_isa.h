@@ -504,16 +504,14 @@ double run_block_typed(const Job& job, const Item& it, const Weights<C>& w, S* h
     lr = static_cast<C>(job.lr);
   }
   const Rounding rnd{job.rounding_key, job.stochastic};
-  if (job.avg_y == nullptr) {
-    if (w.H == 10) return pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
-    return pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
-  }
-  // Schedule-Free averaging: out is z; y' = a1 y + a2 z + a3 z' (pass 2 adds a3 lr shared)
+  // Schedule-Free averaging: out is z, whose values before the step y' needs
   alignas(64) C zbuf[kBlock];
-  std::memcpy(zbuf, out, static_cast<size_t>(it.len) * sizeof(C));
+  if (job.avg_y != nullptr) std::memcpy(zbuf, out, static_cast<size_t>(it.len) * sizeof(C));
   const double sum =
       w.H == 10 ? pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd)
                 : pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
+  if (job.avg_y == nullptr) return sum;
+  // y' = a1 y + a2 z + a3 z' (pass 2 adds a3 lr shared)
   C* __restrict y = static_cast<C*>(job.avg_y) + it.start;
   const C a1 = static_cast<C>(job.avg[0]), a2 = static_cast<C>(job.avg[1]),
           a3 = static_cast<C>(job.avg[2]);
