@@ -4,8 +4,10 @@ The fused SimpleOptimizer step streams every coordinate's state through memory a
 its speed limit is the machine's memory bandwidth. Per parameter set and hidden-state dtype this
 module times, in the same interleaved rounds:
 
-* ``step``: ``SimpleOptimizer(params, state_dtype=...).step()`` (the public optimizer, with its
-  default ``nonfinite="skip"`` check and bookkeeping);
+* ``step``: ``SimpleOptimizer(params, weights="simple", state_dtype=...).step()`` (the public
+  optimizer, with its default ``nonfinite="skip"`` check and bookkeeping; the rule without
+  averaging, whose state the table's options lean; the default ``simple-sf`` keeps and moves
+  its averaging's base sequence besides, as the training-step table shows);
 * ``update``: :func:`l2l_optim.functional.simple_update` on the same parameters and the same
   hidden states: the update alone, without the optimizer's non-finite check (the functional
   form has none) and without its per-step bookkeeping;
@@ -278,7 +280,7 @@ def run_bandwidth(cfg: BandwidthConfig, log: Callable[[str], object] = print) ->
         grads = [p.grad for p in params]
         opts = []
         for row in size_rows:
-            opt = SimpleOptimizer(params, state_dtype=STATE_DTYPES[row.state_dtype])
+            opt = SimpleOptimizer(params, weights="simple", state_dtype=STATE_DTYPES[row.state_dtype])
             opt.step()  # creates the hidden states that the functional update reuses
             if row.c_layout:
                 row.c_default = c_layout(opt) == row.c_layout
@@ -342,7 +344,7 @@ def _check_nonfinite(opt: SimpleOptimizer, params: list[Tensor], grads: list[Ten
 
 
 def _shipped_input_norm() -> str | None:
-    """The input norm of the shipped default weights, which the table's optimizers use."""
+    """The input norm of the shipped weights ``simple``, which the table's optimizers use."""
     return getattr(resolve_net("simple")[0], "input_norm", None)
 
 

@@ -45,6 +45,8 @@ def train(make_opt, cfg: Config, x, y):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    if isinstance(opt, SimpleOptimizer):
+        opt.eval()  # the default weights' running average, the parameters to evaluate
     return model, losses, time.perf_counter() - t0
 
 

@@ -4,10 +4,13 @@
     python examples/hf_trainer.py [--steps 150] [--out-dir runs/hf_trainer]
 
 The ``Trainer`` takes any ``torch.optim.Optimizer`` through ``optimizers=(optimizer, scheduler)``.
-With ``None`` for the scheduler it builds its own from ``lr_scheduler_type`` (linear decay by
-default), which scales SimpleOptimizer's ``lr`` multiplier from 1 down to 0 over the run: the
-decay long runs want. ``learning_rate`` in ``TrainingArguments`` only configures the optimizer
-the Trainer would have built, so it is unused here. The model is built from a config (nothing is
+With ``None`` for the scheduler it builds its own from ``lr_scheduler_type``; the default
+weights average their iterates as Schedule-Free AdamW does and want ``lr=1`` throughout, so
+the example asks for ``"constant"`` (the Trainer's default, a linear decay, suits weights
+without averaging such as ``"simple"``), and calls ``optimizer.eval()`` before the model is
+evaluated, which moves the parameters to their running average. ``learning_rate`` in
+``TrainingArguments`` only configures the optimizer the Trainer would have built, so it is
+unused here. The model is built from a config (nothing is
 downloaded) and runs on the CPU.
 
 The task: sequences that count up by a fixed stride modulo the vocabulary; the next token
@@ -64,16 +67,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     training = TrainingArguments(
         output_dir=args.out_dir, max_steps=args.steps, per_device_train_batch_size=32,
         logging_steps=max(1, args.steps // 5), save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=not sys.stderr.isatty(), seed=0,
+        disable_tqdm=not sys.stderr.isatty(), seed=0, lr_scheduler_type="constant",
     )
     trainer = Trainer(model=model, args=training, train_dataset=CountingSequences(4096, seed=0),
-                      optimizers=(optimizer, None))  # None: the Trainer's own (linear) schedule
+                      optimizers=(optimizer, None))  # None: the Trainer's own (constant) schedule
 
     held_out = CountingSequences(256, seed=1)
     model.eval()
     with torch.no_grad():
         before = model(input_ids=held_out.ids, labels=held_out.ids).loss.item()
     trainer.train()
+    optimizer.eval()  # the parameters at their running average (optimizer.train() to go on)
     model.eval()
     with torch.no_grad():
         after = model(input_ids=held_out.ids, labels=held_out.ids).loss.item()

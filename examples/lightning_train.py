@@ -4,9 +4,11 @@
     python examples/lightning_train.py [--steps 300]
 
 A small MLP learns a synthetic regression. ``configure_optimizers`` returns SimpleOptimizer
-(``lr=1.0``: the learned update as meta-trained) with a cosine decay of that multiplier, stepped
-every optimizer step, which long runs want. Lightning's automatic optimization passes a closure
-to ``optimizer.step``, which SimpleOptimizer runs as any ``torch.optim.Optimizer`` does.
+(``lr=1.0``: the learned update as meta-trained) and no schedule: the default weights average
+their iterates as Schedule-Free AdamW does (weights without averaging, such as ``"simple"``,
+want a decay of the multiplier in long runs). Lightning's automatic optimization passes a
+closure to ``optimizer.step``, which SimpleOptimizer runs as any ``torch.optim.Optimizer``
+does. After training, ``optimizer.eval()`` moves the parameters to their running average.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from l2l_optim import SimpleOptimizer
 
 
 class Regressor(L.LightningModule):
-    def __init__(self, steps: int):
+    def __init__(self):
         super().__init__()
-        self.steps = steps
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
 
     def training_step(self, batch, batch_idx):
@@ -39,9 +40,7 @@ class Regressor(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = SimpleOptimizer(self.parameters())
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return SimpleOptimizer(self.parameters())
 
 
 def make_data(n: int = 4096, seed: int = 0) -> TensorDataset:
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     L.seed_everything(0, verbose=False)
     data = make_data()
-    model = Regressor(args.steps)
+    model = Regressor()
     x, y = data.tensors
     with torch.no_grad():
         before = F.mse_loss(model.net(x), y).item()
@@ -66,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=sys.stderr.isatty())
     trainer.fit(model, DataLoader(data, batch_size=64, shuffle=True))
+    for optimizer in trainer.optimizers:
+        optimizer.eval()  # the parameters at their running average (optimizer.train() to go on)
     with torch.no_grad():
         after = F.mse_loss(model.net(x), y).item()
     print(f"training loss (whole set): {before:.4f} before, {after:.4f} after {args.steps} steps")

@@ -207,7 +207,7 @@ def test_train_and_eval_swap_between_the_interpolation_point_and_the_average():
     # the mode travels with the state dict; weights without averaging ignore both calls
     assert opt.state_dict()["param_groups"][0]["train_mode"] is True
     plain = small_model()
-    opt2 = SimpleOptimizer(plain.parameters())
+    opt2 = SimpleOptimizer(plain.parameters(), weights="simple")
     before = [p.detach().clone() for p in plain.parameters()]
     opt2.eval()
     train(plain, opt2, 1)

@@ -81,7 +81,7 @@ def test_step_bytes_and_state_bytes_come_from_the_state():
     from benchmarks.common import c_layout, set_c_layout, state_bytes_per_param, step_bytes_per_coord
 
     ps = [torch.zeros(100, requires_grad=True), torch.zeros(3, 50, requires_grad=True)]
-    opt = SimpleOptimizer(ps, state_dtype=torch.float32)
+    opt = SimpleOptimizer(ps, weights="simple", state_dtype=torch.float32)
     assert math.isnan(step_bytes_per_coord(opt)) and math.isnan(state_bytes_per_param(opt))
     for p in ps:
         p.grad = torch.full_like(p, 1e-3)
@@ -153,7 +153,7 @@ def test_train_rows():
     rows = run_train(TrainConfig(models=["base", "transformer"], **QUIET), log=lambda m: None)
     assert [(r.model, r.optimizer) for r in rows] == [
         (m, o) for m in ("base", "transformer")
-        for o in ("adam-fused", "adam-foreach", "simple", "simple-fp32", "simple-int8")]
+        for o in ("adam-fused", "adam-foreach", "simple", "simple-fp32", "simple-int8", "simple-sf")]
     assert rows[0].n_params == 397_510 and rows[0].batch_size == 128
     for r in rows:
         assert len(r.whole_s) == len(r.step_s) == 2
@@ -163,7 +163,8 @@ def test_train_rows():
         assert r.subnormal_grads == 0 and r.skipped_steps == 0
         assert json.dumps(r.to_json())
     assert rows[0].x_adam == 1.0
-    assert [bool(r.impl) for r in rows[:5]] == [False, False, True, True, True]  # only SimpleOptimizer has one
+    # only SimpleOptimizer has one
+    assert [bool(r.impl) for r in rows[:6]] == [False, False, True, True, True, True]
     assert format_train(rows).count("<= 1.5") == 2  # base's default (bf16) and fp32 state rows
     # the state's bytes per parameter: Adam's two moments, SimpleOptimizer's h, v and c (one
     # value per tensor, or per coordinate: 4 B more kept, 8 more moved); what SimpleOptimizer's
@@ -176,6 +177,8 @@ def test_train_rows():
     # the 8-bit state: 10 codes and the block scales, v and c; the stored state moved once
     assert rows[4].state_bytes_per_param == pytest.approx(14, abs=0.2)
     assert rows[4].bytes_per_coord == pytest.approx(48, abs=0.5)
+    # the default weights: the averaging's base sequence z kept (4 B) and moved twice (16 B)
+    assert (round(rows[5].state_bytes_per_param), rows[5].bytes_per_coord) == (28, 84)
     # with the run's copy bandwidth, each SimpleOptimizer row gets its memory bound
     bounded = format_train(rows, copy_gbs=10.0)
     assert len({line.count("|") for line in bounded.splitlines()}) == 1

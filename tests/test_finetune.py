@@ -200,6 +200,9 @@ def test_finetune_errors():
         finetune(TinyNet(), [x[:8]], weights=net, subsample=1.0, progress=False)
     with pytest.raises(TypeError, match="weights"):
         finetune(TinyNet(), loader, weights=3, subsample=0.5, progress=False)
+    # the unrolls run no Schedule-Free averaging: weights meta-trained with it are refused
+    with pytest.raises(ValueError, match="averaging=0.9"):
+        finetune(TinyNet(), loader, weights="simple-sf", subsample=0.5, progress=False)
     with pytest.raises(TypeError, match="nn.Module"):
         finetune(lambda t: t, loader, weights=net, subsample=0.5, progress=False)
 

@@ -202,20 +202,19 @@ def test_weights_forms(tmp_path, monkeypatch):
     fp = fingerprint(net)
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    save_weights(net, shipped / "simple.safetensors")
+    save_weights(net, shipped / "simple-sf.safetensors")
     monkeypatch.setattr(W, "weights_dirs", lambda: [shipped])
-    forms = [net, load_weights(path), path, str(path), tmp_path / "run", "simple"]
-    for form in forms:
+    forms = [net, load_weights(path), path, str(path), tmp_path / "run", "simple-sf", None]
+    for form in forms:  # None: the default, the shipped "simple-sf"
         opt = SimpleOptimizer([leaf(2)], weights=form)
         assert opt.meta_fingerprint == fp
         assert not opt.net.training
         assert not any(p.requires_grad for p in opt.net.parameters())
-    SimpleOptimizer([leaf(2)])  # the default is the shipped "simple"
 
 
 def test_missing_default_weights_say_so(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "weights_dirs", lambda: [])
-    with pytest.raises(WeightsError, match="unknown weights 'simple'"):
+    with pytest.raises(WeightsError, match="unknown weights 'simple-sf'"):
         SimpleOptimizer([leaf(2)])
     with pytest.raises(WeightsError, match="unknown weights 'dm'"):
         DMOptimizer([leaf(2)])

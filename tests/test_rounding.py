@@ -88,7 +88,7 @@ def test_the_optimizer_rounds_bf16_state_stochastically_with_step_keys():
     # SimpleOptimizer's bf16 state is the functional update's with rounding_keys(step counts)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(4, 5))]
-    opt = SimpleOptimizer(params, state_dtype=torch.bfloat16, impl="reference")
+    opt = SimpleOptimizer(params, weights="simple", state_dtype=torch.bfloat16, impl="reference")
     ref = [p.detach().clone() for p in params]
     net = opt.net
     hs = [torch.zeros(10, p.numel(), dtype=torch.bfloat16) for p in ref]

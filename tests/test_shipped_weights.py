@@ -60,7 +60,7 @@ def test_cli_lists_the_shipped_weights(capsys):
 
 
 @pytest.mark.parametrize(
-    "cls, name", [(SimpleOptimizer, "simple"), (DMOptimizer, "dm"), (RNNProp, "rnnprop")]
+    "cls, name", [(SimpleOptimizer, "simple-sf"), (DMOptimizer, "dm"), (RNNProp, "rnnprop")]
 )
 def test_default_weights_run(cls, name):
     torch.manual_seed(0)
@@ -83,7 +83,8 @@ def test_shipped_simple_kernel_and_generic_paths_agree():
     torch.manual_seed(0)
     params = [torch.randn(50, 20).requires_grad_(), torch.randn(20).requires_grad_()]
     twins = [p.detach().clone().requires_grad_() for p in params]
-    kernel = SimpleOptimizer(params, state_dtype=torch.float32)  # as the generic path keeps it
+    # float32 state, as the generic path keeps it
+    kernel = SimpleOptimizer(params, weights="simple", state_dtype=torch.float32)
     generic = LearnedOptimizer(twins, weights="simple")
     for _ in range(5):
         grads = [torch.randn(p.shape) * 0.01 for p in params]

@@ -52,12 +52,16 @@ def cpu_kernel_or_skip() -> None:
 # ------------------------------------------------------------------ one c per tensor
 
 
-@pytest.mark.parametrize("dtype, expected", [(None, 24), (torch.float32, 44), (torch.bfloat16, 24),
-                                             (torch.int8, 14)])
-def test_bytes_of_state_per_parameter(dtype, expected):
-    # None: the default, bfloat16
+@pytest.mark.parametrize("weights, dtype, expected", [
+    (None, None, 28), (None, torch.float32, 48), (None, torch.int8, 18),
+    ("simple", None, 24), ("simple", torch.float32, 44), ("simple", torch.bfloat16, 24),
+    ("simple", torch.int8, 14)])
+def test_bytes_of_state_per_parameter(weights, dtype, expected):
+    # None: the default weights (simple-sf: the averaging's base sequence z, 4 more bytes) and
+    # the default state, bfloat16
     w = torch.nn.Parameter(torch.zeros(1000, 1000))
-    opt = SimpleOptimizer([w]) if dtype is None else SimpleOptimizer([w], state_dtype=dtype)
+    options = {} if dtype is None else {"state_dtype": dtype}
+    opt = SimpleOptimizer([w], weights=weights, **options)
     w.grad = torch.randn_like(w)
     opt.step()
     state = opt.state[w]

@@ -467,8 +467,9 @@ def test_kernel_compiled_step_matches_eager_and_compiles_a_bounded_number_of_tim
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 3)).to(DEVICE)
     twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    opt = SimpleOptimizer(model.parameters(), impl="triton", lr=0.5)
-    opt_twin = SimpleOptimizer(twin, impl="triton", lr=0.5)
+    # weights without averaging (test_averaging.py compiles the averaged step)
+    opt = SimpleOptimizer(model.parameters(), weights="simple", impl="triton", lr=0.5)
+    opt_twin = SimpleOptimizer(twin, weights="simple", impl="triton", lr=0.5)
     # compiled before a scheduler wraps opt.step (dynamo does not trace its wrapper)
     step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
     with warnings.catch_warnings():

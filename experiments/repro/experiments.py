@@ -88,6 +88,7 @@ FINETUNE_DEFAULTS = {"subsample": 0.05, "trajectories": 5, "unroll": 20, "max_un
 #: ``--allow-random-weights`` builds when a shipped file is missing. The other weights names
 #: are an architecture's default weights (:mod:`l2l_optim.registry`).
 STANDIN_NETS: dict[str, tuple[str, dict]] = {
+    "simple": ("simple", {}),
     "simple-v0": ("simple", {}),
     "simple-bias": ("simple", {"bias": True}),
     "simple-noagg": ("simple", {"aggregate": False}),

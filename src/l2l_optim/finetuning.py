@@ -270,7 +270,7 @@ def finetune(
     model: nn.Module,
     loader: Iterable,
     *,
-    weights: str | Path | CoordinatewiseNet | Any = "simple",
+    weights: str | Path | CoordinatewiseNet | Any = "simple",  # BPTT runs no averaging
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     subsample: float = 0.05,
     trajectories: int = 5,
@@ -310,7 +310,9 @@ def finetune(
         weights: the starting meta-weights, anything
             :func:`~l2l_optim.weights.resolve_net` accepts: a shipped name, a
             ``.safetensors`` path, a ``LoadedWeights`` or a net (copied; yours is not
-            modified).
+            modified). The default is ``"simple"``, not the optimizer's default
+            ``"simple-sf"``: the fine-tuning loop runs the rule without Schedule-Free
+            averaging, so weights with averaging are refused.
         loss_fn: the training loss (default: cross-entropy).
         subsample: fraction of the data to fine-tune on (the paper: 3%-5%).
         trajectories: number of trajectories (the paper: 5 "episodes").
@@ -339,7 +341,7 @@ def finetune(
 
     Raises:
         ValueError: an empty loader, a subsample smaller than one batch, an invalid
-            setting, a model without trainable parameters, or a loss whose gradient with
+            setting, weights with Schedule-Free averaging, a model without trainable parameters, or a loss whose gradient with
             respect to the model's output or to all its trainable parameters is zero on the
             first batch (such as the default cross-entropy on a one-output regression model),
             which no fine-tuning can move.

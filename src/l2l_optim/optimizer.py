@@ -35,11 +35,18 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
     Everything else (groups, NaN policy, state, ``state_dict``) is as in
     :class:`LearnedOptimizer`.
 
+    The default weights, ``"simple-sf"``, were meta-trained inside Schedule-Free averaging
+    (:mod:`l2l_optim.averaging`): the parameters hold the point where gradients are taken,
+    and, as with Schedule-Free AdamW, :meth:`eval` moves them to the running average (call it
+    before evaluating or saving the model) and :meth:`train` back. Training without the two
+    calls works; evaluating at the average is what the rule is meta-trained for. Weights
+    without averaging (``weights="simple"``) ignore both calls.
+
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr: multiplier of the learned update (default: 1.0, as meta-trained).
         weights: a SimpleOptimizerNet's weights in any form :class:`LearnedOptimizer`
-            accepts (default: the shipped ``"simple"``).
+            accepts (default: the shipped ``"simple-sf"``).
         impl: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``, the kernel path
             (see :mod:`l2l_optim.kernels`); one for the whole step.
         state_dtype: the hidden state of non-float64 parameters: ``torch.bfloat16`` (the
@@ -47,7 +54,9 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
             rounded stochastically every step (:mod:`l2l_optim.rounding`); ``v`` 4 and ``c``
             one value per tensor, both float32), ``torch.float32`` (44: ``h`` 40) or
             ``torch.int8`` (14.01: ``h`` as block-scaled 8-bit codes with stochastic
-            rounding, :mod:`l2l_optim.state`). Computation is float32 in every case. The CPU
+            rounding, :mod:`l2l_optim.state`). Weights with averaging (the default) keep
+            the base sequence ``z`` besides (float32; float64 for float64 parameters): 28, 48
+            and 18.01. Computation is float32 in every case. The CPU
             kernel decodes, steps and encodes the 8-bit state a block at a time inside its
             pass; the other paths run the codec around the step as torch ops (a float32
             working copy, 40 bytes per parameter while the step runs). The 8-bit state is not
@@ -102,7 +111,7 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
     """
 
     _required_arch = SimpleOptimizerNet.arch
-    _default_weights = "simple"
+    _default_weights = "simple-sf"
     _own_options = {"impl": "auto"}
     _step_options = ("impl",)
     _state_dtypes = (torch.float32, torch.bfloat16, torch.int8)

@@ -8,7 +8,7 @@ Example:
     >>> from l2l_optim.registry import get_architecture, build_net
     >>> arch = get_architecture("simple")
     >>> arch.default_weights, arch.default_init
-    ('simple', 'sign')
+    ('simple-sf', 'sign')
     >>> build_net("simple").num_parameters()
     132
 """
@@ -45,7 +45,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("simple", SimpleOptimizerNet, "SimpleOptimizer", "simple", "sign"),
+        Architecture("simple", SimpleOptimizerNet, "SimpleOptimizer", "simple-sf", "sign"),
         Architecture("dm", DMOptimizerNet, "DMOptimizer", "dm", "small-output"),
         Architecture("rnnprop", RNNPropNet, "RNNProp", "rnnprop", "small-output"),
     )

@@ -106,6 +106,13 @@ def run_trajectory(
         "stopped": bool, "params": ..., "buffers": ...}``; ``diverged`` means a non-finite
         optimizee loss ended the run, ``stopped`` that ``should_stop`` did.
     """
+    if getattr(net, "averaging", 0.0):
+        # the unroll steps the parameters with the net's update alone: a rule meta-trained
+        # inside Schedule-Free averaging would be trained (and judged) without it
+        raise ValueError(
+            f"truncated BPTT runs the rule without Schedule-Free averaging, and these weights "
+            f"have averaging={net.averaging}; use weights without averaging (the shipped "
+            f"'simple'), or ES (l2l-optim meta-es --averaging) for a rule with it")
     train = meta_opt is not None
     unroll = unroll or steps
     w = meta_loss_coefficients(meta_loss, steps) if loss_coefficients is None else loss_coefficients
