@@ -739,9 +739,15 @@ def test_state_dict_carries_the_fingerprint_and_load_checks_it():
     assert fingerprint(net) == opt.meta_fingerprint
     other = SimpleOptimizer([leaf(3)], weights=random_simple(16))
     snap = snapshot(other)
-    with pytest.raises(ValueError, match=f"saved with meta-weights {fingerprint(net)}"):
+    with pytest.raises(ValueError, match=f"saved with meta-weights {fingerprint(net)}") as err:
         other.load_state_dict(sd)
+    assert "weights=" not in str(err.value)  # not shipped: no name to give
     assert_unchanged(other, snap)
+    # a state saved with shipped weights names them (a state from before a change of default)
+    shipped = SimpleOptimizer([p], weights="simple")
+    shipped.step()
+    with pytest.raises(ValueError, match=r"with the same weights \(weights='simple'\)$"):
+        SimpleOptimizer([leaf(3)]).load_state_dict(shipped.state_dict())
     plain = {"state": sd["state"], "param_groups": [
         {k: v for k, v in g.items() if k != "meta_fingerprint"} for g in sd["param_groups"]]}
     with pytest.raises(ValueError, match="no 'meta_fingerprint'"):

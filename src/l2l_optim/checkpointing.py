@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import distributed
 from .state import decode_hidden, dtype_from_name, dtype_name, encode_hidden, int8_blocks
+from .weights import WeightsError, list_weights
 
 __all__ = ["Checkpointing"]
 
@@ -134,9 +135,10 @@ class Checkpointing:
                 "LearnedOptimizer"
             )
         if found != {mine}:
+            theirs = sorted(found - {mine})[0]
             raise ValueError(
-                f"{what}: the state was saved with meta-weights {sorted(found - {mine})[0]}, "
-                f"but this optimizer has {mine}; create the optimizer with the same weights"
+                f"{what}: the state was saved with meta-weights {theirs}, but this optimizer "
+                f"has {mine}; create the optimizer with the same weights{_shipped_hint(theirs)}"
             )
         out = {k: v for k, v in state_dict.items() if k != "meta_fingerprint"}
         out["param_groups"] = groups
@@ -195,3 +197,13 @@ class Checkpointing:
                 plain = k == "step" or k in self.net.per_tensor_state
                 placed[k] = t if plain else distributed.place_state(t, p, state.shapes[k])
             self.state[p] = placed
+
+
+def _shipped_hint(fp: str) -> str:
+    """``" (weights='simple')"`` when shipped weights have the fingerprint ``fp``: a state
+    saved with another default, or with shipped weights passed by name, says which."""
+    try:
+        names = [name for name, meta in list_weights().items() if meta.get("fingerprint") == fp]
+    except WeightsError:  # an unreadable shipped file: the message goes on without the hint
+        return ""
+    return f" (weights={names[0]!r})" if names else ""
