@@ -276,7 +276,7 @@ def _averaging_case(dtype, seed=0):
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_the_cpu_kernel_moves_the_averaged_parameters_as_the_definition(dtype, two_pass):
     # the kernel's own passes (fused) against averaged_step around the same kernel (the one
-    # definition): the same z, y within rounding of the ways a y' = a1 y + a2 z + a3 z' is summed
+    # definition): the same z, y within rounding of the ways y' = y + c (z - y) + k (z' - z) is summed
     from l2l_optim.functional import simple_update
     from l2l_optim.kernels import resolve_impl
     from l2l_optim.kernels._common import RunningRms

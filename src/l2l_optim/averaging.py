@@ -107,12 +107,13 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
         return
     # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time
     ys = [p.detach().to(z.dtype, copy=True) for p, z in zip(params, zs)]
+    befores = [z.clone() for z in zs]
     coeffs = [averaging_coefficients(c, averaging) for c in cs]
-    for y, z, (a1, a2, _) in zip(ys, zs, coeffs):
-        y.mul_(a1).add_(z, alpha=a2)
+    for y, z0, (c, _) in zip(ys, befores, coeffs):
+        y.lerp_(z0, c)
     step(zs)
-    for p, y, z, (_, _, a3) in zip(params, ys, zs, coeffs):
-        p.copy_(y.add_(z, alpha=a3))
+    for p, y, z0, z, (_, k) in zip(params, ys, befores, zs, coeffs):
+        p.copy_(y.sub_(z0.sub_(z), alpha=k))
 
 
 def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]],
@@ -124,8 +125,9 @@ def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]
     zs = [s["z"].view(p.shape) for s, p in zip(states, params)]
     coeffs = [averaging_coefficients(1.0 / (s["step"].to(z.dtype) + 1.0), averaging)
               for s, z in zip(states, zs)]
-    halves = [p.detach().to(z.dtype) * a1 + z * a2 for p, z, (a1, a2, _) in zip(params, zs, coeffs)]
+    befores = [z.clone() for z in zs]
+    halves = [p.detach().to(z0.dtype).lerp(z0, c) for p, z0, (c, _) in zip(params, befores, coeffs)]
     step(zs)  # moves z in place; a skipped step leaves it
-    for p, y, z, (_, _, a3) in zip(params, halves, zs, coeffs):
-        new = (y + z * a3).to(p.dtype)
+    for p, y, z0, z, (_, k) in zip(params, halves, befores, zs, coeffs):
+        new = (y - (z0 - z) * k).to(p.dtype)
         p.copy_(new if skip is None else torch.where(skip, p, new))

@@ -188,11 +188,10 @@ def output(w_a: Tensor, h_new: Tensor, shared: Tensor | None, b_out: Tensor | No
 
 
 def averaging_coefficients(c, averaging: float):
-    """``(a1, a2, a3)`` with ``y' = a1 y + a2 z + a3 z'`` for one step of :func:`averaged_step`:
-    ``1 - c``, ``c - k`` and ``k = 1 - b (1 - c)`` (``b`` = ``averaging``). ``c`` may be a
+    """``(c, k)`` with ``y' = y + c (z - y) + k (z' - z)`` for one step of
+    :func:`averaged_step`: ``k = 1 - b (1 - c)`` (``b`` = ``averaging``). ``c`` may be a
     float or a tensor (a compiled step keeps the step count on the device)."""
-    k = 1.0 - averaging * (1.0 - c)
-    return 1.0 - c, c - k, k
+    return c, 1.0 - averaging * (1.0 - c)
 
 
 def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, step_z) -> None:
@@ -200,9 +199,10 @@ def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, 
 
     With ``x`` the running average of the ``z``s and ``y = (1 - b) z + b x`` (``b`` =
     ``averaging``), a step ``z' = z + u`` and ``x' = (1 - c) x + c z'`` give
-    ``y' = (1 - c) y + c z + (1 - b (1 - c)) u``: only ``y`` (the parameters) and ``z`` are
-    kept, ``x`` is implied. ``step_z()`` moves ``z`` in place (any rule's update), so ``u``
-    is never materialised.
+    ``y' = y + c (z - y) + k u`` with ``k = 1 - b (1 - c)``: only ``y`` (the parameters) and
+    ``z`` are kept, ``x`` is implied. ``step_z()`` moves ``z`` in place (any rule's update),
+    so ``u`` is taken as ``z' - z``. Written as two differences, a parameter whose ``z`` does
+    not move (a group at ``lr=0``, where ``y = z``) keeps its exact value.
 
     Args:
         y: the parameters (the interpolation point, where gradients are taken).
@@ -211,8 +211,9 @@ def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, 
         averaging: the interpolation weight ``b`` in [0, 1).
         step_z: called once, between the two halves, to move ``z`` in place.
     """
-    a1, a2, a3 = averaging_coefficients(c, averaging)
-    torch._foreach_mul_(y, a1)
-    torch._foreach_add_(y, z, alpha=a2)
+    c, k = averaging_coefficients(c, averaging)
+    before = [t.clone() for t in z]
+    torch._foreach_lerp_(y, before, c)  # y + c (z - y)
     step_z()
-    torch._foreach_add_(y, z, alpha=a3)
+    torch._foreach_sub_(before, z)  # z - z'
+    torch._foreach_sub_(y, before, alpha=k)

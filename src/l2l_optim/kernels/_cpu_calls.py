@@ -270,7 +270,7 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
     ignored), or None when no hidden state is 8-bit.
     ``averaged``: None, or Schedule-Free averaging: ``(ys, coeffs)``, per tensor the parameter
     ``y`` (``params`` are the base sequences ``z``; same dtype, float32 or float64, as many
-    elements) and its ``(a1, a2, a3)``, ``y' = a1 y + a2 z + a3 z'``.
+    elements) and its ``(c, k)``, ``y' = y + c (z - y) + k (z' - z)``.
     """
     lib = load_library()
     n = len(params)

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 DISABLE_ENV = "L2L_OPTIM_NO_CPU_KERNEL"
 ISA_ENV = "L2L_OPTIM_CPU_ISA"
 CACHE_ENV = "L2L_OPTIM_KERNEL_CACHE"
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 _lock = threading.Lock()

@@ -331,8 +331,8 @@ def simple_update_cpu(
         pass2(ps, scratch, lr_t, packed, shared, skip)
 
 
-def _averaging_coefficients(zs, ys, c: float, b: float) -> list[tuple[float, float, float]] | None:
-    """Per tensor ``(a1, a2, a3)`` of ``y' = a1 y + a2 z + a3 z'``
+def _averaging_coefficients(zs, ys, c: float, b: float) -> list[tuple[float, float]] | None:
+    """Per tensor ``(c, k)`` of ``y' = y + c (z - y) + k (z' - z)``
     (:func:`~l2l_optim.rule.averaging_coefficients`), when the kernel can move every ``y`` in
     its passes (plain contiguous CPU tensors of their base sequence's dtype and size, float32
     or float64), else None."""

@@ -162,9 +162,9 @@ struct Job {
                               // nearest even (an 8-bit state needs a key)
   float* hidden_scale = nullptr;  // an 8-bit hidden state's scales, (H, blocks of kI8Block)
   // Schedule-Free averaging (rule.averaged_step): param holds the base sequence z, avg_y the
-  // parameter y (same dtype, fp32 or fp64), moved as y' = a1 y + a2 z + a3 z' (avg = a1, a2, a3)
+  // parameter y (same dtype, fp32 or fp64), moved as y' = y + c (z - y) + k (z' - z) (avg = c, k)
   void* avg_y = nullptr;
-  double avg[3] = {0.0, 0.0, 0.0};
+  double avg[2] = {0.0, 0.0};
 };
 
 }  // namespace l2l
@@ -423,7 +423,7 @@ struct Step {
     return !(all_zero_b && !any_scratch);
   }
 
-  // Schedule-Free averaging: per tensor the parameter y (NULL: none) and 3 coefficients;
+  // Schedule-Free averaging: per tensor the parameter y (NULL: none) and 2 coefficients;
   // kOk or an error code (y needs an fp32 / fp64 parameter, which has no scratch buffer).
   int set_averaging(void* const* averaged, const double* coeffs) {
     if (averaged == nullptr) return kOk;
@@ -435,7 +435,7 @@ struct Step {
       }
       if (jobs[t].pk != kF32 && jobs[t].pk != kF64) return kBadDtype;
       jobs[t].avg_y = averaged[t];
-      for (int j = 0; j < 3; ++j) jobs[t].avg[j] = coeffs[3 * t + j];
+      for (int j = 0; j < 2; ++j) jobs[t].avg[j] = coeffs[2 * t + j];
     }
     return kOk;
   }
@@ -457,7 +457,7 @@ using namespace l2l;
 // ------------------------------------------------------------------------------------------------
 // the C ABI (argument order and meaning mirrored in cpu.py)
 
-L2L_API int l2l_abi_version(void) { return 5; }
+L2L_API int l2l_abi_version(void) { return 6; }
 
 // the hash of the sources and flags this library was built from; _build.py finds it in the
 // file by its prefix, so a loader can tell a stale library without loading it
@@ -523,8 +523,8 @@ L2L_API int l2l_select_isa(const char* name) {
 //       (pass 2 reads it back), ignored for the others; may be NULL when there are none
 //   averaged, averaging: NULL, or Schedule-Free averaging (rule.averaged_step): params hold the
 //       base sequences z, averaged[t] the parameter y (numels[t] elements of the same dtype,
-//       fp32 or fp64; NULL for a tensor without), averaging[3t..3t+2] = a1, a2, a3 with
-//       y' = a1 y + a2 z + a3 z' (z' the moved z)
+//       fp32 or fp64; NULL for a tensor without), averaging[2t..2t+1] = c, k with
+//       y' = y + c (z - y) + k (z' - z) (z' the moved z)
 //   weights: the packed fp64 weights (see unpack), n_weights = 4H + H^2 + 1
 //   skip: NULL, or one byte; nonzero: change nothing (sums stay zero)
 //   n_threads: the number of threads to use (torch.get_num_threads())

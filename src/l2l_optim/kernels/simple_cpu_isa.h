@@ -511,13 +511,13 @@ double run_block_typed(const Job& job, const Item& it, const Weights<C>& w, S* h
       w.H == 10 ? pass1_fixed<10, C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd)
                 : pass1_generic<C, S>(g, h, stride, h_i0, it.len, out, lr, w, sbuf, rnd);
   if (job.avg_y == nullptr) return sum;
-  // y' = a1 y + a2 z + a3 z' (pass 2 adds a3 lr shared)
+  // y' = y + c (z - y) + k (z' - z) (pass 2 adds k lr shared): a z that does not move leaves
+  // y = z exactly where it is
   C* __restrict y = static_cast<C*>(job.avg_y) + it.start;
-  const C a1 = static_cast<C>(job.avg[0]), a2 = static_cast<C>(job.avg[1]),
-          a3 = static_cast<C>(job.avg[2]);
+  const C c = static_cast<C>(job.avg[0]), k = static_cast<C>(job.avg[1]);
   const C* __restrict zn = out;
 #pragma omp simd
-  for (int64_t i = 0; i < it.len; ++i) y[i] = (y[i] * a1 + a2 * zbuf[i]) + a3 * zn[i];
+  for (int64_t i = 0; i < it.len; ++i) y[i] = (y[i] + c * (zbuf[i] - y[i])) + k * (zn[i] - zbuf[i]);
   return sum;
 }
 
@@ -634,7 +634,7 @@ void pass2_item(const Job& job, const Item& it, double shared) {
     for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
     if (job.avg_y != nullptr) {
       double* __restrict y = static_cast<double*>(job.avg_y) + i0;
-      const double d = job.avg[2] * c;
+      const double d = job.avg[1] * c;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) y[i] = y[i] + d;
     }
@@ -649,7 +649,7 @@ void pass2_item(const Job& job, const Item& it, double shared) {
     for (int64_t i = 0; i < len; ++i) th[i] = th[i] + c;
     if (job.avg_y != nullptr) {
       float* __restrict y = static_cast<float*>(job.avg_y) + i0;
-      const float d = static_cast<float>(job.avg[2]) * c;
+      const float d = static_cast<float>(job.avg[1]) * c;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) y[i] = y[i] + d;
     }
