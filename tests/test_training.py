@@ -138,6 +138,26 @@ def test_train_task_applies_the_schedule_to_the_starting_lr():
     assert len(r.losses) == 5 and r.cpu_seconds > 0 and r.skipped == 0
 
 
+def test_train_task_returns_the_average_of_a_schedule_free_optimizer():
+    # the default weights train at y and evaluate at the running average x (opt.eval())
+    from l2l_optim import SimpleOptimizer
+
+    x, y = make_data()
+    task = Task("bn", bn_net, (x, y), batch_size=32)
+    box = {}
+
+    def make(p):
+        box["opt"] = SimpleOptimizer(p)
+        return box["opt"]
+
+    r = train_task(task, make, steps=5, seed=0)
+    opt = box["opt"]
+    assert [g["train_mode"] for g in opt.param_groups] == [False]
+    at_average = [p.detach().clone() for p in r.model.parameters()]
+    opt.train()  # back at the interpolation point: not the same values
+    assert any(not torch.equal(a, p) for a, p in zip(at_average, r.model.parameters()))
+
+
 def test_a_task_draws_batches_from_batch_fn_or_its_data():
     def batch(gen):
         return torch.randn(8, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)

@@ -67,7 +67,7 @@ class Experiment:
 SIMPLE = OptSpec("simple", "SimpleOptimizer", "learned", "simple-v0")
 # the shipped default weights (meta-trained by ES on a task population, rms-normalised input),
 # beside the paper-faithful ones on the paper's transfer tasks: context, not a claim of the paper
-DEFAULT = OptSpec("simple-default", "SimpleOptimizer, default weights (simple)", "learned", "simple")
+DEFAULT = OptSpec("simple-default", "SimpleOptimizer, default weights (simple-sf)", "learned", "simple-sf")
 SGD = OptSpec("sgd", "SGD (tuned lr)", "sgd")
 ADAM = OptSpec("adam", "Adam (tuned lr)", "adam")
 # a step of the LSTM optimizers costs far more than SimpleOptimizer's (table1), so one seed each
@@ -89,6 +89,7 @@ FINETUNE_DEFAULTS = {"subsample": 0.05, "trajectories": 5, "unroll": 20, "max_un
 #: are an architecture's default weights (:mod:`l2l_optim.registry`).
 STANDIN_NETS: dict[str, tuple[str, dict]] = {
     "simple": ("simple", {}),
+    "simple-sf": ("simple", {"input_norm": "rms", "averaging": 0.9}),
     "simple-v0": ("simple", {}),
     "simple-bias": ("simple", {"bias": True}),
     "simple-noagg": ("simple", {"aggregate": False}),

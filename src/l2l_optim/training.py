@@ -79,7 +79,8 @@ def train_task(
     The model is ``task.model_fn()`` under ``seed`` (the same init as ``task.init_params(seed)``)
     and the minibatches come from ``task.sample_batch`` with a generator seeded by ``seed``, so
     every optimizer sees the same init and the same batches for a given seed. The run stops
-    before the first non-finite loss.
+    before the first non-finite loss. An optimizer with ``eval()`` (Schedule-Free averaging)
+    is switched to it at the end, so the returned model holds the parameters to evaluate.
 
     Args:
         task: the model factory and data.
@@ -138,6 +139,10 @@ def train_task(
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     bar.close()
+    if callable(getattr(opt, "eval", None)):
+        # Schedule-Free averaging (SimpleOptimizer's default weights, schedulefree's
+        # optimizers): the model returned holds the average, the parameters to evaluate
+        opt.eval()
     return TrainResult(losses=losses, model=model, diverged=diverged, seconds=seconds,
                        cpu_seconds=cpu_seconds, skipped=int(getattr(opt, "skipped_steps", 0)))
 
