@@ -126,6 +126,10 @@ def test_the_model_card_has_front_matter_the_recipe_and_the_results(tmp_path):
     hub.save_pretrained(seeded(SimpleOptimizerNet), tmp_path / "fresh")
     fresh = ModelCard.load(tmp_path / "fresh" / "README.md").text
     assert "No measured results travel with these weights." in fresh and "## Meta-training recipe" not in fresh
+    assert "opt.eval()" not in text + fresh
+    # the default weights run inside Schedule-Free averaging: the card says how to evaluate
+    SimpleOptimizer([torch.zeros(2, requires_grad=True)]).save_pretrained(tmp_path / "default")
+    assert "call `opt.eval()` before evaluating" in ModelCard.load(tmp_path / "default" / "README.md").text
 
 
 def test_changed_weights_do_not_claim_their_source_recipe(tmp_path):

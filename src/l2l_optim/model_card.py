@@ -95,6 +95,11 @@ def model_card(net: CoordinatewiseNet, metadata: dict[str, str], *, repo_id: str
         "The update is applied as meta-trained with `lr=1.0`; schedulers and per-group `lr` "
         "scale it.",
     ]
+    if getattr(net, "averaging", 0.0):
+        body += ["", f"The rule runs inside Schedule-Free averaging (`averaging={net.averaging}`), "
+                     "meta-trained at a constant `lr`: no schedule is needed. As with Schedule-Free "
+                     "AdamW, call `opt.eval()` before evaluating or saving the model (the parameters "
+                     "move to the running average) and `opt.train()` before training goes on."]
     recipe = _json_or_text(metadata["recipe"]) if "recipe" in metadata else None
     if recipe is not None or "command" in metadata:
         body += ["", "## Meta-training recipe", ""]
