@@ -1,6 +1,7 @@
 """Training quality of the learned optimizer by hidden-state dtype, on the validation suite.
 
-Runs SimpleOptimizer (the shipped ``simple`` weights, lr=1) on tasks of the default suite with
+Runs SimpleOptimizer (the shipped weights ``--weights``, by default the optimizer's own, lr=1)
+on tasks of the default suite with
 each state option and records the suite's score, the final loss (mean over the last 10% of
 the steps), one JSON line per run (resumable: runs already in the file are skipped). No
 baselines are run: the comparison is each option against float32 state, paired by seed.
@@ -27,7 +28,7 @@ import warnings
 OPTIONS = ("float32", "bfloat16", "int8", "float32-reference", "bfloat16-nearest")
 
 
-def nearest_bf16_optimizer(params):
+def nearest_bf16_optimizer(params, weights=None):
     """A SimpleOptimizer (lr 1) whose bfloat16 hidden state rounds to nearest even instead of
     stochastically."""
     import torch
@@ -37,10 +38,11 @@ def nearest_bf16_optimizer(params):
     class NearestBf16(SimpleOptimizer):
         _round_stochastically = False
 
-    return NearestBf16(params, lr=1.0, state_dtype=torch.bfloat16)
+    return NearestBf16(params, weights=weights, lr=1.0, state_dtype=torch.bfloat16)
 
 
-def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out: str) -> None:
+def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out: str,
+        weights: str | None = None) -> None:
     import torch
 
     from l2l_optim import SimpleOptimizer, SkippedStepWarning
@@ -60,12 +62,12 @@ def run(tasks: list[str], seeds: list[int], options: list[str], steps: int, out:
                 if (task, seed, option, steps) in done:
                     continue
                 if option == "bfloat16-nearest":
-                    make = nearest_bf16_optimizer
+                    make = lambda ps: nearest_bf16_optimizer(ps, weights)  # noqa: E731
                 else:
                     dtype = getattr(torch, option.removesuffix("-reference"))
                     impl = "reference" if option.endswith("-reference") else "auto"
                     make = lambda ps, dtype=dtype, impl=impl: SimpleOptimizer(  # noqa: E731
-                        ps, lr=1.0, state_dtype=dtype, impl=impl)
+                        ps, weights=weights, lr=1.0, state_dtype=dtype, impl=impl)
                 result = train_task(suite[task], make, steps=steps, seed=seed)
                 losses = result.losses
                 finished = len(losses) >= steps
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--options", nargs="+", choices=OPTIONS, default=list(OPTIONS[:3]))
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--weights", default=None,
+                        help="shipped weights or a file (default: SimpleOptimizer's default)")
     parser.add_argument("--out", default="runs/state-quality/results.jsonl")
     parser.add_argument("--report", nargs="+", metavar="JSONL", help="print the table of these files")
     args = parser.parse_args(argv)
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.tasks = [t.name for t in default_suite()]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    run(args.tasks, args.seeds, args.options, args.steps, args.out)
+    run(args.tasks, args.seeds, args.options, args.steps, args.out, args.weights)
 
 
 if __name__ == "__main__":

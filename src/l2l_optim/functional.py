@@ -9,6 +9,8 @@ coordinate-wise net run through its plain ``forward`` (the generic path of
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,7 @@ from .kernels._common import (
 )
 from .nets import CoordinatewiseNet, SimpleOptimizerNet, SimpleWeights
 from .rule import averaged_step
-from .state import decoded_hiddens, int8_blocks
+from .state import decoded_hiddens, float_squares, int8_blocks
 
 __all__ = ["simple_update", "RunningRms", "coordinatewise_update"]
 
@@ -88,7 +90,9 @@ def simple_update(
             elements, ``ones`` (the bias correction) one element per tensor, or one per
             coordinate (the same numbers); updated in place by the same pass that reads the
             gradient (SimpleOptimizer's states ``"v"`` and ``"c"``). Skipped steps leave
-            them unchanged.
+            them unchanged. ``squares`` may be bfloat16 (the 8-bit state keeps them so) for
+            float32 compute; they then round stochastically with keys from ``rounding``
+            (:func:`~l2l_optim.rounding.round_squares_bf16`).
         rounding: for bfloat16 hidden states, the keys of their stochastic rounding, one per
             parameter (a list of ints, or an integer tensor on the parameters' device):
             ``l2l_optim.rounding.rounding_keys(step_counts)``, which SimpleOptimizer passes.
@@ -164,6 +168,11 @@ def simple_update(
         isinstance(h, Tensor) and h.dtype == torch.int8 for h in hiddens)
     if coded:
         _check_hidden_scales(params, hiddens, hidden_scales, rounding, weights.w_ih.numel())
+    bf16_squares = rms is not None and isinstance(rms, tuple) and len(rms) == 2 and any(
+        isinstance(v, Tensor) and v.dtype == torch.bfloat16 for v in rms[0])
+    if bf16_squares and rounding is None:
+        raise ValueError("bfloat16 running means of squares need rounding keys: pass rounding="
+                         "l2l_optim.rounding.rounding_keys(step_counts)")
     if averaged is not None and len(averaged[0]) != len(params):
         raise ValueError(f"averaged needs one parameter per base sequence: {len(params)}, got "
                          f"{len(averaged[0])}")
@@ -177,11 +186,16 @@ def simple_update(
             return
 
         def step() -> None:
-            if not coded:
-                kernel(params, grads, hiddens, lrs, weights, skip, aggregate, rms, rounding)
-                return
-            with decoded_hiddens(hiddens, hidden_scales, rounding, skip) as work:
-                kernel(params, grads, work, lrs, weights, skip, aggregate, rms, rounding)
+            # the other kernels read the 8-bit codes and bfloat16 running means as float32
+            # working copies, encoded back after the step
+            with contextlib.ExitStack() as stack:
+                hs, norm = hiddens, rms
+                if coded:
+                    hs = stack.enter_context(decoded_hiddens(hiddens, hidden_scales, rounding, skip))
+                if bf16_squares:
+                    vs = stack.enter_context(float_squares(list(rms[0]), rounding, skip))
+                    norm = RunningRms(vs, rms[1])
+                kernel(params, grads, hs, lrs, weights, skip, aggregate, norm, rounding)
 
         if averaged is None:
             step()

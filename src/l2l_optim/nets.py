@@ -181,15 +181,16 @@ class SimpleOptimizerNet(CoordinatewiseNet):
         """The state of ``n`` coordinates: ``h`` ``(H, n)`` in ``dtype``; with the rms input
         norm ``v`` ``(n,)`` and ``c`` ``(1,)`` (one bias correction for all ``n``) in float32
         (float64 for a float64 ``dtype``); with averaging ``z`` ``(n,)``. ``dtype=torch.int8``
-        keeps ``h`` as 8-bit codes with their block scales ``h_scale``
-        (:mod:`l2l_optim.state`), whose codec the CPU kernel runs in its pass."""
+        keeps ``h`` as 8-bit codes with their block scales ``h_scale`` and ``v`` in bfloat16
+        (:mod:`l2l_optim.state`), whose codecs the CPU kernel runs in its pass."""
         state = {"h": torch.zeros(self.hidden_size, n, device=device, dtype=dtype)}
         if dtype == torch.int8:
             state["h_scale"] = torch.zeros(self.hidden_size, int8_blocks(n), device=device)
         if self.input_norm == "rms":
-            # running means need more than bfloat16's 8 bits: their 0.1% steps would vanish
+            # running means need more than bfloat16's 8 bits rounded to nearest (their 0.1%
+            # steps would vanish); the 8-bit state keeps v in bfloat16 rounded stochastically
             v_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            state["v"] = torch.zeros(n, device=device, dtype=v_dtype)
+            state["v"] = torch.zeros(n, device=device, dtype=torch.bfloat16 if dtype == torch.int8 else v_dtype)
             state["c"] = torch.zeros(1, device=device, dtype=v_dtype)
         if self.averaging:
             # the base sequence; the optimizer starts it at the parameter's value

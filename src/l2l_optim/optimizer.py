@@ -53,10 +53,10 @@ class SimpleOptimizer(AveragingModes, LearnedOptimizer):
             default: 24 bytes of state per parameter with the rms input norm: ``h`` 20,
             rounded stochastically every step (:mod:`l2l_optim.rounding`); ``v`` 4 and ``c``
             one value per tensor, both float32), ``torch.float32`` (44: ``h`` 40) or
-            ``torch.int8`` (14.01: ``h`` as block-scaled 8-bit codes with stochastic
-            rounding, :mod:`l2l_optim.state`). Weights with averaging (the default) keep
-            the base sequence ``z`` besides (float32; float64 for float64 parameters): 28, 48
-            and 18.01. Computation is float32 in every case. The CPU
+            ``torch.int8`` (12.01: ``h`` as block-scaled 8-bit codes and ``v`` in bfloat16, both
+            rounded stochastically, :mod:`l2l_optim.state`). Weights with averaging (the
+            default) keep the base sequence ``z`` besides (float32; float64 for float64
+            parameters): 28, 48 and 16.01. Computation is float32 in every case. The CPU
             kernel decodes, steps and encodes the 8-bit state a block at a time inside its
             pass; the other paths run the codec around the step as torch ops (a float32
             working copy, 40 bytes per parameter while the step runs). The 8-bit state is not

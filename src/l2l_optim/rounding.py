@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GOLDEN", "rounding_key", "rounding_keys", "shard_key", "stochastic_bits",
-           "round_bf16_stochastic"]
+__all__ = ["GOLDEN", "rounding_key", "rounding_keys", "shard_key", "squares_key", "stochastic_bits",
+           "round_bf16_stochastic", "round_squares_bf16"]
 
 #: the multiplier of the coordinate sequence (2**32 over the golden ratio, odd)
 GOLDEN = 0x9E3779B1
@@ -150,3 +150,40 @@ def round_bf16_stochastic(x: Tensor, key: int | Tensor) -> Tensor:
     # int16 holds the bfloat16 pattern: shift the unsigned half into its signed range
     high = torch.where(torch.isnan(x), 0x7FC0, high)
     return torch.where(high >= 0x8000, high - 0x10000, high).to(torch.int16).view(torch.bfloat16)
+
+
+#: mixed into a tensor's key for the bits of its bfloat16 running mean of squares, so that
+#: they are not the bits of its hidden state
+_SQUARES_MIX = 0x5BD1E995
+#: the largest finite bfloat16, as its bit pattern
+_BF16_MAX = 0x7F7F
+
+
+def squares_key(key: int | Tensor) -> int | Tensor:
+    """The key of a tensor's bfloat16 running mean of squares ``v`` (the 8-bit state keeps
+    ``v`` in bfloat16), from the tensor's rounding key: its coordinate ``i`` draws the bits of
+    :func:`stochastic_bits` with ``hidden_size`` 1, ``(squares_key + i) * GOLDEN``. (A shard
+    would need the whole tensor's key: the 8-bit state takes no sharded parameters.)"""
+    if isinstance(key, Tensor):
+        return _fmix32_tensor((key.to(torch.int64) & _MASK) ^ _SQUARES_MIX)
+    return _fmix32((key & _MASK) ^ _SQUARES_MIX)
+
+
+def round_squares_bf16(v: Tensor, key: int | Tensor) -> Tensor:
+    """A running mean of squares ``v`` (float32, 1-D, non-negative) rounded stochastically to
+    bfloat16 with the tensor's rounding ``key`` (:func:`squares_key` derives its bits). A
+    finite value stays finite (the largest bfloat16 where rounding up would reach infinity),
+    as the float32 running mean saturates below infinity: an infinite ``v`` would freeze the
+    coordinate.
+
+    Example:
+        >>> v = torch.full((4096,), 1.0 + 2.0 ** -10)
+        >>> r = round_squares_bf16(v, rounding_key(3, 0)).float()
+        >>> sorted(set(r.tolist())), round(float(r.mean() - 1) * 2 ** 10, 1)
+        ([1.0, 1.0078125], 1.0)
+    """
+    if isinstance(key, Tensor):
+        key = key.reshape(())
+    out = round_bf16_stochastic(v.reshape(1, -1), squares_key(key)).reshape(v.shape)
+    top = torch.tensor(_BF16_MAX, dtype=torch.int16, device=v.device).view(torch.bfloat16)
+    return torch.where(torch.isinf(out) & torch.isfinite(v), top, out)

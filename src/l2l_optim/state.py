@@ -4,7 +4,7 @@ hidden state's codec.
 ``torch.distributed.checkpoint`` (and JSON) take plain values only, so a param group's
 ``state_dtype`` travels as its name and comes back as the dtype.
 
-**The 8-bit hidden state** (``state_dtype=torch.int8``): SimpleOptimizer's hidden state
+**The 8-bit state** (``state_dtype=torch.int8``): SimpleOptimizer's hidden state
 ``h`` (H units per coordinate) is kept as int8 codes, block-scaled as 8-bit Adam keeps its
 moments: per hidden unit, the coordinates form blocks of :data:`INT8_BLOCK`, and each block
 keeps its absolute maximum ``s`` (float32, the state's ``"h_scale"``, shape
@@ -17,7 +17,10 @@ the coordinate), not a generator: the step stays a function of its inputs, repro
 independent of the thread count, and the user's random streams are not touched. The CPU
 kernel runs the codec inside its pass over the coordinates, a block at a time, bit for bit
 as defined here; for the other kernels :func:`decoded_hiddens` runs it around the step as
-torch ops on a float32 working copy.
+torch ops on a float32 working copy. The 8-bit state keeps the rms input norm's running mean
+of squares ``v`` in bfloat16, rounded stochastically with bits of its own
+(:func:`~l2l_optim.rounding.round_squares_bf16`; :func:`float_squares` for the kernels that
+read it in float32): 12.01 bytes of state per parameter in all.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .rounding import stochastic_bits
+from .rounding import round_squares_bf16, stochastic_bits
 
 __all__ = ["dtype_name", "dtype_from_name", "INT8_BLOCK", "int8_blocks", "encode_hidden",
-           "decode_hidden", "decoded_hiddens", "state_bytes_per_parameter"]
+           "decode_hidden", "decoded_hiddens", "float_squares", "state_bytes_per_parameter"]
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -147,6 +150,28 @@ def decoded_hiddens(hiddens: list[Tensor], scales: list[Tensor | None],
             codes, new = torch.where(skip, h, codes), torch.where(skip, s, new)
         h.copy_(codes)
         s.copy_(new)
+
+
+@contextlib.contextmanager
+def float_squares(squares: list[Tensor], keys: list[int] | Tensor,
+                  skip: Tensor | None = None) -> Iterator[list[Tensor]]:
+    """The running means of squares to hand a kernel that reads them in float32: each
+    bfloat16 one (the 8-bit state's ``v``) as a float32 working copy, rounded back
+    stochastically (:func:`~l2l_optim.rounding.round_squares_bf16`) when the block exits
+    without an error; the others as they are.
+
+    Args:
+        squares: per parameter, its ``v``.
+        keys: per parameter, its rounding key (a list of ints or an integer tensor).
+        skip: a 0-dim bool tensor; where true the bfloat16 values stay as they were.
+    """
+    work = [v.float() if v.dtype == torch.bfloat16 else v for v in squares]
+    yield work
+    for i, (v, x) in enumerate(zip(squares, work)):
+        if v.dtype != torch.bfloat16:
+            continue
+        new = round_squares_bf16(x.reshape(-1), keys[i]).view(v.shape)
+        v.copy_(new if skip is None else torch.where(skip, v, new))
 
 
 def state_bytes_per_parameter(state: dict[str, Tensor], numel: int) -> float:

@@ -139,8 +139,9 @@ RMS_CONSTANTS = (RMS_BETA, 1 - RMS_BETA, RMS_EPS)
 
 
 def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device | None = None,
-              device_rule: str = "") -> None:
-    """Raise unless ``rms`` is a :class:`RunningRms` that fits ``params`` (see check_inputs).
+              device_rule: str = "", bf16_squares: bool = False) -> None:
+    """Raise unless ``rms`` is a :class:`RunningRms` that fits ``params`` (see check_inputs);
+    ``bf16_squares``: the kernel also reads bfloat16 squares where it computes in float32.
 
     Raises:
         TypeError: not a pair of lists, or a tensor subclass.
@@ -161,7 +162,9 @@ def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device
             _check_plain(x, what, i)
             if device is not None and x.device != device:
                 raise RuntimeError(f"impl={impl!r} {device_rule}; got a tensor on {x.device}")
-            if x.numel() not in ((1, p.numel()) if one else (p.numel(),)) or x.dtype != cd:
+            ok = x.dtype == cd or (bf16_squares and not one and cd == torch.float32
+                                   and x.dtype == torch.bfloat16)
+            if x.numel() not in ((1, p.numel()) if one else (p.numel(),)) or not ok:
                 count = f"1 or {p.numel()}" if one else f"{p.numel()}"
                 raise ValueError(
                     f"impl={impl!r}: {what} {i} must hold {count} {cd} values (the "

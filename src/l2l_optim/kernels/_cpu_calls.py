@@ -28,6 +28,7 @@ __all__ = ["DTYPE_CODES", "HIDDEN_CODES", "INT8", "VOID_P", "CPU", "ERRORS", "ad
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 HIDDEN_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.int8: 4}
 INT8 = HIDDEN_CODES[torch.int8]
+BF16 = DTYPE_CODES[torch.bfloat16]
 VOID_P = ctypes.c_void_p
 CPU = torch.device("cpu")
 ERRORS = {-1: "a packed weight vector of a bad length", -2: "an unsupported dtype",
@@ -153,10 +154,13 @@ def _check_tensors(params, grads, hiddens, scales, squares, ones, h_size: int) -
             raise RuntimeError(f"l2l_optim cpu kernel: hidden {i} must have shape ({h_size}, {k}), "
                                f"got {tuple(h.shape)}")
         if squares:
-            # in the compute dtype, as the library reads them; c: one per tensor or coordinate
+            # in the compute dtype, as the library reads them (v also bfloat16 for float32
+            # compute); c: one per tensor or coordinate
             cd = compute_dtype(p.dtype)
-            for x, what, sizes in ((squares[i], "rms squares", (k,)), (ones[i], "rms ones", (1, k))):
-                pointer(x, what, i, {cd: 0})
+            v_dtypes = {cd: 0, torch.bfloat16: 0} if cd == torch.float32 else {cd: 0}
+            for x, what, sizes, dts in ((squares[i], "rms squares", (k,), v_dtypes),
+                                        (ones[i], "rms ones", (1, k), {cd: 0})):
+                pointer(x, what, i, dts)
                 if x.numel() not in sizes:
                     raise RuntimeError(f"l2l_optim cpu kernel: {what} {i} has {x.numel()} "
                                        f"elements, param has {k}")
@@ -173,6 +177,7 @@ class _Plan(NamedTuple):
     h_codes: list
     s_ptrs: list | None  # the 8-bit hidden states' scales (None when there are none)
     v_ptrs: list
+    v_codes: list  # the running means of squares' dtype codes: the compute dtype's or bf16's
     c_ptrs: list
     c_numels: list  # 1 (one bias correction per tensor) or the tensor's numel
     numels: list
@@ -224,16 +229,20 @@ def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int,
         if s_ptrs is None:
             return None
     c_numels = [c.numel() for c in ones]
+    v_codes = [DTYPE_CODES.get(v.dtype) for v in squares]
     if norm:
-        # the compute dtype (compute_dtype): float64 for float64 parameters, else float32
+        # the compute dtype (compute_dtype): float64 for float64 parameters, else float32;
+        # v may be bfloat16 where it is float32
         cds = [torch.float64 if code == 1 else torch.float32 for code in p_codes]
-        if ([v.dtype for v in squares] != cds or [c.dtype for c in ones] != cds
+        if ([c.dtype for c in ones] != cds
+                or not all([v.dtype == cd or (v.dtype == torch.bfloat16 and cd == torch.float32)
+                            for v, cd in zip(squares, cds)])
                 or [v.numel() for v in squares] != numels
                 or not all([m == 1 or m == k for m, k in zip(c_numels, numels)])):
             return None
     ptrs = [x.data_ptr() or None for x in tensors]
     return _Plan(ptrs[:n], p_codes, ptrs[n:2 * n], g_codes, ptrs[2 * n:3 * n], h_codes, s_ptrs,
-                 ptrs[3 * n:4 * n], ptrs[4 * n:], c_numels, numels)
+                 ptrs[3 * n:4 * n], v_codes, ptrs[4 * n:], c_numels, numels)
 
 
 def _scale_pointers(params, hiddens, scales, h_size: int, numels: list) -> list | None:
@@ -293,9 +302,13 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
                 _check_tensors(params, grads, hiddens, scales, squares, ones, h_size)  # says why
         plan = _Plan(_pointers(params), [DTYPE_CODES[p.dtype] for p in params], _pointers(grads),
                      [DTYPE_CODES[g.dtype] for g in grads], _pointers(hiddens), h_codes, s_ptrs,
-                     _pointers(squares), _pointers(ones), [c.numel() for c in ones], numels)
+                     _pointers(squares), [DTYPE_CODES[v.dtype] for v in squares],
+                     _pointers(ones), [c.numel() for c in ones], numels)
     if plan.s_ptrs is not None and rounding is None:
         raise RuntimeError("l2l_optim cpu kernel: 8-bit hidden states need rounding keys")
+    if BF16 in plan.v_codes and rounding is None:
+        raise RuntimeError("l2l_optim cpu kernel: bfloat16 running means of squares need "
+                           "rounding keys")
     p_codes, numels = plan.p_codes, plan.numels
     # bf16 / fp16 parameters: u waits in fp32 between the passes, theta is rounded once
     scratch = [torch.zeros(k, dtype=torch.float32) if c >= 2 else None
@@ -310,6 +323,7 @@ def pass1_call(params, grads, hiddens, lrs, weights, skip, want_sums: bool, squa
         None if plan.s_ptrs is None else c_array(VOID_P, plan.s_ptrs),
         None if rounding is None else c_array(ctypes.c_uint32, rounding),
         c_array(VOID_P, plan.v_ptrs) if norm else None,
+        c_array(ctypes.c_int32, plan.v_codes) if norm else None,
         c_array(VOID_P, plan.c_ptrs) if norm else None,
         c_array(ctypes.c_int64, plan.c_numels) if norm else None,
         _NORM if norm else None, c_array(ctypes.c_int64, numels), c_array(ctypes.c_double, lrs),

@@ -84,7 +84,7 @@ _SIGNATURES = {
     "l2l_supported_isas": (ctypes.c_char_p, []),
     "l2l_select_isa": (ctypes.c_int, [ctypes.c_char_p]),
     "l2l_simple_pass1": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _PP, _I32P, _PP, _I32P,
-                                        _PP, _U32P, _PP, _PP, _I64P, _F64P, _I64P, _F64P, _PP,
+                                        _PP, _U32P, _PP, _I32P, _PP, _I64P, _F64P, _I64P, _F64P, _PP,
                                         _PP, _F64P, _P, ctypes.c_int64, _P, _P, ctypes.c_int]),
     "l2l_simple_pass2": (ctypes.c_int, [ctypes.c_int64, _PP, _I32P, _I64P, _F64P, _PP, _PP,
                                         _F64P, _P, ctypes.c_int64, ctypes.c_double, _P,

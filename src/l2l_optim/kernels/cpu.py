@@ -276,7 +276,8 @@ def simple_update_cpu(
                      device_rule="runs on CPU tensors only",
                      hidden_dtypes=(*HIDDEN_DTYPES, torch.int8) if hidden_scales else HIDDEN_DTYPES)
         if rms is not None:
-            check_rms("cpu", rms, params, device=CPU, device_rule="runs on CPU tensors only")
+            check_rms("cpu", rms, params, device=CPU, device_rule="runs on CPU tensors only",
+                      bf16_squares=True)
     rounding = check_rounding("cpu", rounding, len(params), device=CPU)
     done, skip = split_skip(skip)
     if skip is not None and skip.device.type != "cpu":

@@ -75,6 +75,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>  // the AVX2 and AVX-512 copies' coordinate loop (simple_cpu_simd.h)
@@ -101,6 +102,17 @@ constexpr int64_t kScanBlock = 1 << 16;  // elements per work item of the whole-
 
 // dtype codes of the ABI (cpu.py's DTYPE_CODES)
 enum : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kI8 = 4 };
+
+// rounding.squares_key: the key of a bf16 running mean of squares, MurmurHash3's finaliser of
+// the tensor's rounding key mixed with a constant of its own
+inline uint32_t squares_key(uint32_t key) {
+  uint32_t x = key ^ 0x5BD1E995u;
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
 
 // error codes of the ABI (cpu.py's _ERRORS)
 enum : int { kOk = 0, kBadWeights = -1, kBadDtype = -2, kNoMemory = -3, kBadArgument = -4 };
@@ -150,6 +162,8 @@ struct Job {
   void* hidden;
   void* squares;  // the rms input norm's running means v and c, in the compute dtype (fp64 for
   void* ones;     // fp64 parameters, else fp32), updated in place; nullptr: no input norm
+  bool squares_bf16 = false;  // v in bf16 (fp32 compute), rounded stochastically with
+  uint32_t squares_key = 0;   // rounding.squares_key(rounding_key)
   const Norm* norm;
   bool ones_per_tensor;  // c is one value for the tensor (else one per coordinate)
   double rms_scale;      // per-tensor c: 1 / sqrt(c) of this step, in the compute dtype
@@ -513,9 +527,10 @@ L2L_API int l2l_select_isa(const char* name) {
 //   rounding_keys: NULL (bf16 hidden states round to nearest even; none may be kI8), or per
 //       tensor the key of its bf16 or 8-bit hidden state's stochastic rounding (rounding.py);
 //       ignored for other hidden dtypes
-//   squares, ones, ones_numels, norm: NULL, or the rms input norm: per tensor the running means
-//       v (numels[t] elements) and c, in the compute dtype (fp64 for fp64 parameters, else
-//       fp32), updated in place; c's element count, 1 (one bias correction for the tensor,
+//   squares, squares_dtypes, ones, ones_numels, norm: NULL, or the rms input norm: per tensor
+//       the running means v (numels[t] elements) and c, in the compute dtype (fp64 for fp64
+//       parameters, else fp32; v may be kBF16 for fp32 compute, which needs rounding_keys: it
+//       rounds stochastically with the bits of rounding.round_squares_bf16), updated in place; c's element count, 1 (one bias correction for the tensor,
 //       advanced by every step that is not skipped, an empty tensor's too) or numels[t] (one
 //       per coordinate), in ones_numels (NULL: numels); norm = {beta, 1 - beta, eps}
 //   lrs: one learning rate per tensor
@@ -533,7 +548,8 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
                              const void* const* grads, const int32_t* grad_dtypes,
                              void* const* hiddens, const int32_t* hidden_dtypes,
                              void* const* hidden_scales, const uint32_t* rounding_keys,
-                             void* const* squares, void* const* ones,
+                             void* const* squares, const int32_t* squares_dtypes,
+                             void* const* ones,
                              const int64_t* ones_numels, const double* norm, const int64_t* numels, const double* lrs, float* const* scratch,
                              void* const* averaged, const double* averaging,
                              const double* weights, int64_t n_weights, const uint8_t* skip,
@@ -575,6 +591,14 @@ L2L_API int l2l_simple_pass1(int64_t n_tensors, void* const* params, const int32
     if (norm != nullptr) {
       job.squares = squares[t];
       job.ones = ones[t];
+      const int32_t compute = job.pk == kF64 ? kF64 : kF32;
+      const int32_t vk = squares_dtypes == nullptr ? compute : squares_dtypes[t];
+      if (vk != compute && !(vk == kBF16 && compute == kF32)) return kBadDtype;
+      if (vk == kBF16) {
+        if (rounding_keys == nullptr) return kBadArgument;
+        job.squares_bf16 = true;
+        job.squares_key = squares_key(rounding_keys[t]);
+      }
       job.norm = &nm;
       const int64_t n_ones = ones_numels == nullptr ? job.n : ones_numels[t];
       if (n_ones != 1 && n_ones != job.n) return kBadArgument;

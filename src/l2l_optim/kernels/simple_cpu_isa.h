@@ -448,9 +448,50 @@ void rms_prepare(Job& job) {
 // last bit may differ from torch's); c = beta c + (1 - beta) in place too where it is one per
 // coordinate (else rms_prepare has advanced it). No finite g makes v infinite, which would
 // freeze the coordinate (every later x would be 0).
+// The same with v in bf16 (fp32 compute): read, updated in fp32, x from the unrounded value,
+// written back rounded stochastically (rounding.round_squares_bf16: bit pattern plus the high
+// half of (squares_key + i) kGolden, truncated; a finite v that would round up to infinity
+// stays at the largest finite bf16).
+inline const float* normalise_block_bf16(const Job& job, const float* __restrict g, int64_t i0,
+                                         int64_t len, float* __restrict buf) {
+  uint16_t* __restrict v = static_cast<uint16_t*>(job.squares) + i0;
+  const float beta = static_cast<float>(job.norm->beta);
+  const float omb = static_cast<float>(job.norm->one_minus_beta);
+  const float eps = static_cast<float>(job.norm->eps);
+  constexpr float kMax = std::numeric_limits<float>::max();
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const bool per_tensor = job.ones_per_tensor;
+  const float k = static_cast<float>(job.rms_scale);
+  float* __restrict c = per_tensor ? nullptr : static_cast<float*>(job.ones) + i0;
+  const uint32_t x0g = (job.squares_key + static_cast<uint32_t>(i0)) * kGolden;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float gi = g[i];
+    const float vo = u2f(static_cast<uint32_t>(v[i]) << 16);
+    float vn = vo * beta + (omb * gi) * gi;
+    const bool inf_g = std::fabs(gi) == kInf;
+    vn = (inf_g || !(vn > kMax)) ? vn : kMax;  // NaN stays NaN
+    const uint32_t r = (x0g + static_cast<uint32_t>(i) * kGolden) >> 16;
+    uint16_t b = (vn != vn) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((f2u(vn) + r) >> 16);
+    b = (b == 0x7F80 && !inf_g) ? static_cast<uint16_t>(0x7F7F) : b;
+    v[i] = b;
+    float scale = k;
+    if (!per_tensor) {
+      const float cn = c[i] * beta + omb;
+      c[i] = cn;
+      scale = 1.0f / std::sqrt(cn);
+    }
+    buf[i] = gi / (std::sqrt(vn) * scale + eps);
+  }
+  return buf;
+}
+
 template <typename C>
 inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i0, int64_t len,
                                 C* __restrict buf) {
+  if constexpr (std::is_same_v<C, float>) {
+    if (job.squares_bf16) return normalise_block_bf16(job, g, i0, len, buf);
+  }
   C* __restrict v = static_cast<C*>(job.squares) + i0;
   const C beta = static_cast<C>(job.norm->beta);
   const C omb = static_cast<C>(job.norm->one_minus_beta);
