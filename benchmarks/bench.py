@@ -23,8 +23,9 @@ The step table times ``optimizer.step()`` alone for SimpleOptimizer (reference, 
 only, bf16 state), torch's Adam (foreach and fused), SGD, DMOptimizer and RNNProp on ``base``
 (the base MLP), ``mlp5`` (6.4M parameters), ``100m`` (25 x 2000 x 2000) and ``many`` (300 x
 128: the cost per tensor), with random meta-weights (step time does not depend on their
-values); see :mod:`benchmarks.step`. The other tables use the shipped weights,
-SimpleOptimizer's default.
+values); see :mod:`benchmarks.step`. The other tables use shipped weights: the bandwidth
+table ``simple``, the train table those each row names (``simple-sf``, the default, in its
+own row).
 
 The machines this runs on are shared, so every table is measured in interleaved rounds: in
 each round every variant is warmed up and timed in turn, so that a burst of load from another
