@@ -21,33 +21,42 @@ SF_ARGS="--out-dir runs/simple-sf --init schedule-free --init-lr 2.5e-3 --input-
 # tasks and drifts away from Schedule-Free AdamW on the classifiers (docs/meta-training.md)
 SF2_ARGS="${SF_ARGS/runs\/simple-sf/runs/simple-sf2} --objective final"
 SF2_ARGS="${SF2_ARGS/--meta-lr 0.02/--meta-lr 0.005}"
-# simple-sf: the simple-sf2 run's rule at generation 140 (selected on the validation suite,
-# weights/validation/suite/simple-sf2-gen140.json), with its provenance in the file's metadata
-SF_SELECT_GEN=140
+# simple-sf: the simple-sf2 run's rule at generation 260 (selected on the validation suite,
+# weights/validation/suite/simple-sf2-gen260.json), with its provenance in the file's metadata
+SF_SELECT_GEN=260
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(simple-v0 simple simple-raw simple-bias simple-noagg simple-uniform dm rnnprop)
 for name in "${names[@]}"; do
-  if [ "$name" = simple-sf ] || [ "$name" = simple-sf2 ]; then
-    # resumes from runs/<name>, or from the committed checkpoint in weights/logs/<name>
-    if [ ! -f "runs/$name/checkpoint.pt" ] && [ -f "weights/logs/$name/checkpoint.pt" ]; then
-      mkdir -p "runs/$name" && cp "weights/logs/$name/"{checkpoint.pt,config.json,log.jsonl} "runs/$name/"
+  if [ "$name" = simple-sf-run ] || [ "$name" = simple-sf2 ]; then
+    # the runs: simple-sf-run resumes runs/simple-sf (the first recipe), simple-sf2 the run the
+    # shipped file comes from; from runs/<dir>, or the committed checkpoint in weights/logs/<dir>
+    dir=${name%-run}
+    if [ ! -f "runs/$dir/checkpoint.pt" ] && [ -f "weights/logs/$dir/checkpoint.pt" ]; then
+      mkdir -p "runs/$dir" && cp "weights/logs/$dir/"{checkpoint.pt,config.json,log.jsonl} "runs/$dir/"
     fi
-    if [ "$name" = simple-sf ]; then args=$SF_ARGS; else args=$SF2_ARGS; fi
+    if [ "$name" = simple-sf-run ]; then args=$SF_ARGS; else args=$SF2_ARGS; fi
     $PY -m l2l_optim meta-es $args
     continue
   fi
   if [ "$name" = simple-sf ]; then
-    # the simple-sf2 recipe run to the selected generation in its own directory (resumable)
-    $PY -m l2l_optim meta-es ${SF2_ARGS/runs\/simple-sf2/runs/simple-sf-select} --until $SF_SELECT_GEN
-    $PY - "$SF_SELECT_GEN" "python -m l2l_optim meta-es ${SF2_ARGS/runs\/simple-sf2/runs/simple-sf-select} --until $SF_SELECT_GEN" <<'PYEOF'
+    # the run's own snapshot of the selected generation where it is here (runs/simple-sf2),
+    # else the recipe run to that generation in its own directory (resumable)
+    src=runs/simple-sf2/snapshots/gen$(printf %05d $SF_SELECT_GEN).safetensors
+    log=runs/simple-sf2/log.jsonl
+    if [ ! -f "$src" ]; then
+      $PY -m l2l_optim meta-es ${SF2_ARGS/runs\/simple-sf2/runs/simple-sf-select} --until $SF_SELECT_GEN
+      src=runs/simple-sf-select/weights.safetensors
+      log=runs/simple-sf-select/log.jsonl
+    fi
+    $PY - "$SF_SELECT_GEN" "python -m l2l_optim meta-es $SF2_ARGS --until $SF_SELECT_GEN" "$src" "$log" <<'PYEOF'
 import json, sys
 from l2l_optim.weights import load_weights, save_weights
-gen, command = int(sys.argv[1]), sys.argv[2]
-loaded = load_weights("runs/simple-sf-select/weights.safetensors")
+gen, command, src, log_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+loaded = load_weights(src)
 recipe = json.loads(loaded.metadata["es_config"])
-log = [json.loads(line) for line in open("runs/simple-sf-select/log.jsonl")]
+log = [json.loads(line) for line in open(log_path)]
 last = [e for e in log if e["generation"] == gen - 1][-1]
-validation = json.load(open("weights/validation/suite/simple-sf2-gen140.json"))["results"][0]["geomeans"]
+validation = json.load(open(f"weights/validation/suite/simple-sf2-gen{gen}.json"))["results"][0]["geomeans"]
 save_weights(loaded.net, "weights/simple-sf.safetensors", metadata={
     "recipe": recipe, "command": command, "seed": recipe["seed"],
     "final_meta_loss": last["fitness_centre"], "selected_generation": gen,
