@@ -448,6 +448,27 @@ void rms_prepare(Job& job) {
 // last bit may differ from torch's); c = beta c + (1 - beta) in place too where it is one per
 // coordinate (else rms_prepare has advanced it). No finite g makes v infinite, which would
 // freeze the coordinate (every later x would be 0).
+// v' = beta v + ((1 - beta) g) g from bf16 v, saturated at the largest finite float unless g is
+// infinite, into vn; v rounded stochastically in place (the high half of (key + i) kGolden
+// added below the bf16 mantissa; NaN -> 0x7FC0; a finite value that would round up to
+// infinity stays at the largest finite bf16).
+inline void update_squares_bf16(const float* __restrict g, uint16_t* __restrict v, int64_t len,
+                                float beta, float omb, uint32_t x0g, float* __restrict vn) {
+  constexpr float kMax = std::numeric_limits<float>::max();
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float gi = g[i];
+    float x = u2f(static_cast<uint32_t>(v[i]) << 16) * beta + (omb * gi) * gi;
+    const bool inf_g = std::fabs(gi) == kInf;
+    x = (inf_g || !(x > kMax)) ? x : kMax;  // NaN stays NaN
+    const uint32_t r = (x0g + static_cast<uint32_t>(i) * kGolden) >> 16;
+    const uint32_t b = (x != x) ? 0x7FC0u : (f2u(x) + r) >> 16;
+    v[i] = static_cast<uint16_t>((b == 0x7F80u && !inf_g) ? 0x7F7Fu : b);
+    vn[i] = x;
+  }
+}
+
 // The same with v in bf16 (fp32 compute): read, updated in fp32, x from the unrounded value,
 // written back rounded stochastically (rounding.round_squares_bf16: bit pattern plus the high
 // half of (squares_key + i) kGolden, truncated; a finite v that would round up to infinity
@@ -458,30 +479,21 @@ inline const float* normalise_block_bf16(const Job& job, const float* __restrict
   const float beta = static_cast<float>(job.norm->beta);
   const float omb = static_cast<float>(job.norm->one_minus_beta);
   const float eps = static_cast<float>(job.norm->eps);
-  constexpr float kMax = std::numeric_limits<float>::max();
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const bool per_tensor = job.ones_per_tensor;
-  const float k = static_cast<float>(job.rms_scale);
-  float* __restrict c = per_tensor ? nullptr : static_cast<float*>(job.ones) + i0;
   const uint32_t x0g = (job.squares_key + static_cast<uint32_t>(i0)) * kGolden;
+  // the new v, saturated, into buf; then rounded into v (in place) and x into buf
+  update_squares_bf16(g, v, len, beta, omb, x0g, buf);
+  if (job.ones_per_tensor) {
+    const float k = static_cast<float>(job.rms_scale);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) buf[i] = g[i] / (std::sqrt(buf[i]) * k + eps);
+    return buf;
+  }
+  float* __restrict c = static_cast<float*>(job.ones) + i0;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    const float gi = g[i];
-    const float vo = u2f(static_cast<uint32_t>(v[i]) << 16);
-    float vn = vo * beta + (omb * gi) * gi;
-    const bool inf_g = std::fabs(gi) == kInf;
-    vn = (inf_g || !(vn > kMax)) ? vn : kMax;  // NaN stays NaN
-    const uint32_t r = (x0g + static_cast<uint32_t>(i) * kGolden) >> 16;
-    uint16_t b = (vn != vn) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((f2u(vn) + r) >> 16);
-    b = (b == 0x7F80 && !inf_g) ? static_cast<uint16_t>(0x7F7F) : b;
-    v[i] = b;
-    float scale = k;
-    if (!per_tensor) {
-      const float cn = c[i] * beta + omb;
-      c[i] = cn;
-      scale = 1.0f / std::sqrt(cn);
-    }
-    buf[i] = gi / (std::sqrt(vn) * scale + eps);
+    const float cn = c[i] * beta + omb;
+    c[i] = cn;
+    buf[i] = g[i] / (std::sqrt(buf[i]) * (1.0f / std::sqrt(cn)) + eps);
   }
   return buf;
 }
