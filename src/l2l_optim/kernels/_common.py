@@ -35,6 +35,7 @@ __all__ = [
     "PARAM_DTYPES",
     "HIDDEN_DTYPES",
     "compute_dtype",
+    "squares_dtypes",
     "split_skip",
     "Aggregate",
     "call_aggregate",
@@ -65,6 +66,12 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     the net's weights are folded in, so that float64 parameters never see a float32 fold.
     """
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def squares_dtypes(cd: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes the CPU kernel reads a running mean of squares ``v`` in, for compute dtype
+    ``cd``: ``cd`` itself, and bfloat16 where ``cd`` is float32 (the 8-bit state's ``v``)."""
+    return (cd, torch.bfloat16) if cd == torch.float32 else (cd,)
 
 
 def split_skip(skip: Tensor | bool | None) -> tuple[bool, Tensor | None]:
@@ -162,8 +169,7 @@ def check_rms(impl: str, rms: Any, params: list[Tensor], *, device: torch.device
             _check_plain(x, what, i)
             if device is not None and x.device != device:
                 raise RuntimeError(f"impl={impl!r} {device_rule}; got a tensor on {x.device}")
-            ok = x.dtype == cd or (bf16_squares and not one and cd == torch.float32
-                                   and x.dtype == torch.bfloat16)
+            ok = x.dtype in (squares_dtypes(cd) if bf16_squares and not one else (cd,))
             if x.numel() not in ((1, p.numel()) if one else (p.numel(),)) or not ok:
                 count = f"1 or {p.numel()}" if one else f"{p.numel()}"
                 raise ValueError(

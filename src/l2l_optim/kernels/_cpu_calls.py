@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..rule import hidden_size_of_packed
 from ..state import int8_blocks
-from ._common import RMS_CONSTANTS, compute_dtype
+from ._common import RMS_CONSTANTS, compute_dtype, squares_dtypes
 from ._cpu_library import load_library
 
 __all__ = ["DTYPE_CODES", "HIDDEN_CODES", "INT8", "VOID_P", "CPU", "ERRORS", "address", "pointer",
@@ -157,7 +157,7 @@ def _check_tensors(params, grads, hiddens, scales, squares, ones, h_size: int) -
             # in the compute dtype, as the library reads them (v also bfloat16 for float32
             # compute); c: one per tensor or coordinate
             cd = compute_dtype(p.dtype)
-            v_dtypes = {cd: 0, torch.bfloat16: 0} if cd == torch.float32 else {cd: 0}
+            v_dtypes = {d: 0 for d in squares_dtypes(cd)}
             for x, what, sizes, dts in ((squares[i], "rms squares", (k,), v_dtypes),
                                         (ones[i], "rms ones", (1, k), {cd: 0})):
                 pointer(x, what, i, dts)
@@ -235,8 +235,7 @@ def plain_plan(params, grads, hiddens, lrs, squares, ones, h_size: int,
         # v may be bfloat16 where it is float32
         cds = [torch.float64 if code == 1 else torch.float32 for code in p_codes]
         if ([c.dtype for c in ones] != cds
-                or not all([v.dtype == cd or (v.dtype == torch.bfloat16 and cd == torch.float32)
-                            for v, cd in zip(squares, cds)])
+                or not all([v.dtype in squares_dtypes(cd) for v, cd in zip(squares, cds)])
                 or [v.numel() for v in squares] != numels
                 or not all([m == 1 or m == k for m, k in zip(c_numels, numels)])):
             return None

@@ -530,9 +530,11 @@ L2L_API int l2l_select_isa(const char* name) {
 //   squares, squares_dtypes, ones, ones_numels, norm: NULL, or the rms input norm: per tensor
 //       the running means v (numels[t] elements) and c, in the compute dtype (fp64 for fp64
 //       parameters, else fp32; v may be kBF16 for fp32 compute, which needs rounding_keys: it
-//       rounds stochastically with the bits of rounding.round_squares_bf16), updated in place; c's element count, 1 (one bias correction for the tensor,
-//       advanced by every step that is not skipped, an empty tensor's too) or numels[t] (one
-//       per coordinate), in ones_numels (NULL: numels); norm = {beta, 1 - beta, eps}
+//       rounds stochastically with the bits of rounding.round_squares_bf16), updated in place;
+//       squares_dtypes: NULL (every v in the compute dtype) or v's dtype codes; c's element
+//       count, 1 (one bias correction for the tensor, advanced by every step that is not
+//       skipped, an empty tensor's too) or numels[t] (one per coordinate), in ones_numels
+//       (NULL: numels); norm = {beta, 1 - beta, eps}
 //   lrs: one learning rate per tensor
 //   scratch: per tensor, for bf16 / fp16 parameters a zeroed fp32 buffer of numels[t] elements
 //       (pass 2 reads it back), ignored for the others; may be NULL when there are none

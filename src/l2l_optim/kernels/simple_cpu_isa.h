@@ -442,12 +442,6 @@ void rms_prepare(Job& job) {
   }
 }
 
-// The rms input norm on one block: v = beta v + ((1 - beta) g) g, saturated at the largest
-// finite value unless g is infinite, in place, and x = g / (sqrt(v) (1 / sqrt(c)) + eps) into
-// buf, in the order of rule.rms_normalise (the compiler may fuse a multiply and an add: the
-// last bit may differ from torch's); c = beta c + (1 - beta) in place too where it is one per
-// coordinate (else rms_prepare has advanced it). No finite g makes v infinite, which would
-// freeze the coordinate (every later x would be 0).
 // v' = beta v + ((1 - beta) g) g from bf16 v, saturated at the largest finite float unless g is
 // infinite, into vn; v rounded stochastically in place (the high half of (key + i) kGolden
 // added below the bf16 mantissa; NaN -> 0x7FC0; a finite value that would round up to
@@ -469,10 +463,9 @@ inline void update_squares_bf16(const float* __restrict g, uint16_t* __restrict 
   }
 }
 
-// The same with v in bf16 (fp32 compute): read, updated in fp32, x from the unrounded value,
-// written back rounded stochastically (rounding.round_squares_bf16: bit pattern plus the high
-// half of (squares_key + i) kGolden, truncated; a finite v that would round up to infinity
-// stays at the largest finite bf16).
+// normalise_block (below) with v in bf16 (fp32 compute): v updated in fp32, x from the
+// unrounded value, v written back by update_squares_bf16's stochastic rounding
+// (rounding.round_squares_bf16).
 inline const float* normalise_block_bf16(const Job& job, const float* __restrict g, int64_t i0,
                                          int64_t len, float* __restrict buf) {
   uint16_t* __restrict v = static_cast<uint16_t*>(job.squares) + i0;
@@ -498,6 +491,12 @@ inline const float* normalise_block_bf16(const Job& job, const float* __restrict
   return buf;
 }
 
+// The rms input norm on one block: v = beta v + ((1 - beta) g) g, saturated at the largest
+// finite value unless g is infinite, in place, and x = g / (sqrt(v) (1 / sqrt(c)) + eps) into
+// buf, in the order of rule.rms_normalise (the compiler may fuse a multiply and an add: the
+// last bit may differ from torch's); c = beta c + (1 - beta) in place too where it is one per
+// coordinate (else rms_prepare has advanced it). No finite g makes v infinite, which would
+// freeze the coordinate (every later x would be 0).
 template <typename C>
 inline const C* normalise_block(const Job& job, const C* __restrict g, int64_t i0, int64_t len,
                                 C* __restrict buf) {
