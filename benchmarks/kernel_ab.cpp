@@ -22,7 +22,8 @@
 //     bfloat16 (the hidden state), ISA avx512, avx2 or baseline.
 // The data: fp32 parameters, gradients of magnitude 1e-3, the rms input norm on with one bias
 // correction c for the tensor (L2L_AB_C=coordinate: one per coordinate, L2L_AB_C=none: no
-// input norm), random weights (the time does not depend on their values). The timed call is
+// input norm; L2L_AB_AVERAGING=1: with Schedule-Free averaging, a second parameter copy y),
+// random weights (the time does not depend on their values). The timed call is
 // pass 1 alone, without the aggregate's pass 2 and without Python.
 #include <dlfcn.h>
 
@@ -35,16 +36,16 @@
 #include <random>
 #include <vector>
 
-// l2l_simple_pass1 of the library's C ABI, version 5 (kernels/simple_cpu.cpp)
-constexpr int kAbi = 5;
+// l2l_simple_pass1 of the library's C ABI, version 6 (kernels/simple_cpu.cpp)
+constexpr int kAbi = 6;
 typedef int (*Pass1)(int64_t n_tensors, void* const* params, const int32_t* param_dtypes,
                      const void* const* grads, const int32_t* grad_dtypes, void* const* hiddens,
                      const int32_t* hidden_dtypes, void* const* hidden_scales,
                      const uint32_t* rounding_keys,
-                     void* const* squares, void* const* ones,
+                     void* const* squares, const int32_t* squares_dtypes, void* const* ones,
                      const int64_t* ones_numels, const double* norm, const int64_t* numels,
-                     const double* lrs,
-                     float* const* scratch, const double* weights, int64_t n_weights,
+                     const double* lrs, float* const* scratch, void* const* averaged,
+                     const double* averaging, const double* weights, int64_t n_weights,
                      const uint8_t* skip, double* sums, int n_threads);
 typedef int (*IntFn)(void);
 typedef int (*SelectIsa)(const char*);
@@ -113,21 +114,29 @@ int main(int argc, char** argv) {
   const bool stochastic = rounding == nullptr || std::strcmp(rounding, "nearest") != 0;
   const uint32_t keys[1] = {0x2545F491u};
   const double norm[3] = {0.999, 1 - 0.999, 1e-12};
+  // Schedule-Free averaging around the step (L2L_AB_AVERAGING=1): the parameter y beside z
+  const char* averaging = std::getenv("L2L_AB_AVERAGING");
+  const bool avg = averaging != nullptr && std::strcmp(averaging, "1") == 0;
+  std::vector<float> y(avg ? n : 1);
+  for (auto& x : y) x = normal(rng);
+  void* averaged[1] = {y.data()};
+  const double coefs[2] = {0.01, 0.9};
 
   // one call of build i's pass 1 on the data above; false (after a message) on an error
   auto run = [&](int i) {
     const int rc = pass1[i](1, params, f32_code, grads, f32_code, hiddens, hidden_code, nullptr,
-                            stochastic ? keys : nullptr, rms ? squares : nullptr, rms ? ones : nullptr,
-                            rms ? ones_numels : nullptr, rms ? norm : nullptr, numels, lrs,
-                            nullptr, weights.data(),
+                            stochastic ? keys : nullptr, rms ? squares : nullptr, nullptr,
+                            rms ? ones : nullptr, rms ? ones_numels : nullptr, rms ? norm : nullptr,
+                            numels, lrs, nullptr, avg ? averaged : nullptr, avg ? coefs : nullptr,
+                            weights.data(),
                             static_cast<int64_t>(weights.size()), nullptr, nullptr, threads);
     if (rc != 0) std::fprintf(stderr, "%s: error %d\n", argv[6 + i], rc);
     return rc == 0;
   };
   // the starting state (assignment keeps each vector's buffer, so the pointers above hold)
-  const std::vector<float> param0 = param, v0 = v, c0 = c, h32_0 = h32;
+  const std::vector<float> param0 = param, v0 = v, c0 = c, h32_0 = h32, y0 = y;
   const std::vector<uint16_t> h16_0 = h16;
-  auto restore = [&] { param = param0, v = v0, c = c0, h32 = h32_0, h16 = h16_0; };
+  auto restore = [&] { param = param0, v = v0, c = c0, h32 = h32_0, h16 = h16_0, y = y0; };
 
   // the same three steps from the same state on every build: a hash of what they leave
   std::vector<uint64_t> bits(n_libs);
@@ -147,6 +156,7 @@ int main(int argc, char** argv) {
     mix(param.data(), 4 * param.size());
     mix(v.data(), 4 * v.size());
     mix(c.data(), 4 * c.size());
+    mix(y.data(), 4 * y.size());
     if (bf16) mix(h16.data(), 2 * h16.size()); else mix(h32.data(), 4 * h32.size());
     bits[i] = hash;
   }
@@ -163,9 +173,9 @@ int main(int argc, char** argv) {
       if (r > 0) ns_per_coord[i].push_back(std::chrono::duration<double>(t1 - t0).count() / n * 1e9);
     }
   }
-  std::printf("n=%lld rounds=%d threads=%d state=%s isa=%s c=%s\n", static_cast<long long>(n),
-              rounds, threads, argv[4], isa,
-              !rms ? "none" : c_per_coordinate ? "per-coordinate" : "per-tensor");
+  std::printf("n=%lld rounds=%d threads=%d state=%s isa=%s c=%s averaging=%s\n",
+              static_cast<long long>(n), rounds, threads, argv[4], isa,
+              !rms ? "none" : c_per_coordinate ? "per-coordinate" : "per-tensor", avg ? "on" : "off");
   for (int i = 0; i < n_libs; ++i) {
     std::vector<double> sorted = ns_per_coord[i];
     std::sort(sorted.begin(), sorted.end());
