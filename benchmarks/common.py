@@ -15,7 +15,7 @@ from torch import Tensor
 
 from l2l_optim.kernels import resolve_impl
 from l2l_optim.models import base_mlp, mlp5
-from l2l_optim.nets import init_net
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.registry import build_net
 
 __all__ = ["GRAD_SCALE", "SIZES", "seeded", "untrained_net", "resolved_impl", "time_steps",
@@ -58,7 +58,8 @@ def seeded(build: Callable[[], T], seed: int = 0) -> T:
 
 
 def untrained_net(arch: str, config: dict | None = None, *, init: str = "default", seed: int = 0):
-    """A net of ``arch`` drawn under ``seed`` and started with :func:`~l2l_optim.nets.init_net`:
+    """A net of ``arch`` drawn under ``seed`` and started with
+    :func:`~l2l_optim.meta.init_rules.init_net`:
     for timing, where a step's cost does not depend on the weights' values."""
     return seeded(lambda: init_net(build_net(arch, config), init), seed)
 

@@ -28,7 +28,8 @@ from l2l_optim.meta.es import ESConfig, es_generation
 from l2l_optim.meta.families import FAMILIES, ImageData
 from l2l_optim.meta.population import flatten
 from l2l_optim.meta.trajectory import meta_lr_scales, run_trajectory
-from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.tasks import make_task
 
 __all__ = ["bptt_rate", "es_rate", "main"]

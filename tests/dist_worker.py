@@ -41,7 +41,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.nn.parallel import DistributedDataParallel
 
 from l2l_optim import DMOptimizer, LearnedOptimizer, RNNProp, SimpleOptimizer
-from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet, init_net
+from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 
 BATCH = 12  # global batch: divides among 2 and 3 ranks
 LR = 0.05

@@ -10,7 +10,8 @@ import torch
 from l2l_optim import SimpleOptimizer
 from l2l_optim.meta.families import TaskSpec, build_task
 from l2l_optim.meta.population import flatten, run_population
-from l2l_optim.nets import SimpleOptimizerNet, averaged_step, init_net
+from l2l_optim.nets import SimpleOptimizerNet, averaged_step
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.weights import fingerprint, load_weights, save_weights
 
 schedulefree = pytest.importorskip("schedulefree")

@@ -161,7 +161,7 @@ def test_the_torch_free_parsers_match_their_sources():
     from l2l_optim.meta.fit import MetaFitConfig
     from l2l_optim.meta.losses import META_LOSSES
     from l2l_optim.meta.population import OBJECTIVES
-    from l2l_optim.nets import INITS
+    from l2l_optim.meta.init_rules import INITS
     from l2l_optim.registry import ARCHITECTURES
     from l2l_optim.tasks import TASKS
 

@@ -16,7 +16,8 @@ import l2l_optim.evaluation.protocol as ev
 from l2l_optim.__main__ import main as cli_main
 from l2l_optim.evaluation.peers import ADAM_GRID, SGD_GRID, fine_grid, make_peer, search_grid, warmup_cosine
 from l2l_optim.evaluation.suite import SUITES, SuiteTask, default_suite, get_suite
-from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.weights import save_weights
 
 W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])

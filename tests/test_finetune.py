@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from l2l_optim.finetuning import FinetuneResult, finetune, subsample_loader
-from l2l_optim.nets import SimpleOptimizerNet, init_simple_sgd_like
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_simple_sgd_like
 from l2l_optim.optimizer import SimpleOptimizer
 from l2l_optim.tasks import task_from_model
 from l2l_optim.weights import fingerprint, load_weights
@@ -296,7 +297,7 @@ def test_finetune_lowers_the_meta_loss():
     # a sign rule whose steps are too small for the model: following the meta-gradient makes
     # them useful; climbing it (a flipped sign) makes the rule worse than where it started
     from l2l_optim.meta import run_trajectory
-    from l2l_optim.nets import init_net
+    from l2l_optim.meta.init_rules import init_net
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 6, generator=gen)

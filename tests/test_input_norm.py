@@ -21,7 +21,8 @@ from l2l_optim.functional import simple_update
 from l2l_optim.meta.es import ESConfig, meta_train_es
 from l2l_optim.meta.families import build_task, sample_spec
 from l2l_optim.meta.population import flatten, run_population
-from l2l_optim.nets import SimpleOptimizerNet, init_net, rms_normalise
+from l2l_optim.nets import SimpleOptimizerNet, rms_normalise
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.weights import load_weights, save_weights
 
 

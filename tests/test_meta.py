@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from l2l_optim.meta import MetaFitConfig, meta_fit, meta_loss_coefficients, run_trajectory
-from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet, init_net
+from l2l_optim.nets import DMOptimizerNet, RNNPropNet, SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.tasks import Task
 
 

@@ -18,7 +18,8 @@ from l2l_optim.meta.population import (
     run_population,
     unflatten,
 )
-from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 
 
 def fake_images() -> ImageData:

@@ -11,7 +11,8 @@ import torch
 from cpu_isa import cpu_isa
 from l2l_optim import SimpleOptimizer
 from l2l_optim.distributed import per_tensor_value
-from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.optimizer import DMOptimizer, LearnedOptimizer
 from l2l_optim.state import (INT8_BLOCK, decode_hidden, encode_hidden, int8_blocks,
                              state_bytes_per_parameter)

@@ -8,7 +8,8 @@ import pytest
 
 import l2l_optim.evaluation.protocol as ev
 from l2l_optim.meta.track import main, track
-from l2l_optim.nets import SimpleOptimizerNet, init_net
+from l2l_optim.nets import SimpleOptimizerNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.weights import save_weights
 
 

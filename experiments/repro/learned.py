@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from l2l_optim.nets import CoordinatewiseNet, init_net
+from l2l_optim.nets import CoordinatewiseNet
+from l2l_optim.meta.init_rules import init_net
 from l2l_optim.optimizer import optimizer_class
 from l2l_optim.registry import ARCHITECTURES, build_net, get_architecture
 from l2l_optim.weights import WeightsError, fingerprint, resolve_net

@@ -35,7 +35,8 @@ class AveragingModes:
         Example:
             >>> import torch
             >>> from l2l_optim import SimpleOptimizer
-            >>> from l2l_optim.nets import SimpleOptimizerNet, init_net
+            >>> from l2l_optim.meta.init_rules import init_net
+            >>> from l2l_optim.nets import SimpleOptimizerNet
             >>> rule = init_net(SimpleOptimizerNet(input_norm="rms", averaging=0.9), "schedule-free", lr=0.1)
             >>> w = torch.nn.Parameter(torch.zeros(2))
             >>> opt = SimpleOptimizer([w], weights=rule)

@@ -30,7 +30,7 @@ PROG = "l2l-optim"
 ARCHITECTURES = ("dm", "rnnprop", "simple")  # registry.ARCHITECTURES
 META_FIT_TASKS = ("fmnist-lenet", "fmnist-mlp", "fmnist-resnet", "fmnist-resnet16", "mnist-lenet",
                   "mnist-mlp", "mnist-mlp5")  # tasks.TASKS
-INITS = ("default", "sign", "sgd", "adam", "schedule-free", "small-output")  # nets.INITS
+INITS = ("default", "sign", "sgd", "adam", "schedule-free", "small-output")  # meta.init_rules.INITS
 META_LOSSES = ("weighted", "uniform", "last")  # meta.losses.META_LOSSES
 OBJECTIVES = ("final", "weighted")  # meta.population.OBJECTIVES
 FAMILIES = ("mlp", "conv", "autoencoder", "lm", "regression", "quadratic")  # meta.families.FAMILIES
@@ -187,7 +187,8 @@ def meta_es_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="run directory (config, log, checkpoint, weights)")
     p.add_argument("--init", default="simple-raw",
                    help="starting weights (a shipped name or a path), or an init rule of "
-                        "l2l_optim.nets.init_net (adam: with --input-norm rms) (default: simple-raw)")
+                        "l2l_optim.meta.init_rules.init_net (adam: with --input-norm rms) "
+                        "(default: simple-raw)")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), metavar="FAMILY",
                    help="task families to draw from (a family named twice is drawn twice as often; "
                         f"mlp-wide: MLPs on 28x28 with 96-192 units) (default: {' '.join(FAMILIES)})")

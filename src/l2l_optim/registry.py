@@ -32,7 +32,8 @@ class Architecture:
         optimizer_name: the name of its ``torch.optim`` class in :mod:`l2l_optim.optimizer`
             (:func:`l2l_optim.optimizer.optimizer_class` hands out the class).
         default_weights: the shipped weights its optimizer uses by default.
-        default_init: the :func:`~l2l_optim.nets.init_net` starting point meta-training uses.
+        default_init: the :func:`~l2l_optim.meta.init_rules.init_net` starting point
+            meta-training uses.
     """
 
     name: str

@@ -1,5 +1,7 @@
 """Meta-training: learn a coordinate-wise optimizer net's weights on optimizee tasks.
 
+* :mod:`.init_rules`: the starting points of meta-training (a net set to SGD, Adam-like
+  momentum, Schedule-Free AdamW's base step, sign momentum).
 * :mod:`.losses`: the meta-losses (weighted difference, uniform, last).
 * :mod:`.trajectory`: one optimizee trajectory, as an evaluation run or with truncated-BPTT
   meta-updates.

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from ..hub import resolve_net
-from ..nets import INITS, SimpleOptimizerNet, init_net
+from ..nets import SimpleOptimizerNet
+from .init_rules import INITS, init_net
 from ..weights import save_weights
 from .es_config import ESConfig, draw_generation
 from .families import IMAGE_FAMILIES, VARIANTS, ImageData, build_task
@@ -133,8 +134,8 @@ def meta_train_es(
         out_dir: holds ``config.json``, ``log.jsonl`` (one line per generation),
             ``checkpoint.pt`` (written after every generation) and ``weights.safetensors``.
         init: the starting weights (anything :func:`~l2l_optim.weights.resolve_net` takes), or
-            the name of an init rule (:data:`~l2l_optim.nets.INITS`, e.g. ``"adam"``) applied to
-            a fresh ``SimpleOptimizerNet(input_norm=config.input_norm)``. Its ``input_norm``
+            the name of an init rule (:data:`~.init_rules.INITS`, e.g. ``"adam"``) applied to a
+            fresh ``SimpleOptimizerNet(input_norm=config.input_norm)``. Its ``input_norm``
             must be the configuration's (the default ``"simple-raw"`` is a raw-gradient rule,
             as ``ESConfig()`` is; the shipped ``"simple"`` goes with ``input_norm="rms"``).
         config: the settings (ignored when resuming: the checkpoint's are used, and a

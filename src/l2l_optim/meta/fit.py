@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..nets import INITS, CoordinatewiseNet, init_net
+from ..nets import CoordinatewiseNet
+from .init_rules import INITS, init_net
 from ..registry import build_net, get_architecture
 from ..tasks import Task, make_task
 from .losses import check_meta_loss
@@ -51,7 +52,7 @@ class MetaFitConfig:
             init, a no-op for the LSTMs.
         grad_clip: max norm of the meta-gradient (None: no clipping). Guards the rare
             exploding unroll; Adam's own normalisation does the rest.
-        init: the starting point (:func:`~l2l_optim.nets.init_net`): ``"default"``,
+        init: the starting point (:func:`~l2l_optim.meta.init_rules.init_net`): ``"default"``,
             ``"sign"``, ``"sgd"`` or ``"small-output"``; None means the architecture's own
             default (``"sign"`` for simple, ``"small-output"`` for the LSTM nets).
         init_lr: the step size of the ``"sign"`` and ``"sgd"`` inits.
