@@ -40,15 +40,6 @@ _STEP_MIX = 0x85EBCA77
 _POSITION_MIX = 0xC2B2AE3D
 
 
-def _fmix32(x: int) -> int:
-    # MurmurHash3's finaliser: every input bit moves every output bit
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _MASK
-    return x ^ (x >> 16)
-
-
 def rounding_key(step: int, position: int) -> int:
     """The 32-bit key of a tensor's stochastic rounding at ``step``.
 
@@ -66,13 +57,18 @@ def rounding_key(step: int, position: int) -> int:
     return _fmix32((step * _STEP_MIX + position * _POSITION_MIX) & _MASK)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    # (x * c) mod 2**32 for int64 x in [0, 2**32), without overflowing int64: in 16-bit halves
+def _mul32(x: int | Tensor, c: int) -> int | Tensor:
+    # (x * c) mod 2**32; for an int64 tensor x in [0, 2**32) in 16-bit halves, so that the
+    # product does not overflow int64
+    if not isinstance(x, Tensor):
+        return (x * c) & _MASK
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK
 
 
-def _fmix32_tensor(x: Tensor) -> Tensor:
+def _fmix32(x: int | Tensor) -> int | Tensor:
+    # MurmurHash3's finaliser (every input bit moves every output bit), on an int or
+    # elementwise on an int64 tensor of values in [0, 2**32)
     x = x ^ (x >> 16)
     x = _mul32(x, 0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -109,7 +105,7 @@ def _device_keys(steps: Sequence[Tensor], shifts: list[int] | None) -> Tensor:
     # rounding_key in torch ops on the counts' device
     s = torch.stack([t.reshape(()) for t in steps]).to(torch.int64) & _MASK
     pos = torch.arange(len(steps), device=s.device, dtype=torch.int64)
-    keys = _fmix32_tensor((_mul32(s, _STEP_MIX) + _mul32(pos, _POSITION_MIX)) & _MASK)
+    keys = _fmix32((_mul32(s, _STEP_MIX) + _mul32(pos, _POSITION_MIX)) & _MASK)
     if shifts is not None:
         keys = (keys + torch.tensor(shifts, dtype=torch.int64).to(keys.device)) & _MASK
     return keys
@@ -165,7 +161,7 @@ def squares_key(key: int | Tensor) -> int | Tensor:
     :func:`stochastic_bits` with ``hidden_size`` 1, ``(squares_key + i) * GOLDEN``. (A shard
     would need the whole tensor's key: the 8-bit state takes no sharded parameters.)"""
     if isinstance(key, Tensor):
-        return _fmix32_tensor((key.to(torch.int64) & _MASK) ^ _SQUARES_MIX)
+        return _fmix32((key.to(torch.int64) & _MASK) ^ _SQUARES_MIX)
     return _fmix32((key & _MASK) ^ _SQUARES_MIX)
 
 
