@@ -113,12 +113,15 @@ DEFAULT_TRAIN_OPTIMIZERS = ["adam-fused", "adam-foreach", "simple", "simple-fp32
 
 #: the targets: SimpleOptimizer's whole step at most this many times fused Adam's
 TRAIN_TARGETS = {"base": 1.5, "mlp4m": 1.3}
-#: the rows the targets are read on, with their names in the targets summary: the default
-#: (bfloat16 hidden state) and float32 hidden state
-TARGET_OPTIMIZERS = {"simple": "SimpleOptimizer", "simple-fp32": "SimpleOptimizer (float32 state)"}
-#: their hidden-state dtypes: the bandwidth table's row whose bytes and copy speed give each
-#: one's memory bound
-TARGET_STATE_DTYPES = {"simple": "bfloat16", "simple-fp32": "float32"}
+#: the rows the targets are read on, with their names in the targets summary: the weights
+#: without averaging with the default state (bfloat16 hidden state) and float32 state, and the
+#: default weights
+TARGET_OPTIMIZERS = {"simple": "SimpleOptimizer, weights simple",
+                     "simple-fp32": "SimpleOptimizer, weights simple (float32 state)",
+                     "simple-sf": "SimpleOptimizer, default weights (simple-sf)"}
+#: their hidden-state dtypes: the bandwidth table's row whose copy speed (and bytes, for a row
+#: without its own count) give each one's memory bound
+TARGET_STATE_DTYPES = {"simple": "bfloat16", "simple-fp32": "float32", "simple-sf": "bfloat16"}
 
 
 @dataclass
@@ -295,7 +298,7 @@ def train_targets(rows: list[TrainRow], copy_gbs: float | Mapping[str, float] | 
     """The whole-step targets (SimpleOptimizer against fused Adam).
 
     The ``simple`` rows' targets are always listed (unmeasured where the row is missing); the
-    ``simple-fp32`` rows' where the table has any.
+    ``simple-fp32`` and ``simple-sf`` rows' where the table has any.
 
     Args:
         rows: the training-step table.

@@ -165,7 +165,8 @@ def test_train_rows():
     assert rows[0].x_adam == 1.0
     # only SimpleOptimizer has one
     assert [bool(r.impl) for r in rows[:6]] == [False, False, True, True, True, True]
-    assert format_train(rows).count("<= 1.5") == 2  # base's default (bf16) and fp32 state rows
+    # base: the bf16 and fp32 state rows of the weights simple, and the default weights
+    assert format_train(rows).count("<= 1.5") == 3
     # the state's bytes per parameter: Adam's two moments, SimpleOptimizer's h, v and c (one
     # value per tensor, or per coordinate: 4 B more kept, 8 more moved); what SimpleOptimizer's
     # step moves per coordinate (none for Adam)
@@ -184,10 +185,15 @@ def test_train_rows():
     bounded = format_train(rows, copy_gbs=10.0)
     assert len({line.count("|") for line in bounded.splitlines()}) == 1
     targets = train_targets(rows)
-    assert len(targets) == 4 and "(float32 state)" in targets[2]["target"]
+    assert len(targets) == 6 and "(float32 state)" in targets[2]["target"]
+    assert "default weights (simple-sf)" in targets[4]["target"]
     assert targets[0]["measured"] == rows[2].x_adam and targets[0]["met"] in (True, False)
     assert targets[2]["measured"] == rows[3].x_adam and targets[2]["met"] in (True, False)
+    assert targets[4]["measured"] == rows[5].x_adam and targets[4]["met"] in (True, False)
     assert targets[1]["met"] is None and targets[3]["met"] is None  # mlp4m not run
+    # the default's bound: its own bytes (the averaging's z) at the bfloat16 row's copy speed
+    targets = train_targets(rows, copy_gbs={"simple": 10.0, "simple-sf": 10.0})
+    assert targets[4]["bound"] is not None and targets[4]["bound"] > targets[0]["bound"]
 
 
 def test_the_50m_model_has_50m_parameters():
@@ -227,8 +233,9 @@ def test_train_targets_logic():
     rows.append(TrainRow("base", "", 1, 128, "simple-fp32", x_adam=1.4))
     targets = train_targets(rows)
     assert [(t["target"].split(" whole")[0], t["met"]) for t in targets] == [
-        ("base: SimpleOptimizer", False), ("mlp4m: SimpleOptimizer", True),
-        ("base: SimpleOptimizer (float32 state)", True), ("mlp4m: SimpleOptimizer (float32 state)", None)]
+        ("base: SimpleOptimizer, weights simple", False), ("mlp4m: SimpleOptimizer, weights simple", True),
+        ("base: SimpleOptimizer, weights simple (float32 state)", True),
+        ("mlp4m: SimpleOptimizer, weights simple (float32 state)", None)]
 
 
 def test_train_targets_memory_bound():
@@ -284,8 +291,10 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
     def train(cfg, log):
         adam = TrainRow("base", "", 10**6, 128, "adam-fused", whole_s=[0.004], step_s=[0.001],
                         x_adam=1.0)
+        default = TrainRow("base", "", 10**6, 128, "simple-sf", whole_s=[0.01], step_s=[0.006],
+                           x_adam=2.5, bytes_per_coord=84.0)
         return [adam] + [TrainRow("base", "", 10**6, 128, o, whole_s=[0.01], step_s=[0.006],
-                                  x_adam=2.5) for o in ("simple", "simple-fp32")]
+                                  x_adam=2.5) for o in ("simple", "simple-fp32")] + [default]
 
     monkeypatch.setattr(bench, "run_bandwidth", bandwidth)
     monkeypatch.setattr(bench, "run_train", train)
@@ -294,10 +303,13 @@ def test_command_reads_each_state_dtypes_bound_from_its_own_bandwidth_row(
     bounds = {t["target"].split(" whole")[0]: t["bound"]
               for t in json.loads(path.read_text())["targets"] if "whole step" in t["target"]}
     # (3 ms of fused Adam's forward and backward + bytes / bandwidth) / its 4 ms whole step
-    # the default (bfloat16 state) reads the bf16 row, float32 state the float32 row
-    assert bounds == {"base: SimpleOptimizer": pytest.approx(2.0),
-                      "base: SimpleOptimizer (float32 state)": pytest.approx(3.25),
-                      "mlp4m: SimpleOptimizer": None, "mlp4m: SimpleOptimizer (float32 state)": None}
+    # bfloat16 state reads the bf16 row, float32 state the float32 row; the default weights
+    # their own bytes (84) at the bf16 row's speed
+    simple, fp32 = "SimpleOptimizer, weights simple", "SimpleOptimizer, weights simple (float32 state)"
+    default = "SimpleOptimizer, default weights (simple-sf)"
+    assert bounds == {f"base: {simple}": pytest.approx(2.0), f"base: {fp32}": pytest.approx(3.25),
+                      f"base: {default}": pytest.approx(2.5),
+                      f"mlp4m: {simple}": None, f"mlp4m: {fp32}": None, f"mlp4m: {default}": None}
 
 
 def test_command_rejects_unknown_names(capsys, keep_threads):
