@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .rule import averaging_coefficients
+from .rule import averaged_step, averaging_coefficients
 
 __all__ = ["AveragingModes", "averaged_update"]
 
@@ -106,15 +106,11 @@ def averaged_update(params: list[Tensor], states: list[dict[str, Tensor]], avera
     if all(p.dtype == z.dtype for p, z in zip(params, zs)) and len(set(cs)) == 1:
         step(zs, (params, cs[0], averaging))
         return
-    # mixed step counts or parameter dtypes: y in z's precision, one parameter at a time
+    # mixed step counts or parameter dtypes: y in z's precision, each with its own c
     ys = [p.detach().to(z.dtype, copy=True) for p, z in zip(params, zs)]
-    befores = [z.clone() for z in zs]
-    coeffs = [averaging_coefficients(c, averaging) for c in cs]
-    for y, z0, (c, _) in zip(ys, befores, coeffs):
-        y.lerp_(z0, c)
-    step(zs)
-    for p, y, z0, z, (_, k) in zip(params, ys, befores, zs, coeffs):
-        p.copy_(y.sub_(z0.sub_(z), alpha=k))
+    averaged_step(ys, zs, cs, averaging, lambda: step(zs))
+    for p, y in zip(params, ys):
+        p.copy_(y)
 
 
 def _traced_averaged_update(params: list[Tensor], states: list[dict[str, Tensor]],

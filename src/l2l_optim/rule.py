@@ -20,6 +20,7 @@ order (:data:`PACKED_FIELDS`, :func:`packed_size`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -194,7 +195,8 @@ def averaging_coefficients(c, averaging: float):
     return c, 1.0 - averaging * (1.0 - c)
 
 
-def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, step_z) -> None:
+def averaged_step(y: list[Tensor], z: list[Tensor], c: float | Sequence[float], averaging: float,
+                  step_z) -> None:
     """One Schedule-Free step around any update of the base sequence, in place.
 
     With ``x`` the running average of the ``z``s and ``y = (1 - b) z + b x`` (``b`` =
@@ -207,12 +209,21 @@ def averaged_step(y: list[Tensor], z: list[Tensor], c: float, averaging: float, 
     Args:
         y: the parameters (the interpolation point, where gradients are taken).
         z: the base sequence, one tensor per parameter.
-        c: the newest ``z``'s weight in the average: ``1 / t`` at step t (uniform weights).
+        c: the newest ``z``'s weight in the average: ``1 / t`` at step t (uniform weights);
+            one for all tensors, or one per tensor (tensors whose step counts differ).
         averaging: the interpolation weight ``b`` in [0, 1).
         step_z: called once, between the two halves, to move ``z`` in place.
     """
-    c, k = averaging_coefficients(c, averaging)
     before = [t.clone() for t in z]
+    if isinstance(c, (list, tuple)) and len(set(c)) > 1:
+        coeffs = [averaging_coefficients(ci, averaging) for ci in c]
+        for yi, zi, (ci, _) in zip(y, before, coeffs):
+            yi.lerp_(zi, ci)  # y + c (z - y)
+        step_z()
+        for yi, zi, znew, (_, k) in zip(y, before, z, coeffs):
+            yi.sub_(zi.sub_(znew), alpha=k)  # - k (z - z')
+        return
+    c, k = averaging_coefficients(c[0] if isinstance(c, (list, tuple)) else c, averaging)
     torch._foreach_lerp_(y, before, c)  # y + c (z - y)
     step_z()
     torch._foreach_sub_(before, z)  # z - z'
