@@ -51,7 +51,7 @@ out = Path(sys.argv[1])
 compile_library(out / "base.so", out / "base/src/l2l_optim/kernels")
 compile_library(out / "work.so")
 EOF
-g++ -O2 benchmarks/kernel_ab.cpp -o "$OUT/kernel_ab" -ldl || exit 1
+g++ -O2 -fopenmp benchmarks/kernel_ab.cpp -o "$OUT/kernel_ab" -ldl || exit 1
 threads=$(( $(nproc) < 2 ? $(nproc) : 2 ))
 for state in float32 bfloat16; do
     "$OUT/kernel_ab" 10000000 10 "$threads" "$state" "$ISA" "$OUT/base.so" "$OUT/work.so"

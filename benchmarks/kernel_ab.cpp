@@ -15,7 +15,9 @@
 //       -fno-math-errno -fno-tree-loop-distribute-patterns -fvisibility=hidden
 //       src/l2l_optim/kernels/simple_cpu.cpp -o /tmp/a.so
 // and this program with
-//   g++ -O2 benchmarks/kernel_ab.cpp -o /tmp/kernel_ab -ldl
+//   g++ -O2 -fopenmp benchmarks/kernel_ab.cpp -o /tmp/kernel_ab -ldl
+// (-fopenmp links libgomp: the library takes its threads from the process's OpenMP runtime,
+// as it takes torch's in a torch process, and runs one thread where there is none)
 // Usage:
 //   /tmp/kernel_ab N ROUNDS THREADS STATE ISA LIB [LIB ...]
 //     N coordinates in one tensor (10000000: memory-bound; 65536: in cache), STATE float32 or
@@ -26,6 +28,7 @@
 // random weights (the time does not depend on their values). The timed call is
 // pass 1 alone, without the aggregate's pass 2 and without Python.
 #include <dlfcn.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
@@ -63,6 +66,10 @@ int main(int argc, char** argv) {
   const int n_libs = argc - 6;
   if (n <= 0 || rounds <= 0 || threads <= 0 || (!bf16 && std::strcmp(argv[4], "float32") != 0)) {
     std::fprintf(stderr, "bad arguments\n");
+    return 2;
+  }
+  if (threads > omp_get_num_procs()) {
+    std::fprintf(stderr, "%d threads asked for, %d processors\n", threads, omp_get_num_procs());
     return 2;
   }
   std::vector<Pass1> pass1(n_libs);
