@@ -76,13 +76,16 @@ def test_every_family_trains_and_members_of_an_instance_agree(family):
 
 
 @pytest.mark.parametrize("family", ["mlp", "lm", "regression"])
-def test_fused_kernel_path_matches_the_torch_path(family):
+@pytest.mark.parametrize("input_norm,averaging", [(None, 0.0), ("rms", 0.0), ("rms", 0.9)])
+def test_fused_kernel_path_matches_the_torch_path(family, input_norm, averaging):
+    # the kernel path runs the input norm and the averaging in the kernel's passes, the torch
+    # path as torch ops around population_step
     spec = sample_spec(random.Random(5), (family,))
     nets = [random_net(s) for s in range(4)]
     theta = torch.stack([flatten(n) for n in nets])
-    a = run_population(build_task(spec, 2, 2, seed=2, images=fake_images()), theta, 15, impl="auto")
-    b = run_population(build_task(spec, 2, 2, seed=2, images=fake_images()), theta, 15, impl="torch")
-    torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5)
+    runs = [run_population(build_task(spec, 2, 2, seed=2, images=fake_images()), theta, 15, impl=impl,
+                           input_norm=input_norm, averaging=averaging) for impl in ("auto", "torch")]
+    torch.testing.assert_close(runs[0], runs[1], rtol=2e-4, atol=1e-5)
 
 
 def test_scale_augmentation_scales_the_gradients_the_rule_sees():

@@ -87,8 +87,16 @@ def unflat_members(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _kernel_stepper(theta: Tensor, hidden_size: int):
-    """Per-member calls of the fused CPU kernel (the optimizer's own), or None if unavailable."""
+    """Per-member calls of the fused CPU kernel (the optimizer's own), or None if unavailable.
+
+    The step it returns, ``step(z, g, h, alive, rms=None, averaged=None)``, moves every live
+    member's ``z`` (its parameters, or its base sequence with averaging) and ``h`` in place
+    from its raw gradient ``g``; ``rms = (v, c)`` runs the input norm inside the kernel's pass
+    on the members' running means (``(M, N)`` and ``(M, 1)``), and ``averaged = (y, c, b)``
+    moves the parameters ``y`` of Schedule-Free averaging in the same passes, as the
+    optimizer's step does."""
     from .. import kernels
+    from ..kernels._common import RunningRms
 
     if theta.device.type != "cpu" or kernels.resolve_impl("auto", "cpu") != "cpu":
         return None
@@ -96,9 +104,13 @@ def _kernel_stepper(theta: Tensor, hidden_size: int):
     net = SimpleOptimizerNet(hidden_size)
     folded = [load_flat(net, row).fused_weights() for row in theta]
 
-    def step(flat: Tensor, g: Tensor, h: Tensor, alive: Tensor) -> None:
+    def step(z: Tensor, g: Tensor, h: Tensor, alive: Tensor,
+             rms: tuple[Tensor, Tensor] | None = None,
+             averaged: tuple[Tensor, float, float] | None = None) -> None:
         for m in alive.nonzero().flatten().tolist():
-            kernel([flat[m]], [g[m]], [h[m]], [1.0], folded[m])
+            kernel([z[m]], [g[m]], [h[m]], [1.0], folded[m],
+                   rms=None if rms is None else RunningRms([rms[0][m]], [rms[1][m]]),
+                   averaged=None if averaged is None else ([averaged[0][m]], *averaged[1:]))
 
     return step
 
@@ -114,8 +126,8 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
 
     Args:
         impl: ``"auto"`` runs each member's update through the fused CPU kernel (one call per
-            member, in place) when it is available, else :func:`population_step`;
-            ``"torch"`` forces :func:`population_step`.
+            member, in place, with the input norm and the averaging in its passes) when it is
+            available, else :func:`population_step` and torch ops; ``"torch"`` forces those.
         input_norm: the nets' ``input_norm`` (``SimpleOptimizerNet``): ``"rms"`` feeds every
             member :func:`~l2l_optim.nets.rms_normalise` of its gradient, as the optimizer does.
         averaging: the nets' ``averaging``: each member's rule moves a base sequence ``z``
@@ -133,9 +145,11 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
         flat = flat_members(params).contiguous()
         M, N = flat.shape
         h = torch.zeros(M, hidden_size, N)
-        v = torch.zeros(M, N) if input_norm == "rms" else None
-        c = torch.zeros_like(v) if v is not None else None
         kernel_step = _kernel_stepper(theta, hidden_size) if impl == "auto" else None
+        # the running means of the input norm: one bias correction per member (every
+        # coordinate of a member counts the same steps)
+        v = torch.zeros(M, N) if input_norm == "rms" else None
+        c = torch.zeros(M, 1) if v is not None else None
         # with averaging, `flat` holds y (where gradients are taken) and the rule moves z
         z = flat.clone() if averaging else flat
         w = unflatten(theta, hidden_size)
@@ -157,16 +171,19 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
             losses[t] = torch.where(alive, f, bound)
             if t == steps:
                 break
+            if kernel_step is not None:
+                # the kernel's own input norm and averaging, in its passes: a live member
+                # moves as the optimizer would move it
+                kernel_step(z, g, h, alive, rms=None if v is None else (v, c),
+                            averaged=(flat, 1.0 / (t + 1), averaging) if averaging else None)
+                continue
             if v is not None:
                 # frozen members' v and c are never read again: no need to hold them
                 g, v, c = rms_normalise(g, v, c)
             def step_z() -> None:
                 nonlocal h
-                if kernel_step is not None:
-                    kernel_step(z, g, h, alive)
-                else:
-                    u, h = population_step(w, torch.where(alive[:, None], g, torch.zeros((), dtype=g.dtype)), h)
-                    z.add_(torch.where(alive[:, None], u, torch.zeros((), dtype=u.dtype)))
+                u, h = population_step(w, torch.where(alive[:, None], g, torch.zeros((), dtype=g.dtype)), h)
+                z.add_(torch.where(alive[:, None], u, torch.zeros((), dtype=u.dtype)))
 
             if averaging:
                 y_old = flat.clone()
