@@ -111,6 +111,32 @@ def test_a_diverging_member_is_frozen_at_the_bound():
     assert losses[-1, 0] < losses[0, 0]
 
 
+class _RootTask:
+    """Two members minimising sum sqrt(|p|) from p = [0, 1] and [1, 1]: member 0's loss is
+    finite, its gradient infinite at p = 0."""
+
+    M = 2
+
+    def init_params(self):
+        return {"p": torch.tensor([[0.0, 1.0], [1.0, 1.0]])}
+
+    def sample_batch(self):
+        return None
+
+    def losses(self, params, batch):
+        return params["p"].abs().sqrt().sum(1) + 1.0
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_a_member_with_a_non_finite_gradient_is_frozen(impl):
+    losses = run_population(_RootTask(), flatten(init_net(SimpleOptimizerNet(), "sign")).expand(2, -1),
+                            5, impl=impl)
+    assert torch.isfinite(losses).all()
+    # frozen at once: every loss, the first included, reads as the bound (1e3 x the loss of 2)
+    assert (losses[:, 0] == 2000.0).all()
+    assert losses[-1, 1] < losses[0, 1]  # the other member trains
+
+
 def test_fitness_is_the_weighted_log_ratio():
     losses = torch.tensor([[2.0, 2.0], [1.0, 2.0], [0.5, 2.0]])
     f = fitness(losses)
