@@ -96,7 +96,7 @@ def _kernel_stepper(theta: Tensor, hidden_size: int):
     moves the parameters ``y`` of Schedule-Free averaging in the same passes, as the
     optimizer's step does."""
     from .. import kernels
-    from ..kernels._common import RunningRms
+    from ..functional import RunningRms
 
     if theta.device.type != "cpu" or kernels.resolve_impl("auto", "cpu") != "cpu":
         return None
@@ -121,8 +121,9 @@ def run_population(task: BatchedTask, theta: Tensor, steps: int, *, hidden_size:
     """Train every member for ``steps`` steps with its own weights; no meta-gradient.
 
     A member whose loss turns non-finite or exceeds ``diverge_factor`` times its initial loss,
-    or whose gradient holds a NaN or an infinity, is frozen from then on (its parameters stop moving) and its later losses read as that
-    bound, so one diverged member cannot poison the batch.
+    or whose gradient holds a NaN or an infinity, is frozen from then on (its parameters stop
+    moving) and its later losses read as that bound, so one diverged member cannot poison the
+    batch.
 
     Args:
         impl: ``"auto"`` runs each member's update through the fused CPU kernel (one call per
