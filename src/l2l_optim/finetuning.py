@@ -343,8 +343,8 @@ def finetune(
         ValueError: an empty loader, a subsample smaller than one batch, an invalid
             setting, weights with Schedule-Free averaging, a model without trainable
             parameters, or a loss whose gradient with respect to the model's output or to all
-            its trainable parameters is zero on the first batch (such as the default cross-entropy on a one-output regression model),
-            which no fine-tuning can move.
+            its trainable parameters is zero on the first batch (such as the default
+            cross-entropy on a one-output regression model), which no fine-tuning can move.
         TypeError: the loader does not yield ``(x, y)`` tensor pairs, or ``weights`` has an
             unsupported type.
 

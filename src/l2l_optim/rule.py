@@ -214,16 +214,17 @@ def averaged_step(y: list[Tensor], z: list[Tensor], c: float | Sequence[float], 
         averaging: the interpolation weight ``b`` in [0, 1).
         step_z: called once, between the two halves, to move ``z`` in place.
     """
+    cs = list(c) if isinstance(c, (list, tuple)) else [c]
     before = [t.clone() for t in z]
-    if isinstance(c, (list, tuple)) and len(set(c)) > 1:
-        coeffs = [averaging_coefficients(ci, averaging) for ci in c]
+    if len(set(cs)) > 1:
+        coeffs = [averaging_coefficients(ci, averaging) for ci in cs]
         for yi, zi, (ci, _) in zip(y, before, coeffs):
             yi.lerp_(zi, ci)  # y + c (z - y)
         step_z()
         for yi, zi, znew, (_, k) in zip(y, before, z, coeffs):
             yi.sub_(zi.sub_(znew), alpha=k)  # - k (z - z')
         return
-    c, k = averaging_coefficients(c[0] if isinstance(c, (list, tuple)) else c, averaging)
+    c, k = averaging_coefficients(cs[0], averaging)
     torch._foreach_lerp_(y, before, c)  # y + c (z - y)
     step_z()
     torch._foreach_sub_(before, z)  # z - z'

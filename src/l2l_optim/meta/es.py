@@ -38,10 +38,10 @@ from torch import Tensor
 
 from ..hub import resolve_net
 from ..nets import SimpleOptimizerNet
-from .init_rules import INITS, init_net
 from ..weights import save_weights
 from .es_config import ESConfig, draw_generation
 from .families import IMAGE_FAMILIES, VARIANTS, ImageData, build_task
+from .init_rules import INITS, init_net
 from .population import OBJECTIVES, diverged, flatten, load_flat, run_population
 from .population_bptt import bptt_generation
 from .trajectory import meta_lr_scales
